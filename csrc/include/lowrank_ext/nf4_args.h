@@ -1,0 +1,76 @@
+// nf4_args.h — the NF4 weight "bundle" as ops receive it, and its checks (host only, ATen).
+//
+// Every op taking an NF4 weight takes these arguments in this order:
+//   Tensor packed          uint8, ceil(numel/2) bytes (any shape; bitsandbytes stores [(n+1)//2, 1])
+//   Tensor absmax          fp32 [nblocks]  or, double-quantized, uint8 [nblocks]
+//   Tensor? nested_absmax  fp32 [ceil(nblocks/256)]  (double quant only)
+//   Tensor? nested_map     fp32 [256] signed dynamic map (double quant only)
+//   Tensor? offset         fp32 [1] or [] (double quant only)
+//   int blocksize
+// with nblocks = ceil(numel / blocksize). numel comes from the op's own size arguments.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+#include "lowrank_ext/check.h"
+#include "lowrank_ext/nf4.h"
+
+namespace lowrank_ext {
+
+inline bool valid_blocksize(int64_t bs) {
+  return bs == 32 || bs == 64 || bs == 128 || bs == 256 || bs == 512 || bs == 1024 || bs == 2048 || bs == 4096;
+}
+
+inline void check_blocksize(int64_t blocksize, const char* op) {
+  LRX_CHECK(valid_blocksize(blocksize), op, "blocksize", "be one of 32, 64, 128, 256, 512, 1024, 2048, 4096",
+            blocksize);
+}
+
+// Checks the bundle against `numel` weight elements and returns raw pointers for the kernels.
+// All tensors must live on packed's device; they must be contiguous.
+inline NF4Scales check_nf4_weight(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
+                                  const c10::optional<at::Tensor>& nested_absmax,
+                                  const c10::optional<at::Tensor>& nested_map,
+                                  const c10::optional<at::Tensor>& offset, int64_t blocksize, int64_t numel) {
+  check_blocksize(blocksize, op);
+  LRX_CHECK(numel > 0, op, "numel (the weight's element count)", "be positive", numel);
+  check_dtype(packed, at::kByte, op, "packed");
+  check_numel(packed, ceil_div(numel, 2), op, "packed");
+  LRX_CHECK(packed.is_contiguous(), op, "packed", "be contiguous", "strides ", packed.strides());
+  const int64_t nblocks = ceil_div(numel, blocksize);
+  check_same_device(absmax, packed, op, "absmax", "packed");
+  check_numel(absmax, nblocks, op, "absmax");
+  LRX_CHECK(absmax.is_contiguous(), op, "absmax", "be contiguous", "strides ", absmax.strides());
+  NF4Scales s;
+  if (absmax.scalar_type() == at::kFloat) {
+    s.absmax_f32 = absmax.const_data_ptr<float>();
+    return s;
+  }
+  LRX_CHECK_TYPE(absmax.scalar_type() == at::kByte, op, "absmax",
+                 "be float32 (plain) or uint8 (double-quantized)", absmax.scalar_type());
+  LRX_CHECK(nested_absmax.has_value() && nested_map.has_value() && offset.has_value(), op,
+            "nested_absmax/nested_map/offset", "all be given when absmax is uint8 (double quant)",
+            nested_absmax.has_value() ? "" : "no nested_absmax ", nested_map.has_value() ? "" : "no nested_map ",
+            offset.has_value() ? "" : "no offset");
+  const at::Tensor& a2 = *nested_absmax;
+  const at::Tensor& map = *nested_map;
+  const at::Tensor& off = *offset;
+  check_dtype(a2, at::kFloat, op, "nested_absmax");
+  check_dtype(map, at::kFloat, op, "nested_map");
+  check_dtype(off, at::kFloat, op, "offset");
+  check_numel(a2, ceil_div(nblocks, kNestedBlocksize), op, "nested_absmax");
+  check_numel(map, 256, op, "nested_map");
+  check_numel(off, 1, op, "offset");
+  for (const at::Tensor* t : {&a2, &map, &off}) {
+    check_same_device(*t, packed, op, "nested tensors", "packed");
+    LRX_CHECK(t->is_contiguous(), op, "nested tensors", "be contiguous", "strides ", t->strides());
+  }
+  s.qabsmax = absmax.const_data_ptr<uint8_t>();
+  s.absmax2 = a2.const_data_ptr<float>();
+  s.nested_map = map.const_data_ptr<float>();
+  s.offset = off.const_data_ptr<float>();
+  return s;
+}
+
+}  // namespace lowrank_ext

@@ -1,0 +1,88 @@
+// lowrank_ext.cpp — every op schema of the package, in one place, and the Python module stub.
+//
+// Implementations register per backend: csrc/cpu/<family>.cpp (CPU) and csrc/cuda/<family>.cu (CUDA).
+// Fake (meta) kernels and autograd are registered from Python (lowrank_ext/ops/<family>.py).
+// Conventions: every size a fake kernel needs is an int argument; mutated tensors are Tensor(a!)
+// and are not returned; the NF4 weight bundle always comes in the order of nf4_args.h:
+//   (Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, Tensor? offset, int blocksize)
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <torch/headeronly/version.h>
+
+#include <string>
+
+#ifdef LRX_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+extern "C" {
+// `import lowrank_ext._C` loads this shared library, which runs the static op registrations below.
+// No pybind11 module is needed: the ops are reached through torch.ops.lowrank_ext.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace {
+
+// What this binary was compiled with, for lowrank_ext.build_info(): "key=value;..." pairs.
+std::string build_flags() {
+  std::string s = "torch=" + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                  std::to_string(TORCH_VERSION_PATCH);
+#ifdef LRX_WITH_CUDA
+  s += ";cuda=" + std::to_string(CUDART_VERSION);
+#else
+  s += ";cuda=none";
+#endif
+#if defined(__AVX2__)
+  s += ";avx2=1";
+#else
+  s += ";avx2=0";
+#endif
+#if defined(__FMA__)
+  s += ";fma=1";
+#else
+  s += ";fma=0";
+#endif
+#if defined(_OPENMP)
+  s += ";openmp=1";
+#else
+  s += ";openmp=0";
+#endif
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lowrank_ext, m) {
+  m.def("build_flags() -> str", &build_flags);
+
+  // ---------------------------------------------------------------------------------------------
+  // NF4 format (csrc/cpu/nf4.cpp, csrc/cuda/nf4.cu; Python: lowrank_ext/ops/nf4.py)
+  // ---------------------------------------------------------------------------------------------
+  // x: any shape, fp32/fp16/bf16, numel n > 0. packed: uint8 [(n+1)//2, 1]; absmax: fp32 [ceil(n/blocksize)].
+  m.def("quantize_nf4(Tensor x, int blocksize) -> (Tensor packed, Tensor absmax)");
+  // absmax: fp32 [nb]; nested_map: fp32 [256] (signed dynamic map).
+  // -> qabsmax uint8 [nb], nested_absmax fp32 [ceil(nb/256)], offset fp32 [1] (= mean(absmax)).
+  m.def("double_quant(Tensor absmax, Tensor nested_map) -> (Tensor qabsmax, Tensor nested_absmax, Tensor offset)");
+  // -> flat [numel] tensor of `dtype` (fp32/fp16/bf16): NF4[code] * absmax_hat, rounded once.
+  m.def(
+      "dequantize_nf4(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, Tensor? offset, "
+      "int blocksize, int numel, ScalarType dtype) -> Tensor");
+
+  // ---------------------------------------------------------------------------------------------
+  // Fused NF4 matmul + LoRA (csrc/cpu/nf4_linear.cpp, csrc/cuda/nf4_linear*.cu; lowrank_ext/ops/linear.py)
+  // ---------------------------------------------------------------------------------------------
+  // (schemas added by the fused-linear work)
+
+
+  // ---------------------------------------------------------------------------------------------
+  // Optimizers (csrc/cpu/adamw.cpp, csrc/cuda/adamw.cu, csrc/cuda/paged.cu; lowrank_ext/ops/optim.py)
+  // ---------------------------------------------------------------------------------------------
+  // (schemas added by the optimizer work)
+
+
+}

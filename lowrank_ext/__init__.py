@@ -1,0 +1,15 @@
+"""lowrank_ext — fast QLoRA kernels for PyTorch.
+
+NF4 4-bit quantization byte-for-byte compatible with bitsandbytes, fused dequantize+matmul+LoRA ops
+(forward and backward, CPU and CUDA), paged 8-bit optimizers, LoRA/QLoRA/DoRA/VeRA layers and
+PEFT-format adapter files. All kernels are `torch.ops.lowrank_ext.*` custom ops.
+"""
+
+from lowrank_ext._extension import build_info, has_cuda_kernels  # first: loads _C or fails loudly
+
+from lowrank_ext import ops  # noqa: E402
+from lowrank_ext.nf4 import NF4Weight, quantize_nf4  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = ["NF4Weight", "build_info", "has_cuda_kernels", "ops", "quantize_nf4"]

@@ -1,0 +1,65 @@
+"""Loads the compiled library `lowrank_ext._C` (which registers torch.ops.lowrank_ext.*) loudly.
+
+A missing or mismatched build is the most common install problem, so the error says what was found,
+what was expected and the command that fixes it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+__all__ = ["build_info", "has_cuda_kernels"]
+
+_REBUILD = "rebuild it with: pip install --no-build-isolation --force-reinstall --no-deps ."
+
+
+def _load() -> None:
+    try:
+        config = importlib.import_module("lowrank_ext._build_config")
+    except ImportError:
+        config = None
+    if config is not None and config.TORCH_VERSION != torch.__version__:
+        raise ImportError(
+            f"lowrank_ext: the compiled extension was built for torch {config.TORCH_VERSION}, "
+            f"but torch {torch.__version__} is installed; {_REBUILD}"
+        )
+    try:
+        importlib.import_module("lowrank_ext._C")
+    except ImportError as e:
+        raise ImportError(
+            f"lowrank_ext: the compiled extension lowrank_ext._C could not be loaded ({e}). "
+            f"It is missing or was built for another torch/Python; {_REBUILD}"
+        ) from e
+
+
+_load()
+from lowrank_ext import _build_config as _config  # noqa: E402  (written by setup.py next to _C)
+
+
+def _compiled_flags() -> dict[str, str]:
+    flags = torch.ops.lowrank_ext.build_flags()
+    return dict(item.split("=", 1) for item in flags.split(";"))
+
+
+def has_cuda_kernels() -> bool:
+    """True when the CUDA kernels were compiled into this build."""
+    return bool(_config.WITH_CUDA)
+
+
+def build_info() -> dict[str, object]:
+    """What this build of lowrank_ext was compiled with: torch version, CUDA archs, CPU features."""
+    compiled = _compiled_flags()
+    return {
+        "torch_built_with": compiled["torch"],
+        "torch_installed": torch.__version__,
+        "cuda": compiled["cuda"] != "none",
+        "cuda_runtime": compiled["cuda"],
+        "cuda_archs": _config.CUDA_ARCHS.split(";") if _config.CUDA_ARCHS else [],
+        "cpu_flags": _config.CPU_FLAGS,
+        "avx2": compiled["avx2"] == "1",
+        "fma": compiled["fma"] == "1",
+        "openmp": compiled["openmp"] == "1",
+        "cuda_available_now": torch.cuda.is_available(),
+    }

@@ -1,0 +1,204 @@
+"""NF4Weight: an immutable NF4 (+ double-quant) weight, and `quantize_nf4`.
+
+The bytes are exactly bitsandbytes' `quant_type="nf4"` format, so `to_bnb_state_dict` /
+`from_bnb_state_dict` exchange weights with bitsandbytes `Linear4bit` and Hugging Face 4-bit
+checkpoints without requantizing.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import torch
+
+from lowrank_ext._reference.nf4 import NF4_CODEBOOK, dynamic_map
+from lowrank_ext.ops.nf4 import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, dequantize_nf4, double_quant, quantize_nf4_raw
+
+__all__ = ["NF4Weight", "quantize_nf4"]
+
+_FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+_DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
+_QS_KEY = "weight.quant_state.bitsandbytes__nf4"
+
+
+class NF4Weight:
+    """A frozen NF4-quantized weight.
+
+    Attributes:
+        packed: uint8 [(numel+1)//2, 1], two codes per byte (even flat index in the high nibble).
+        absmax: fp32 [nblocks], or uint8 [nblocks] when double-quantized.
+        nested_absmax, nested_map, offset: fp32 [ceil(nblocks/256)], fp32 [256], fp32 [1] (double
+            quant only, else None).
+        shape, dtype: the original weight's shape and dtype (dequantize() returns these).
+        blocksize: elements per absmax block.
+    """
+
+    __slots__ = ("packed", "absmax", "nested_absmax", "nested_map", "offset", "shape", "dtype", "blocksize")
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        shape: tuple[int, ...] | torch.Size,
+        dtype: torch.dtype,
+        blocksize: int,
+        nested_absmax: torch.Tensor | None = None,
+        nested_map: torch.Tensor | None = None,
+        offset: torch.Tensor | None = None,
+    ) -> None:
+        shape = torch.Size(shape)
+        numel = shape.numel()
+        _check(blocksize in VALID_BLOCKSIZES, "blocksize", f"be one of {VALID_BLOCKSIZES}", blocksize)
+        _check(dtype in _FLOAT_DTYPES, "dtype", "be float32, float16 or bfloat16", dtype)
+        _check(numel > 0, "shape", "describe a non-empty weight", tuple(shape))
+        _check(packed.dtype == torch.uint8, "packed", "have dtype uint8", packed.dtype)
+        _check(packed.numel() == (numel + 1) // 2, "packed",
+               f"hold (numel+1)//2 = {(numel + 1) // 2} bytes for shape {tuple(shape)}", packed.numel())
+        nblocks = -(-numel // blocksize)
+        _check(absmax.numel() == nblocks, "absmax", f"have ceil(numel/blocksize) = {nblocks} elements",
+               absmax.numel())
+        dq = absmax.dtype == torch.uint8
+        _check(dq or absmax.dtype == torch.float32, "absmax", "be float32 or uint8 (double quant)", absmax.dtype)
+        if dq:
+            for name, t in (("nested_absmax", nested_absmax), ("nested_map", nested_map), ("offset", offset)):
+                _check(t is not None, name, "be given when absmax is uint8 (double quant)", None)
+                _check(t.dtype == torch.float32, name, "have dtype float32", t.dtype)
+            nb2 = -(-nblocks // NESTED_BLOCKSIZE)
+            _check(nested_absmax.numel() == nb2, "nested_absmax", f"have {nb2} elements", nested_absmax.numel())
+            _check(nested_map.numel() == 256, "nested_map", "have 256 elements", nested_map.numel())
+            _check(offset.numel() == 1, "offset", "have 1 element", offset.numel())
+        else:
+            nested_absmax = nested_map = offset = None
+        dev = packed.device
+        for name, t in (("absmax", absmax), ("nested_absmax", nested_absmax), ("nested_map", nested_map),
+                        ("offset", offset)):
+            _check(t is None or t.device == dev, name, f"be on packed's device {dev}", None if t is None else t.device)
+        init = object.__setattr__
+        init(self, "packed", packed.contiguous().view(-1, 1))
+        init(self, "absmax", absmax.contiguous().view(-1))
+        init(self, "nested_absmax", None if nested_absmax is None else nested_absmax.contiguous().view(-1))
+        init(self, "nested_map", None if nested_map is None else nested_map.contiguous().view(-1))
+        init(self, "offset", None if offset is None else offset.contiguous().view(1))
+        init(self, "shape", shape)
+        init(self, "dtype", dtype)
+        init(self, "blocksize", int(blocksize))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"NF4Weight is immutable (tried to set {name!r}); build a new one instead")
+
+    # ---- properties -------------------------------------------------------------------------
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax.dtype == torch.uint8
+
+    @property
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all stored tensors (packed codes + absmax data)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                               torch.Tensor | None]:
+        """(packed, absmax, nested_absmax, nested_map, offset): the op argument bundle, in order."""
+        return self.packed, self.absmax, self.nested_absmax, self.nested_map, self.offset
+
+    def __repr__(self) -> str:
+        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.double_quant}, device={self.device}, nbytes={self.nbytes})")
+
+    # ---- conversion -------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in its original shape, in `dtype` (default: the original dtype)."""
+        dtype = self.dtype if dtype is None else dtype
+        flat = dequantize_nf4(*self.tensors(), self.blocksize, self.numel, dtype)
+        return flat.view(self.shape)
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        """A copy on `device` (self when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        moved = [None if t is None else t.to(device) for t in self.tensors()]
+        return NF4Weight(moved[0], moved[1], self.shape, self.dtype, self.blocksize, *moved[2:])
+
+    # ---- bitsandbytes / Hugging Face state dicts --------------------------------------------
+    def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """Exactly the keys and tensors bitsandbytes' Linear4bit writes for its weight."""
+        meta = {
+            "quant_type": "nf4",
+            "blocksize": self.blocksize,
+            "dtype": _FLOAT_DTYPES[self.dtype],
+            "shape": tuple(self.shape),
+        }
+        sd = {
+            prefix + "weight": self.packed,
+            prefix + "weight.absmax": self.absmax,
+            prefix + "weight.quant_map": NF4_CODEBOOK.to(self.device),
+        }
+        if self.double_quant:
+            sd[prefix + "weight.nested_absmax"] = self.nested_absmax
+            sd[prefix + "weight.nested_quant_map"] = self.nested_map.clone()
+            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
+                        nested_offset=self.offset.item())
+        sd[prefix + _QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+        return sd
+
+    @classmethod
+    def from_bnb_state_dict(cls, sd: Mapping[str, torch.Tensor], prefix: str = "") -> NF4Weight:
+        """Read a weight saved by bitsandbytes' Linear4bit (or `to_bnb_state_dict`), no requantizing."""
+        def need(key: str) -> torch.Tensor:
+            if prefix + key not in sd:
+                raise KeyError(f"NF4Weight.from_bnb_state_dict: missing key {prefix + key!r}")
+            return sd[prefix + key]
+
+        raw = need(_QS_KEY)
+        try:
+            meta = json.loads(bytes(raw.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"NF4Weight.from_bnb_state_dict: {prefix + _QS_KEY!r} is not valid JSON: {e}") from e
+        for field in ("quant_type", "blocksize", "dtype", "shape"):
+            _check(field in meta, f"{_QS_KEY}[{field!r}]", "be present in the quant state", sorted(meta))
+        _check(meta["quant_type"] == "nf4", "quant_type", "be 'nf4'", meta["quant_type"])
+        _check(meta["dtype"] in _DTYPE_BY_NAME, "dtype", f"be one of {sorted(_DTYPE_BY_NAME)}", meta["dtype"])
+        quant_map = need("weight.quant_map")
+        _check(torch.equal(quant_map.cpu().float().view(-1), NF4_CODEBOOK), "weight.quant_map",
+               "equal the NF4 codebook", quant_map.view(-1).tolist()[:4])
+        absmax = need("weight.absmax")
+        nested = (None, None, None)
+        if absmax.dtype == torch.uint8:
+            for field in ("nested_blocksize", "nested_offset"):
+                _check(field in meta, f"{_QS_KEY}[{field!r}]", "be present with double quant", sorted(meta))
+            _check(meta["nested_blocksize"] == NESTED_BLOCKSIZE, "nested_blocksize", f"be {NESTED_BLOCKSIZE}",
+                   meta["nested_blocksize"])
+            offset = torch.tensor([float(meta["nested_offset"])], dtype=torch.float32, device=absmax.device)
+            nested = (need("weight.nested_absmax").float(), need("weight.nested_quant_map").float(), offset)
+        return cls(need("weight"), absmax, tuple(meta["shape"]), _DTYPE_BY_NAME[meta["dtype"]],
+                   int(meta["blocksize"]), *nested)
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize `w` (any shape, fp32/fp16/bf16, finite) to NF4 with optional double-quantized absmax."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"lowrank_ext.quantize_nf4: w must be a torch.Tensor, got {type(w).__name__}")
+    packed, absmax = quantize_nf4_raw(w.detach(), blocksize)
+    if not double_quant:
+        return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize)
+    nested_map = dynamic_map(signed=True).to(w.device)
+    qabsmax, nested_absmax, offset = _double_quant(absmax, nested_map)
+    return NF4Weight(packed, qabsmax, w.shape, w.dtype, blocksize, nested_absmax, nested_map, offset)
+
+
+_double_quant = double_quant
+
+
+def _check(cond: bool, arg: str, expected: str, got) -> None:
+    if not cond:
+        raise ValueError(f"lowrank_ext.NF4Weight: {arg} must {expected}, got {got}")

@@ -1,0 +1,11 @@
+"""Python entry points of the custom ops: thin wrappers, fake kernels and autograd, one file per family.
+
+  nf4.py     quantize / double-quant / dequantize (NF4 format)
+  linear.py  fused NF4 matmul + LoRA, forward and backward
+  optim.py   fused AdamW updates (fp32 and 8-bit state), paged memory
+"""
+
+from lowrank_ext.ops.nf4 import *  # noqa: F401,F403
+from lowrank_ext.ops.nf4 import __all__ as _nf4_all
+
+__all__ = [*_nf4_all]

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The test command: runs the whole suite against the installed package (CUDA cases skip without a GPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pytest tests -q -p no:cacheprovider --benchmark-disable "$@"
