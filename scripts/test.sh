@@ -2,4 +2,5 @@
 # The test command: runs the whole suite against the installed package (CUDA cases skip without a GPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pytest tests -q -p no:cacheprovider --benchmark-disable "$@"
+# plain `pytest` (not `python -m pytest`) so the installed package is imported, not the source tree
+pytest tests -q -p no:cacheprovider --benchmark-disable "$@"
