@@ -76,7 +76,37 @@ TORCH_LIBRARY(lowrank_ext, m) {
   // ---------------------------------------------------------------------------------------------
   // Fused NF4 matmul + LoRA (csrc/cpu/nf4_linear.cpp, csrc/cuda/nf4_linear*.cu; lowrank_ext/ops/linear.py)
   // ---------------------------------------------------------------------------------------------
-  // (schemas added by the fused-linear work)
+  // W is the NF4 bundle of a [N, K] weight (N = out_features, K = in_features); deq(W) is never
+  // materialized: kernels dequantize tile by tile. x, lora_A, lora_B, bias share one dtype
+  // (fp32/fp16/bf16; float64 on CPU for the simple gradcheck path); outputs have that dtype;
+  // accumulation is fp32 (fp64 for float64).
+  //   y = x · deq(W)ᵀ + bias                                     x [M, K] -> y [M, N]
+  m.def(
+      "nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
+      "Tensor? offset, int blocksize, int out_features, Tensor? bias) -> Tensor");
+  //   grad_x = grad_y · deq(W)                                   grad_y [M, N] -> [M, K]
+  m.def(
+      "nf4_linear_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_map, Tensor? offset, int blocksize, int in_features) -> Tensor");
+  //   u = x_lora · Aᵀ                                             [M, r]   (x_lora = dropout(x), or x)
+  //   y = x · deq(W)ᵀ + scaling · u · Bᵀ + bias                   [M, N]
+  // lora_A [r, K], lora_B [N, r]. Returns (y, u); u is saved for backward.
+  m.def(
+      "nf4_lora_linear(Tensor x, Tensor x_lora, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+      "Tensor? nested_map, Tensor? offset, int blocksize, int out_features, Tensor lora_A, Tensor lora_B, "
+      "float scaling, Tensor? bias) -> (Tensor y, Tensor u)");
+  //   gB = s · gyᵀ · u    [N, r]        gu = s · gy · B   [M, r]        gA = guᵀ · x_lora   [r, K]
+  //   grad_x = gy · deq(W) (+ gu · A when lora_grad_into_x, i.e. x_lora is x: one fused NN GEMM)
+  //   grad_x_lora = gu · A when not lora_grad_into_x (the caller applies the dropout mask), else empty [0]
+  m.def(
+      "nf4_lora_linear_backward(Tensor grad_y, Tensor x_lora, Tensor u, Tensor packed, Tensor absmax, "
+      "Tensor? nested_absmax, Tensor? nested_map, Tensor? offset, int blocksize, int in_features, "
+      "Tensor lora_A, Tensor lora_B, float scaling, bool lora_grad_into_x) "
+      "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_x_lora)");
+  //   sq[n] = ||deq(W)[n, :]||²  (fp32 [N]; DoRA's weight norm without a dense W)
+  m.def(
+      "nf4_row_sqnorm(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
+      "Tensor? offset, int blocksize, int out_features, int in_features) -> Tensor");
 
 
   // ---------------------------------------------------------------------------------------------
