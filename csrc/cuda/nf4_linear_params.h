@@ -15,7 +15,7 @@ namespace lowrank_ext {
 
 enum class ActDType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-struct NF4Weight {
+struct NF4WeightView {
   const uint8_t* packed;  // ceil(N*K/2) bytes, even flat index in the high nibble
   NF4Scales scales;       // per-block absmax (plain or double-quantized)
   int blocksize;
@@ -25,7 +25,7 @@ struct NF4Weight {
 struct NF4MatmulParams {
   ActDType dtype;
   int64_t M;
-  NF4Weight w;
+  NF4WeightView w;
   const void* a;      // NT: x [M, K]; NN: gy [M, N]
   int64_t lda;
   // Low-rank add (optional, lowrank == nullptr means none):
