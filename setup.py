@@ -17,6 +17,20 @@ import sys
 
 from setuptools import find_packages, setup
 
+
+def _default_cuda_home() -> None:
+    """torch guesses CUDA_HOME from `which nvcc`; a wrapper script such as /usr/local/bin/nvcc makes that
+    guess /usr/local, which has no CUDA headers. Prefer the real toolkit when the user did not say."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    for candidate in ("/usr/local/cuda",):
+        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
+_default_cuda_home()
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -85,13 +99,19 @@ def make_extension():
     cxx = ["-O3", "-std=c++20", "-fno-fast-math", "-fopenmp", *cpu_flags]
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     archs = ""
+    nvcc_system_includes: list[str] = []
     if with_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
             os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
             print(f"lowrank_ext: TORCH_CUDA_ARCH_LIST unset, building for {DEFAULT_ARCHS}")
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        include_dirs += nvidia_wheel_includes()
+        include_dirs.append(os.path.join(CUDA_HOME, "include"))  # .cpp files include cuda_runtime_api.h too
+        # -isystem (searched after the toolkit's -I) so the wheels only fill what the toolkit lacks
+        # (cuBLAS/cuSPARSE headers) and never shadow its own runtime headers.
+        for inc in nvidia_wheel_includes():
+            cxx += ["-isystem", inc]
+            nvcc_system_includes.append(inc)
         nvcc = [
             "-O3",
             "-std=c++20",
@@ -100,6 +120,8 @@ def make_extension():
             "--expt-relaxed-constexpr",
             # No --use_fast_math: quantization must be bit-exact with bitsandbytes.
         ]
+        for inc in nvcc_system_includes:
+            nvcc += ["-isystem", inc]
         threads = os.environ.get("NVCC_THREADS")
         if threads:
             nvcc.append(f"--threads={threads}")
