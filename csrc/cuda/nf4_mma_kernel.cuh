@@ -56,6 +56,13 @@ constexpr int kChunksPerThread = kTileElems / 8 / kThreads;  // 4 sixteen-byte A
 constexpr int kSmemBytes = kStages * (kTileBytes + kWordsBytes)  // A ring + packed-W ring
                            + kTileBytes                          // decoded W tile Bd
                            + 16 * 4 + 256 * 4;                   // NF4 levels + nested (double-quant) map
+// Two CTAs per SM (<= 128 registers per thread) where the shared memory holds two (sm80: 164 KB, sm90:
+// 228 KB per SM); sm86/sm89 have 100 KB, one CTA fits anyway, so let ptxas use more registers there.
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
+constexpr int kMinBlocksPerSM = 1;
+#else
+constexpr int kMinBlocksPerSM = 2;
+#endif
 static_assert(kWords % kThreads == 0 && (kTileElems / 8) % kThreads == 0, "tile / thread mismatch");
 
 // NF4 levels (code 0..15) for the shared-memory LUT; static: one copy per translation unit (no -rdc).
@@ -317,7 +324,7 @@ struct Nf4Mma {
 };
 
 template <typename T, bool kNN>
-__global__ void __launch_bounds__(kThreads, 2) nf4_mma_kernel(const __grid_constant__ NF4MatmulParams p,
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) nf4_mma_kernel(const __grid_constant__ NF4MatmulParams p,
                                                                 int log2_blocksize) {
   extern __shared__ __align__(16) unsigned char smem[];
   T* sA = reinterpret_cast<T*>(smem);                                                   // [kStages][128*64]
