@@ -241,6 +241,24 @@ def test_lora_forward_and_backward_vs_float64(dtype, r, M, N, K):
 
 
 @needs_cuda
+def test_strided_rows_vs_float64():
+    """x with a row stride larger than K (a column slice of a wider, 16-byte aligned tensor)."""
+    M, N, K, bs, dtype = 70, 136, 192, 64, torch.bfloat16
+    w, wc = _weight(N, K, bs, True, seed=9)
+    W = w.dequantize(dtype)
+    wide = torch.randn(M, K + 24, generator=torch.Generator().manual_seed(8)).to(dtype)
+    x = wide[:, 8 : 8 + K]  # lda = K + 24, base offset 16 bytes
+    xc = wide.cuda()[:, 8 : 8 + K]
+    y = {}
+
+    def run():
+        y["y"] = torch.ops.lowrank_ext.nf4_linear(xc, *wc.tensors(), bs, N, None)
+
+    assert any("nf4_mma_kernel" in n for n in _kernels_run(run))
+    _check_close(y["y"], xc @ W.cuda().T, x.double() @ W.double().T, "strided x")
+
+
+@needs_cuda
 @pytest.mark.parametrize("op", ["nt", "nn"])
 def test_unsupported_k_falls_back_and_stays_correct(op):
     """K % 8 != 0: launch_nf4_mma_* returns false (launches nothing); the result is still right."""

@@ -41,8 +41,9 @@ bool supported(const NF4MatmulParams& p, bool nn) {
     return false;
   if (p.a == nullptr || !aligned(p.a, 16) || p.lda % 8 != 0 || p.lda < red) return false;
   if (p.out == nullptr || !aligned(p.out, 2) || p.ld_out < cols) return false;
-  if (p.lowrank != nullptr) {
-    if (p.lowrank_w == nullptr || p.r < 1 || p.ld_lowrank < p.r) return false;
+  if (p.r < 0) return false;
+  if (p.lowrank != nullptr && p.r > 0) {  // r == 0: no rank steps (the kernel's rank loop runs 0 times)
+    if (p.lowrank_w == nullptr || p.ld_lowrank < p.r) return false;
     if (p.ld_lowrank_w < (nn ? w.K : int64_t(p.r))) return false;
   }
   if (nn && p.bias != nullptr) return false;  // the NN form has no bias
