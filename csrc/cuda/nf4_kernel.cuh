@@ -94,7 +94,7 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, int64_t n, int bloc
 // b = 256*blockIdx.x + t. The 256-entry map sits in shared memory; the nearest entry is found by a
 // linear scan with a strict '<' (first minimum = lowest code), exactly the CPU's search.
 // ------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(256) nf4_double_quant_kernel(const float* __restrict__ absmax, int64_t nb,
+static __global__ void __launch_bounds__(256) nf4_double_quant_kernel(const float* __restrict__ absmax, int64_t nb,
                                                                const float* __restrict__ map,
                                                                const float* __restrict__ offset,
                                                                uint8_t* __restrict__ qabsmax,
