@@ -190,7 +190,7 @@ def _make_case(M, N, K, r, dtype, blocksize=64, double_quant=True, bias=True, se
     g = torch.Generator().manual_seed(seed)
     w32 = torch.randn(N, K, generator=g) / K**0.5
     w_cpu = lowrank_ext.quantize_nf4(w32.to(dtype), blocksize, double_quant)
-    deq64 = w_cpu.dequantize(torch.float32).double()  # the CPU's fp32 code × scale: what the kernels use
+    deq64 = w_cpu.dequantize(torch.float32).to("cuda", torch.float64)  # the CPU's fp32 code × scale
     w = w_cpu.to("cuda")
     x = torch.randn(*lead, M, K, generator=g).to("cuda", dtype)
     A = (torch.randn(r, K, generator=g) / K**0.5).to("cuda", dtype)
@@ -201,7 +201,6 @@ def _make_case(M, N, K, r, dtype, blocksize=64, double_quant=True, bias=True, se
 
 def _check_close(ours, ref64, torch_result, what):
     """ours within 4x torch's own error at this precision (plus a floor of 1e-6 of the magnitude)."""
-    ref64 = ref64.to(ours.device)
     err = (ours.double() - ref64).abs().max().item()
     err_torch = (torch_result.double() - ref64).abs().max().item()
     floor = 1e-6 * ref64.abs().max().item() + 1e-12
@@ -214,13 +213,13 @@ def _forward_check(M, N, K, r, dtype, path, blocksize=64, double_quant=True, bia
     with force_kernel(path):
         y, u = ops.nf4_lora_linear(x, x, *_bundle(w), N, A, B, s, b)
         y_plain = ops.nf4_linear(x, *_bundle(w), N, b)
-    x64 = x.double().cpu()
-    u64 = x64 @ A.double().cpu().T
-    y64 = x64 @ deq64.cpu().T + (b.double().cpu() if bias else 0)
-    deq_t = deq64.to("cuda", dtype)
+    x64 = x.double()  # float64 references on the GPU (real LLM shapes are too slow in fp64 on a CPU)
+    u64 = x64 @ A.double().T
+    y64 = x64 @ deq64.T + (b.double() if bias else 0)
+    deq_t = deq64.to(dtype)
     y_t = torch.nn.functional.linear(x, deq_t, b)
     _check_close(y_plain, y64, y_t, "nf4_linear")
-    ylora64 = y64 + s * u64 @ B.double().cpu().T
+    ylora64 = y64 + s * u64 @ B.double().T
     ylora_t = y_t + s * (x @ A.T) @ B.T
     _check_close(y, ylora64, ylora_t, "nf4_lora_linear")
     assert y.shape == (*lead, M, N) and u.shape == (*lead, M, r) and y.dtype == dtype
@@ -287,14 +286,14 @@ def test_forced_mma_forward(dtype):
 @pytest.mark.parametrize("path", [None, "simt"])
 def test_3d_and_non_contiguous_x(path):
     _forward_check(5, 384, 512, 8, torch.bfloat16, path, lead=(3,))
-    w, deq64, x, A, B, b = _make_case(8, 256, 512, 8, torch.float32)
-    xt = x.t().contiguous().t()[:, :]  # same values, column-major strides
+    w, deq64, x, _, _, b = _make_case(8, 256, 512, 8, torch.float32)
+    xt = x.t().contiguous().t()  # same values, column-major strides
     xs = torch.randn(8, 1024, device="cuda")[:, ::2]  # stride 2 in the last dim
     for xx in (xt, xs):
         with force_kernel(path):
             y = ops.nf4_linear(xx, *_bundle(w), 256, b)
-        ref = xx.double().cpu() @ deq64.T + b.double().cpu()
-        _check_close(y, ref, torch.nn.functional.linear(xx, deq64.float().cuda(), b), "strided x")
+        ref = xx.double() @ deq64.T + b.double()
+        _check_close(y, ref, torch.nn.functional.linear(xx, deq64.float(), b), "strided x")
 
 
 def _backward_check(M, N, K, r, dtype, path, into_x):
@@ -305,10 +304,10 @@ def _backward_check(M, N, K, r, dtype, path, into_x):
     with force_kernel(path):
         gx, gA, gB, gxl = ops.nf4_lora_linear_backward(gy, x, u, *_bundle(w), K, A, B, s, into_x)
         gx_plain = ops.nf4_linear_grad_input(gy, *_bundle(w), K)
-    gy64, x64, A64, B64, u64 = (t.double().cpu() for t in (gy, x, A, B, u))
+    gy64, x64, A64, B64, u64 = (t.double() for t in (gy, x, A, B, u))
     gu64 = s * gy64 @ B64
-    gx64 = gy64 @ deq64.cpu()
-    deq_t = deq64.to("cuda", dtype)
+    gx64 = gy64 @ deq64
+    deq_t = deq64.to(dtype)
     gx_t = gy @ deq_t
     gu_t = s * gy @ B
     _check_close(gx_plain, gx64, gx_t, "grad_input")
@@ -340,10 +339,10 @@ def test_backward_simt(M, N, K):
 @needs_cuda
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_row_sqnorm(double_quant):
-    w = lowrank_ext.quantize_nf4(torch.randn(300, 193), 64, double_quant).to("cuda")
-    sq = ops.nf4_row_sqnorm(*_bundle(w), 300, 193)
-    ref = (w.dequantize(torch.float32).double() ** 2).sum(1)
-    torch.testing.assert_close(sq.double(), ref, rtol=1e-5, atol=0)
+    w_cpu = lowrank_ext.quantize_nf4(torch.randn(300, 193), 64, double_quant)
+    sq = ops.nf4_row_sqnorm(*_bundle(w_cpu.to("cuda")), 300, 193)
+    ref = (w_cpu.dequantize(torch.float32).double() ** 2).sum(1)
+    torch.testing.assert_close(sq.cpu().double(), ref, rtol=1e-5, atol=0)
 
 
 @needs_cuda
@@ -371,9 +370,11 @@ def test_linear_errors_on_cuda():
         ops.nf4_linear(x, *_bundle(w.to("cpu")), 64, None)
     with pytest.raises(TypeError, match=r"lowrank_ext::nf4_linear: x must be float32, float16 or bfloat16"):
         ops.nf4_linear(x.double(), *_bundle(w), 64, None)
-    with pytest.raises(ValueError, match=r"LOWRANK_EXT_FORCE_KERNEL=gemv must be used with fp16/bf16, M <= 16"):
-        with force_kernel("gemv"):
-            ops.nf4_linear(x.float(), *_bundle(w), 64, None)
+    with (
+        pytest.raises(ValueError, match=r"LOWRANK_EXT_FORCE_KERNEL=gemv must be used with fp16/bf16, M <= 16"),
+        force_kernel("gemv"),
+    ):
+        ops.nf4_linear(x.float(), *_bundle(w), 64, None)
 
 
 @needs_cuda
@@ -471,5 +472,6 @@ def test_cubins_for_every_arch():
             ptx = subprocess.run([tool, "--list-ptx", so[0]], capture_output=True, text=True, check=True).stdout
             assert f"sm_{num}" in ptx or f"compute_{num}" in ptx, f"no PTX for {arch}:\n{ptx}"
     gemv = "_ZN11lowrank_ext4cuda15nf4_gemv_kernelI13__nv_bfloat16EEvNS0_8GemvArgsE"
-    sass = subprocess.run([tool, "--dump-sass", "--function", gemv, so[0]], capture_output=True, text=True).stdout
+    sass = subprocess.run([tool, "--dump-sass", "--function", gemv, so[0]], capture_output=True, text=True,
+                          check=True).stdout
     assert "HMMA" in sass, "the small-M kernel must run on tensor cores (no HMMA in its SASS)"
