@@ -125,7 +125,9 @@ def gemv_table(shapes, ms, bw: float) -> tuple[list[str], list[list]]:
     header = ["N x K", "M", "kernel", "us/call", "GB/s", "% copy BW", "dense bf16 us", "dense/ours"]
     rows = []
     for N, K in shapes:
-        w = lowrank_ext.quantize_nf4(torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5, 64, True)
+        w = lowrank_ext.quantize_nf4(
+            torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5, 64, True
+        )
         b0 = bundle(w)
         copies = max(2, -(-ROTATE_BYTES // nf4_bytes(b0)))
         weights = [b0] + [clone_bundle(b0) for _ in range(copies - 1)]
@@ -139,7 +141,9 @@ def gemv_table(shapes, ms, bw: float) -> tuple[list[str], list[list]]:
     return header, rows
 
 
-def train_row(N: int, K: int, M: int, w: lowrank_ext.NF4Weight, A: torch.Tensor, B: torch.Tensor, s: float) -> list:
+def train_row(
+    N: int, K: int, M: int, w: lowrank_ext.NF4Weight, A: torch.Tensor, B: torch.Tensor, s: float
+) -> list:
     dt = torch.bfloat16
     wb = bundle(w)
     Wd = w.dequantize(dt)  # the dense baseline's weight (bf16 cuBLAS)
@@ -182,13 +186,37 @@ def train_row(N: int, K: int, M: int, w: lowrank_ext.NF4Weight, A: torch.Tensor,
     t_ob, t_db, t_qb = event_time(ours_fb, 10), event_time(dense_fb, 10), event_time(deq_fb, 10)
     fwd_k = kernel_names(lambda: ops.nf4_linear(x, *wb, N, None))
     bwd_k = kernel_names(lambda: ops.nf4_linear_grad_input(gy, *wb, K))
-    return [f"{N}x{K}", M, fwd_k, bwd_k, t_of * 1e3, t_df * 1e3, t_of / t_df, t_ob * 1e3,
-            t_db * 1e3, t_qb * 1e3, t_ob / t_db, t_qb / t_ob]
+    return [
+        f"{N}x{K}",
+        M,
+        fwd_k,
+        bwd_k,
+        t_of * 1e3,
+        t_df * 1e3,
+        t_of / t_df,
+        t_ob * 1e3,
+        t_db * 1e3,
+        t_qb * 1e3,
+        t_ob / t_db,
+        t_qb / t_ob,
+    ]
 
 
 def training_table(shapes, ms, r: int = 16) -> tuple[list[str], list[list]]:
-    header = ["N x K", "M", "fwd kernel", "bwd kernel", "ours fwd ms", "dense fwd ms", "fwd ours/dense",
-              "ours f+b ms", "dense f+b ms", "deq+cuBLAS f+b ms", "f+b ours/dense", "f+b deq/ours"]
+    header = [
+        "N x K",
+        "M",
+        "fwd kernel",
+        "bwd kernel",
+        "ours fwd ms",
+        "dense fwd ms",
+        "fwd ours/dense",
+        "ours f+b ms",
+        "dense f+b ms",
+        "deq+cuBLAS f+b ms",
+        "f+b ours/dense",
+        "f+b deq/ours",
+    ]
     rows = []
     dt = torch.bfloat16
     s = 2.0
@@ -223,8 +251,11 @@ def main() -> int:
     t0 = time.time()
     prop = torch.cuda.get_device_properties(0)
     free, total = torch.cuda.mem_get_info()
-    print(f"{prop.name}, {prop.multi_processor_count} SMs, free {free / 2**30:.1f} / {total / 2**30:.1f} GiB, "
-          f"torch {torch.__version__}, build {lowrank_ext.build_info()}", flush=True)
+    print(
+        f"{prop.name}, {prop.multi_processor_count} SMs, free {free / 2**30:.1f} / {total / 2**30:.1f} GiB, "
+        f"torch {torch.__version__}, build {lowrank_ext.build_info()}",
+        flush=True,
+    )
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     gemv_shapes = [(4096, 4096), (4096, 14336), (14336, 4096)]
@@ -234,23 +265,29 @@ def main() -> int:
     if args.quick:
         gemv_shapes, ms, train_shapes, train_ms = gemv_shapes[:1], [1, 4, 16], train_shapes[:1], [2048]
     gh, gr = gemv_table(gemv_shapes, ms, bw)
-    print_table("small-M NF4 GEMV (bf16, blocksize 64, double quant; CUDA-graph replays over > 240 MB)", gh, gr)
+    print_table(
+        "small-M NF4 GEMV (bf16, blocksize 64, double quant; CUDA-graph replays over > 240 MB)", gh, gr
+    )
     print(f"[{time.time() - t0:.0f} s]", flush=True)
     th, tr = training_table(train_shapes, train_ms)
-    print_table("training layer (bf16, r = 16): ours vs dense bf16 cuBLAS LoRA vs dequantize-then-cuBLAS", th, tr)
+    print_table(
+        "training layer (bf16, r = 16): ours vs dense bf16 cuBLAS LoRA vs dequantize-then-cuBLAS", th, tr
+    )
     print(f"[{time.time() - t0:.0f} s]", flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# lowrank_ext GPU results\n\n{prop.name}, {prop.multi_processor_count} SMs, torch "
-                    f"{torch.__version__}, CUDA {torch.version.cuda}\n\n"
-                    f"Device-to-device copy bandwidth (read + write), measured in this run: {bw / 1e12:.2f} TB/s\n\n"
-                    f"Command: `python bench/bench_gpu.py` (from bench/gpu_check.sh)\n\n"
-                    "## Small-M GEMV (nf4_linear, bf16, blocksize 64 + double quant)\n\n"
-                    "Goal: >= 75% of copy bandwidth. Rotating > 240 MB of distinct weights, CUDA-graph replays.\n\n"
-                    f"{md_table(gh, gr)}\n\n"
-                    "## Training layer (bf16, r = 16, forward and forward+backward)\n\n"
-                    "Goals: fwd ours/dense <= 1.25; f+b deq/ours >= 1.5.\n\n"
-                    f"{md_table(th, tr)}\n")
+            f.write(
+                f"# lowrank_ext GPU results\n\n{prop.name}, {prop.multi_processor_count} SMs, torch "
+                f"{torch.__version__}, CUDA {torch.version.cuda}\n\n"
+                f"Device-to-device copy bandwidth (read + write), measured in this run: {bw / 1e12:.2f} TB/s\n\n"
+                f"Command: `python bench/bench_gpu.py` (from bench/gpu_check.sh)\n\n"
+                "## Small-M GEMV (nf4_linear, bf16, blocksize 64 + double quant)\n\n"
+                "Goal: >= 75% of copy bandwidth. Rotating > 240 MB of distinct weights, CUDA-graph replays.\n\n"
+                f"{md_table(gh, gr)}\n\n"
+                "## Training layer (bf16, r = 16, forward and forward+backward)\n\n"
+                "Goals: fwd ours/dense <= 1.25; f+b deq/ours >= 1.5.\n\n"
+                f"{md_table(th, tr)}\n"
+            )
         print(f"wrote {args.out}")
     return 0
 

@@ -84,7 +84,10 @@ def test_quantize_non_contiguous_input():
 def test_quantize_rejects_non_finite(bad):
     x = torch.randn(1000, device="cuda")
     x[700] = bad
-    with pytest.raises(ValueError, match=r"lowrank_ext::quantize_nf4: x must contain only finite values, got NaN/Inf in block 10 "):
+    with pytest.raises(
+        ValueError,
+        match=r"lowrank_ext::quantize_nf4: x must contain only finite values, got NaN/Inf in block 10 ",
+    ):
         ops.quantize_nf4(x, 64)
 
 
@@ -155,9 +158,12 @@ def test_format_errors_on_cuda():
         ops.quantize_nf4(torch.randn(64, device="cuda"), 48)
     with pytest.raises(TypeError, match=r"lowrank_ext::quantize_nf4: x must be float32, float16 or bfloat16"):
         ops.quantize_nf4(torch.randn(64, device="cuda", dtype=torch.float64), 64)
-    with pytest.raises(ValueError, match=r"lowrank_ext::dequantize_nf4: absmax must be on the same device as packed"):
-        ops.dequantize_nf4(w.packed, w.absmax.cpu(), w.nested_absmax, w.nested_map, w.offset, 64, 4096,
-                           torch.float32)
+    with pytest.raises(
+        ValueError, match=r"lowrank_ext::dequantize_nf4: absmax must be on the same device as packed"
+    ):
+        ops.dequantize_nf4(
+            w.packed, w.absmax.cpu(), w.nested_absmax, w.nested_map, w.offset, 64, 4096, torch.float32
+        )
     with pytest.raises(ValueError, match=r"lowrank_ext::double_quant: nested_map must be on the same device"):
         ops.double_quant(torch.rand(10, device="cuda"), dynamic_map())
 
@@ -168,7 +174,9 @@ def test_format_opcheck_and_compile():
     torch.library.opcheck(ops.quantize_nf4.default, (x, 64))
     packed, absmax = ops.quantize_nf4(x, 64)
     torch.library.opcheck(ops.double_quant.default, (absmax, dynamic_map().cuda()))
-    torch.library.opcheck(ops.dequantize_nf4.default, (packed, absmax, None, None, None, 64, x.numel(), torch.bfloat16))
+    torch.library.opcheck(
+        ops.dequantize_nf4.default, (packed, absmax, None, None, None, 64, x.numel(), torch.bfloat16)
+    )
 
     qmap = dynamic_map().cuda()
 
@@ -356,22 +364,30 @@ def test_llm_shapes(N, K, M):
 @needs_cuda
 def test_linear_errors_on_cuda():
     w, _, x, A, B, b = _make_case(4, 64, 128, 4, torch.bfloat16)
-    with pytest.raises(ValueError, match=r"lowrank_ext::nf4_linear: packed must hold ceil\(out_features \* in_features / 2\)"):
+    with pytest.raises(
+        ValueError, match=r"lowrank_ext::nf4_linear: packed must hold ceil\(out_features \* in_features / 2\)"
+    ):
         ops.nf4_linear(x[:, :96], *_bundle(w), 64, None)
     with pytest.raises(TypeError, match=r"lowrank_ext::nf4_linear: bias must have the dtype of x"):
         ops.nf4_linear(x, *_bundle(w), 64, b.float())
-    with pytest.raises(ValueError, match=r"lowrank_ext::nf4_linear: bias must have shape \[out_features\] = \[64\]"):
+    with pytest.raises(
+        ValueError, match=r"lowrank_ext::nf4_linear: bias must have shape \[out_features\] = \[64\]"
+    ):
         ops.nf4_linear(x, *_bundle(w), 64, b[:32])
     with pytest.raises(ValueError, match=r"lowrank_ext::nf4_lora_linear: lora_B must have shape \[64, 4\]"):
         ops.nf4_lora_linear(x, x, *_bundle(w), 64, A, B[:, :3], 1.0, None)
-    with pytest.raises(ValueError, match=r"lowrank_ext::nf4_lora_linear: lora_A must have shape \[r, in_features\]"):
+    with pytest.raises(
+        ValueError, match=r"lowrank_ext::nf4_lora_linear: lora_A must have shape \[r, in_features\]"
+    ):
         ops.nf4_lora_linear(x, x, *_bundle(w), 64, A[:, :64], B, 1.0, None)
     with pytest.raises(ValueError, match=r"lowrank_ext::nf4_linear: packed must be on the same device as x"):
         ops.nf4_linear(x, *_bundle(w.to("cpu")), 64, None)
     with pytest.raises(TypeError, match=r"lowrank_ext::nf4_linear: x must be float32, float16 or bfloat16"):
         ops.nf4_linear(x.double(), *_bundle(w), 64, None)
     with (
-        pytest.raises(ValueError, match=r"LOWRANK_EXT_FORCE_KERNEL=gemv must be used with fp16/bf16, M <= 16"),
+        pytest.raises(
+            ValueError, match=r"LOWRANK_EXT_FORCE_KERNEL=gemv must be used with fp16/bf16, M <= 16"
+        ),
         force_kernel("gemv"),
     ):
         ops.nf4_linear(x.float(), *_bundle(w), 64, None)
@@ -392,7 +408,9 @@ def test_no_dense_weight_in_memory():
         ops.nf4_lora_linear_backward(gy, x, u, *_bundle(w), K, A, B, 1.0, True)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
-        assert peak < N * K, f"M={M}: peak {peak / 2**20:.1f} MiB, a dense bf16 W is {2 * N * K / 2**20:.0f} MiB"
+        assert peak < N * K, (
+            f"M={M}: peak {peak / 2**20:.1f} MiB, a dense bf16 W is {2 * N * K / 2**20:.0f} MiB"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,7 +469,9 @@ def _cuobjdump() -> str | None:
     with contextlib.suppress(ImportError):
         import triton  # its package carries a cuobjdump
 
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+        candidates.append(
+            os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        )
     return next((c for c in candidates if os.access(c, os.X_OK)), None)
 
 
@@ -469,9 +489,12 @@ def test_cubins_for_every_arch():
         num = arch.replace("+PTX", "").replace(".", "")
         assert f"sm_{num}" in elf, f"no sm_{num} cubin in {so[0]}:\n{elf}"
         if arch.endswith("+PTX"):
-            ptx = subprocess.run([tool, "--list-ptx", so[0]], capture_output=True, text=True, check=True).stdout
+            ptx = subprocess.run(
+                [tool, "--list-ptx", so[0]], capture_output=True, text=True, check=True
+            ).stdout
             assert f"sm_{num}" in ptx or f"compute_{num}" in ptx, f"no PTX for {arch}:\n{ptx}"
     gemv = "_ZN11lowrank_ext4cuda15nf4_gemv_kernelI13__nv_bfloat16EEvNS0_8GemvArgsE"
-    sass = subprocess.run([tool, "--dump-sass", "--function", gemv, so[0]], capture_output=True, text=True,
-                          check=True).stdout
+    sass = subprocess.run(
+        [tool, "--dump-sass", "--function", gemv, so[0]], capture_output=True, text=True, check=True
+    ).stdout
     assert "HMMA" in sass, "the small-M kernel must run on tensor cores (no HMMA in its SASS)"
