@@ -3,7 +3,7 @@ dispatch path (tensor-core GEMV M <= 16, tensor-core GEMM M > 16, SIMT fp32 / fo
 CUDA graphs, memory. Everything needing a GPU skips without one; `test_cubins_for_every_arch` runs here.
 
 Paths are forced with LOWRANK_EXT_FORCE_KERNEL=gemv|mma|simt (csrc/cuda/nf4_linear.cu); the default picks by
-shape. Tolerances: |ours - fp64| <= 4 x |torch's own result at that precision - fp64| + a tiny floor.
+shape. Tolerances: |ours - fp64| <= 4 x |torch's own result at that precision - fp64| + 1e-5 x max |fp64|.
 """
 
 from __future__ import annotations
@@ -208,10 +208,11 @@ def _make_case(M, N, K, r, dtype, blocksize=64, double_quant=True, bias=True, se
 
 
 def _check_close(ours, ref64, torch_result, what):
-    """ours within 4x torch's own error at this precision (plus a floor of 1e-6 of the magnitude)."""
+    """ours within 4x torch's own error at this precision (plus a floor of 1e-5 of the magnitude: far below
+    any indexing/scale bug, which shows as an O(1) relative error)."""
     err = (ours.double() - ref64).abs().max().item()
     err_torch = (torch_result.double() - ref64).abs().max().item()
-    floor = 1e-6 * ref64.abs().max().item() + 1e-12
+    floor = 1e-5 * ref64.abs().max().item() + 1e-12
     assert err <= 4 * err_torch + floor, f"{what}: max error {err:.3g} vs torch's {err_torch:.3g}"
 
 

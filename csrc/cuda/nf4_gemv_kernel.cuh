@@ -147,6 +147,7 @@ __global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs args) {
 
   // ---- main loop: this warp's 32 rows over the CTA's k slice ----
   const float lut = kNF4CodebookDev[lane & 15];  // NF4 level of code (lane % 16), fetched by shuffles
+  const int bs_shift = __ffs(p.w.blocksize) - 1;  // blocksize is a power of two: i / blocksize = i >> shift
   const int64_t n_warp = static_cast<int64_t>(blockIdx.x) * kGemvRows + warp * kGemvWarpRows;
   float acc[4][4] = {};
   const bool row_lo_ok = g < M, row_hi_ok = g + 8 < M;
@@ -160,7 +161,7 @@ __global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs args) {
       const int64_t flat = n * K + ks + kk;
       const bool ok = k_ok && n < N;
       wv[t] = ok ? __ldcs(reinterpret_cast<const uint4*>(p.w.packed + (flat >> 1))) : make_uint4(0, 0, 0, 0);
-      sc[t] = ok ? scales.block_scale(flat / p.w.blocksize) : 0.f;  // 0: invalid lanes add exact zeros
+      sc[t] = ok ? scales.block_scale(flat >> bs_shift) : 0.f;  // 0: invalid lanes add exact zeros
     }
     // x fragments: rows g and g+8, the lane's 32 k as 4 x 16 bytes (8 k each)
     uint4 xa[4], xb[4];

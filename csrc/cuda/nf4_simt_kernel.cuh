@@ -20,11 +20,12 @@ namespace cuda {
 constexpr int kSimtThreads = 256;
 constexpr int kSimtTileM = 64, kSimtTileP = 64, kSimtTileJ = 16;
 
-// deq(W)[n, k] in fp32 (nibble addressing: even flat index in the high nibble).
-__device__ __forceinline__ float nf4_element(const NF4WeightView& w, const float* code, int64_t n, int64_t k) {
+// deq(W)[n, k] in fp32 (nibble addressing: even flat index in the high nibble). bs_shift = log2(blocksize).
+__device__ __forceinline__ float nf4_element(const NF4WeightView& w, const float* code, int bs_shift, int64_t n,
+                                             int64_t k) {
   const int64_t i = n * w.K + k;
   const uint8_t byte = w.packed[i >> 1];
-  return code[(i & 1) ? nf4_low(byte) : nf4_high(byte)] * w.scales.block_scale(i / w.blocksize);
+  return code[(i & 1) ? nf4_low(byte) : nf4_high(byte)] * w.scales.block_scale(i >> bs_shift);
 }
 
 template <typename T, bool kNN>
@@ -42,6 +43,7 @@ __global__ void __launch_bounds__(kSimtThreads) nf4_simt_kernel(NF4MatmulParams 
   }
   __syncthreads();
 
+  const int bs_shift = __ffs(w.blocksize) - 1;  // blocksize is a power of two
   const int64_t M = p.M;
   const int64_t J = kNN ? w.N : w.K;  // NF4 reduction length
   const int64_t P = kNN ? w.K : w.N;  // output columns
@@ -83,7 +85,7 @@ __global__ void __launch_bounds__(kSimtThreads) nf4_simt_kernel(NF4MatmulParams 
       float v = 0.f;
       if (col < P) {
         if (j < J) {
-          v = kNN ? nf4_element(w, s_code, j, col) : nf4_element(w, s_code, col, j);
+          v = kNN ? nf4_element(w, s_code, bs_shift, j, col) : nf4_element(w, s_code, bs_shift, col, j);
         } else if (j < J + R) {
           v = kNN ? to_float<T>(b2[(j - J) * p.ld_lowrank_w + col]) : to_float<T>(b2[col * p.ld_lowrank_w + (j - J)]);
         }
@@ -130,11 +132,12 @@ static __global__ void nf4_row_sqnorm_kernel(NF4WeightView w, float* __restrict_
   if (threadIdx.x < 16) s_code[threadIdx.x] = kNF4CodebookDev[threadIdx.x];
   __syncthreads();
   const int lane = threadIdx.x & 31;
+  const int bs_shift = __ffs(w.blocksize) - 1;
   const int64_t n = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (n >= w.N) return;
   float s = 0.f;
   for (int64_t k = lane; k < w.K; k += 32) {
-    const float v = nf4_element(w, s_code, n, k);
+    const float v = nf4_element(w, s_code, bs_shift, n, k);
     s = fmaf(v, v, s);
   }
   for (int o = 16; o >= 1; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
