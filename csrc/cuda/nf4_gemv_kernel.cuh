@@ -107,7 +107,7 @@ __device__ __forceinline__ void gemv_store(const NF4MatmulParams& p, int64_t m, 
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs args) {
+__global__ void __launch_bounds__(kGemvThreads, 4) nf4_gemv_kernel(GemvArgs args) {  // 4 CTAs/SM: <= 128 regs
   const NF4MatmulParams& p = args.p;
   __shared__ __align__(16) T s_x[kGemvMaxM * (kGemvMaxKSlice + 8)];
   __shared__ float s_map[256];
@@ -120,11 +120,41 @@ __global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs args) {
   const int klen = static_cast<int>((K - ks < args.kslice) ? K - ks : args.kslice);  // multiple of 32
   const int ldsx = args.kslice + 8;
 
+  const int bs_shift = __ffs(p.w.blocksize) - 1;  // blocksize is a power of two: i / blocksize = i >> shift
+  const int64_t n_warp = static_cast<int64_t>(blockIdx.x) * kGemvRows + warp * kGemvWarpRows;
+  const NF4Scales& scales = p.w.scales;
+  const bool dq = scales.double_quant();
+  const float offset = dq ? *scales.offset : 0.f;
+
+  // Raw loads of one chunk for the lane's 4 rows: 16 packed bytes each and the scale's ingredients
+  // (fp32 absmax, or the 8-bit code and nested absmax). Fetched one chunk ahead (register double buffer)
+  // so that the next chunk's bytes are in flight while this one is multiplied.
+  struct Raw {
+    uint4 w[4];
+    float a[4];     // absmax (plain) or absmax2 (double quant)
+    uint32_t c[4];  // qabsmax code (double quant)
+    uint32_t ok;    // bit t: row n and the chunk are in range
+  };
+  auto fetch = [&](int kk, Raw& r) {
+    r.ok = 0;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int64_t n = n_warp + 8 * t + g;
+      const int64_t flat = n * K + ks + kk;
+      const bool ok = kk < klen && n < N;  // the lane's 32 codes are all inside the slice or all outside
+      const int64_t b = ok ? flat >> bs_shift : 0;
+      r.ok |= static_cast<uint32_t>(ok) << t;
+      r.w[t] = ok ? __ldcs(reinterpret_cast<const uint4*>(p.w.packed + (flat >> 1))) : make_uint4(0, 0, 0, 0);
+      r.a[t] = ok ? (dq ? scales.absmax2[b / kNestedBlocksize] : scales.absmax_f32[b]) : 0.f;
+      r.c[t] = (ok && dq) ? scales.qabsmax[b] : 0u;
+    }
+  };
+  Raw next;
+  fetch(32 * q, next);  // the first chunk's weights load while x is staged
+
   // ---- stage x[0:M, ks:ks+klen) into shared memory (swizzled), and the nested map ----
-  NF4Scales scales = p.w.scales;
-  if (scales.double_quant()) {
+  if (dq) {
     for (int i = tid; i < 256; i += kGemvThreads) s_map[i] = scales.nested_map[i];
-    scales.nested_map = s_map;
   }
   {
     const T* x = static_cast<const T*>(p.a);
@@ -147,21 +177,18 @@ __global__ void __launch_bounds__(kGemvThreads) nf4_gemv_kernel(GemvArgs args) {
 
   // ---- main loop: this warp's 32 rows over the CTA's k slice ----
   const float lut = kNF4CodebookDev[lane & 15];  // NF4 level of code (lane % 16), fetched by shuffles
-  const int bs_shift = __ffs(p.w.blocksize) - 1;  // blocksize is a power of two: i / blocksize = i >> shift
-  const int64_t n_warp = static_cast<int64_t>(blockIdx.x) * kGemvRows + warp * kGemvWarpRows;
   float acc[4][4] = {};
   const bool row_lo_ok = g < M, row_hi_ok = g + 8 < M;
   for (int kk = 32 * q; kk - 32 * q < klen; kk += kGemvChunk) {
-    const bool k_ok = kk < klen;  // the lane's 32 codes are all inside the slice or all outside
-    uint4 wv[4];
-    float sc[4];
+    const bool k_ok = kk < klen;
+    const Raw cur = next;
+    if (kk + kGemvChunk - 32 * q < klen) fetch(kk + kGemvChunk, next);  // warp-uniform condition
+    const uint4* wv = cur.w;
+    float sc[4];  // block scale (0 for out-of-range lanes: they add exact zeros)
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
-      const int64_t n = n_warp + 8 * t + g;
-      const int64_t flat = n * K + ks + kk;
-      const bool ok = k_ok && n < N;
-      wv[t] = ok ? __ldcs(reinterpret_cast<const uint4*>(p.w.packed + (flat >> 1))) : make_uint4(0, 0, 0, 0);
-      sc[t] = ok ? scales.block_scale(flat >> bs_shift) : 0.f;  // 0: invalid lanes add exact zeros
+      const float scale = dq ? add_rn(mul_rn(s_map[cur.c[t]], cur.a[t]), offset) : cur.a[t];
+      sc[t] = ((cur.ok >> t) & 1) ? scale : 0.f;
     }
     // x fragments: rows g and g+8, the lane's 32 k as 4 x 16 bytes (8 k each)
     uint4 xa[4], xb[4];
