@@ -21,7 +21,9 @@
 // Grid: blockIdx.x = group of 128 output features (4 warps x 32 rows, 4 n-tiles of 8 per warp);
 // blockIdx.y = split of K (split-K when N is small). With several splits, each CTA writes fp32 partials
 // [split, M, N]; the last CTA of a row group (atomic counter) sums them in split order (deterministic),
-// runs the epilogue (LoRA, bias, rounding) and resets its counter to 0.
+// runs the epilogue (LoRA, bias, rounding) and resets its counter to 0. Each warp fetches the next chunk's
+// bytes one chunk ahead (registers; the first chunk is in flight while x is staged); 128 registers,
+// 4 CTAs (16 warps) per SM: 16 warps x 32 lanes x 2 x 64 B = 64 KB of weights in flight per SM.
 // Requirements (checked by the launcher): K % 32 == 0, `packed` 16-byte aligned, sm_80+.
 #pragma once
 
