@@ -26,7 +26,7 @@ def _dynamic_map_cached(signed: bool, max_exponent_bits: int, total_bits: int) -
     # 10^(e-6), mirrored for the sign; plus 0 and 1.0, sorted. Built with fp32 linspace so every
     # entry rounds exactly as bitsandbytes' map does.
     values: list[float] = []
-    non_sign_bits = total_bits - 1 if signed else total_bits
+    non_sign_bits = total_bits - 1  # bitsandbytes uses this for both; unsigned gets 2x fraction points
     for i in range(max_exponent_bits):
         items = 2 ** (i + non_sign_bits - max_exponent_bits) + 1 if signed else (
             2 ** (i + non_sign_bits - max_exponent_bits + 1) + 1
