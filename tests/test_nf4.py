@@ -217,9 +217,10 @@ def test_dequantize_matches_bitsandbytes(bnbF, device, out_dtype, blocksize, dou
     assert ours.dtype == ref.dtype == out_dtype and ours.shape == ref.shape == torch.Size(shape)
     assert torch.equal(ours, generic)
     if not torch.equal(ref, generic):
-        # bitsandbytes 0.50.2's C++ CPU kernel mis-indexes blocks when a block spans several rows
-        # (blocksize > last dim): it then disagrees with its own generic path and its own quantize.
-        assert shape[-1] < blocksize
+        # bitsandbytes 0.50.2's C++ CPU dequantize kernel mis-indexes some blocks that straddle rows
+        # (last dim not a multiple of blocksize, e.g. (96, 128) at 256, (96, 160) at 64): it then
+        # disagrees with its own generic path and with its own quantize. Only there do we skip it.
+        assert shape[-1] % blocksize != 0
     else:
         assert torch.equal(ours, ref)
 
