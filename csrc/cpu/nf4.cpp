@@ -17,6 +17,10 @@
 #include <algorithm>
 #include <cmath>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "lowrank_ext/nf4_args.h"
 #include "nf4_avx2.h"
 
@@ -239,6 +243,22 @@ void dequantize_into(const NF4Scales& scales, const at::Tensor& packed, int64_t 
   });
 }
 
+// A fresh multi-MB result costs more in first-touch page faults (one trap + a kernel page clear per
+// 4 KiB) than the dequantization itself. Asking for transparent huge pages on its 2 MiB-aligned
+// interior, before the first write, cuts the faults 512x (measured: 4096x4096 fp32 empty+fill 70 ->
+// 33 ms here). Best effort: what torch's THP_MEM_ALLOC_ENABLE does for every large allocation.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (p + t.nbytes()) & ~(kHuge - 1);
+  if (end > start) (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
+}
+
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                               const c10::optional<at::Tensor>& nested_absmax,
                               const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
@@ -247,6 +267,7 @@ at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax
       check_nf4_weight(kDequantOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
   LRX_CHECK_TYPE(is_float_dtype(dtype), kDequantOp, "dtype", "be float32, float16 or bfloat16", dtype);
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  if (out.nbytes() >= (size_t{4} << 20)) advise_huge_pages(out);
   dequantize_into(scales, packed, blocksize, numel, out, /*allow_stream=*/false);
   return out;
 }
