@@ -28,9 +28,9 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.append(os.path.dirname(_HERE))  # an in-place build of the repo, when lowrank_ext is not installed
-from _timing import bench, print_table  # noqa: E402
+from _timing import bench, print_table
 
-import lowrank_ext  # noqa: E402
+import lowrank_ext
 
 __all__ = ["HEADER", "run"]
 
@@ -66,6 +66,10 @@ def _check(F, w: torch.Tensor, q: lowrank_ext.NF4Weight) -> None:
     assert torch.equal(F.dequantize_4bit(q.packed, ours_state), q.dequantize()), "dequantize differs from bnb"
 
 
+def _gbs(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
 def _rows_for_shape(shape: tuple[int, int], quick: bool) -> list[list[object]]:
     F = _bnb()
     torch.manual_seed(0)
@@ -75,7 +79,6 @@ def _rows_for_shape(shape: tuple[int, int], quick: bool) -> list[list[object]]:
     label = "x".join(map(str, shape))
     rounds, rep = (3, 2) if quick else (5, 3)
     rows: list[list[object]] = []
-    gbs = lambda nbytes, s: nbytes / s / 1e9  # noqa: E731
 
     # -- quantize (NF4 + double quant) --
     fns = {"ours": lambda: lowrank_ext.quantize_nf4(w, BLOCKSIZE)}
@@ -85,41 +88,41 @@ def _rows_for_shape(shape: tuple[int, int], quick: bool) -> list[list[object]]:
     t = _side_by_side(fns, rounds, 1)
     q_bytes = 4 * n + n // 2 + n // BLOCKSIZE
     if "bnb" in t:
-        rows.append([label, "quantize fp32", t["ours"] * 1e3, gbs(q_bytes, t["ours"]), "bnb quantize_4bit",
+        rows.append([label, "quantize fp32", t["ours"] * 1e3, _gbs(q_bytes, t["ours"]), "bnb quantize_4bit",
                      t["bnb"] * 1e3, t["bnb"] / t["ours"]])
     else:
-        rows.append([label, "quantize fp32", t["ours"] * 1e3, gbs(q_bytes, t["ours"]), "-", "-", "-"])
+        rows.append([label, "quantize fp32", t["ours"] * 1e3, _gbs(q_bytes, t["ours"]), "-", "-", "-"])
 
     # -- dequantize to a fresh tensor, and into a reused buffer --
     for dtype, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         out = torch.empty(n, dtype=dtype)
         fns = {
-            "ours": lambda: q.dequantize(dtype),
-            "empty+fill": lambda: torch.empty(n, dtype=dtype).fill_(1.0),
-            "ours out=": lambda: q.dequantize(dtype, out=out),
-            "warm fill_": lambda: out.fill_(1.0),
+            "ours": lambda dtype=dtype: q.dequantize(dtype),
+            "empty+fill": lambda dtype=dtype: torch.empty(n, dtype=dtype).fill_(1.0),
+            "ours out=": lambda dtype=dtype, out=out: q.dequantize(dtype, out=out),
+            "warm fill_": lambda out=out: out.fill_(1.0),
         }
         if F is not None:
             packed_b, st = F.quantize_4bit(w, blocksize=BLOCKSIZE, quant_type="nf4", compress_statistics=True)
             st.dtype = dtype  # bitsandbytes dequantizes to the state's dtype
-            fns["bnb"] = lambda: F.dequantize_4bit(packed_b, st)
+            fns["bnb"] = lambda packed_b=packed_b, st=st: F.dequantize_4bit(packed_b, st)
         t = _side_by_side(fns, rounds, rep)
         d_bytes = n // 2 + n * out.element_size()
         op = f"dequantize {dname}"
         if "bnb" in t:
-            rows.append([label, op, t["ours"] * 1e3, gbs(d_bytes, t["ours"]), "bnb dequantize_4bit", t["bnb"] * 1e3,
+            rows.append([label, op, t["ours"] * 1e3, _gbs(d_bytes, t["ours"]), "bnb dequantize_4bit", t["bnb"] * 1e3,
                          t["bnb"] / t["ours"]])
             # time past the allocation floor; ours can be below it (huge pages for the fresh result)
             beyond_ours, beyond_bnb = t["ours"] - t["empty+fill"], t["bnb"] - t["empty+fill"]
             ratio = beyond_bnb / beyond_ours if beyond_ours > 0 else "ours below floor"
             rows.append([label, op + " beyond alloc", beyond_ours * 1e3, "-", "bnb beyond alloc",
                          beyond_bnb * 1e3, ratio])
-        rows.append([label, op, t["ours"] * 1e3, gbs(d_bytes, t["ours"]), "torch.empty().fill_()",
+        rows.append([label, op, t["ours"] * 1e3, _gbs(d_bytes, t["ours"]), "torch.empty().fill_()",
                      t["empty+fill"] * 1e3, t["empty+fill"] / t["ours"]])
-        rows.append([label, op + " out=", t["ours out="] * 1e3, gbs(d_bytes, t["ours out="]), "warm fill_",
+        rows.append([label, op + " out=", t["ours out="] * 1e3, _gbs(d_bytes, t["ours out="]), "warm fill_",
                      t["warm fill_"] * 1e3, t["warm fill_"] / t["ours out="]])
         if "bnb" in t:
-            rows.append([label, op + " out=", t["ours out="] * 1e3, gbs(d_bytes, t["ours out="]), "bnb dequantize_4bit",
+            rows.append([label, op + " out=", t["ours out="] * 1e3, _gbs(d_bytes, t["ours out="]), "bnb dequantize_4bit",
                          t["bnb"] * 1e3, t["bnb"] / t["ours out="]])
     return rows
 

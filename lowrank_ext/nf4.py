@@ -41,7 +41,7 @@ class NF4Weight:
         blocksize: elements per absmax block.
     """
 
-    __slots__ = ("packed", "absmax", "nested_absmax", "nested_map", "offset", "shape", "dtype", "blocksize")
+    __slots__ = ("absmax", "blocksize", "dtype", "nested_absmax", "nested_map", "offset", "packed", "shape")
 
     def __init__(
         self,

@@ -48,7 +48,7 @@ def _import_with(prelude: str) -> subprocess.CompletedProcess:
     code = prelude + "\nimport lowrank_ext\n"
     env = {**os.environ, "PYTHONPATH": PKG_ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=PKG_ROOT,
-                          timeout=300)
+                          timeout=300, check=False)
 
 
 def test_import_fails_loudly_on_torch_mismatch():

@@ -310,7 +310,7 @@ def test_torch_compile_fullgraph(device):
     w = torch.randn(48, 80, device=device)
     buf_c, buf_e = torch.empty(w.numel(), device=device), torch.empty(w.numel(), device=device)
     compiled = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")
-    got, got_buf = compiled(w, buf_c)
+    got, _ = compiled(w, buf_c)
     want, want_buf = roundtrip(w, buf_e)
     assert torch.equal(got, want) and torch.equal(buf_c, want_buf)
     assert torch.equal(want_buf.view(w.shape), lowrank_ext.quantize_nf4(w).dequantize())
@@ -361,10 +361,10 @@ def _dq_bundle(n=1000, bs=64):
     ("packed_numel", ValueError, r"dequantize_nf4: packed must have 500 elements, got 499"),
     ("packed_strided", ValueError, r"dequantize_nf4: packed must be contiguous, got strides"),
     ("absmax_numel", ValueError, r"dequantize_nf4: absmax must have 16 elements, got 15"),
-    ("absmax_dtype", TypeError, r"dequantize_nf4: absmax must be float32 \(plain\) or uint8 \(double-quantized\), "
-                                r"got Int"),
-    ("nested_missing", ValueError, r"dequantize_nf4: nested_absmax/nested_map/offset must all be given when absmax "
-                                   r"is uint8 \(double quant\), got no nested_absmax"),
+    ("absmax_dtype", TypeError, (r"dequantize_nf4: absmax must be float32 \(plain\) or uint8 \(double-quantized\), "
+                                 r"got Int")),
+    ("nested_missing", ValueError, (r"dequantize_nf4: nested_absmax/nested_map/offset must all be given when absmax "
+                                    r"is uint8 \(double quant\), got no nested_absmax")),
     ("nested_absmax_dtype", TypeError, r"dequantize_nf4: nested_absmax must have dtype Float, got Half"),
     ("nested_absmax_numel", ValueError, r"dequantize_nf4: nested_absmax must have 1 elements, got 2"),
     ("nested_map_numel", ValueError, r"dequantize_nf4: nested_map must have 256 elements, got 16"),
