@@ -278,6 +278,21 @@ def test_dequantize_out_writes_the_buffer(device):
         assert torch.equal(out.view(33, 77), q.dequantize(dtype))
 
 
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_dequantize_large_outputs(device, out_dtype):
+    """Outputs >= 8 MiB take the streaming-store path (out=, aligned) and the huge-page fresh path;
+    a misaligned out= buffer takes the ordinary one. All equal the readable reference."""
+    w = torch.randn(2048, 2048 + 64)
+    q = lowrank_ext.quantize_nf4(w.to(device), 64)
+    ref = dequantize_nf4_ref(*q.tensors(), 64, w.numel(), out_dtype).to(device)
+    assert torch.equal(q.dequantize(out_dtype).view(-1), ref)
+    aligned = torch.full((w.numel(),), float("nan"), dtype=out_dtype, device=device)
+    assert torch.equal(q.dequantize(out=aligned).view(-1), ref)
+    misaligned = torch.full((w.numel() + 1,), float("nan"), dtype=out_dtype, device=device)[1:]
+    assert misaligned.data_ptr() % 32 != 0
+    assert torch.equal(q.dequantize(out=misaligned).view(-1), ref)
+
+
 # ---------------------------------------------------------------------------------------------------
 # custom-op machinery: opcheck and torch.compile
 # ---------------------------------------------------------------------------------------------------
@@ -370,6 +385,10 @@ def _dq_bundle(n=1000, bs=64):
     ("nested_map_numel", ValueError, r"dequantize_nf4: nested_map must have 256 elements, got 16"),
     ("offset_numel", ValueError, r"dequantize_nf4: offset must have 1 elements, got 2"),
     ("dtype", TypeError, r"dequantize_nf4: dtype must be float32, float16 or bfloat16, got Double"),
+    ("absmax_strided", ValueError, r"dequantize_nf4: absmax must be contiguous, got strides \[2\]"),
+    ("nested_map_dtype", TypeError, r"dequantize_nf4: nested_map must have dtype Float, got Double"),
+    ("offset_dtype", TypeError, r"dequantize_nf4: offset must have dtype Float, got Half"),
+    ("nested_strided", ValueError, r"dequantize_nf4: nested tensors must be contiguous, got strides \[2\]"),
 ])
 def test_dequantize_errors(case, exc, pattern):
     (packed, absmax, a2, nmap, off), bs, n = _dq_bundle()
@@ -400,6 +419,14 @@ def test_dequantize_errors(case, exc, pattern):
         off = torch.cat([off, off])
     elif case == "dtype":
         dtype = torch.float64
+    elif case == "absmax_strided":
+        absmax = torch.stack([absmax, absmax], 1)[:, 0]
+    elif case == "nested_map_dtype":
+        nmap = nmap.double()
+    elif case == "offset_dtype":
+        off = off.half()
+    elif case == "nested_strided":
+        nmap = torch.stack([nmap, nmap], 1)[:, 0]
     with pytest.raises(exc, match=pattern):
         dequantize_nf4(packed, absmax, a2, nmap, off, bs, n, dtype)
 

@@ -111,13 +111,16 @@ def test_to_cuda_round_trip():
     ({"nested_absmax": None}, ValueError, r"NF4Weight: nested_absmax must be given when absmax is uint8"),
     ({"nested_map": "short"}, ValueError, r"NF4Weight: nested_map must have 256 elements, got 255"),
     ({"offset": "f64"}, ValueError, r"NF4Weight: offset must have dtype float32, got torch.float64"),
+    ({"offset": "long"}, ValueError, r"NF4Weight: offset must have 1 element, got 2"),
+    ({"nested_absmax": "long"}, ValueError, r"NF4Weight: nested_absmax must have 1 elements, got 2"),
+    ({"absmax": "meta"}, ValueError, r"NF4Weight: absmax must be on packed's device cpu, got meta"),
 ])
 def test_constructor_errors(kwargs, exc, pattern):
     q = lowrank_ext.quantize_nf4(torch.randn(64, 64), 64)
     args = {"packed": q.packed, "absmax": q.absmax, "shape": q.shape, "dtype": q.dtype, "blocksize": 64,
             "nested_absmax": q.nested_absmax, "nested_map": q.nested_map, "offset": q.offset}
     edits = {"int8": lambda t: t.view(torch.int8), "short": lambda t: t[:-1], "int32": lambda t: t.int(),
-             "f64": lambda t: t.double()}
+             "f64": lambda t: t.double(), "long": lambda t: torch.cat([t, t]), "meta": lambda t: t.to("meta")}
     for k, v in kwargs.items():
         args[k] = edits[v](args[k]) if isinstance(v, str) else v
     with pytest.raises(exc, match=pattern):

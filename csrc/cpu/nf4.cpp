@@ -200,12 +200,22 @@ template <typename T, bool kStream>
 void decode_block(const uint8_t* src, int64_t i0, int64_t i1, float scale, T* dst) {
   int64_t i = i0;
 #ifdef LRX_NF4_AVX2
-  const avx2::ScaledLUT lut(scale);
-  for (; i + 32 <= i1; i += 32) {  // 16 bytes -> 32 values
-    __m256i idx[4];
-    avx2::nf4_unpack32(src + i / 2, idx);
-    avx2::store16<kStream>(dst + i, lut(idx[0]), lut(idx[1]));
-    avx2::store16<kStream>(dst + i + 16, lut(idx[2]), lut(idx[3]));
+  const avx2::ScaledLUT lut(scale);  // NF4[c] * scale, c = 0..15, fp32
+  if constexpr (sizeof(T) == 2) {    // bf16/fp16: round the 16 values once, then byte-shuffle lookups
+    const avx2::HalfLUT half(avx2::to_bits16(static_cast<T*>(nullptr), lut.lo, lut.hi));
+    for (; i + 32 <= i1; i += 32) {  // 16 bytes -> 32 values
+      __m256i a, b;
+      half.decode32(src + i / 2, a, b);
+      avx2::store16_bits<kStream>(dst + i, a);
+      avx2::store16_bits<kStream>(dst + i + 16, b);
+    }
+  } else {  // fp32: register LUT (two 8-lane permutes + blend)
+    for (; i + 32 <= i1; i += 32) {
+      __m256i idx[4];
+      avx2::nf4_unpack32(src + i / 2, idx);
+      avx2::store16<kStream>(dst + i, lut(idx[0]), lut(idx[1]));
+      avx2::store16<kStream>(dst + i + 16, lut(idx[2]), lut(idx[3]));
+    }
   }
 #endif
   for (; i < i1; ++i) {

@@ -109,6 +109,35 @@ struct ScaledLUT {
   }
 };
 
+// ---- 16-bit outputs: decode straight to bf16/fp16 bits with two byte shuffles ------------------
+// out[i] = T(NF4[code] * scale) takes only 16 distinct values per block, so convert those 16 once
+// (the same fp32 product, rounded the same way) and look codes up in two 16-byte tables: the low
+// and the high byte of each 16-bit result (vpshufb indexes a 16-byte table by a 4-bit code).
+struct HalfLUT {
+  __m256i lo_bytes, hi_bytes;  // the two byte tables, repeated in both 128-bit lanes
+  explicit HalfLUT(__m256i bits16) {  // bits16: the 16 results, uint16, code order
+    const __m256i lo = _mm256_and_si256(bits16, _mm256_set1_epi16(0x00FF));
+    const __m256i hi = _mm256_srli_epi16(bits16, 8);
+    // packus per lane: [lo 0-7, hi 0-7 | lo 8-15, hi 8-15] as qwords; reorder to [lo 0-15 | hi 0-15]
+    const __m256i t = _mm256_permute4x64_epi64(_mm256_packus_epi16(lo, hi), 0b11011000);
+    lo_bytes = _mm256_broadcastsi128_si256(_mm256_castsi256_si128(t));
+    hi_bytes = _mm256_broadcastsi128_si256(_mm256_extracti128_si256(t, 1));
+  }
+  // 16 packed bytes -> 32 results (two 32-byte vectors, flat order)
+  void decode32(const uint8_t* src, __m256i& first, __m256i& second) const {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    const __m128i m = _mm_set1_epi8(0x0F);
+    const __m128i hi_n = _mm_and_si128(_mm_srli_epi16(b, 4), m), lo_n = _mm_and_si128(b, m);
+    // lane 0: codes 0-15, lane 1: codes 16-31 (even flat index = high nibble)
+    const __m256i codes = _mm256_set_m128i(_mm_unpackhi_epi8(hi_n, lo_n), _mm_unpacklo_epi8(hi_n, lo_n));
+    const __m256i l = _mm256_shuffle_epi8(lo_bytes, codes), h = _mm256_shuffle_epi8(hi_bytes, codes);
+    const __m256i w0 = _mm256_unpacklo_epi8(l, h);  // lane 0: values 0-7,  lane 1: values 16-23
+    const __m256i w1 = _mm256_unpackhi_epi8(l, h);  // lane 0: values 8-15, lane 1: values 24-31
+    first = _mm256_permute2x128_si256(w0, w1, 0x20);
+    second = _mm256_permute2x128_si256(w0, w1, 0x31);
+  }
+};
+
 // ---- stores: 8 fp32 values -> out dtype, rounded once (round to nearest even) ------------------
 template <bool kStream>
 inline void store8(float* dst, __m256 v) {
@@ -134,18 +163,19 @@ inline __m256i bf16_bits8(__m256 v) {
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
 }
 
-template <bool kStream>
-inline void store16(c10::BFloat16* dst, __m256 a, __m256 b) {
+// 16 fp32 (a = values 0-7, b = 8-15) -> 16 bf16 / fp16 bit patterns in order.
+inline __m256i to_bits16(c10::BFloat16*, __m256 a, __m256 b) {
   // packus_epi32 interleaves 128-bit lanes: [a0-3, b0-3, a4-7, b4-7]; permute qwords 0,2,1,3.
-  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits8(a), bf16_bits8(b)), 0b11011000);
-  store16_bits<kStream>(dst, w);
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(bf16_bits8(a), bf16_bits8(b)), 0b11011000);
+}
+inline __m256i to_bits16(c10::Half*, __m256 a, __m256 b) {  // F16C: IEEE round to nearest even
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  return _mm256_set_m128i(_mm256_cvtps_ph(b, kRound), _mm256_cvtps_ph(a, kRound));
 }
 
-template <bool kStream>
-inline void store16(c10::Half* dst, __m256 a, __m256 b) {  // F16C: IEEE round to nearest even
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m256i w = _mm256_set_m128i(_mm256_cvtps_ph(b, kRound), _mm256_cvtps_ph(a, kRound));
-  store16_bits<kStream>(dst, w);
+template <typename T16, bool kStream>  // T16 = c10::BFloat16 or c10::Half
+inline void store16(T16* dst, __m256 a, __m256 b) {
+  store16_bits<kStream>(dst, to_bits16(dst, a, b));
 }
 
 template <bool kStream>
