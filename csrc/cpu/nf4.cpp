@@ -135,26 +135,27 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& x_in, int6
 // ================================ double quant ==================================================
 
 // Index of the map entry nearest to s: smallest fp32 distance, ties to the lower code. The map is
-// sorted, so only the two neighbours of s can be nearest: a binary search (8 steps) for
-//   k = first index with map[k] >= s,
+// sorted, so only the two neighbours of s can be nearest: a binary search for
+//   k = #{entries < s}  (the first index with map[k] >= s),
 // then compare (s - map[k-1]) with (map[k] - s). Entries further out are at least one map spacing
 // (>= 5e-7) farther, more than the fp32 rounding of a distance <= 2, so this equals a linear scan.
 // A NaN s (a nested block whose absmax - offset values are all 0: 0 * inf) gets code 0, as the scan.
-inline uint8_t nearest_code(const float* map, float s) {
-  if (std::isnan(s)) return 0;
-  int lo = 0, len = 256;
-  while (len > 0) {
-    const int half = len / 2;
-    if (map[lo + half] < s) {
-      lo += half + 1;
-      len -= half + 1;
-    } else {
-      len = half;
-    }
+// Branch-free (the comparisons are data-dependent coin flips), kNQ searches interleaved for ILP.
+constexpr int kNQ = 8;
+
+inline void nearest_codes(const float* map, const float* s, uint8_t* q, int count) {
+  int k[kNQ];
+  for (int j = 0; j < count; ++j) k[j] = 0;
+  for (int step = 128; step >= 1; step >>= 1)  // 256 = 2^8 entries: 8 halvings, k <= 255
+    for (int j = 0; j < count; ++j) k[j] += (map[k[j] + step - 1] < s[j]) ? step : 0;
+  for (int j = 0; j < count; ++j) {
+    int kk = k[j] + ((k[j] == 255 && map[255] < s[j]) ? 1 : 0);  // s above every entry
+    uint8_t code;
+    if (std::isnan(s[j]) || kk == 0) code = 0;
+    else if (kk == 256) code = 255;
+    else code = static_cast<uint8_t>((s[j] - map[kk - 1] <= map[kk] - s[j]) ? kk - 1 : kk);
+    q[j] = code;
   }
-  if (lo == 0) return 0;
-  if (lo == 256) return 255;
-  return static_cast<uint8_t>((s - map[lo - 1] <= map[lo] - s) ? lo - 1 : lo);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor& absmax_in,
@@ -187,7 +188,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor
       for (int64_t b = b0; b < b1; ++b) m = std::max(m, std::fabs(a[b] - off));
       a2[j] = m;
       const float inv = 1.0f / m;
-      for (int64_t b = b0; b < b1; ++b) q[b] = nearest_code(map, (a[b] - off) * inv);
+      for (int64_t b = b0; b < b1; b += kNQ) {
+        const int count = static_cast<int>(std::min<int64_t>(kNQ, b1 - b));
+        float sv[kNQ];
+        for (int j = 0; j < count; ++j) sv[j] = (a[b + j] - off) * inv;
+        nearest_codes(map, sv, q + b, count);
+      }
     }
   });
   return {qabsmax, absmax2, offset};
