@@ -7,6 +7,8 @@
 // Math (bit-exact with bitsandbytes 0.50.2 on CPU):
 //   absmax[b] = max |x| over block b;  s = x * (1 / max(absmax, 1e-38))  (x / max(absmax, 1e-38) in a
 //   partial last block);  code = #{midpoints < s};  deq = NF4[code] * absmax_hat[b] in fp32, rounded once.
+//   One deliberate difference: an all-zero partial last block stores absmax 0 (bitsandbytes stores its
+//   1e-38 clamp there); the codes (7) and the dequantized zeros are the same.
 // Parallel over blocks (at::parallel_for); AVX2 inner loops from nf4_avx2.h with a scalar path for
 // builds without AVX2 and for the ragged tail of a partial last block.
 
