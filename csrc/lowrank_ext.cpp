@@ -72,6 +72,11 @@ TORCH_LIBRARY(lowrank_ext, m) {
   m.def(
       "dequantize_nf4(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, Tensor? offset, "
       "int blocksize, int numel, ScalarType dtype) -> Tensor");
+  // Same into a caller's buffer: out is contiguous fp32/fp16/bf16 with numel elements (any shape).
+  // Reusing a buffer skips the allocation + first-touch page faults that dominate a fresh dequantize.
+  m.def(
+      "dequantize_nf4_out(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_map, "
+      "Tensor? offset, int blocksize, int numel, Tensor(a!) out) -> ()");
 
   // ---------------------------------------------------------------------------------------------
   // Fused NF4 matmul + LoRA (csrc/cpu/nf4_linear.cpp, csrc/cuda/nf4_linear*.cu; lowrank_ext/ops/linear.py)

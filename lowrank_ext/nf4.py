@@ -13,7 +13,14 @@ from collections.abc import Mapping
 import torch
 
 from lowrank_ext._reference.nf4 import NF4_CODEBOOK, dynamic_map
-from lowrank_ext.ops.nf4 import NESTED_BLOCKSIZE, VALID_BLOCKSIZES, dequantize_nf4, double_quant, quantize_nf4_raw
+from lowrank_ext.ops.nf4 import (
+    NESTED_BLOCKSIZE,
+    VALID_BLOCKSIZES,
+    dequantize_nf4,
+    dequantize_nf4_out,
+    double_quant,
+    quantize_nf4_raw,
+)
 
 __all__ = ["NF4Weight", "quantize_nf4"]
 
@@ -34,7 +41,7 @@ class NF4Weight:
         blocksize: elements per absmax block.
     """
 
-    __slots__ = ("packed", "absmax", "nested_absmax", "nested_map", "offset", "shape", "dtype", "blocksize")
+    __slots__ = ("absmax", "blocksize", "dtype", "nested_absmax", "nested_map", "offset", "packed", "shape")
 
     def __init__(
         self,
@@ -115,11 +122,22 @@ class NF4Weight:
                 f"double_quant={self.double_quant}, device={self.device}, nbytes={self.nbytes})")
 
     # ---- conversion -------------------------------------------------------------------------
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight in its original shape, in `dtype` (default: the original dtype)."""
-        dtype = self.dtype if dtype is None else dtype
-        flat = dequantize_nf4(*self.tensors(), self.blocksize, self.numel, dtype)
-        return flat.view(self.shape)
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight in its original shape, in `dtype` (default: the original dtype, or out's dtype).
+
+        With `out` (a contiguous fp32/fp16/bf16 tensor of `numel` elements on this device, e.g. a buffer
+        reused across calls) the result is written there and `out.view(shape)` is returned: no allocation."""
+        if out is None:
+            dtype = self.dtype if dtype is None else dtype
+            flat = dequantize_nf4(*self.tensors(), self.blocksize, self.numel, dtype)
+            return flat.view(self.shape)
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"lowrank_ext.NF4Weight.dequantize: out must be a torch.Tensor, got {type(out).__name__}")
+        if dtype is not None and out.dtype != dtype:
+            raise TypeError(f"lowrank_ext.NF4Weight.dequantize: out must have dtype {dtype} (the dtype argument), "
+                            f"got {out.dtype}")
+        dequantize_nf4_out(*self.tensors(), self.blocksize, self.numel, out)
+        return out.view(self.shape)
 
     def to(self, device: torch.device | str) -> NF4Weight:
         """A copy on `device` (self when already there)."""
@@ -153,41 +171,80 @@ class NF4Weight:
 
     @classmethod
     def from_bnb_state_dict(cls, sd: Mapping[str, torch.Tensor], prefix: str = "") -> NF4Weight:
-        """Read a weight saved by bitsandbytes' Linear4bit (or `to_bnb_state_dict`), no requantizing."""
+        """Read a weight saved by bitsandbytes' Linear4bit (or `to_bnb_state_dict`), no requantizing.
+
+        Every inconsistency raises ValueError naming the state-dict key: a missing key, a quant state
+        that is not JSON or not NF4, a quant_map that is not the NF4 codebook, a shape that does not
+        match the packed size, absmax / nested tensors of the wrong size."""
+        qs_key = prefix + _QS_KEY
+
         def need(key: str) -> torch.Tensor:
-            if prefix + key not in sd:
-                raise KeyError(f"NF4Weight.from_bnb_state_dict: missing key {prefix + key!r}")
-            return sd[prefix + key]
+            _sd_check(prefix + key in sd, prefix + key, "be present in the state dict",
+                      f"keys {sorted(k for k in sd if k.startswith(prefix))}")
+            t = sd[prefix + key]
+            _sd_check(isinstance(t, torch.Tensor), prefix + key, "be a tensor", type(t).__name__)
+            return t
 
         raw = need(_QS_KEY)
         try:
-            meta = json.loads(bytes(raw.cpu().to(torch.uint8).tolist()).decode("utf-8"))
+            meta = json.loads(bytes(raw.detach().cpu().to(torch.uint8).view(-1).tolist()).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"NF4Weight.from_bnb_state_dict: {prefix + _QS_KEY!r} is not valid JSON: {e}") from e
+            raise ValueError(f"lowrank_ext.NF4Weight.from_bnb_state_dict: {qs_key} must hold UTF-8 JSON, "
+                             f"got {e}") from e
+        _sd_check(isinstance(meta, dict), qs_key, "hold a JSON object", type(meta).__name__)
         for field in ("quant_type", "blocksize", "dtype", "shape"):
-            _check(field in meta, f"{_QS_KEY}[{field!r}]", "be present in the quant state", sorted(meta))
-        _check(meta["quant_type"] == "nf4", "quant_type", "be 'nf4'", meta["quant_type"])
-        _check(meta["dtype"] in _DTYPE_BY_NAME, "dtype", f"be one of {sorted(_DTYPE_BY_NAME)}", meta["dtype"])
+            _sd_check(field in meta, f"{qs_key}[{field!r}]", "be present", f"fields {sorted(meta)}")
+        _sd_check(meta["quant_type"] == "nf4", f"{qs_key}['quant_type']", "be 'nf4'", repr(meta["quant_type"]))
+        _sd_check(meta["dtype"] in _DTYPE_BY_NAME, f"{qs_key}['dtype']", f"be one of {sorted(_DTYPE_BY_NAME)}",
+                  repr(meta["dtype"]))
+        _sd_check(meta["blocksize"] in VALID_BLOCKSIZES, f"{qs_key}['blocksize']", f"be one of {VALID_BLOCKSIZES}",
+                  meta["blocksize"])
+        shape = meta["shape"]
+        _sd_check(isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) and shape,
+                  f"{qs_key}['shape']", "be a non-empty list of positive ints", shape)
+        numel = torch.Size(shape).numel()
+        blocksize = int(meta["blocksize"])
+
+        packed = need("weight")
+        if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype: same bytes
+            packed = packed.contiguous().view(-1).view(torch.uint8)
+        _sd_check(packed.numel() == (numel + 1) // 2, prefix + "weight",
+                  f"hold (numel+1)//2 = {(numel + 1) // 2} bytes for shape {shape} (from {qs_key})",
+                  f"{packed.numel()} bytes")
         quant_map = need("weight.quant_map")
-        _check(torch.equal(quant_map.cpu().float().view(-1), NF4_CODEBOOK), "weight.quant_map",
-               "equal the NF4 codebook", quant_map.view(-1).tolist()[:4])
+        _sd_check(quant_map.numel() == 16 and torch.equal(quant_map.detach().cpu().float().view(-1), NF4_CODEBOOK),
+                  prefix + "weight.quant_map", "equal the 16-entry NF4 codebook",
+                  [round(v, 4) for v in quant_map.view(-1).tolist()[:4]] + ["..."])
         absmax = need("weight.absmax")
+        nblocks = -(-numel // blocksize)
+        _sd_check(absmax.numel() == nblocks, prefix + "weight.absmax",
+                  f"have ceil(numel/blocksize) = {nblocks} elements", absmax.numel())
+        _sd_check(absmax.dtype in (torch.uint8, torch.float32), prefix + "weight.absmax",
+                  "be uint8 (double quant) or float32", absmax.dtype)
         nested = (None, None, None)
         if absmax.dtype == torch.uint8:
             for field in ("nested_blocksize", "nested_offset"):
-                _check(field in meta, f"{_QS_KEY}[{field!r}]", "be present with double quant", sorted(meta))
-            _check(meta["nested_blocksize"] == NESTED_BLOCKSIZE, "nested_blocksize", f"be {NESTED_BLOCKSIZE}",
-                   meta["nested_blocksize"])
+                _sd_check(field in meta, f"{qs_key}[{field!r}]", "be present with double quant", f"fields {sorted(meta)}")
+            _sd_check(meta["nested_blocksize"] == NESTED_BLOCKSIZE, f"{qs_key}['nested_blocksize']",
+                      f"be {NESTED_BLOCKSIZE}", meta["nested_blocksize"])
+            nested_absmax = need("weight.nested_absmax").float()
+            nb2 = -(-nblocks // NESTED_BLOCKSIZE)
+            _sd_check(nested_absmax.numel() == nb2, prefix + "weight.nested_absmax", f"have {nb2} elements",
+                      nested_absmax.numel())
+            nested_map = need("weight.nested_quant_map").float()
+            _sd_check(nested_map.numel() == 256, prefix + "weight.nested_quant_map", "have 256 elements",
+                      nested_map.numel())
             offset = torch.tensor([float(meta["nested_offset"])], dtype=torch.float32, device=absmax.device)
-            nested = (need("weight.nested_absmax").float(), need("weight.nested_quant_map").float(), offset)
-        return cls(need("weight"), absmax, tuple(meta["shape"]), _DTYPE_BY_NAME[meta["dtype"]],
-                   int(meta["blocksize"]), *nested)
+            nested = (nested_absmax, nested_map, offset)
+        return cls(packed, absmax, tuple(shape), _DTYPE_BY_NAME[meta["dtype"]], blocksize, *nested)
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
     """Quantize `w` (any shape, fp32/fp16/bf16, finite) to NF4 with optional double-quantized absmax."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"lowrank_ext.quantize_nf4: w must be a torch.Tensor, got {type(w).__name__}")
+    if not isinstance(double_quant, bool):
+        raise TypeError(f"lowrank_ext.quantize_nf4: double_quant must be a bool, got {type(double_quant).__name__}")
     packed, absmax = quantize_nf4_raw(w.detach(), blocksize)
     if not double_quant:
         return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize)
@@ -197,6 +254,11 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
 
 _double_quant = double_quant
+
+
+def _sd_check(cond: bool, key: str, expected: str, got) -> None:
+    if not cond:
+        raise ValueError(f"lowrank_ext.NF4Weight.from_bnb_state_dict: {key} must {expected}, got {got}")
 
 
 def _check(cond: bool, arg: str, expected: str, got) -> None:

@@ -1,18 +1,30 @@
 // cpu/nf4.cpp — NF4 quantize, double quant and dequantize on CPU (DESIGN.md section 2).
 //
-//   quantize_nf4:   x [n] (fp32/fp16/bf16) -> packed uint8 [(n+1)//2, 1], absmax fp32 [ceil(n/bs)]
-//   double_quant:   absmax fp32 [nb] -> qabsmax uint8 [nb], nested_absmax fp32 [ceil(nb/256)], offset fp32 [1]
-//   dequantize_nf4: the bundle -> flat [numel] in fp32/fp16/bf16
-// Parallel over blocks with at::parallel_for.
-// TODO(nf4-cpu): vectorize (AVX2 LUT decode, streaming stores) — this is the straightforward version.
+//   quantize_nf4:       x [n] (fp32/fp16/bf16) -> packed uint8 [(n+1)//2, 1], absmax fp32 [ceil(n/bs)]
+//   double_quant:       absmax fp32 [nb] -> qabsmax uint8 [nb], nested_absmax fp32 [ceil(nb/256)], offset fp32 [1]
+//   dequantize_nf4:     the bundle -> flat [numel] in fp32/fp16/bf16
+//   dequantize_nf4_out: the same into a caller's buffer (no allocation, no page faults)
+// Math (bit-exact with bitsandbytes 0.50.2 on CPU):
+//   absmax[b] = max |x| over block b;  s = x * (1 / max(absmax, 1e-38))  (x / max(absmax, 1e-38) in a
+//   partial last block);  code = #{midpoints < s};  deq = NF4[code] * absmax_hat[b] in fp32, rounded once.
+//   One deliberate difference: an all-zero partial last block stores absmax 0 (bitsandbytes stores its
+//   1e-38 clamp there); the codes (7) and the dequantized zeros are the same.
+// Parallel over blocks (at::parallel_for); AVX2 inner loops from nf4_avx2.h with a scalar path for
+// builds without AVX2 and for the ragged tail of a partial last block.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "lowrank_ext/nf4_args.h"
+#include "nf4_avx2.h"
 
 namespace lowrank_ext {
 namespace {
@@ -20,45 +32,132 @@ namespace {
 constexpr const char* kQuantOp = "quantize_nf4";
 constexpr const char* kDQOp = "double_quant";
 constexpr const char* kDequantOp = "dequantize_nf4";
+constexpr const char* kDequantOutOp = "dequantize_nf4_out";
+
+// bitsandbytes clamps absmax to 1e-38 before taking the reciprocal (all-zero and subnormal blocks
+// then encode to code 7 instead of inf/NaN). As an fp32 literal this is the subnormal 0x006CE3EE.
+constexpr float kMinAbsmax = 1e-38f;
+constexpr int64_t kMinElemsPerTask = 1 << 15;  // parallel grain: ~32K elements per task
+
+int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, kMinElemsPerTask / blocksize); }
+
+// Calls f(T{}) with T = float, c10::Half or c10::BFloat16 (the dtypes the checks allow).
+template <typename F>
+void dispatch_float(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_INTERNAL_ASSERT(false, "lowrank_ext: unchecked dtype ", t);
+  }
+}
+
+// ================================ quantize ======================================================
+
+// max |x[i0..i1)| as fp32, raising on NaN/Inf.
+template <typename T>
+float block_absmax(const T* x, int64_t i0, int64_t i1, int64_t b) {
+  float m = 0.f;
+  bool bad = false;
+  int64_t i = i0;
+#ifdef LRX_NF4_AVX2
+  __m256 vm = _mm256_setzero_ps(), vbad = _mm256_setzero_ps();
+  for (; i + 8 <= i1; i += 8) {
+    const __m256 a = avx2::abs8(avx2::load8_f32(x + i));
+    vbad = _mm256_or_ps(vbad, avx2::nonfinite8(a));
+    vm = _mm256_max_ps(vm, a);
+  }
+  m = avx2::hmax8(vm);
+  bad = _mm256_movemask_ps(vbad) != 0;
+#endif
+  for (; i < i1; ++i) {
+    const float a = std::fabs(static_cast<float>(x[i]));
+    bad |= !(a <= 3.40282347e38f);
+    m = std::max(m, a);
+  }
+  LRX_CHECK(!bad, kQuantOp, "x", "contain only finite values", "NaN/Inf in block ", b, " (elements ", i0, "..",
+            i1 - 1, ")");
+  return m;
+}
+
+// Codes of x[i0..i1) into out (byte i/2 holds elements i, i+1); i0 is even because blocksize is.
+template <typename T>
+void encode_block(const T* x, int64_t i0, int64_t i1, float absmax, bool partial, uint8_t* out) {
+  const float m = std::max(absmax, kMinAbsmax);
+  const float inv = 1.0f / m;
+  int64_t i = i0;
+#ifdef LRX_NF4_AVX2
+  if (!partial) {  // a full block has blocksize >= 32 elements: a multiple of 32
+    static const avx2::Midpoints mid;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (; i + 32 <= i1; i += 32) {
+      __m256i c[4];
+      for (int k = 0; k < 4; ++k) c[k] = avx2::nf4_encode8(_mm256_mul_ps(avx2::load8_f32(x + i + 8 * k), vinv), mid);
+      avx2::nf4_pack32(c[0], c[1], c[2], c[3], out + i / 2);
+    }
+  }
+#endif
+  // Scalar: the non-AVX2 build and the partial last block, where bitsandbytes divides by absmax.
+  for (; i < i1; i += 2) {
+    uint8_t c[2] = {kNF4ZeroCode, kNF4ZeroCode};  // an odd last element pads with code 7
+    for (int k = 0; k < 2 && i + k < i1; ++k) {
+      const float v = static_cast<float>(x[i + k]);
+      c[k] = nf4_encode(partial ? v / m : v * inv);
+    }
+    out[i / 2] = nf4_pack(c[0], c[1]);
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& x_in, int64_t blocksize) {
   check_blocksize(blocksize, kQuantOp);
   check_float_input(x_in, kQuantOp, "x");
   LRX_CHECK(x_in.numel() > 0, kQuantOp, "x", "be non-empty", "shape ", x_in.sizes());
-  const at::Tensor x = x_in.contiguous().view(-1);
+  const at::Tensor x = x_in.contiguous().view(-1);  // non-contiguous input: one copy, then the fast path
   const int64_t n = x.numel();
   const int64_t nblocks = ceil_div(n, blocksize);
   at::Tensor packed = at::empty({(n + 1) / 2, 1}, x.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({nblocks}, x.options().dtype(at::kFloat));
   uint8_t* out = packed.data_ptr<uint8_t>();
   float* amax = absmax.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "quantize_nf4_cpu", [&] {
+  dispatch_float(x.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     const scalar_t* src = x.const_data_ptr<scalar_t>();
-    at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t i0 = b * blocksize, i1 = std::min(n, i0 + blocksize);
-        float m = 0.f;
-        for (int64_t i = i0; i < i1; ++i) m = std::max(m, std::fabs(static_cast<float>(src[i])));
-        LRX_CHECK(std::isfinite(m), kQuantOp, "x", "contain only finite values", "NaN/Inf in block ", b,
-                  " (elements ", i0, "..", i1 - 1, ")");
+        const float m = block_absmax(src, i0, i1, b);
         amax[b] = m;
-        const bool partial = (i1 - i0) < blocksize;
-        const float inv = 1.0f / m;
-        // Blocks start at even indices (blocksize is even), so a byte never spans two blocks.
-        for (int64_t i = i0; i < i1; i += 2) {
-          uint8_t c[2] = {kNF4ZeroCode, kNF4ZeroCode};
-          for (int k = 0; k < 2 && i + k < i1; ++k) {
-            const float v = static_cast<float>(src[i + k]);
-            if (m == 0.f) continue;  // all-zero block: code 7 (exact 0), as bitsandbytes' CPU path
-            // bitsandbytes divides in a partial last block and multiplies by the reciprocal elsewhere.
-            c[k] = nf4_encode(partial ? v / m : v * inv);
-          }
-          out[i / 2] = nf4_pack(c[0], c[1]);
-        }
+        encode_block(src, i0, i1, m, /*partial=*/i1 - i0 < blocksize, out);
       }
     });
   });
   return {packed, absmax};
+}
+
+// ================================ double quant ==================================================
+
+// Index of the map entry nearest to s: smallest fp32 distance, ties to the lower code. The map is
+// sorted, so only the two neighbours of s can be nearest: a binary search for
+//   k = #{entries < s}  (the first index with map[k] >= s),
+// then compare (s - map[k-1]) with (map[k] - s). Entries further out are at least one map spacing
+// (>= 5e-7) farther, more than the fp32 rounding of a distance <= 2, so this equals a linear scan.
+// A NaN s (a nested block whose absmax - offset values are all 0: 0 * inf) gets code 0, as the scan.
+// Branch-free (the comparisons are data-dependent coin flips), kNQ searches interleaved for ILP.
+constexpr int kNQ = 8;
+
+inline void nearest_codes(const float* map, const float* s, uint8_t* q, int count) {
+  int k[kNQ];
+  for (int j = 0; j < count; ++j) k[j] = 0;
+  for (int step = 128; step >= 1; step >>= 1)  // 256 = 2^8 entries: 8 halvings, k <= 255
+    for (int j = 0; j < count; ++j) k[j] += (map[k[j] + step - 1] < s[j]) ? step : 0;
+  for (int j = 0; j < count; ++j) {
+    int kk = k[j] + ((k[j] == 255 && map[255] < s[j]) ? 1 : 0);  // s above every entry
+    uint8_t code;
+    if (std::isnan(s[j]) || kk == 0) code = 0;
+    else if (kk == 256) code = 255;
+    else code = static_cast<uint8_t>((s[j] - map[kk - 1] <= map[kk] - s[j]) ? kk - 1 : kk);
+    q[j] = code;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor& absmax_in,
@@ -68,39 +167,114 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor
   check_numel(nested_map, 256, kDQOp, "nested_map");
   LRX_CHECK(absmax_in.numel() > 0, kDQOp, "absmax", "be non-empty", "shape ", absmax_in.sizes());
   const at::Tensor absmax = absmax_in.contiguous().view(-1);
+  const at::Tensor map_c = nested_map.contiguous().view(-1);
+  const float* map = map_c.const_data_ptr<float>();
+  for (int k = 1; k < 256; ++k)
+    LRX_CHECK(map[k - 1] <= map[k], kDQOp, "nested_map", "be sorted ascending", "map[", k - 1, "] = ", map[k - 1],
+              " > map[", k, "] = ", map[k]);
   const int64_t nb = absmax.numel();
   const int64_t nb2 = ceil_div(nb, kNestedBlocksize);
-  // offset = mean(absmax) computed by torch's own reduction (what bitsandbytes does).
+  // offset = mean(absmax) by torch's own reduction (what bitsandbytes does, so the bits agree).
   at::Tensor offset = absmax.mean().reshape({1});
   at::Tensor qabsmax = at::empty({nb}, absmax.options().dtype(at::kByte));
   at::Tensor absmax2 = at::empty({nb2}, absmax.options());
   const float off = offset.item<float>();
   const float* a = absmax.const_data_ptr<float>();
-  const at::Tensor map_c = nested_map.contiguous();
-  const float* map = map_c.const_data_ptr<float>();
   uint8_t* q = qabsmax.data_ptr<uint8_t>();
   float* a2 = absmax2.data_ptr<float>();
-  at::parallel_for(0, nb2, 1, [&](int64_t j0, int64_t j1) {
+  at::parallel_for(0, nb2, 64, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
+      // c[b] = absmax[b] - offset;  absmax2[j] = max |c| over nested block j;  q = nearest(c * (1/absmax2))
       const int64_t b0 = j * kNestedBlocksize, b1 = std::min(nb, b0 + kNestedBlocksize);
       float m = 0.f;
       for (int64_t b = b0; b < b1; ++b) m = std::max(m, std::fabs(a[b] - off));
       a2[j] = m;
       const float inv = 1.0f / m;
-      for (int64_t b = b0; b < b1; ++b) {
-        const float s = (a[b] - off) * inv;
-        // nearest map entry: smallest fp32 distance, ties to the lower code (map is sorted)
-        int best = 0;
-        float best_d = std::fabs(map[0] - s);
-        for (int c = 1; c < 256; ++c) {
-          const float d = std::fabs(map[c] - s);
-          if (d < best_d) best_d = d, best = c;
-        }
-        q[b] = static_cast<uint8_t>(best);
+      for (int64_t b = b0; b < b1; b += kNQ) {
+        const int count = static_cast<int>(std::min<int64_t>(kNQ, b1 - b));
+        float sv[kNQ];
+        for (int j = 0; j < count; ++j) sv[j] = (a[b + j] - off) * inv;
+        nearest_codes(map, sv, q + b, count);
       }
     }
   });
   return {qabsmax, absmax2, offset};
+}
+
+// ================================ dequantize ====================================================
+
+// out[i0..i1) = NF4[code[i]] * scale, rounded once to T; i0 is even (a block start).
+template <typename T, bool kStream>
+void decode_block(const uint8_t* src, int64_t i0, int64_t i1, float scale, T* dst) {
+  int64_t i = i0;
+#ifdef LRX_NF4_AVX2
+  const avx2::ScaledLUT lut(scale);  // NF4[c] * scale, c = 0..15, fp32
+  if constexpr (sizeof(T) == 2) {    // bf16/fp16: round the 16 values once, then byte-shuffle lookups
+    const avx2::HalfLUT half(avx2::to_bits16(static_cast<T*>(nullptr), lut.lo, lut.hi));
+    for (; i + 32 <= i1; i += 32) {  // 16 bytes -> 32 values
+      __m256i a, b;
+      half.decode32(src + i / 2, a, b);
+      avx2::store16_bits<kStream>(dst + i, a);
+      avx2::store16_bits<kStream>(dst + i + 16, b);
+    }
+  } else {  // fp32: register LUT (two 8-lane permutes + blend)
+    for (; i + 32 <= i1; i += 32) {
+      __m256i idx[4];
+      avx2::nf4_unpack32(src + i / 2, idx);
+      avx2::store16<kStream>(dst + i, lut(idx[0]), lut(idx[1]));
+      avx2::store16<kStream>(dst + i + 16, lut(idx[2]), lut(idx[3]));
+    }
+  }
+#endif
+  for (; i < i1; ++i) {
+    const uint8_t byte = src[i / 2];
+    const uint8_t code = (i % 2 == 0) ? nf4_high(byte) : nf4_low(byte);
+    dst[i] = static_cast<T>(kNF4Codebook[code] * scale);
+  }
+}
+
+// Non-temporal stores skip the read-for-ownership of output cache lines: worth it for a large,
+// 32-byte aligned caller buffer (block starts then are aligned too: blocksize * sizeof(T) >= 64
+// bytes). Not for a fresh allocation: the kernel has just zeroed each page on first touch, so its
+// lines sit dirty in cache and a streaming store would write them back twice (measured slower).
+constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
+
+void dequantize_into(const NF4Scales& scales, const at::Tensor& packed, int64_t blocksize, int64_t numel,
+                     at::Tensor& out, bool allow_stream) {
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  const int64_t nblocks = ceil_div(numel, blocksize);
+  dispatch_float(out.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const bool stream = allow_stream && numel * int64_t(sizeof(scalar_t)) >= kStreamMinBytes &&
+                        reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+    at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * blocksize, i1 = std::min(numel, i0 + blocksize);
+        if (stream) decode_block<scalar_t, true>(src, i0, i1, scales.block_scale(b), dst);
+        else decode_block<scalar_t, false>(src, i0, i1, scales.block_scale(b), dst);
+      }
+#ifdef LRX_NF4_AVX2
+      if (stream) _mm_sfence();  // order the streaming stores before the task returns
+#endif
+    });
+  });
+}
+
+// A fresh multi-MB result costs more in first-touch page faults (one trap + a kernel page clear per
+// 4 KiB) than the dequantization itself. Asking for transparent huge pages on its 2 MiB-aligned
+// interior, before the first write, cuts the faults 512x (measured: 4096x4096 fp32 empty+fill 70 ->
+// 33 ms here). Best effort: what torch's THP_MEM_ALLOC_ENABLE does for every large allocation.
+void advise_huge_pages(const at::Tensor& t) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (p + t.nbytes()) & ~(kHuge - 1);
+  if (end > start) (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
+#else
+  (void)t;
+#endif
 }
 
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax,
@@ -111,23 +285,23 @@ at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax
       check_nf4_weight(kDequantOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
   LRX_CHECK_TYPE(is_float_dtype(dtype), kDequantOp, "dtype", "be float32, float16 or bfloat16", dtype);
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
-  const uint8_t* src = packed.const_data_ptr<uint8_t>();
-  const int64_t nblocks = ceil_div(numel, blocksize);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dequantize_nf4_cpu", [&] {
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, nblocks, 16, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const float scale = scales.block_scale(b);
-        const int64_t i0 = b * blocksize, i1 = std::min(numel, i0 + blocksize);
-        for (int64_t i = i0; i < i1; ++i) {
-          const uint8_t byte = src[i / 2];
-          const uint8_t code = (i % 2 == 0) ? nf4_high(byte) : nf4_low(byte);
-          dst[i] = static_cast<scalar_t>(kNF4Codebook[code] * scale);
-        }
-      }
-    });
-  });
+  if (out.nbytes() >= (size_t{4} << 20)) advise_huge_pages(out);
+  dequantize_into(scales, packed, blocksize, numel, out, /*allow_stream=*/false);
   return out;
+}
+
+void dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
+                            const c10::optional<at::Tensor>& nested_absmax,
+                            const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
+                            int64_t blocksize, int64_t numel, at::Tensor out) {
+  const NF4Scales scales =
+      check_nf4_weight(kDequantOutOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
+  LRX_CHECK_TYPE(is_float_dtype(out.scalar_type()), kDequantOutOp, "out", "be float32, float16 or bfloat16",
+                 out.scalar_type());
+  check_numel(out, numel, kDequantOutOp, "out");
+  LRX_CHECK(out.is_contiguous(), kDequantOutOp, "out", "be contiguous", "strides ", out.strides());
+  check_same_device(out, packed, kDequantOutOp, "out", "packed");
+  dequantize_into(scales, packed, blocksize, numel, out, /*allow_stream=*/true);
 }
 
 }  // namespace
@@ -136,6 +310,7 @@ TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
   m.impl("quantize_nf4", &quantize_nf4_cpu);
   m.impl("double_quant", &double_quant_cpu);
   m.impl("dequantize_nf4", &dequantize_nf4_cpu);
+  m.impl("dequantize_nf4_out", &dequantize_nf4_out_cpu);
 }
 
 }  // namespace lowrank_ext

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dequantize_nf4", "double_quant", "quantize_nf4_raw"]
+__all__ = ["dequantize_nf4", "dequantize_nf4_out", "double_quant", "quantize_nf4_raw"]
 
 _lib = torch.ops.lowrank_ext
 VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -43,6 +43,24 @@ def dequantize_nf4(
     return _lib.dequantize_nf4(packed, absmax, nested_absmax, nested_map, offset, blocksize, numel, dtype)
 
 
+def dequantize_nf4_out(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_map: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    numel: int,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Dequantize into `out` (contiguous fp32/fp16/bf16, `numel` elements, any shape); returns `out`.
+
+    Reusing one buffer avoids the allocation and first-touch page faults of a fresh 4096x4096 fp32
+    result, which cost more than the dequantization itself on CPU (DESIGN.md section 4)."""
+    _lib.dequantize_nf4_out(packed, absmax, nested_absmax, nested_map, offset, blocksize, numel, out)
+    return out
+
+
 @torch.library.register_fake("lowrank_ext::quantize_nf4")
 def _quantize_nf4_fake(x: torch.Tensor, blocksize: int):
     n = x.numel()
@@ -64,3 +82,8 @@ def _double_quant_fake(absmax: torch.Tensor, nested_map: torch.Tensor):
 @torch.library.register_fake("lowrank_ext::dequantize_nf4")
 def _dequantize_nf4_fake(packed, absmax, nested_absmax, nested_map, offset, blocksize, numel, dtype):
     return packed.new_empty((numel,), dtype=dtype)
+
+
+@torch.library.register_fake("lowrank_ext::dequantize_nf4_out")
+def _dequantize_nf4_out_fake(packed, absmax, nested_absmax, nested_map, offset, blocksize, numel, out):
+    return None

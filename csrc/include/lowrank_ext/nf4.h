@@ -64,12 +64,14 @@ LRX_HOST_DEVICE uint8_t nf4_pack(uint8_t even_code, uint8_t odd_code) {
 }
 
 // fp32 multiply and add with round-to-nearest and no FMA contraction (nvcc contracts a*b+c by
+// default, and so does g++ for C++ even in -std=c++20 mode with -mfma: -ffp-contract=fast is its C++
 // default; bitsandbytes computes the nested absmax as two separately rounded operations).
 LRX_HOST_DEVICE float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)
   return __fmul_rn(a, b);
 #else
-  return a * b;
+  volatile float p = a * b;  // a rounded fp32 product the compiler cannot fuse into a following add
+  return p;
 #endif
 }
 LRX_HOST_DEVICE float add_rn(float a, float b) {

@@ -1,0 +1,258 @@
+"""NF4Weight: the container, dequantize(out=), .to(), nbytes, and state dicts exchanged both ways with a
+real bitsandbytes Linear4bit (0.50.2, on CPU); corrupt state dicts give errors naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as tF
+
+import lowrank_ext
+from lowrank_ext import NF4Weight
+from lowrank_ext._reference.nf4 import NF4_CODEBOOK
+
+BNB_VERSION = "0.50.2"
+QS = "weight.quant_state.bitsandbytes__nf4"
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    mod = pytest.importorskip("bitsandbytes")
+    if mod.__version__ != BNB_VERSION:
+        pytest.skip(f"tests pin bitsandbytes {BNB_VERSION}, found {mod.__version__}")
+    return mod
+
+
+def make_bnb_linear(bnb, out_f: int, in_f: int, dtype: torch.dtype, double_quant: bool, blocksize: int = 64):
+    """A bitsandbytes Linear4bit (nf4) quantized on CPU from a seeded nn.Linear; returns (layer, dense weight)."""
+    torch.manual_seed(out_f * 1000 + in_f)
+    dense = torch.nn.Linear(in_f, out_f, bias=True).to(dtype)
+    layer = bnb.nn.Linear4bit(in_f, out_f, bias=True, compute_dtype=torch.float32,
+                              compress_statistics=double_quant, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, blocksize=blocksize,
+                                     compress_statistics=double_quant, quant_type="nf4", module=layer)
+    layer.bias = torch.nn.Parameter(dense.bias.data.float().clone(), requires_grad=False)
+    return layer.to("cpu"), dense.weight.data
+
+
+# ---------------------------------------------------------------------------------------------------
+# the container
+# ---------------------------------------------------------------------------------------------------
+def test_immutable_and_properties(device):
+    w = torch.randn(96, 130, device=device)
+    q = lowrank_ext.quantize_nf4(w, 64)
+    with pytest.raises(AttributeError, match="NF4Weight is immutable"):
+        q.blocksize = 128
+    with pytest.raises(AttributeError, match="NF4Weight is immutable"):
+        q.packed = q.packed.clone()
+    assert q.shape == w.shape and q.dtype == torch.float32 and q.blocksize == 64 and q.double_quant
+    nb = -(-w.numel() // 64)
+    assert q.nbytes == w.numel() // 2 + nb + 4 * (-(-nb // 256)) + 256 * 4 + 4
+    plain = lowrank_ext.quantize_nf4(w, 64, double_quant=False)
+    assert plain.nbytes == w.numel() // 2 + 4 * nb and not plain.double_quant
+    assert "NF4Weight(shape=(96, 130)" in repr(q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_dequantize_dtype_and_default(device, dtype):
+    w = torch.randn(40, 72, device=device).to(dtype)
+    q = lowrank_ext.quantize_nf4(w, 32)
+    assert q.dtype == dtype and q.dequantize().dtype == dtype and q.dequantize().shape == w.shape
+    f32 = q.dequantize(torch.float32)
+    assert torch.equal(q.dequantize(torch.bfloat16), f32.to(torch.bfloat16))  # rounded once from fp32
+    assert torch.equal(q.dequantize(torch.float16), f32.to(torch.float16))
+
+
+def test_dequantize_out(device):
+    w = torch.randn(33, 77, device=device)
+    q = lowrank_ext.quantize_nf4(w, 64)
+    buf = torch.empty(33 * 77, dtype=torch.bfloat16, device=device)
+    got = q.dequantize(out=buf)
+    assert got.shape == w.shape and got.data_ptr() == buf.data_ptr()
+    assert torch.equal(got, q.dequantize(torch.bfloat16))
+    buf2 = torch.empty(33, 77, device=device)
+    assert torch.equal(q.dequantize(torch.float32, out=buf2), q.dequantize())
+    with pytest.raises(TypeError, match=r"NF4Weight.dequantize: out must have dtype torch.float16 \(the dtype "
+                                        r"argument\), got torch.float32"):
+        q.dequantize(torch.float16, out=buf2)
+    with pytest.raises(TypeError, match=r"NF4Weight.dequantize: out must be a torch.Tensor, got ndarray"):
+        q.dequantize(out=buf2.cpu().numpy())
+    with pytest.raises(ValueError, match=r"dequantize_nf4_out: out must have 2541 elements, got 2540"):
+        q.dequantize(out=torch.empty(2540, device=device))
+
+
+def test_to_device():
+    q = lowrank_ext.quantize_nf4(torch.randn(64, 64), 64)
+    assert q.to("cpu") is q
+    m = q.to("meta")
+    assert m.device.type == "meta" and all(t.device.type == "meta" for t in m.tensors())
+    assert m.shape == q.shape and m.nbytes == q.nbytes and m.dequantize().shape == q.shape  # fake kernel
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not lowrank_ext.has_cuda_kernels(), reason="needs CUDA")
+def test_to_cuda_round_trip():
+    q = lowrank_ext.quantize_nf4(torch.randn(64, 96), 64)
+    g = q.to("cuda")
+    assert torch.equal(g.dequantize().cpu(), q.dequantize())
+    assert torch.equal(g.to("cpu").packed, q.packed)
+
+
+@pytest.mark.parametrize("kwargs,exc,pattern", [
+    ({"blocksize": 48}, ValueError, r"NF4Weight: blocksize must be one of \(32, 64, .*\), got 48"),
+    ({"dtype": torch.float64}, ValueError, r"NF4Weight: dtype must be float32, float16 or bfloat16, got torch.float64"),
+    ({"shape": (0, 4)}, ValueError, r"NF4Weight: shape must describe a non-empty weight, got \(0, 4\)"),
+    ({"packed": "int8"}, ValueError, r"NF4Weight: packed must have dtype uint8, got torch.int8"),
+    ({"packed": "short"}, ValueError, (r"NF4Weight: packed must hold \(numel\+1\)//2 = 2048 bytes for shape "
+                                        r"\(64, 64\), got 2047")),
+    ({"absmax": "short"}, ValueError, r"NF4Weight: absmax must have ceil\(numel/blocksize\) = 64 elements, got 63"),
+    ({"absmax": "int32"}, ValueError, r"NF4Weight: absmax must be float32 or uint8 \(double quant\), got torch.int32"),
+    ({"nested_absmax": None}, ValueError, r"NF4Weight: nested_absmax must be given when absmax is uint8"),
+    ({"nested_map": "short"}, ValueError, r"NF4Weight: nested_map must have 256 elements, got 255"),
+    ({"offset": "f64"}, ValueError, r"NF4Weight: offset must have dtype float32, got torch.float64"),
+    ({"offset": "long"}, ValueError, r"NF4Weight: offset must have 1 element, got 2"),
+    ({"nested_absmax": "long"}, ValueError, r"NF4Weight: nested_absmax must have 1 elements, got 2"),
+    ({"absmax": "meta"}, ValueError, r"NF4Weight: absmax must be on packed's device cpu, got meta"),
+])
+def test_constructor_errors(kwargs, exc, pattern):
+    q = lowrank_ext.quantize_nf4(torch.randn(64, 64), 64)
+    args = {"packed": q.packed, "absmax": q.absmax, "shape": q.shape, "dtype": q.dtype, "blocksize": 64,
+            "nested_absmax": q.nested_absmax, "nested_map": q.nested_map, "offset": q.offset}
+    edits = {"int8": lambda t: t.view(torch.int8), "short": lambda t: t[:-1], "int32": lambda t: t.int(),
+             "f64": lambda t: t.double(), "long": lambda t: torch.cat([t, t]), "meta": lambda t: t.to("meta")}
+    for k, v in kwargs.items():
+        args[k] = edits[v](args[k]) if isinstance(v, str) else v
+    with pytest.raises(exc, match=pattern):
+        NF4Weight(**args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# state dicts vs a real bitsandbytes Linear4bit
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+@pytest.mark.parametrize("shape,blocksize", [((48, 64), 64), ((300, 130), 128), ((520, 256), 64)], ids=str)
+def test_state_dict_matches_bnb_linear4bit(bnb, dtype, double_quant, shape, blocksize):
+    layer, dense = make_bnb_linear(bnb, *shape, dtype, double_quant, blocksize)
+    theirs = {k: v for k, v in layer.state_dict().items() if k != "bias"}
+    ours = lowrank_ext.quantize_nf4(dense, blocksize, double_quant=double_quant).to_bnb_state_dict()
+    assert list(ours) == list(theirs)  # same keys, same order
+    for k, t in theirs.items():
+        assert ours[k].dtype == t.dtype and ours[k].shape == t.shape, k
+    assert json.loads(bytes(ours[QS].tolist())) == json.loads(bytes(theirs[QS].tolist()))
+    for k, t in theirs.items():
+        if k == "weight.absmax" and double_quant:  # bnb's CPU LUT: a few codes off on a small fraction
+            diff = (ours[k].int() - t.int()).abs()
+            assert int(diff.max()) <= 3 and float((diff > 0).float().mean()) < 0.01
+        elif k == QS and double_quant:
+            continue  # compared as JSON above (the text is equal too unless nested_offset prints differently)
+        else:
+            assert torch.equal(ours[k], t), k
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_load_bnb_state_dict(bnb, double_quant, dtype):
+    layer, _ = make_bnb_linear(bnb, 300, 130, dtype, double_quant)
+    sd = {"model.q_proj." + k: v for k, v in layer.state_dict().items()}
+    q = NF4Weight.from_bnb_state_dict(sd, prefix="model.q_proj.")
+    assert q.shape == (300, 130) and q.dtype == dtype and q.double_quant == double_quant
+    ref = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert ref.dtype == dtype
+    assert torch.equal(q.dequantize(), ref)
+    # and back: our state dict of what we loaded is the one we read (no requantizing)
+    again = q.to_bnb_state_dict(prefix="model.q_proj.")
+    for k, v in again.items():
+        assert torch.equal(v, sd[k]), k
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+def test_our_state_dict_drives_bnb_linear4bit(bnb, double_quant):
+    # rows a multiple of the blocksize: bitsandbytes 0.50.2's CPU dequantize kernel mis-indexes some
+    # blocks straddling rows (see test_nf4.py::test_dequantize_matches_bitsandbytes)
+    torch.manual_seed(1)
+    w, bias, x = torch.randn(96, 192), torch.randn(96), torch.randn(7, 192)
+    q = lowrank_ext.quantize_nf4(w, 64, double_quant=double_quant)
+    sd = q.to_bnb_state_dict()
+    layer = bnb.nn.Linear4bit(192, 96, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    stats = {k: v for k, v in sd.items() if k.startswith("weight.")}
+    layer.weight = bnb.nn.Params4bit.from_prequantized(data=sd["weight"], quantized_stats=stats, device="cpu",
+                                                       module=layer)
+    layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+    deq_bnb = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    assert torch.equal(deq_bnb, q.dequantize())
+    with torch.no_grad():
+        y = layer(x)
+    torch.testing.assert_close(y, tF.linear(x, q.dequantize(), bias), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# corrupt / incomplete state dicts
+# ---------------------------------------------------------------------------------------------------
+def _good_sd(double_quant=True):
+    return lowrank_ext.quantize_nf4(torch.randn(40, 64), 64, double_quant=double_quant).to_bnb_state_dict("p.")
+
+
+def _qs(sd, **changes):
+    meta = json.loads(bytes(sd["p." + QS].tolist()))
+    meta.update(changes)
+    for k in [k for k, v in changes.items() if v is None]:
+        del meta[k]
+    sd["p." + QS] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    return sd
+
+
+@pytest.mark.parametrize("key", ["weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+                                 "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"])
+def test_missing_key(key):
+    sd = _good_sd()
+    del sd["p." + key]
+    with pytest.raises(ValueError, match=rf"from_bnb_state_dict: p\.{key} must be present in the state dict, "
+                                         r"got keys \["):
+        NF4Weight.from_bnb_state_dict(sd, prefix="p.")
+
+
+@pytest.mark.parametrize("corrupt,pattern", [
+    (lambda sd: sd.update({"p." + QS: torch.tensor(list(b"{not json"), dtype=torch.uint8)}),
+     rf"p\.{QS} must hold UTF-8 JSON, got Expecting property name"),
+    (lambda sd: sd.update({"p." + QS: torch.tensor([0xFF, 0xFE], dtype=torch.uint8)}),
+     rf"p\.{QS} must hold UTF-8 JSON, got 'utf-8' codec can't decode"),
+    (lambda sd: sd.update({"p." + QS: torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)}),
+     rf"p\.{QS} must hold a JSON object, got list"),
+    (lambda sd: _qs(sd, quant_type="fp4"), rf"p\.{QS}\['quant_type'\] must be 'nf4', got 'fp4'"),
+    (lambda sd: _qs(sd, dtype="float64"), rf"p\.{QS}\['dtype'\] must be one of .*, got 'float64'"),
+    (lambda sd: _qs(sd, blocksize=100), rf"p\.{QS}\['blocksize'\] must be one of .*, got 100"),
+    (lambda sd: _qs(sd, shape=None), rf"p\.{QS}\['shape'\] must be present, got fields"),
+    (lambda sd: _qs(sd, shape=[40, -64]), rf"p\.{QS}\['shape'\] must be a non-empty list of positive ints"),
+    (lambda sd: _qs(sd, shape=[40, 66]), (r"p\.weight must hold \(numel\+1\)//2 = 1320 bytes for shape \[40, 66\] "
+                                          rf"\(from p\.{QS}\), got 1280 bytes")),
+    (lambda sd: _qs(sd, nested_offset=None), rf"p\.{QS}\['nested_offset'\] must be present with double quant"),
+    (lambda sd: _qs(sd, nested_blocksize=128), rf"p\.{QS}\['nested_blocksize'\] must be 256, got 128"),
+    (lambda sd: sd.update({"p.weight.quant_map": NF4_CODEBOOK.flip(0)}),
+     r"p\.weight\.quant_map must equal the 16-entry NF4 codebook, got \[1\.0, 0\.7"),
+    (lambda sd: sd.update({"p.weight.quant_map": torch.linspace(-1, 1, 16)}),
+     r"p\.weight\.quant_map must equal the 16-entry NF4 codebook"),
+    (lambda sd: sd.update({"p.weight.absmax": sd["p.weight.absmax"][:-1]}),
+     r"p\.weight\.absmax must have ceil\(numel/blocksize\) = 40 elements, got 39"),
+    (lambda sd: sd.update({"p.weight.absmax": sd["p.weight.absmax"].int()}),
+     r"p\.weight\.absmax must be uint8 \(double quant\) or float32, got torch.int32"),
+    (lambda sd: sd.update({"p.weight.nested_absmax": torch.ones(2)}),
+     r"p\.weight\.nested_absmax must have 1 elements, got 2"),
+    (lambda sd: sd.update({"p.weight.nested_quant_map": torch.ones(16)}),
+     r"p\.weight\.nested_quant_map must have 256 elements, got 16"),
+    (lambda sd: sd.update({"p.weight": [1, 2, 3]}), r"p\.weight must be a tensor, got list"),
+])
+def test_corrupt_state_dict(corrupt, pattern):
+    sd = _good_sd()
+    corrupt(sd)
+    with pytest.raises(ValueError, match=pattern):
+        NF4Weight.from_bnb_state_dict(sd, prefix="p.")
+
+
+def test_quant_storage_other_dtype_loads():
+    """bitsandbytes may store the packed bytes as another dtype (quant_storage); the bytes are what count."""
+    q = lowrank_ext.quantize_nf4(torch.randn(32, 64), 64)
+    sd = q.to_bnb_state_dict()
+    sd["weight"] = sd["weight"].view(-1).view(torch.bfloat16).view(-1, 1)
+    assert torch.equal(NF4Weight.from_bnb_state_dict(sd).dequantize(), q.dequantize())
