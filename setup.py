@@ -96,7 +96,8 @@ def make_extension():
     with_cuda = cuda_wanted()
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cpu_flags = cpu_arch_flags()
-    cxx = ["-O3", "-std=c++20", "-fno-fast-math", "-fopenmp", *cpu_flags]
+    # -ffp-contract=off: g++ would fuse a*b+c into one FMA (one rounding) where the NF4 format needs two.
+    cxx = ["-O3", "-std=c++20", "-fno-fast-math", "-ffp-contract=off", "-fopenmp", *cpu_flags]
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     archs = ""
     nvcc_system_includes: list[str] = []

@@ -91,6 +91,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cuda(const at::Tenso
   return {qabsmax, absmax2, offset};
 }
 
+// Launches the dequantize kernel writing `out` (contiguous, numel elements, fp32/fp16/bf16).
+void dequantize_into(const NF4Scales& scales, const at::Tensor& packed, int64_t blocksize, int64_t numel,
+                     at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const uint8_t* src = packed.const_data_ptr<uint8_t>();
+  const bool aligned8 = reinterpret_cast<uintptr_t>(src) % 8 == 0;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  constexpr int kThreads = 256;
+  const int64_t grid = ceil_div(ceil_div(numel, 16), kThreads);  // 16 elements per thread
+  dispatch_float(out.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    cuda::nf4_dequantize_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
+        src, scales, static_cast<int>(blocksize), numel, aligned8, reinterpret_cast<T*>(out.mutable_data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                                const c10::optional<at::Tensor>& nested_absmax,
                                const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
@@ -98,20 +115,24 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absma
   const NF4Scales scales =
       check_nf4_weight(kDequantOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
   LRX_CHECK_TYPE(is_float_dtype(dtype), kDequantOp, "dtype", "be float32, float16 or bfloat16", dtype);
-  const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
-  const uint8_t* src = packed.const_data_ptr<uint8_t>();
-  const bool aligned8 = reinterpret_cast<uintptr_t>(src) % 8 == 0;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  constexpr int kThreads = 256;
-  const int64_t grid = ceil_div(ceil_div(numel, 16), kThreads);  // 16 elements per thread
-  dispatch_float(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    cuda::nf4_dequantize_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(src, scales, static_cast<int>(blocksize), numel,
-                                                                  aligned8, reinterpret_cast<T*>(out.mutable_data_ptr()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  dequantize_into(scales, packed, blocksize, numel, out);
   return out;
+}
+
+// Same, into the caller's buffer (same checks as the CPU implementation).
+void dequantize_nf4_out_cuda(const at::Tensor& packed, const at::Tensor& absmax,
+                             const c10::optional<at::Tensor>& nested_absmax,
+                             const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
+                             int64_t blocksize, int64_t numel, at::Tensor out) {
+  constexpr const char* op = "dequantize_nf4_out";
+  const NF4Scales scales = check_nf4_weight(op, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
+  LRX_CHECK_TYPE(is_float_dtype(out.scalar_type()), op, "out", "be float32, float16 or bfloat16",
+                 out.scalar_type());
+  check_numel(out, numel, op, "out");
+  LRX_CHECK(out.is_contiguous(), op, "out", "be contiguous", "strides ", out.strides());
+  check_same_device(out, packed, op, "out", "packed");
+  dequantize_into(scales, packed, blocksize, numel, out);
 }
 
 }  // namespace
@@ -120,6 +141,7 @@ TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
   m.impl("quantize_nf4", &quantize_nf4_cuda);
   m.impl("double_quant", &double_quant_cuda);
   m.impl("dequantize_nf4", &dequantize_nf4_cuda);
+  m.impl("dequantize_nf4_out", &dequantize_nf4_out_cuda);
 }
 
 }  // namespace lowrank_ext
