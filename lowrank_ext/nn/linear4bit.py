@@ -38,12 +38,16 @@ class NF4WeightHolder(nn.Module):
     def weight(self) -> NF4Weight:
         """The frozen NF4 weight (rebuilt only when the buffers were moved, e.g. by .to())."""
         ts = tuple(getattr(self, n) for n in _BUFS)
-        cached_ts, w = self._nf4_cache
-        if any(a is not b for a, b in zip(ts, cached_ts)):
+        cached_ts, w = self._nf4_cache or ((None,) * len(_BUFS), None)
+        if w is None or any(a is not b for a, b in zip(ts, cached_ts)):
             shape, dtype, blocksize = self._nf4_meta
             w = NF4Weight(ts[0], ts[1], shape, dtype, blocksize, *ts[2:])
             self._nf4_cache = (w.tensors(), w)
         return w
+
+    def __getstate__(self):
+        # NF4Weight itself is immutable (not copyable field by field): copies rebuild it from the buffers
+        return {**super().__getstate__(), "_nf4_cache": None}
 
     def _apply(self, fn, recurse=True):
         # Move the NF4 buffers to fn's device but never change their dtypes (model.half() must not touch them).
