@@ -163,17 +163,29 @@ def test_qlora_forward_backward_vs_float64(dtype, variant):
     a, b = layer.factors("default")
     xr = x.detach().double().requires_grad_()
     ar, br = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
-    want = _ref(xr, w, ar, br, layer.specs["default"].scaling, lin.bias)
-    want = xr @ w.double().T + layer.specs["default"].scaling * (xr @ ar.T) @ br.T + lin.bias.double()
-    tol = dict(atol=2e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
-    torch.testing.assert_close(y.double(), want, **tol)
+    s = layer.specs["default"].scaling
+    want = xr @ w.double().T + s * (xr @ ar.T) @ br.T + lin.bias.double()
     gy = torch.randn_like(want)
     y.backward(gy.to(dtype))
     want.backward(gy)
-    torch.testing.assert_close(x.grad.double(), xr.grad, **tol)
-    if variant == "lora":
-        torch.testing.assert_close(layer.lora_A["default"].grad.double(), ar.grad, **tol)
-        torch.testing.assert_close(layer.lora_B["default"].grad.double(), br.grad, **tol)
+    ours = {"y": y, "x": x.grad} | ({"A": layer.lora_A["default"].grad, "B": layer.lora_B["default"].grad}
+                                    if variant == "lora" else {})
+    ref = {"y": want, "x": xr.grad, "A": ar.grad, "B": br.grad}
+    if dtype == torch.float32:
+        for k, t in ours.items():
+            torch.testing.assert_close(t.double(), ref[k], atol=2e-4, rtol=1e-4, msg=k)
+        return
+    # bf16: our error vs float64 may be at most 2x PyTorch's own error doing the same math in bf16
+    xt = x.detach().clone().requires_grad_()
+    at = a.detach().to(dtype).requires_grad_()
+    bt = b.detach().to(dtype).requires_grad_()
+    yt = xt @ w.to(dtype).T + s * (xt @ at.T) @ bt.T + lin.bias.to(dtype)
+    yt.backward(gy.to(dtype))
+    torch_ = {"y": yt, "x": xt.grad, "A": at.grad, "B": bt.grad}
+    for k, t in ours.items():
+        err = (t.double() - ref[k]).abs().max()
+        err_torch = (torch_[k].double() - ref[k]).abs().max()
+        assert err <= 2 * err_torch + 1e-6, (k, err.item(), err_torch.item())
 
 
 @fused
@@ -240,10 +252,13 @@ def test_qlora_merge_dense_by_default_requantize_opt_in(variant):
     torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5)
     layer.unmerge()
     assert torch.equal(layer(x), ref)
-    layer.merge(requantize=True)
-    assert not torch.equal(layer.weight.packed, packed) and not layer.specs
-    err = (layer(x) - ref).abs().mean() / ref.abs().mean()
-    assert err < 0.1  # NF4 requantization error, not a wrong answer
+    layer.merge()
+    merged_dense = layer.merged_weight.clone()
+    layer.unmerge()
+    layer.merge(requantize=True)  # opt-in: NF4(merged), the adapters are folded in and gone
+    assert not layer.specs and layer.merged_weight is None
+    want = L.quantize_nf4(merged_dense, 64, True)
+    assert torch.equal(layer.weight.packed, want.packed) and torch.equal(layer.weight.absmax, want.absmax)
 
 
 @fused

@@ -363,9 +363,9 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
 
     def _dora_norm_of(self, a, b, scaling, dtype):
         if self._row_sqnorm is None or self._row_sqnorm.device != self.weight.device:
-            w = self.weight
-            self._row_sqnorm = torch.ops.lowrank_ext.nf4_row_sqnorm(*w.tensors(), w.blocksize, self.out_features,
-                                                                      self.in_features)
+            from lowrank_ext.ops import nf4_row_sqnorm
+
+            self._row_sqnorm = nf4_row_sqnorm(self.weight)  # ||w_i||² of deq(W), once (W is frozen)
         return LF.dora_norm_nf4(self.weight, self._row_sqnorm, a, b, scaling).to(dtype)
 
     def dense_weight(self) -> torch.Tensor:
