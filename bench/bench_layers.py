@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
 import sys
 
 import torch
@@ -51,6 +52,16 @@ def _to_bnb_4bit(model, skip: str = "lm_head"):
     return model
 
 
+def _side_by_side(a, b, rounds: int) -> tuple[float, float]:
+    """Median seconds of a() and b(), measured alternately (a, b, a, b, ...) so load changes hit both."""
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for _ in range(rounds):
+        ta.append(bench(a, warmup=0, repeat=1, min_time=0.0))
+        tb.append(bench(b, warmup=0, repeat=1, min_time=0.0))
+    return statistics.median(ta), statistics.median(tb)
+
+
 def _train_step(model, opt, ids):
     def step():
         loss = model(input_ids=ids, labels=ids).loss
@@ -66,20 +77,28 @@ def bench_training(quick: bool) -> list[list[object]]:
 
     hidden, layers, inter, batch, seq = (256, 2, 688, 2, 64) if quick else (512, 4, 1376, 4, 128)
     base = _llama(hidden, layers, inter)
-    ours = copy.deepcopy(base)
+    ours = _to_bnb_4bit(copy.deepcopy(base))  # inject imports bitsandbytes' NF4 bytes as they are
     L.inject(ours, L.LoRAConfig(r=16, alpha=32, target_modules="all-linear", quantize="nf4"))
+    assert all(type(m).__module__.startswith("lowrank_ext") for m in ours.modules()
+               if "Linear4bit" in type(m).__name__)
     theirs = peft.get_peft_model(_to_bnb_4bit(copy.deepcopy(base)),
                                  peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     assert L.count_parameters(ours) == theirs.get_nb_trainable_parameters()
     ids = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(0))
     ours.train(), theirs.train()
-    with torch.no_grad():  # correctness once before timing: same NF4 weights, B = 0 -> same loss
-        l_ours, l_theirs = ours(input_ids=ids, labels=ids).loss, theirs(input_ids=ids, labels=ids).loss
-    assert abs(l_ours.item() - l_theirs.item()) < 1e-3, (l_ours.item(), l_theirs.item())
-    t_ours = bench(_train_step(ours, torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], 1e-4), ids),
-                   warmup=1, repeat=3 if quick else 5)
-    t_peft = bench(_train_step(theirs, torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], 1e-4),
-                               ids), warmup=1, repeat=3 if quick else 5)
+    with torch.no_grad():  # correctness once before timing (B = 0: the loss is the base model's)
+        deq = copy.deepcopy(base)  # dense model holding deq(W) of the same NF4 bytes
+        for n, m in ours.named_modules():
+            if isinstance(m, L.nn.QLoRALinear):
+                deq.get_submodule(n).weight.copy_(m.weight.dequantize(torch.float32))
+        l_ours, l_theirs, l_deq = (m(input_ids=ids, labels=ids).loss.item() for m in (ours, theirs, deq))
+    assert abs(l_ours - l_deq) < 1e-4, (l_ours, l_deq)
+    assert abs(l_theirs - l_deq) < 2e-2, (l_theirs, l_deq)  # bitsandbytes' CPU path rounds differently
+    print(f"loss before training: ours {l_ours:.6f}  PEFT+bnb {l_theirs:.6f}  dense deq(W) {l_deq:.6f}")
+    opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], 1e-4)
+    opt_peft = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], 1e-4)
+    t_ours, t_peft = _side_by_side(_train_step(ours, opt_ours, ids), _train_step(theirs, opt_peft, ids),
+                                   rounds=5 if quick else 9)
     shape = f"llama h{hidden} L{layers} {batch}x{seq}"
     return [[f"QLoRA train step, {shape}", t_ours * 1e3, t_peft * 1e3, t_peft / t_ours]]
 
@@ -119,8 +138,7 @@ def bench_mixed(quick: bool) -> list[list[object]]:
         return theirs(input_ids=ids, adapter_names=rows).logits
 
     torch.testing.assert_close(run_ours(), run_peft(), atol=1e-4, rtol=1e-4)
-    t_ours = bench(run_ours, warmup=2, repeat=5 if quick else 10)
-    t_peft = bench(run_peft, warmup=2, repeat=5 if quick else 10)
+    t_ours, t_peft = _side_by_side(run_ours, run_peft, rounds=7 if quick else 15)
     return [[f"mixed batch 4 adapters, llama h{hidden} L{layers} {batch}x{seq}", t_ours * 1e3, t_peft * 1e3,
              t_peft / t_ours]]
 

@@ -140,6 +140,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
     finally:
         for m in layers:
             m._mixed = None
+            m._mixed_cache = None
 
 
 # ---- combination ----------------------------------------------------------------------------------------

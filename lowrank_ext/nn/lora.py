@@ -61,6 +61,7 @@ class _AdapterLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.disabled = False
         self._mixed: tuple[list[str], torch.Tensor] | None = None
+        self._mixed_cache = None
 
     # ---- adapters -----------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
@@ -201,19 +202,34 @@ class _AdapterLayer(nn.Module):
         if ids.numel() != x.shape[0]:
             raise _err(type(self).__name__, "adapter_names", f"have one entry per batch row ({x.shape[0]})",
                        ids.numel())
+        a_all, b_all = self._stacked(names, x.dtype, x.device)
+        return self._base_plus_bias(x, bias) + LF.mixed_lora_delta(x, ids.to(x.device), a_all, b_all)
+
+    def _stacked(self, names: list[str], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """A_all [n, r_max, in], B_all [n, out, r_max] (scaling folded in, zero for "__base__"). Cached for the
+        mixed_batch block when no gradient is needed (inference), rebuilt every call otherwise."""
+        key = (tuple(names), dtype, device)
+        if not torch.is_grad_enabled() and self._mixed_cache is not None and self._mixed_cache[0] == key:
+            return self._mixed_cache[1]
         rmax = max([self.specs[n].r for n in names if n in self.specs] + [1])
-        a_all = x.new_zeros(len(names), rmax, self.in_features)
-        b_all = x.new_zeros(len(names), self.out_features, rmax)
-        for i, n in enumerate(names):  # loop over the (few) adapters, to stack them; rows are never looped
+        zero_a = torch.zeros(rmax, self.in_features, dtype=dtype, device=device)
+        zero_b = torch.zeros(self.out_features, rmax, dtype=dtype, device=device)
+        rows_a, rows_b = [], []
+        for n in names:  # loop over the (few) adapters to stack them; rows of the batch are never looped
             if n not in self.specs or n in self.merged_adapters:
-                continue  # "__base__" / not in this layer: zero factors
+                rows_a.append(zero_a)  # "__base__" / not in this layer: zero factors
+                rows_b.append(zero_b)
+                continue
             if self.specs[n].variant == "dora":
                 raise _err(type(self).__name__, "adapter_names", "name LoRA or VeRA adapters (DoRA is not "
                            "supported in mixed batches)", repr(n))
-            a, b = self.factors(n, x.dtype)
-            a_all[i, : a.shape[0]] = a
-            b_all[i, :, : b.shape[1]] = self.specs[n].scaling * b
-        return self._base_plus_bias(x, bias) + LF.mixed_lora_delta(x, ids.to(x.device), a_all, b_all)
+            a, b = self.factors(n, dtype)
+            rows_a.append(F.pad(a, (0, 0, 0, rmax - a.shape[0])))                   # [r_max, in]
+            rows_b.append(F.pad(self.specs[n].scaling * b, (0, rmax - b.shape[1])))  # [out, r_max]
+        a_all, b_all = torch.stack(rows_a), torch.stack(rows_b)
+        if not torch.is_grad_enabled():
+            self._mixed_cache = (key, (a_all, b_all))
+        return a_all, b_all
 
     # ---- merge --------------------------------------------------------------------------------
     @torch.no_grad()
