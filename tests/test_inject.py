@@ -173,3 +173,60 @@ def test_loraplus_param_groups():
     torch.optim.AdamW(groups)  # usable as is
     with pytest.raises(ValueError, match="lowrank_ext::loraplus_param_groups: ratio must be > 0"):
         L.loraplus_param_groups(m, 1e-4, ratio=0)
+
+
+def test_qlora_inject_counts_equal_peft_on_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes")
+    a, b = pair("llama")
+    for name, m in list(a.named_modules()):  # PEFT's QLoRA base: bitsandbytes Linear4bit everywhere but the head
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, quant_type="nf4",
+                                  compute_dtype=torch.float32)
+            q.weight = bnb.nn.Params4bit(m.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            parent, _, child = name.rpartition(".")
+            setattr(a.get_submodule(parent), child, q.to("cpu"))
+    pm = peft.get_peft_model(a, _peft_cfg(r=8, lora_alpha=16, target_modules="all-linear"))
+    L.inject(b, L.LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"], quantize="nf4"))
+    assert all(isinstance(m, L.nn.QLoRALinear) for n, m in b.named_modules() if n.endswith("_proj"))
+    assert L.count_parameters(b) == pm.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_qlora_dora_forward_and_gradients_equal_peft(dropout):
+    """DoRA on an NF4 base (row norms without a dense W) vs PEFT's DoRA on the dense deq(W) of the same bytes."""
+    a, b = pair("llama")
+    L.inject(b, L.LoRAConfig(r=4, alpha=8, dropout=dropout, variant="dora", quantize="nf4",
+                             target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, m in b.named_modules():
+            if isinstance(m, L.nn.QLoRALinear):
+                a.get_submodule(n).weight.copy_(m.weight.dequantize(torch.float32))
+    pm = peft.get_peft_model(a, _peft_cfg(r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True,
+                                          target_modules=["q_proj", "v_proj"]))
+    randomize_peft_adapter(pm)
+    copy_peft_to_ours(pm, b)
+    pm.train(), b.train()
+    ids = tokens()
+    grads = []
+    for m in (pm, b):
+        torch.manual_seed(7)
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), {n.removeprefix("base_model.model.").replace(".default.weight", "")
+                                      .replace(".default", ""): p.grad for n, p in m.named_parameters()
+                                      if p.requires_grad}))
+    (l1, g1), (l2, g2) = grads
+    torch.testing.assert_close(l2, l1, atol=2e-5, rtol=1e-5)
+    assert set(g1) == set(g2) and len(g1) == 12
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], atol=2e-5, rtol=2e-4, msg=k)
+
+
+def test_gaussian_init_and_rslora_scaling():
+    m = MODELS["llama"]()
+    L.inject(m, L.LoRAConfig(r=16, alpha=8, init="gaussian", use_rslora=True, target_modules=["down_proj"]))
+    layer = m.model.layers[0].mlp.down_proj
+    a = layer.lora_A["default"]
+    assert abs(a.std().item() - 1 / 16) < 0.01 and torch.count_nonzero(layer.lora_B["default"]) == 0
+    assert layer.specs["default"].scaling == pytest.approx(8 / 4)

@@ -280,3 +280,23 @@ def test_linear4bit_matches_bitsandbytes_outputs():
     L.inject(m2, L.LoRAConfig(r=4, target_modules=["0"]))
     assert torch.equal(m2[0].weight.packed, q.state_dict()["weight"])
     torch.testing.assert_close(m2[0](x), q(x), atol=1e-4, rtol=1e-4)
+
+
+@fused
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_qlora_never_holds_a_dense_weight(variant):
+    """Nothing of N·K elements is saved for backward, in forward or in DoRA's norm."""
+    n, k = 96, 256
+    layer = QLoRALinear.from_linear(torch.nn.Linear(k, n), r=4, variant=variant)
+    _randomize(layer)
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() if t.is_floating_point() else 0)
+        return t
+
+    x = torch.randn(8, k, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.sum().backward()
+    assert sizes and max(sizes) < n * k, sizes
