@@ -20,9 +20,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import bench, print_table  # noqa: E402
+from _timing import bench, print_table
 
-import lowrank_ext as L  # noqa: E402
+import lowrank_ext as L
 
 
 def _llama(hidden: int, layers: int, inter: int, seed: int = 0):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
 
 import lowrank_ext as L
-from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
 
 peft = pytest.importorskip("peft")
 T = ["q_proj", "v_proj", "down_proj"]
@@ -70,7 +70,7 @@ def test_weighted_combination_equals_peft(ctype):
 
 
 def test_combination_errors():
-    pm, ours = _two_adapter_pair(r2=8)
+    _pm, ours = _two_adapter_pair(r2=8)
     with pytest.raises(ValueError, match="lowrank_ext::add_weighted_adapter: adapters must have equal ranks"):
         L.add_weighted_adapter(ours, ["a", "b"], [1, 1], "mix", combination_type="linear")
     with pytest.raises(ValueError, match="lowrank_ext::add_weighted_adapter: combination_type must be"):
@@ -106,9 +106,9 @@ def test_mixed_batch_is_one_batched_pass():
     ev = [e.key for e in prof.key_averages()]
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("aten::bmm", 0) == 2, ev  # two bmm for 16 rows and 2 adapters, no per-row matmuls
-    with pytest.raises(ValueError, match="lowrank_ext::mixed_batch: adapter_names must name existing adapters"):
-        with L.mixed_batch(ours, ["zzz"]):
-            pass
+    with pytest.raises(ValueError, match="lowrank_ext::mixed_batch: adapter_names must name existing adapters"), \
+            L.mixed_batch(ours, ["zzz"]):
+        pass
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora", "vera"])

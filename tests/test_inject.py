@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _tiny_models import MODELS, TARGETS, copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
 
 import lowrank_ext as L
-from _tiny_models import MODELS, TARGETS, copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
 
 peft = pytest.importorskip("peft")
 assert peft.__version__ == "0.21.2", "the PEFT oracle is pinned"
@@ -17,12 +17,12 @@ def _peft_cfg(**kw):
 
 
 COUNT_CASES = [
-    dict(r=4, lora_alpha=8),
-    dict(r=8, lora_alpha=16, use_rslora=True),
-    dict(r=4, lora_alpha=8, use_dora=True),
-    dict(r=4, lora_alpha=8, bias="all"),
-    dict(r=4, lora_alpha=8, bias="lora_only"),
-    dict(r=4, lora_alpha=8, rank_pattern={"v_proj": 2, "c_fc": 6, "value": 2}),
+    {"r": 4, "lora_alpha": 8},
+    {"r": 8, "lora_alpha": 16, "use_rslora": True},
+    {"r": 4, "lora_alpha": 8, "use_dora": True},
+    {"r": 4, "lora_alpha": 8, "bias": "all"},
+    {"r": 4, "lora_alpha": 8, "bias": "lora_only"},
+    {"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 2, "c_fc": 6, "value": 2}},
 ]
 
 
@@ -69,7 +69,7 @@ def test_vera_counts_equal_peft():
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_outputs_equal_peft(kind, variant):
     a, b = pair(kind)
-    kw = dict(r=4, lora_alpha=8, use_dora=variant == "dora")
+    kw = {"r": 4, "lora_alpha": 8, "use_dora": variant == "dora"}
     pm = peft.get_peft_model(a, _peft_cfg(target_modules=TARGETS[kind], **kw))
     L.inject(b, _ours_from_peft_kw(kind, kw, TARGETS[kind]))
     randomize_peft_adapter(pm)

@@ -7,25 +7,25 @@ import os
 
 import pytest
 import torch
+from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
 
 import lowrank_ext as L
-from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
 
 peft = pytest.importorskip("peft")
 safetensors = pytest.importorskip("safetensors")
-from safetensors import safe_open  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 T = ["q_proj", "v_proj", "down_proj"]
 
 
 def _keys(directory):
     with safe_open(os.path.join(directory, "adapter_model.safetensors"), "pt") as f:
-        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata()
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata()  # noqa: SIM118
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(use_dora=True), dict(use_rslora=True, r=8),
-                                dict(modules_to_save=["lm_head"]), dict(bias="all"), dict(bias="lora_only")],
+@pytest.mark.parametrize("kw", [{}, {"use_dora": True}, {"use_rslora": True, "r": 8},
+                                {"modules_to_save": ["lm_head"]}, {"bias": "all"}, {"bias": "lora_only"}],
                          ids=["lora", "dora", "rslora", "modules_to_save", "bias_all", "bias_lora_only"])
 def test_ours_to_peft(tmp_path, kw):
     a, b = pair("llama")
