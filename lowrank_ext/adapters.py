@@ -215,7 +215,7 @@ def unmerge_adapter(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: bool = False) -> nn.Module:
     """Merge the active adapters and put plain layers back: nn.Linear (dense; the default for NF4 bases too),
     or lowrank_ext.nn.Linear4bit holding NF4(merged) for NF4 bases when requantize=True (lossy, opt-in)."""
-    state = _state(model, "merge_and_unload")
+    _state(model, "merge_and_unload")
     for name, layer in list(_layers(model)):
         layer.merge(safe_merge=safe_merge)
         w = layer.dense_weight()
@@ -238,7 +238,6 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: boo
             keep = m.modules_to_save[m.active] if m.active is not None else m.original_module
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, keep)
-    del state
     del model.lowrank_ext_state
     return model
 

@@ -212,13 +212,39 @@ def test_qlora_forward_is_one_fused_op():
 
 
 @fused
-def test_qlora_compile_fullgraph():
-    layer = QLoRALinear.from_linear(torch.nn.Linear(128, 64), r=4)
+@pytest.mark.parametrize("cls,variant", [(QLoRALinear, "lora"), (QLoRALinear, "dora"), (LoRALinear, "dora")])
+def test_compile_fullgraph(cls, variant):
+    layer = cls.from_linear(torch.nn.Linear(128, 64), r=4, variant=variant)
     _randomize(layer)
-    x = torch.randn(2, 3, 128)
+    x = torch.randn(2, 3, 128, requires_grad=True)
     eager = layer(x)
+    eager.sum().backward()
+    gx = x.grad.clone()
+    x.grad = None
     compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), eager)
+    y = compiled(x)
+    torch.testing.assert_close(y, eager)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, gx)
+
+
+@fused
+def test_qlora_mixed_batch_equals_per_row():
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_linear(torch.nn.Linear(128, 64), r=4, adapter_name="a")
+    layer.add_adapter("b", r=8, alpha=4)
+    _randomize(layer)
+    x = torch.randn(4, 3, 128)
+    names = ["b", "a", "__base__", "b"]
+    layer._mixed = (["b", "a", "__base__"], torch.tensor([0, 1, 2, 0]))
+    with torch.no_grad():
+        out = layer(x)
+        layer._mixed = None
+        rows = []
+        for i, n in enumerate(names):
+            layer.set_adapter([] if n == "__base__" else n)
+            rows.append(layer(x[i: i + 1]))
+    torch.testing.assert_close(out, torch.cat(rows), atol=1e-5, rtol=1e-5)
 
 
 @fused
