@@ -75,7 +75,7 @@ def _train_step(model, opt, ids):
 def bench_training(quick: bool) -> list[list[object]]:
     import peft
 
-    hidden, layers, inter, batch, seq = (256, 2, 688, 2, 64) if quick else (512, 4, 1376, 4, 128)
+    hidden, layers, inter, batch, seq = (256, 2, 704, 2, 64) if quick else (512, 4, 1408, 4, 128)
     base = _llama(hidden, layers, inter)
     ours = _to_bnb_4bit(copy.deepcopy(base))  # inject imports bitsandbytes' NF4 bytes as they are
     L.inject(ours, L.LoRAConfig(r=16, alpha=32, target_modules="all-linear", quantize="nf4"))
@@ -93,7 +93,8 @@ def bench_training(quick: bool) -> list[list[object]]:
                 deq.get_submodule(n).weight.copy_(m.weight.dequantize(torch.float32))
         l_ours, l_theirs, l_deq = (m(input_ids=ids, labels=ids).loss.item() for m in (ours, theirs, deq))
     assert abs(l_ours - l_deq) < 1e-4, (l_ours, l_deq)
-    assert abs(l_theirs - l_deq) < 2e-2, (l_theirs, l_deq)  # bitsandbytes' CPU path rounds differently
+    # sizes are multiples of the blocksize: bitsandbytes 0.50.2's CPU dequantize_4bit is wrong otherwise
+    assert abs(l_theirs - l_deq) < 1e-4, (l_theirs, l_deq)
     print(f"loss before training: ours {l_ours:.6f}  PEFT+bnb {l_theirs:.6f}  dense deq(W) {l_deq:.6f}")
     opt_ours = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], 1e-4)
     opt_peft = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], 1e-4)
@@ -106,7 +107,7 @@ def bench_training(quick: bool) -> list[list[object]]:
 def bench_mixed(quick: bool) -> list[list[object]]:
     import peft
 
-    hidden, layers, inter, batch, seq = (256, 2, 688, 16, 32) if quick else (512, 4, 1376, 32, 64)
+    hidden, layers, inter, batch, seq = (256, 2, 704, 16, 32) if quick else (512, 4, 1408, 32, 64)
     base = _llama(hidden, layers, inter)
     names = ["a0", "a1", "a2", "a3"]
     t = ["q_proj", "k_proj", "v_proj", "o_proj"]

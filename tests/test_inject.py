@@ -230,3 +230,17 @@ def test_gaussian_init_and_rslora_scaling():
     a = layer.lora_A["default"]
     assert abs(a.std().item() - 1 / 16) < 0.01 and torch.count_nonzero(layer.lora_B["default"]) == 0
     assert layer.specs["default"].scaling == pytest.approx(8 / 4)
+
+
+def test_qlora_vera_equals_peft_vera_on_deq_weights():
+    a, b = pair("llama")
+    L.inject(b, L.LoRAConfig(r=8, variant="vera", vera_seed=2, quantize="nf4", target_modules=["q_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, m in b.named_modules():
+            if isinstance(m, L.nn.QLoRALinear):
+                a.get_submodule(n).weight.copy_(m.weight.dequantize(torch.float32))
+    pm = peft.get_peft_model(a, peft.VeraConfig(r=8, target_modules=["q_proj", "up_proj"], projection_prng_key=2))
+    randomize_peft_adapter(pm)
+    assert copy_peft_to_ours(pm, b) == 8
+    ids = tokens()
+    torch.testing.assert_close(logits(b, ids), logits(pm.eval(), ids), atol=5e-5, rtol=1e-4)

@@ -326,3 +326,23 @@ def test_qlora_never_holds_a_dense_weight(variant):
         y = layer(x)
     y.sum().backward()
     assert sizes and max(sizes) < n * k, sizes
+
+
+def test_linear4bit_from_bitsandbytes_state_dict():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    # in_features a multiple of the blocksize: bitsandbytes 0.50.2's CPU dequantize_4bit is wrong otherwise
+    # (same bytes, but it scales elements with the wrong block's absmax; found while writing this test)
+    lin = torch.nn.Linear(128, 40)
+    q = bnb.nn.Linear4bit(128, 40, compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+    q.bias = torch.nn.Parameter(lin.bias.data.clone())
+    sd = {"model.layer." + k: v for k, v in q.to("cpu").state_dict().items()}
+    layer = L.interop.linear4bit_from_state_dict(sd, "model.layer.")
+    assert torch.equal(layer.weight.packed, sd["model.layer.weight"]) and torch.equal(layer.bias, lin.bias)
+    deq = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    torch.testing.assert_close(layer.weight.dequantize(), deq, atol=1e-6, rtol=1e-5)
+    with pytest.raises(TypeError, match="lowrank_ext::nf4_from_bnb_linear: m must be a bitsandbytes Linear4bit"):
+        L.interop.nf4_from_bnb_linear(lin)
+    with pytest.raises(ValueError, match="lowrank_ext::from_bnb: model must contain bitsandbytes Linear4bit"):
+        L.from_bnb(torch.nn.Sequential(lin))
