@@ -150,33 +150,35 @@ def test_qlora_only_lora_trainable_and_weight_is_nf4():
 @fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["lora", "vera"])
-def test_qlora_forward_backward_vs_float64(dtype, variant):
+def test_qlora_forward_backward_vs_float64(dtype, variant, device):
     torch.manual_seed(0)
     lin = torch.nn.Linear(192, 72)
     kw = {"vera_shared": (torch.randn(8, 192), torch.randn(72, 8))} if variant == "vera" else {}
     layer = QLoRALinear.from_linear(lin, r=8, alpha=16, variant=variant, **kw)
     _randomize(layer)
-    x = torch.randn(3, 5, 192, dtype=dtype, requires_grad=True)
+    layer.to(device)  # the NF4 buffers move with the module (and keep their dtypes)
+    x = torch.randn(3, 5, 192, dtype=dtype, device=device, requires_grad=True)
     y = layer(x)
-    assert y.dtype == dtype
-    w = layer.weight.dequantize(torch.float32)
-    a, b = layer.factors("default")
-    xr = x.detach().double().requires_grad_()
+    assert y.dtype == dtype and y.device.type == device
+    w = layer.weight.dequantize(torch.float32).cpu()
+    a, b = (t.cpu() for t in layer.factors("default"))
+    xr = x.detach().cpu().double().requires_grad_()
     ar, br = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     s = layer.specs["default"].scaling
     want = xr @ w.double().T + s * (xr @ ar.T) @ br.T + lin.bias.double()
     gy = torch.randn_like(want)
-    y.backward(gy.to(dtype))
+    y.backward(gy.to(device, dtype))
     want.backward(gy)
     ours = {"y": y, "x": x.grad} | ({"A": layer.lora_A["default"].grad, "B": layer.lora_B["default"].grad}
                                     if variant == "lora" else {})
+    ours = {k: t.cpu() for k, t in ours.items()}
     ref = {"y": want, "x": xr.grad, "A": ar.grad, "B": br.grad}
     if dtype == torch.float32:
         for k, t in ours.items():
             torch.testing.assert_close(t.double(), ref[k], atol=2e-4, rtol=1e-4, msg=k)
         return
     # bf16: our error vs float64 may be at most 2x PyTorch's own error doing the same math in bf16
-    xt = x.detach().clone().requires_grad_()
+    xt = x.detach().cpu().requires_grad_()
     at = a.detach().to(dtype).requires_grad_()
     bt = b.detach().to(dtype).requires_grad_()
     yt = xt @ w.to(dtype).T + s * (xt @ at.T) @ bt.T + lin.bias.to(dtype)
