@@ -12,7 +12,9 @@ Notation: x [..., K], W [N, K] (dense or NF4), A [r, K], B [N, r], scale s, bias
                    = nf4_linear(A, W)ᵀ,  ||(B A)_i||² = (B (A Aᵀ))_i · B_i
     Mixed batch: row b of a batch uses adapter ids[b]; stacks A_all [n, r_max, K] and
               B_all [n, N, r_max] (s folded in, ranks zero-padded): y_b += (x_b A_all[ids[b]]ᵀ) B_all[ids[b]]ᵀ
-              — one gather and two batched matmuls for the whole batch.
+              — one gather and two batched matmuls for the whole batch; or, when the adapters' ranks
+              add up to little (Σr ≤ 256), rank-concatenated A_cat [Σr, K], B_cat [N, Σr] and a row mask:
+              y_b += ((x_b A_catᵀ) ⊙ [owner = ids[b]]) B_catᵀ — two plain GEMMs for the whole batch.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "dora_norm_nf4",
     "lora_linear",
     "mixed_lora_delta",
+    "mixed_lora_delta_cat",
     "vera_factors",
 ]
 
@@ -83,3 +86,14 @@ def mixed_lora_delta(x: torch.Tensor, ids: torch.Tensor, a_all: torch.Tensor, b_
     u = torch.bmm(x3, a_sel.transpose(1, 2))            # [b, L, r]
     y = torch.bmm(u, b_sel.transpose(1, 2))             # [b, L, N]
     return y.reshape(*x.shape[:-1], b_all.shape[1])
+
+
+def mixed_lora_delta_cat(x: torch.Tensor, ids: torch.Tensor, a_cat: torch.Tensor, b_cat: torch.Tensor,
+                         owner: torch.Tensor) -> torch.Tensor:
+    """Mixed batch with the adapters concatenated along the rank: a_cat [Σr, K], b_cat [N, Σr] (scaling folded
+    in), owner [Σr] = the adapter index of each rank slot. Row b keeps only the slots of adapter ids[b]:
+    y_b = ((x_b A_catᵀ) ⊙ m_b) B_catᵀ, m_b = [owner == ids[b]]. Two GEMMs for the whole batch."""
+    u = F.linear(x, a_cat)                                              # [b, ..., Σr]
+    mask = (ids[:, None] == owner[None, :]).to(u.dtype)                 # [b, Σr]
+    u = u * mask.view(x.shape[0], *([1] * (x.dim() - 2)), owner.numel())
+    return F.linear(u, b_cat)                                           # [b, ..., N]

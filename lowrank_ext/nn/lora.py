@@ -202,34 +202,45 @@ class _AdapterLayer(nn.Module):
         if ids.numel() != x.shape[0]:
             raise _err(type(self).__name__, "adapter_names", f"have one entry per batch row ({x.shape[0]})",
                        ids.numel())
-        a_all, b_all = self._stacked(names, x.dtype, x.device)
-        return self._base_plus_bias(x, bias) + LF.mixed_lora_delta(x, ids.to(x.device), a_all, b_all)
+        factors = self._stacked(names, x.dtype, x.device)
+        delta = (LF.mixed_lora_delta_cat(x, ids.to(x.device), *factors) if len(factors) == 3
+                 else LF.mixed_lora_delta(x, ids.to(x.device), *factors))
+        return self._base_plus_bias(x, bias) + delta
 
     def _stacked(self, names: list[str], dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """A_all [n, r_max, in], B_all [n, out, r_max] (scaling folded in, zero for "__base__"). Cached for the
-        mixed_batch block when no gradient is needed (inference), rebuilt every call otherwise."""
+        """The adapters of a mixed batch, scaling folded into B, nothing for "__base__":
+        Σr ≤ 256: (A_cat [Σr, in], B_cat [out, Σr], owner [Σr]); else (A_all [n, r_max, in], B_all [n, out, r_max]).
+        Cached for the mixed_batch block when no gradient is needed (inference), rebuilt every call otherwise."""
         key = (tuple(names), dtype, device)
         if not torch.is_grad_enabled() and self._mixed_cache is not None and self._mixed_cache[0] == key:
             return self._mixed_cache[1]
-        rmax = max([self.specs[n].r for n in names if n in self.specs] + [1])
-        zero_a = torch.zeros(rmax, self.in_features, dtype=dtype, device=device)
-        zero_b = torch.zeros(self.out_features, rmax, dtype=dtype, device=device)
-        rows_a, rows_b = [], []
-        for n in names:  # loop over the (few) adapters to stack them; rows of the batch are never looped
+        used = []
+        for i, n in enumerate(names):  # loop over the (few) adapters to stack them; rows of the batch are never looped
             if n not in self.specs or n in self.merged_adapters:
-                rows_a.append(zero_a)  # "__base__" / not in this layer: zero factors
-                rows_b.append(zero_b)
-                continue
+                continue  # "__base__" / not in this layer: no factors
             if self.specs[n].variant == "dora":
                 raise _err(type(self).__name__, "adapter_names", "name LoRA or VeRA adapters (DoRA is not "
                            "supported in mixed batches)", repr(n))
             a, b = self.factors(n, dtype)
-            rows_a.append(F.pad(a, (0, 0, 0, rmax - a.shape[0])))                   # [r_max, in]
-            rows_b.append(F.pad(self.specs[n].scaling * b, (0, rmax - b.shape[1])))  # [out, r_max]
-        a_all, b_all = torch.stack(rows_a), torch.stack(rows_b)
+            used.append((i, a, self.specs[n].scaling * b))
+        total_r = sum(a.shape[0] for _, a, _ in used)
+        if total_r <= 256:
+            a_cat = torch.cat([a for _, a, _ in used]) if used else torch.zeros(1, self.in_features, dtype=dtype,
+                                                                              device=device)
+            b_cat = torch.cat([b for _, _, b in used], dim=1) if used else a_cat.new_zeros(self.out_features, 1)
+            owner = torch.tensor([i for i, a, _ in used for _ in range(a.shape[0])] or [-1], device=device)
+            out: tuple[torch.Tensor, ...] = (a_cat, b_cat, owner)
+        else:
+            rmax = max(a.shape[0] for _, a, _ in used)
+            a_all = [torch.zeros(rmax, self.in_features, dtype=dtype, device=device)] * len(names)
+            b_all = [torch.zeros(self.out_features, rmax, dtype=dtype, device=device)] * len(names)
+            for i, a, b in used:
+                a_all[i] = F.pad(a, (0, 0, 0, rmax - a.shape[0]))                     # [r_max, in]
+                b_all[i] = F.pad(b, (0, rmax - b.shape[1]))                           # [out, r_max]
+            out = (torch.stack(a_all), torch.stack(b_all))
         if not torch.is_grad_enabled():
-            self._mixed_cache = (key, (a_all, b_all))
-        return a_all, b_all
+            self._mixed_cache = (key, out)
+        return out
 
     # ---- merge --------------------------------------------------------------------------------
     @torch.no_grad()
