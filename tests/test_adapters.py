@@ -93,6 +93,10 @@ def test_mixed_batch_equals_per_row_and_peft():
             rows.append(logits(ours, ids[i: i + 1]))
     torch.testing.assert_close(out, torch.cat(rows), atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out, logits(pm, ids, adapter_names=names), atol=2e-5, rtol=1e-4)
+    L.merge_adapter(ours)
+    with pytest.raises(ValueError, match=r"merged_adapters must be empty in a mixed batch \(unmerge first\)"), \
+            L.mixed_batch(ours, names):
+        logits(ours, ids)
 
 
 def test_mixed_batch_is_one_batched_pass():

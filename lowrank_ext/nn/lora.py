@@ -202,6 +202,9 @@ class _AdapterLayer(nn.Module):
         if ids.numel() != x.shape[0]:
             raise _err(type(self).__name__, "adapter_names", f"have one entry per batch row ({x.shape[0]})",
                        ids.numel())
+        if self.merged_adapters:
+            raise _err(type(self).__name__, "merged_adapters", "be empty in a mixed batch (unmerge first)",
+                       self.merged_adapters)
         factors = self._stacked(names, x.dtype, x.device)
         delta = (LF.mixed_lora_delta_cat(x, ids.to(x.device), *factors) if len(factors) == 3
                  else LF.mixed_lora_delta(x, ids.to(x.device), *factors))
