@@ -11,8 +11,6 @@ import torch
 import lowrank_ext as L
 from lowrank_ext.nn import Linear4bit, LoRALinear, QLoRALinear
 
-HAS_FUSED = hasattr(L.ops, "nf4_lora_linear") and hasattr(L.ops, "nf4_linear")
-fused = pytest.mark.skipif(not HAS_FUSED, reason="needs lowrank_ext.ops.nf4_linear / nf4_lora_linear (branch lincpu)")
 
 
 def _randomize(layer: torch.nn.Module, seed: int = 0) -> None:
@@ -147,7 +145,6 @@ def test_qlora_only_lora_trainable_and_weight_is_nf4():
         "default"].scaling == pytest.approx(4.0)
 
 
-@fused
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["lora", "vera"])
 def test_qlora_forward_backward_vs_float64(dtype, variant, device):
@@ -190,7 +187,6 @@ def test_qlora_forward_backward_vs_float64(dtype, variant, device):
         assert err <= 2 * err_torch + 1e-6, (k, err.item(), err_torch.item())
 
 
-@fused
 def test_qlora_forward_is_one_fused_op():
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -213,7 +209,6 @@ def test_qlora_forward_is_one_fused_op():
     assert any("backward" in n or "grad" in n for n in lrx), lrx
 
 
-@fused
 @pytest.mark.parametrize("cls,variant", [(QLoRALinear, "lora"), (QLoRALinear, "dora"), (LoRALinear, "dora")])
 def test_compile_fullgraph(cls, variant):
     layer = cls.from_linear(torch.nn.Linear(128, 64), r=4, variant=variant)
@@ -230,7 +225,6 @@ def test_compile_fullgraph(cls, variant):
     torch.testing.assert_close(x.grad, gx)
 
 
-@fused
 def test_qlora_mixed_batch_equals_per_row():
     torch.manual_seed(0)
     layer = QLoRALinear.from_linear(torch.nn.Linear(128, 64), r=4, adapter_name="a")
@@ -249,7 +243,6 @@ def test_qlora_mixed_batch_equals_per_row():
     torch.testing.assert_close(out, torch.cat(rows), atol=1e-5, rtol=1e-5)
 
 
-@fused
 def test_qlora_dora_norm_without_dense_weight():
     torch.manual_seed(0)
     layer = QLoRALinear.from_linear(torch.nn.Linear(256, 96), r=8, alpha=16, variant="dora")
@@ -266,7 +259,6 @@ def test_qlora_dora_norm_without_dense_weight():
                                atol=1e-5, rtol=1e-5)
 
 
-@fused
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_qlora_merge_dense_by_default_requantize_opt_in(variant):
     torch.manual_seed(0)
@@ -289,7 +281,6 @@ def test_qlora_merge_dense_by_default_requantize_opt_in(variant):
     assert torch.equal(layer.weight.packed, want.packed) and torch.equal(layer.weight.absmax, want.absmax)
 
 
-@fused
 def test_linear4bit_matches_bitsandbytes_outputs():
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
@@ -310,7 +301,6 @@ def test_linear4bit_matches_bitsandbytes_outputs():
     torch.testing.assert_close(m2[0](x), q(x), atol=1e-4, rtol=1e-4)
 
 
-@fused
 @pytest.mark.parametrize("variant", ["lora", "dora"])
 def test_qlora_never_holds_a_dense_weight(variant):
     """Nothing of N·K elements is saved for backward, in forward or in DoRA's norm."""

@@ -53,8 +53,6 @@ def test_ours_to_peft(tmp_path, kw):
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
 def test_peft_to_ours(tmp_path, use_dora, quantize):
-    if quantize == "nf4":
-        pytest.importorskip("lowrank_ext.ops.linear", reason="needs the fused NF4 ops (branch lincpu)")
     a, b = pair("llama")
     pm = peft.get_peft_model(a, peft.LoraConfig(r=4, lora_alpha=8, target_modules=T, use_dora=use_dora))
     randomize_peft_adapter(pm)
