@@ -244,3 +244,34 @@ def test_qlora_vera_equals_peft_vera_on_deq_weights():
     assert copy_peft_to_ours(pm, b) == 8
     ids = tokens()
     torch.testing.assert_close(logits(b, ids), logits(pm.eval(), ids), atol=5e-5, rtol=1e-4)
+
+
+def test_dora_magnitude_initialised_like_peft():
+    a, b = pair("gpt2")  # Conv1D weights [in, out]: the norm is over the output rows of Wᵀ
+    pm = peft.get_peft_model(a, _peft_cfg(r=4, lora_alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"]))
+    L.inject(b, L.LoRAConfig(r=4, alpha=8, use_dora=True, target_modules=["c_attn", "c_proj"]))
+    theirs = {n.removeprefix("base_model.model.").replace(".default.weight", ""): p
+              for n, p in pm.named_parameters() if "magnitude" in n}
+    ours = {n.replace(".default", ""): p for n, p in b.named_parameters() if "magnitude" in n}
+    assert set(ours) == set(theirs) and len(ours) == 6  # c_attn, attn.c_proj, mlp.c_proj x 2 layers
+    for k, v in ours.items():
+        torch.testing.assert_close(v, theirs[k], atol=1e-6, rtol=1e-6)
+
+
+def test_rank_and_alpha_patterns_equal_peft():
+    a, b = pair("llama")
+    kw = {"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 2, r".*\.1\.mlp\.down_proj": 6},
+          "alpha_pattern": {"q_proj": 3, "down_proj": 24}}
+    pm = peft.get_peft_model(a, _peft_cfg(target_modules=TARGETS["llama"], **kw))
+    L.inject(b, L.LoRAConfig(r=4, alpha=8, target_modules=TARGETS["llama"], rank_pattern=kw["rank_pattern"],
+                             alpha_pattern=kw["alpha_pattern"]))
+    assert L.count_parameters(b) == pm.get_nb_trainable_parameters()
+    for n, m in b.named_modules():
+        if isinstance(m, L.nn.LoRALinear):
+            theirs = pm.get_submodule("base_model.model." + n)
+            assert (m.specs["default"].r, m.specs["default"].scaling) == (theirs.r["default"],
+                                                                         theirs.scaling["default"]), n
+    randomize_peft_adapter(pm)
+    copy_peft_to_ours(pm, b)
+    ids = tokens()
+    torch.testing.assert_close(logits(b, ids), logits(pm, ids), atol=2e-5, rtol=1e-4)
