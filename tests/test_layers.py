@@ -12,7 +12,6 @@ import lowrank_ext as L
 from lowrank_ext.nn import Linear4bit, LoRALinear, QLoRALinear
 
 
-
 def _randomize(layer: torch.nn.Module, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
