@@ -275,3 +275,21 @@ def test_rank_and_alpha_patterns_equal_peft():
     copy_peft_to_ours(pm, b)
     ids = tokens()
     torch.testing.assert_close(logits(b, ids), logits(pm, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_qlora_model_state_dict_round_trip():
+    _, m = pair("llama")
+    L.inject(m, L.LoRAConfig(r=4, target_modules="all-linear", quantize="nf4"))
+    sd = m.state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4" in sd
+    assert sd["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in m.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    _, other = pair("llama", seed=1)  # different base weights: everything comes from the state dict
+    L.inject(other, L.LoRAConfig(r=4, target_modules="all-linear", quantize="nf4"))
+    other.load_state_dict(m.state_dict())
+    ids = tokens()
+    torch.testing.assert_close(logits(other, ids), logits(m, ids), atol=0, rtol=0)
