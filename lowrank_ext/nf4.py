@@ -94,6 +94,11 @@ class NF4Weight:
     def __setattr__(self, name, value):
         raise AttributeError(f"NF4Weight is immutable (tried to set {name!r}); build a new one instead")
 
+    def __reduce__(self):
+        # copy.deepcopy / pickle rebuild through __init__ (slots + an immutable __setattr__ defeat the default).
+        return (NF4Weight, (self.packed, self.absmax, tuple(self.shape), self.dtype, self.blocksize,
+                            self.nested_absmax, self.nested_map, self.offset))
+
     # ---- properties -------------------------------------------------------------------------
     @property
     def double_quant(self) -> bool:

@@ -463,3 +463,13 @@ def test_dequantize_out_errors():
         dequantize_nf4_out(packed, absmax, a2, nmap, off, bs, n, torch.empty(2 * n)[::2])
     with pytest.raises(ValueError, match=r"dequantize_nf4_out: packed must have 500 elements, got 499"):
         dequantize_nf4_out(packed[:-1], absmax, a2, nmap, off, bs, n, torch.empty(n))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_maps_equal_bitsandbytes(signed):
+    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    from lowrank_ext._reference.nf4 import dynamic_map
+
+    ours = dynamic_map(signed=signed)
+    assert ours.shape == (256,)
+    assert torch.equal(ours, bnb_f.create_dynamic_map(signed=signed))

@@ -256,3 +256,20 @@ def test_quant_storage_other_dtype_loads():
     sd = q.to_bnb_state_dict()
     sd["weight"] = sd["weight"].view(-1).view(torch.bfloat16).view(-1, 1)
     assert torch.equal(NF4Weight.from_bnb_state_dict(sd).dequantize(), q.dequantize())
+
+
+def test_deepcopy_and_pickle_round_trip():
+    import copy
+    import io
+    import pickle
+
+    w = lowrank_ext.quantize_nf4(torch.randn(48, 80), blocksize=64)
+    for clone in (copy.deepcopy(w), pickle.loads(pickle.dumps(w))):
+        assert isinstance(clone, lowrank_ext.NF4Weight)
+        assert clone.packed.data_ptr() != w.packed.data_ptr()
+        assert torch.equal(clone.dequantize(), w.dequantize())
+    buf = io.BytesIO()
+    torch.save(w.to_bnb_state_dict(), buf)  # the recommended (weights_only-safe) path
+    buf.seek(0)
+    back = lowrank_ext.NF4Weight.from_bnb_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(back.dequantize(), w.dequantize())
