@@ -30,6 +30,21 @@ inline int code_at(const uint8_t* packed, int64_t i) {
   return (i & 1) ? (byte & 0x0F) : (byte >> 4);
 }
 
+// absmax_hat[b] = map[qabsmax[b]] * absmax2[b / 256] + offset with TWO roundings, as bitsandbytes
+// computes it (two tensor ops). GCC contracts a*b+c into one FMA in C++ unless built with
+// -ffp-contract=off; the empty asm forces the product to be rounded to fp32 first.
+inline float block_scale(const NF4Scales& s, int64_t b) {
+  if (!s.double_quant()) return s.absmax_f32[b];
+  float prod = s.nested_map[s.qabsmax[b]] * s.absmax2[b / kNestedBlocksize];
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm volatile("" : "+x"(prod));
+#else
+  volatile float rounded = prod;
+  prod = rounded;
+#endif
+  return prod + *s.offset;
+}
+
 #if LRX_CPU_AVX2
 // The 8 codes of 4 consecutive bytes (little-endian word): element e is byte e/2, high nibble first.
 inline __m256i codes8(uint32_t word) {
@@ -67,7 +82,7 @@ void decode_span(const NF4Matrix& w, int64_t i0, int64_t i1, T* out) {
   while (i < i1) {
     const int64_t b = i / w.blocksize;
     const int64_t end = std::min(i1, (b + 1) * w.blocksize);
-    const float s = w.scales.block_scale(b);
+    const float s = block_scale(w.scales, b);
     float lut[16];  // NF4[c] * scale: the exact fp32 product of the format
     for (int c = 0; c < 16; ++c) lut[c] = kNF4Codebook[c] * s;
     T* o = out + (i - i0);
@@ -111,7 +126,7 @@ void gemv_rows(const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_
     for (int64_t i = r0; i < r1;) {
       const int64_t b = i / bs;
       const int64_t end = std::min(r1, (b + 1) * bs);
-      const float s = w.scales.block_scale(b);
+      const float s = block_scale(w.scales, b);
       float sc[MB] = {};  // scalar head/tail part of this segment
       int64_t j = i;
       if (j & 1) {
@@ -190,7 +205,7 @@ void nf4_row_sqnorm(const NF4Matrix& w, float* out) {
       for (int64_t i = n * w.K, r1 = i + w.K; i < r1;) {
         const int64_t b = i / w.blocksize;
         const int64_t end = std::min(r1, (b + 1) * w.blocksize);
-        const float s = w.scales.block_scale(b);
+        const float s = block_scale(w.scales, b);
         for (; i < end; ++i) {
           const double v = static_cast<double>(kNF4Codebook[code_at(w.packed, i)] * s);  // fp32 deq value
           acc += v * v;
