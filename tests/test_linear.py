@@ -182,20 +182,24 @@ def test_weight_values_bit_exact_with_bitsandbytes(blocksize, double_quant):
 
 
 # ---- gradcheck / opcheck / compile ---------------------------------------------------------------
-@pytest.mark.parametrize("m,n,k", [(3, 40, 64), (11, 24, 97), (1, 16, 130)])
-def test_gradcheck_float64(m, n, k):
+@pytest.mark.parametrize("m,n,k,fast", [(3, 40, 64, True), (11, 24, 97, True), (1, 16, 130, True),
+                                        (2, 8, 33, False)])
+def test_gradcheck_float64(m, n, k, fast):
+    # fast_mode checks random Jacobian-vector products (a full Jacobian costs ~1.5k op calls at the
+    # larger shapes); the smallest shape checks the full Jacobian.
     w = make_weight(n, k, blocksize=32)
     x = torch.randn(m, k, dtype=torch.float64, requires_grad=True)
     a = (torch.randn(4, k, dtype=torch.float64) * 0.3).requires_grad_()
     b = (torch.randn(n, 4, dtype=torch.float64) * 0.3).requires_grad_()
     bias = torch.randn(n, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, bias: nf4_linear(x, w, bias), (x, bias))
-    assert torch.autograd.gradcheck(lambda x, a, b, bias: nf4_lora_linear(x, w, a, b, 0.7, bias), (x, a, b, bias))
+    assert torch.autograd.gradcheck(lambda x, bias: nf4_linear(x, w, bias), (x, bias), fast_mode=fast)
+    assert torch.autograd.gradcheck(lambda x, a, b, bias: nf4_lora_linear(x, w, a, b, 0.7, bias), (x, a, b, bias),
+                                    fast_mode=fast)
     # dropout: same mask on every evaluation (seeded), gradient through the mask
     def dropped(x, a, b):
         torch.manual_seed(0)
         return nf4_lora_linear(x, w, a, b, 0.7, None, dropout=0.3)
-    assert torch.autograd.gradcheck(dropped, (x, a, b))
+    assert torch.autograd.gradcheck(dropped, (x, a, b), fast_mode=fast)
 
 
 def _op_args(device, dtype, m=6, n=40, k=72, r=4, double_quant=True):

@@ -65,6 +65,13 @@ int64_t panel_len(int64_t dim_len, int64_t other, int64_t elem_size) {
 }
 
 // y[M, N] = xa[M, K] · deq(W)ᵀ, xa in the compute type, contiguous.
+// Below this many multiply-adds a GEMM runs on one thread (an OpenMP region costs more than it saves,
+// and far more when the cores are shared).
+constexpr int64_t kSerialMacs = int64_t{1} << 22;
+
+// at::parallel_for grain over `panels` panels: all of them (serial) for a small GEMM, else 1.
+int64_t panel_grain(int64_t panels, int64_t macs) { return macs < kSerialMacs ? panels : 1; }
+
 // One parallel region: each task decodes its row panels of W and runs a single-threaded MKL GEMM
 // into the matching columns of y (alternating our parallel regions with MKL's stalls badly when
 // the 2 cores are shared with other processes).
@@ -78,7 +85,8 @@ at::Tensor matmul_nt(const at::Tensor& xa, const NF4Matrix& w) {
   }
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "nf4_matmul_nt_cpu", [&] {
     const int64_t nb = panel_len(N, K, sizeof(scalar_t));
-    at::parallel_for(0, ceil_div(N, nb), 1, [&](int64_t p0, int64_t p1) {
+    const int64_t panels = ceil_div(N, nb);
+    at::parallel_for(0, panels, panel_grain(panels, M * N * K), [&](int64_t p0, int64_t p1) {
       const at::AutoDispatchBelowAutograd no_autograd;  // worker threads do not inherit the caller's TLS
       at::Tensor panel = at::empty({nb, K}, xa.options());  // rows n0..n0+len of deq(W)
       for (int64_t p = p0; p < p1; ++p) {
@@ -100,7 +108,8 @@ at::Tensor matmul_nn(const at::Tensor& g, const NF4Matrix& w) {
   if (M == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "nf4_matmul_nn_cpu", [&] {
     const int64_t kb = panel_len(K, N, sizeof(scalar_t));
-    at::parallel_for(0, ceil_div(K, kb), 1, [&](int64_t p0, int64_t p1) {
+    const int64_t panels = ceil_div(K, kb);
+    at::parallel_for(0, panels, panel_grain(panels, M * N * K), [&](int64_t p0, int64_t p1) {
       const at::AutoDispatchBelowAutograd no_autograd;  // worker threads do not inherit the caller's TLS
       at::Tensor panel = at::empty({N, kb}, g.options());  // columns k0..k0+len of deq(W)
       for (int64_t p = p0; p < p1; ++p) {

@@ -186,8 +186,9 @@ void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int
 }
 
 void nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
-  // Rows of W are independent: split them over threads (~16K weights per task at least).
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, w.K));
+  // Rows of W are independent: split them over threads (at least ~64K weights per task: below
+  // that an OpenMP region costs more than it saves).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, w.K));
   at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const float* xm = x + m0 * ldx;
