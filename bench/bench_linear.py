@@ -7,7 +7,8 @@
       Linear4bit (goal: faster); ours bf16 vs the dense fp32 layer (goal within 1.5x)
   (c) the largest single allocation of the (b) step (profiler), against N·K·4 bytes (a dense fp32 W)
 
-Run: python bench/bench_linear.py [--quick]     (--quick: fewer repeats, skips 4096x11008 and PEFT)
+Run: python bench/bench_linear.py [--quick] [--threads T]
+     (--quick: fewer repeats, skips 4096x11008 and PEFT; --threads 1: steadier on a busy machine)
 Shapes are (in_features K, out_features N); the weight is W [N, K].
 """
 
@@ -173,4 +174,9 @@ def run(quick: bool = False) -> dict[str, list[list[object]]]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller set of baselines")
-    run(parser.parse_args().quick)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads (0: default); 1 gives steadier ratios on a shared machine")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    run(args.quick)
