@@ -148,6 +148,20 @@ def test_gemv_and_panel_paths_agree():
     torch.testing.assert_close(y1, y9, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "auto"])
+@pytest.mark.parametrize("n,k,blocksize", [(130, 97, 32), (192, 320, 64), (72, 1000, 128), (40, 4096, 4096)])
+def test_gemv_isa_paths(monkeypatch, isa, n, k, blocksize):
+    """The streaming GEMV (M <= 8) on each CPU ISA path (AVX-512 where the CPU has it, AVX2 forced by
+    LOWRANK_EXT_CPU_ISA=avx2) against float64, with odd K, blocks straddling rows and partial groups."""
+    monkeypatch.setenv("LOWRANK_EXT_CPU_ISA", isa)
+    w = make_weight(n, k, blocksize=blocksize, double_quant=blocksize != 128)
+    for m in (1, 2, 3, 4, 5, 8):
+        x = torch.randn(m, k)
+        y = nf4_linear(x, w)
+        ref = nf4_linear_ref(x, w)
+        assert_within_torch_error(y, ref, torch_own(x, w, None, None, 0.0, None), f"{isa} M={m}")
+
+
 def test_row_sqnorm(device):
     for n, k, bs in [(192, 256, 64), (130, 97, 32), (64, 1000, 128)]:
         w = make_weight(n, k, device, bs)

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -23,27 +24,6 @@
 namespace lowrank_ext {
 namespace cpu {
 namespace {
-
-// Code of flat element i: high nibble of byte i/2 for even i, low nibble for odd i.
-inline int code_at(const uint8_t* packed, int64_t i) {
-  const uint8_t byte = packed[i >> 1];
-  return (i & 1) ? (byte & 0x0F) : (byte >> 4);
-}
-
-// absmax_hat[b] = map[qabsmax[b]] * absmax2[b / 256] + offset with TWO roundings, as bitsandbytes
-// computes it (two tensor ops). GCC contracts a*b+c into one FMA in C++ unless built with
-// -ffp-contract=off; the empty asm forces the product to be rounded to fp32 first.
-inline float block_scale(const NF4Scales& s, int64_t b) {
-  if (!s.double_quant()) return s.absmax_f32[b];
-  float prod = s.nested_map[s.qabsmax[b]] * s.absmax2[b / kNestedBlocksize];
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  asm volatile("" : "+x"(prod));
-#else
-  volatile float rounded = prod;
-  prod = rounded;
-#endif
-  return prod + *s.offset;
-}
 
 #if LRX_CPU_AVX2
 // The 8 codes of 4 consecutive bytes (little-endian word): element e is byte e/2, high nibble first.
@@ -74,10 +54,6 @@ inline uint32_t load_u32(const uint8_t* p) {
   return w;
 }
 #endif
-
-// Block of flat index i. blocksize is a power of two: a shift, not a 64-bit division (~40 cycles
-// per block of 64 elements would cost more than decoding them).
-inline int64_t block_of(const NF4Matrix& w, int64_t i) { return i >> __builtin_ctzll(static_cast<uint64_t>(w.blocksize)); }
 
 // Decode flat elements [i0, i1) into out[0, i1 - i0).
 template <typename T>
@@ -185,12 +161,27 @@ void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int
   decode_tile(w, n0, n1, k0, k1, out, ld);
 }
 
+// AVX-512 is used when the CPU has it, unless LOWRANK_EXT_CPU_ISA=avx2 (read per call, so tests can
+// exercise both paths in one process).
+bool use_avx512() {
+  const char* isa = std::getenv("LOWRANK_EXT_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return false;
+  static const bool has = nf4_cpu_has_avx512();
+  return has;
+}
+
 void nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
   // Rows of W are independent: split them over threads (at least ~64K weights per task: below
   // that an OpenMP region costs more than it saves).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, w.K));
+  const bool avx512 = use_avx512();
   at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      if (avx512) {
+        nf4_gemv_rows_avx512(static_cast<int>(std::min<int64_t>(4, M - m0)), w, x + m0 * ldx, ldx, y + m0 * ldy,
+                             ldy, n0, n1);
+        continue;
+      }
       const float* xm = x + m0 * ldx;
       float* ym = y + m0 * ldy;
       switch (std::min<int64_t>(4, M - m0)) {
