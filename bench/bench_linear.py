@@ -23,9 +23,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-import lowrank_ext  # noqa: E402
-from bench._timing import bench, print_table  # noqa: E402
-from lowrank_ext.ops import nf4_lora_linear  # noqa: E402
+import lowrank_ext
+from bench._timing import bench, print_table
+from lowrank_ext.ops import nf4_lora_linear
 
 try:
     import bitsandbytes as bnb
@@ -104,23 +104,33 @@ def _largest_allocation(fn) -> int:
 def decode_table(quick: bool) -> list[list[object]]:
     rows = []
     shapes = [(4096, 4096)] if quick else [(4096, 4096), (4096, 11008)]
-    rep = dict(warmup=2, repeat=5 if quick else 20)
+    rep = {"warmup": 2, "repeat": 5 if quick else 20}
     for k, n in shapes:
         torch.manual_seed(0)
         w = torch.randn(n, k) * 0.02
         a, b = torch.randn(R, k) / k**0.5, torch.randn(n, R) * 0.01
         x = torch.randn(1, k)
         wq = lowrank_ext.quantize_nf4(w)
-        ours = lambda: nf4_lora_linear(x, wq, a, b, SCALING)  # noqa: E731
-        dense = lambda: F.linear(x, w) + SCALING * F.linear(F.linear(x, a), b)  # noqa: E731
+
+        def lora(x=x, a=a, b=b):
+            return SCALING * F.linear(F.linear(x, a), b)
+
+        def ours(x=x, wq=wq, a=a, b=b):
+            return nf4_lora_linear(x, wq, a, b, SCALING)
+
+        def dense(x=x, w=w):
+            return F.linear(x, w) + lora()
+
         # correctness once before timing
-        torch.testing.assert_close(ours(), F.linear(x, wq.dequantize()) + SCALING * F.linear(F.linear(x, a), b),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours(), F.linear(x, wq.dequantize()) + lora(), rtol=1e-4, atol=1e-4)
         t_ours, t_dense = bench(ours, **rep), bench(dense, **rep)
         t_bnb = float("nan")
         if bnb is not None:
             packed, qs = bnb.functional.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
-            bnb_fn = lambda: bnb.matmul_4bit(x, packed.t(), qs) + SCALING * F.linear(F.linear(x, a), b)  # noqa: E731
+
+            def bnb_fn(x=x, packed=packed, qs=qs):
+                return bnb.matmul_4bit(x, packed.t(), qs) + lora()
+
             t_bnb = bench(bnb_fn, warmup=1, repeat=3 if quick else 10)
         gbs = wq.nbytes / t_ours / 1e9
         rows.append([f"{k}x{n}", t_ours * 1e3, t_dense * 1e3, t_bnb * 1e3, gbs, t_dense / t_ours, t_bnb / t_ours])
@@ -136,7 +146,7 @@ def train_table(quick: bool) -> list[list[object]]:
     w = torch.randn(n, k) * 0.02
     x32 = torch.randn(m, k, requires_grad=True)
     x16 = x32.detach().bfloat16().requires_grad_()
-    rep = dict(warmup=1, repeat=3 if quick else 7, min_time=0.0)
+    rep = {"warmup": 1, "repeat": 3 if quick else 7, "min_time": 0.0}
     ours32, ours16, dense = QLoRALayer(w, R, torch.float32), QLoRALayer(w, R, torch.bfloat16), DenseLoRALayer(w, R)
     times = {
         "ours fp32": bench(_step(ours32, x32), **rep),

@@ -286,7 +286,7 @@ def test_compile_fullgraph(device, backend):
 def test_dropout_matches_masked_reference_and_grads(device):
     m, n, k, r, p = 37, 96, 160, 8, 0.4
     dtype = torch.float64 if device == "cpu" else torch.float32  # float64 is the CPU simple path only
-    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-4)
+    tol = {"rtol": 1e-10, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
     w = make_weight(n, k, device)
     a, b = make_lora(n, k, r, dtype, device)
     x = torch.randn(2, m, k, dtype=dtype, device=device)
@@ -355,8 +355,8 @@ def test_errors_op_checks():
     a, b = make_lora(n, k, 4, torch.float32, "cpu")
     cases = [  # (call, exception, message)
         (lambda: nf4_lora_linear(x, w, a, torch.randn(n, 5), 1.0), ValueError,
-         r"lowrank_ext::nf4_lora_linear: lora_B must have shape \[48, 4\] \(out_features, r = lora_A.shape\[0\]\), "
-         r"got \[48, 5\]"),
+         (r"lowrank_ext::nf4_lora_linear: lora_B must have shape \[48, 4\] \(out_features, r = lora_A.shape\[0\]\), "
+          r"got \[48, 5\]")),
         (lambda: nf4_lora_linear(x, w, torch.randn(4, k + 1), b, 1.0), ValueError,
          r"lowrank_ext::nf4_lora_linear: lora_A must have shape \[4, 64\] \(r, in_features\), got \[4, 65\]"),
         (lambda: nf4_lora_linear(x, w, a.bfloat16(), b, 1.0), TypeError,
