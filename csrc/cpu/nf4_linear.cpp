@@ -9,11 +9,14 @@
 // Compute type: fp32 for fp32/fp16/bf16 inputs (converted on load, outputs rounded once), fp64 for
 // float64 (the gradcheck path). Never a dense deq(W): two paths by M —
 //   M <= kGemvMaxM (fp32): streaming GEMV, each packed byte decoded in registers (nf4_linear_kernels.cpp);
-//   otherwise: panels of W (~2 MB, at most a quarter of W) decoded to the compute type once and
-//   multiplied with at::mm (MKL) for all M rows — the NT panel is rows of W, the NN panel columns of W.
+//   otherwise: panels of W (~8 MB; those alive at once hold at most a quarter of W) decoded to the
+//   compute type once and multiplied with at::mm (MKL) for all M rows — the NT panel is rows of W,
+//   the NN panel columns of W; threads split the panels.
 // The LoRA parts are small GEMMs (at::mm in the compute type).
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -32,9 +35,9 @@ constexpr const char* kLoraOp = "nf4_lora_linear";
 constexpr const char* kLoraBwdOp = "nf4_lora_linear_backward";
 constexpr const char* kSqnormOp = "nf4_row_sqnorm";
 
-// Bytes of one decoded panel: about half of this CPU's 4 MB L2, so the panel stays cached while
-// MKL packs it, and large enough that x is re-read only N·K·4 / kPanelBytes times.
-constexpr int64_t kPanelBytes = int64_t{2} << 20;
+// Target bytes of one decoded panel. MKL re-packs x (NT) or grad_y (NN) once per panel, so panels
+// are large (fewer re-reads of the activation); each thread owns one panel at a time.
+constexpr int64_t kPanelBytes = int64_t{8} << 20;
 
 NF4Matrix nf4_matrix(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
                      const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_map,
@@ -51,15 +54,27 @@ at::Tensor to_compute(const at::Tensor& t) {
   return t.to(ct).contiguous();
 }
 
-// Panel length along `dim_len` (a multiple of 8) when the other panel dimension is `other`:
-// ~kPanelBytes, and at most a quarter of W (so no call ever holds a dense copy of W).
+// Panel length along `dim_len` (a multiple of 8) when the other panel dimension is `other`: about
+// kPanelBytes, at least 8 panels (one panel <= 1/8 of W in fp32, i.e. < N·K bytes) and at least 4 per
+// thread, so the panels alive at once (one per thread) hold at most a quarter of W: never a dense W.
 int64_t panel_len(int64_t dim_len, int64_t other, int64_t elem_size) {
-  int64_t len = std::max<int64_t>(8, kPanelBytes / (other * elem_size) / 8 * 8);
-  len = std::min(len, (ceil_div(dim_len, 4) + 7) / 8 * 8);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t panels = std::max({int64_t{8}, 4 * threads, ceil_div(dim_len * other * elem_size, kPanelBytes)});
+  const int64_t len = (ceil_div(dim_len, panels) + 7) / 8 * 8;
   return std::min(len, dim_len);
 }
 
 // y[M, N] = xa[M, K] · deq(W)ᵀ, xa in the compute type, contiguous.
+// Below this many multiply-adds a GEMM runs on one thread (an OpenMP region costs more than it saves,
+// and far more when the cores are shared).
+constexpr int64_t kSerialMacs = int64_t{1} << 22;
+
+// at::parallel_for grain over `panels` panels: all of them (serial) for a small GEMM, else 1.
+int64_t panel_grain(int64_t panels, int64_t macs) { return macs < kSerialMacs ? panels : 1; }
+
+// One parallel region: each task decodes its row panels of W and runs a single-threaded MKL GEMM
+// into the matching columns of y (alternating our parallel regions with MKL's stalls badly when
+// the 2 cores are shared with other processes).
 at::Tensor matmul_nt(const at::Tensor& xa, const NF4Matrix& w) {
   const int64_t M = xa.size(0), N = w.N, K = w.K;
   at::Tensor y = at::empty({M, N}, xa.options());
@@ -69,14 +84,18 @@ at::Tensor matmul_nt(const at::Tensor& xa, const NF4Matrix& w) {
     return y;
   }
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "nf4_matmul_nt_cpu", [&] {
-    const int64_t nb_max = panel_len(N, K, sizeof(scalar_t));
-    at::Tensor panel = at::empty({nb_max, K}, xa.options());  // rows n0..n0+nb of deq(W)
-    for (int64_t n0 = 0; n0 < N; n0 += nb_max) {
-      const int64_t nb = std::min(nb_max, N - n0);
-      cpu::nf4_decode_tile(w, n0, n0 + nb, 0, K, panel.data_ptr<scalar_t>(), K);
-      at::Tensor out = y.narrow(1, n0, nb);  // strided view, ld = N: MKL writes it in place
-      at::mm_out(out, xa, panel.narrow(0, 0, nb).t());
-    }
+    const int64_t nb = panel_len(N, K, sizeof(scalar_t));
+    const int64_t panels = ceil_div(N, nb);
+    at::parallel_for(0, panels, panel_grain(panels, M * N * K), [&](int64_t p0, int64_t p1) {
+      const at::AutoDispatchBelowAutograd no_autograd;  // worker threads do not inherit the caller's TLS
+      at::Tensor panel = at::empty({nb, K}, xa.options());  // rows n0..n0+len of deq(W)
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t n0 = p * nb, len = std::min(nb, N - n0);
+        cpu::nf4_decode_tile(w, n0, n0 + len, 0, K, panel.data_ptr<scalar_t>(), K);
+        at::Tensor out = y.narrow(1, n0, len);  // strided view, ld = N: MKL writes it in place
+        at::mm_out(out, xa, panel.narrow(0, 0, len).t());
+      }
+    });
   });
   return y;
 }
@@ -88,14 +107,18 @@ at::Tensor matmul_nn(const at::Tensor& g, const NF4Matrix& w) {
   at::Tensor gx = at::empty({M, K}, g.options());
   if (M == 0) return gx;
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "nf4_matmul_nn_cpu", [&] {
-    const int64_t kb_max = panel_len(K, N, sizeof(scalar_t));
-    at::Tensor panel = at::empty({N, kb_max}, g.options());  // columns k0..k0+kb of deq(W)
-    for (int64_t k0 = 0; k0 < K; k0 += kb_max) {
-      const int64_t kb = std::min(kb_max, K - k0);
-      cpu::nf4_decode_tile(w, 0, N, k0, k0 + kb, panel.data_ptr<scalar_t>(), kb_max);
-      at::Tensor out = gx.narrow(1, k0, kb);
-      at::mm_out(out, g, panel.narrow(1, 0, kb));
-    }
+    const int64_t kb = panel_len(K, N, sizeof(scalar_t));
+    const int64_t panels = ceil_div(K, kb);
+    at::parallel_for(0, panels, panel_grain(panels, M * N * K), [&](int64_t p0, int64_t p1) {
+      const at::AutoDispatchBelowAutograd no_autograd;  // worker threads do not inherit the caller's TLS
+      at::Tensor panel = at::empty({N, kb}, g.options());  // columns k0..k0+len of deq(W)
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t k0 = p * kb, len = std::min(kb, K - k0);
+        cpu::nf4_decode_tile(w, 0, N, k0, k0 + len, panel.data_ptr<scalar_t>(), kb);
+        at::Tensor out = gx.narrow(1, k0, len);
+        at::mm_out(out, g, panel.narrow(1, 0, len));
+      }
+    });
   });
   return gx;
 }
@@ -104,6 +127,7 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_map,
                           const c10::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
                           const c10::optional<at::Tensor>& bias) {
+  const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
   check_activation(x, packed, kLinearOp, "x", /*allow_double=*/true);
   const NF4Matrix w =
       nf4_matrix(kLinearOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, out_features, x.size(1));
@@ -118,6 +142,7 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
                                      const c10::optional<at::Tensor>& nested_map,
                                      const c10::optional<at::Tensor>& offset, int64_t blocksize,
                                      int64_t in_features) {
+  const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
   check_activation(grad_y, packed, kGradInputOp, "grad_y", true);
   const NF4Matrix w = nf4_matrix(kGradInputOp, packed, absmax, nested_absmax, nested_map, offset, blocksize,
                                  grad_y.size(1), in_features);
@@ -129,6 +154,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_lora_linear_cpu(
     const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_map,
     const c10::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features, const at::Tensor& lora_A,
     const at::Tensor& lora_B, double scaling, const c10::optional<at::Tensor>& bias) {
+  const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
   check_activation(x, packed, kLoraOp, "x", true);
   const int64_t K = x.size(1);
   const NF4Matrix w =
@@ -154,6 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backw
     const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset, int64_t blocksize,
     int64_t in_features, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
     bool lora_grad_into_x) {
+  const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
   check_activation(grad_y, packed, kLoraBwdOp, "grad_y", true);
   const int64_t M = grad_y.size(0), N = grad_y.size(1), K = in_features;
   const NF4Matrix w = nf4_matrix(kLoraBwdOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, N, K);
@@ -185,6 +212,7 @@ at::Tensor nf4_row_sqnorm_cpu(const at::Tensor& packed, const at::Tensor& absmax
                               const c10::optional<at::Tensor>& nested_absmax,
                               const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
                               int64_t blocksize, int64_t out_features, int64_t in_features) {
+  const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
   const NF4Matrix w = nf4_matrix(kSqnormOp, packed, absmax, nested_absmax, nested_map, offset, blocksize,
                                  out_features, in_features);
   at::Tensor out = at::empty({out_features}, packed.options().dtype(at::kFloat));

@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -23,12 +24,6 @@
 namespace lowrank_ext {
 namespace cpu {
 namespace {
-
-// Code of flat element i: high nibble of byte i/2 for even i, low nibble for odd i.
-inline int code_at(const uint8_t* packed, int64_t i) {
-  const uint8_t byte = packed[i >> 1];
-  return (i & 1) ? (byte & 0x0F) : (byte >> 4);
-}
 
 #if LRX_CPU_AVX2
 // The 8 codes of 4 consecutive bytes (little-endian word): element e is byte e/2, high nibble first.
@@ -65,9 +60,9 @@ template <typename T>
 void decode_span(const NF4Matrix& w, int64_t i0, int64_t i1, T* out) {
   int64_t i = i0;
   while (i < i1) {
-    const int64_t b = i / w.blocksize;
+    const int64_t b = block_of(w, i);
     const int64_t end = std::min(i1, (b + 1) * w.blocksize);
-    const float s = w.scales.block_scale(b);
+    const float s = block_scale(w.scales, b);
     float lut[16];  // NF4[c] * scale: the exact fp32 product of the format
     for (int c = 0; c < 16; ++c) lut[c] = kNF4Codebook[c] * s;
     T* o = out + (i - i0);
@@ -109,9 +104,9 @@ void gemv_rows(const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_
     for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
 #endif
     for (int64_t i = r0; i < r1;) {
-      const int64_t b = i / bs;
+      const int64_t b = block_of(w, i);
       const int64_t end = std::min(r1, (b + 1) * bs);
-      const float s = w.scales.block_scale(b);
+      const float s = block_scale(w.scales, b);
       float sc[MB] = {};  // scalar head/tail part of this segment
       int64_t j = i;
       if (j & 1) {
@@ -166,11 +161,27 @@ void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int
   decode_tile(w, n0, n1, k0, k1, out, ld);
 }
 
+// AVX-512 is used when the CPU has it, unless LOWRANK_EXT_CPU_ISA=avx2 (read per call, so tests can
+// exercise both paths in one process).
+bool use_avx512() {
+  const char* isa = std::getenv("LOWRANK_EXT_CPU_ISA");
+  if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return false;
+  static const bool has = nf4_cpu_has_avx512();
+  return has;
+}
+
 void nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
-  // Rows of W are independent: split them over threads (~16K weights per task at least).
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, w.K));
+  // Rows of W are independent: split them over threads (at least ~64K weights per task: below
+  // that an OpenMP region costs more than it saves).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, w.K));
+  const bool avx512 = use_avx512();
   at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      if (avx512) {
+        nf4_gemv_rows_avx512(static_cast<int>(std::min<int64_t>(4, M - m0)), w, x + m0 * ldx, ldx, y + m0 * ldy,
+                             ldy, n0, n1);
+        continue;
+      }
       const float* xm = x + m0 * ldx;
       float* ym = y + m0 * ldy;
       switch (std::min<int64_t>(4, M - m0)) {
@@ -188,9 +199,9 @@ void nf4_row_sqnorm(const NF4Matrix& w, float* out) {
     for (int64_t n = n0; n < n1; ++n) {
       double acc = 0.0;
       for (int64_t i = n * w.K, r1 = i + w.K; i < r1;) {
-        const int64_t b = i / w.blocksize;
+        const int64_t b = block_of(w, i);
         const int64_t end = std::min(r1, (b + 1) * w.blocksize);
-        const float s = w.scales.block_scale(b);
+        const float s = block_scale(w.scales, b);
         for (; i < end; ++i) {
           const double v = static_cast<double>(kNF4Codebook[code_at(w.packed, i)] * s);  // fp32 deq value
           acc += v * v;

@@ -19,6 +19,36 @@ struct NF4Matrix {
   int64_t N, K;           // out_features, in_features
 };
 
+// Per-TU helpers (anonymous namespace: files compiled for different ISAs must not share one copy).
+namespace {
+
+// Code of flat element i: high nibble of byte i/2 for even i, low nibble for odd i.
+inline int code_at(const uint8_t* packed, int64_t i) {
+  const uint8_t byte = packed[i >> 1];
+  return (i & 1) ? (byte & 0x0F) : (byte >> 4);
+}
+
+// absmax_hat[b] = map[qabsmax[b]] * absmax2[b / 256] + offset with TWO roundings, as bitsandbytes
+// computes it (two tensor ops). GCC contracts a*b+c into one FMA in C++ unless built with
+// -ffp-contract=off; the empty asm forces the product to be rounded to fp32 first.
+inline float block_scale(const NF4Scales& s, int64_t b) {
+  if (s.qabsmax == nullptr) return s.absmax_f32[b];  // (not s.double_quant(): no shared inline symbol)
+  float prod = s.nested_map[s.qabsmax[b]] * s.absmax2[b / kNestedBlocksize];
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm volatile("" : "+x"(prod));
+#else
+  volatile float rounded = prod;
+  prod = rounded;
+#endif
+  return prod + *s.offset;
+}
+
+// Block of flat index i. blocksize is a power of two: a shift, not a 64-bit division (~40 cycles
+// per block of 64 elements would cost more than decoding them).
+inline int64_t block_of(const NF4Matrix& w, int64_t i) { return i >> __builtin_ctzll(static_cast<uint64_t>(w.blocksize)); }
+
+}  // namespace
+
 // Largest M that takes the streaming GEMV path (decode each packed byte once per 4 rows of x).
 constexpr int64_t kGemvMaxM = 8;
 
@@ -30,6 +60,12 @@ void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int
 // y[m * ldy + n] = Σ_k x[m * ldx + k] · deq(W)[n, k]   for m < M (M small), all n. fp32 accumulate.
 // Streams the packed bytes once per 4 rows of x; parallel over rows of W.
 void nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy);
+
+// The AVX-512 variant of the GEMV rows kernel (csrc/cpu/nf4_linear_avx512.cpp; MB = 1..4 rows of x),
+// and whether this CPU can run it.
+void nf4_gemv_rows_avx512(int MB, const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                          int64_t n0, int64_t n1);
+bool nf4_cpu_has_avx512();
 
 // out[n] = Σ_k deq(W)[n, k]²   (accumulated in double, stored as fp32)
 void nf4_row_sqnorm(const NF4Matrix& w, float* out);
