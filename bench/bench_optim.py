@@ -15,11 +15,11 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import bench, print_table  # noqa: E402
+from _timing import bench, print_table
 
-from lowrank_ext.optim import AdamW8bit, PagedAdamW  # noqa: E402
+from lowrank_ext.optim import AdamW8bit, PagedAdamW
 
-HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+HYPER = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
 
 
 def _params(shapes, dtype):
@@ -31,8 +31,12 @@ def _params(shapes, dtype):
 
 
 def _state_bytes(opt) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor) and t.dim() > 0)
+    return sum(
+        t.numel() * t.element_size()
+        for s in opt.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
 
 
 def _bnb_adamw8bit():
@@ -45,7 +49,9 @@ def _bnb_adamw8bit():
 
 def run(quick: bool = False) -> list[list[object]]:
     # ~10M params as a few LLM-like matrices (quick: ~2.6M)
-    shapes = [(1024, 1024)] * 2 + [(576, 1536)] if quick else [(2048, 2048)] * 2 + [(1536, 576)] * 2 + [(4096, 96)]
+    shapes = (
+        [(1024, 1024)] * 2 + [(576, 1536)] if quick else [(2048, 2048)] * 2 + [(1536, 576)] * 2 + [(4096, 96)]
+    )
     n = sum(torch.Size(s).numel() for s in shapes)
     repeat = 5 if quick else 10
     rows: list[list[object]] = []
@@ -57,13 +63,27 @@ def run(quick: bool = False) -> list[list[object]]:
         ours.step()
         # correctness once before timing (same params and grads, one step)
         for a, b in zip(ps_ref, ps_ours):
-            torch.testing.assert_close(a.float(), b.float(), atol=1e-2 if dtype != torch.float32 else 1e-6,
-                                       rtol=1e-2 if dtype != torch.float32 else 1e-5)
+            torch.testing.assert_close(
+                a.float(),
+                b.float(),
+                atol=1e-2 if dtype != torch.float32 else 1e-6,
+                rtol=1e-2 if dtype != torch.float32 else 1e-5,
+            )
         t_ref = bench(ref.step, warmup=1, repeat=repeat)
         t_ours = bench(ours.step, warmup=1, repeat=repeat)
         gbs = n * (3 * 4 + 3 * torch.finfo(dtype).bits / 8) / t_ours / 1e9  # p,g read, p write + m,v r/w
-        rows.append([f"32-bit {str(dtype)[6:]}", n, f"{t_ref * 1e3:.1f}", f"{t_ours * 1e3:.1f}", f"{gbs:.1f}",
-                     f"{t_ref / t_ours:.2f}x", _state_bytes(ref), _state_bytes(ours)])
+        rows.append(
+            [
+                f"32-bit {str(dtype)[6:]}",
+                n,
+                f"{t_ref * 1e3:.1f}",
+                f"{t_ours * 1e3:.1f}",
+                f"{gbs:.1f}",
+                f"{t_ref / t_ours:.2f}x",
+                _state_bytes(ref),
+                _state_bytes(ours),
+            ]
+        )
     bnb_cls = _bnb_adamw8bit()
     ps_ours = _params(shapes, torch.float32)
     ours8 = AdamW8bit(ps_ours, **HYPER)
@@ -75,14 +95,33 @@ def run(quick: bool = False) -> list[list[object]]:
         bnb_opt = bnb_cls(ps_bnb, **HYPER)
         bnb_opt.step()
         t_bnb = bench(bnb_opt.step, warmup=1, repeat=max(3, repeat // 2))
-        rows.append(["8-bit fp32 vs bnb", n, f"{t_bnb * 1e3:.1f}", f"{t8 * 1e3:.1f}", "",
-                     f"{t_bnb / t8:.2f}x", _state_bytes(bnb_opt), _state_bytes(ours8)])
+        rows.append(
+            [
+                "8-bit fp32 vs bnb",
+                n,
+                f"{t_bnb * 1e3:.1f}",
+                f"{t8 * 1e3:.1f}",
+                "",
+                f"{t_bnb / t8:.2f}x",
+                _state_bytes(bnb_opt),
+                _state_bytes(ours8),
+            ]
+        )
     else:
         rows.append(["8-bit fp32 (no bnb)", n, "", f"{t8 * 1e3:.1f}", "", "", "", _state_bytes(ours8)])
     print_table(
         f"optimizer step, CPU, {torch.get_num_threads()} threads (baseline: torch fused AdamW / bitsandbytes "
         f"AdamW8bit); 8-bit state = {_state_bytes(ours8) / fp32_bytes:.1%} of fp32 state",
-        ["case", "params", "baseline ms", "ours ms", "ours GB/s", "speedup", "baseline state B", "ours state B"],
+        [
+            "case",
+            "params",
+            "baseline ms",
+            "ours ms",
+            "ours GB/s",
+            "speedup",
+            "baseline state B",
+            "ours state B",
+        ],
         rows,
     )
     return rows

@@ -61,7 +61,13 @@ class _FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
         self.min_8bit_size = int(min_8bit_size)
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=False)
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": False,
+        }
         super().__init__(params, defaults)
 
     @classmethod
@@ -87,7 +93,9 @@ class _FusedAdamW(torch.optim.Optimizer):
     def _pages(self, p: torch.Tensor) -> bool:
         return self._paged and p.is_cuda and p.numel() >= self.min_8bit_size
 
-    def _zeros(self, p: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def _zeros(
+        self, p: torch.Tensor, shape: torch.Size | tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         """A state tensor: managed (paged) memory for large states of a paged optimizer on CUDA."""
         if self._pages(p) and tuple(shape) == tuple(p.shape):
             return ops.paged_zeros_like(p, dtype)
@@ -133,8 +141,13 @@ class _FusedAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
-            hyper = dict(lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
-                         weight_decay=float(group["weight_decay"]))
+            hyper = {
+                "lr": float(group["lr"]),
+                "beta1": float(beta1),
+                "beta2": float(beta2),
+                "eps": float(group["eps"]),
+                "weight_decay": float(group["weight_decay"]),
+            }
             for p in group["params"]:
                 g = p.grad
                 if g is None:
@@ -150,8 +163,9 @@ class _FusedAdamW(torch.optim.Optimizer):
                     tensors = (state["state1"], state["state2"])
                     self._prefetch(p, tensors)
                     q1, q2 = self._maps(p.device)
-                    ops.adamw8bit_step(p, g, *tensors, state["absmax1"], state["absmax2"], q1, q2, step=step,
-                                       **hyper)
+                    ops.adamw8bit_step(
+                        p, g, *tensors, state["absmax1"], state["absmax2"], q1, q2, step=step, **hyper
+                    )
                 else:
                     tensors = (state["exp_avg"], state["exp_avg_sq"])
                     self._prefetch(p, tensors)
@@ -163,7 +177,9 @@ class _FusedAdamW(torch.optim.Optimizer):
             return
         for t in tensors:
             if ops.paged_is_managed(t):
-                ops.paged_prefetch(t, p.device.index if p.device.index is not None else torch.cuda.current_device())
+                ops.paged_prefetch(
+                    t, p.device.index if p.device.index is not None else torch.cuda.current_device()
+                )
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

@@ -16,8 +16,8 @@ from lowrank_ext import ops
 from lowrank_ext._reference.optim import adamw8bit_step_ref, adamw_step_ref, optim_maps
 from lowrank_ext.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
 
-HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-OP_HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+HYPER = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+OP_HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2}
 
 
 def _grads(shape, steps, seed=0, dtype=torch.float32):
@@ -90,12 +90,15 @@ def test_nan_inf_grads_propagate_like_torch():
 # ---- 8-bit state ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("opt_cls,shape", [
-    (AdamW8bit, (1024, 32)),
-    (PagedAdamW8bit, (1024, 32)),  # on CPU the same kernel as AdamW8bit: one shape is enough
-    pytest.param(AdamW8bit, (1024, 1024), marks=pytest.mark.slow),
-    pytest.param(AdamW8bit, (1024, 4097), marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "opt_cls,shape",
+    [
+        (AdamW8bit, (1024, 32)),
+        (PagedAdamW8bit, (1024, 32)),  # on CPU the same kernel as AdamW8bit: one shape is enough
+        pytest.param(AdamW8bit, (1024, 1024), marks=pytest.mark.slow),
+        pytest.param(AdamW8bit, (1024, 4097), marks=pytest.mark.slow),
+    ],
+)
 def test_8bit_within_bnb_bounds(shape, opt_cls):
     # bitsandbytes' own protocol and bounds for its blockwise 8-bit Adam: 50 steps against a 32-bit
     # reference, params re-synced every 10 steps (they drift apart otherwise), checked before each re-sync.
@@ -132,8 +135,11 @@ def test_8bit_error_no_worse_than_bitsandbytes():
     shape = (1024, 256)
     grads = _grads(shape, 50)
     ps = [_param(shape) for _ in range(3)]
-    opts = [AdamW8bit([ps[0]], **HYPER), bnb.optim.AdamW8bit([ps[1]], **HYPER),
-            torch.optim.AdamW([ps[2]], **HYPER, foreach=False)]
+    opts = [
+        AdamW8bit([ps[0]], **HYPER),
+        bnb.optim.AdamW8bit([ps[1]], **HYPER),
+        torch.optim.AdamW([ps[2]], **HYPER, foreach=False),
+    ]
     for g in grads:
         for p, o in zip(ps, opts):
             p.grad = g.clone()
@@ -193,25 +199,31 @@ def _model(seed=0):
 
 def _batches(steps):
     gen = torch.Generator().manual_seed(5)
-    return [(torch.randn(16, 96, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(steps)]
+    return [
+        (torch.randn(16, 96, generator=gen), torch.randint(0, 10, (16,), generator=gen)) for _ in range(steps)
+    ]
 
 
 def _train(model, opt, batches, sched=None):
     for x, y in batches:
-        def closure():
+
+        def closure(x=x, y=y):
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
             return loss
+
         opt.step(closure)
         if sched is not None:
             sched.step()
 
 
 def _groups(model):  # LoRA+-style groups: different lr and weight decay per group
-    return [{"params": model[0].parameters(), "lr": 2e-3},
-            {"params": model[2].parameters(), "lr": 5e-3, "weight_decay": 0.0}]
+    return [
+        {"params": model[0].parameters(), "lr": 2e-3},
+        {"params": model[2].parameters(), "lr": 5e-3, "weight_decay": 0.0},
+    ]
 
 
 def test_groups_closure_clip_scheduler_match_torch():
@@ -302,7 +314,7 @@ def test_step_runs_the_fused_ops(opt_cls, op):
     with _Recorder() as rec:
         opt.step()
     assert f"lowrank_ext.{op}" in rec.names
-    assert not any(n.startswith("aten.lerp") or n.startswith("aten.addcdiv") for n in rec.names)
+    assert not any(n.startswith(("aten.lerp", "aten.addcdiv")) for n in rec.names)
 
 
 # ---- errors ---------------------------------------------------------------------------------------
@@ -311,7 +323,10 @@ def test_step_runs_the_fused_ops(opt_cls, op):
 def test_optimizer_errors():
     with pytest.raises(ValueError, match=r"lowrank_ext::PagedAdamW: amsgrad must be False"):
         PagedAdamW([_param((4,))], amsgrad=True)
-    with pytest.raises(TypeError, match=r"lowrank_ext::AdamW8bit: params must be float32, float16 or bfloat16, got torch.int64"):
+    with pytest.raises(
+        TypeError,
+        match=r"lowrank_ext::AdamW8bit: params must be float32, float16 or bfloat16, got torch.int64",
+    ):
         AdamW8bit([torch.zeros(4, dtype=torch.int64)])
     with pytest.raises(ValueError, match=r"lowrank_ext::PagedAdamW8bit: betas must be in \[0, 1\)"):
         PagedAdamW8bit([_param((4,))], betas=(0.9, 1.0))
@@ -324,13 +339,20 @@ def test_optimizer_errors():
     emb = torch.nn.Embedding(10, 4, sparse=True)
     emb(torch.tensor([1, 2])).sum().backward()
     opt = PagedAdamW(emb.parameters())
-    with pytest.raises(TypeError, match=r"lowrank_ext::PagedAdamW: grad must be a dense \(strided\) tensor, got torch.sparse_coo"):
+    with pytest.raises(
+        TypeError,
+        match=r"lowrank_ext::PagedAdamW: grad must be a dense \(strided\) tensor, got torch.sparse_coo",
+    ):
         opt.step()
     p = _param((5000,))
     opt = AdamW8bit([p])
-    sd = {"state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}},
-          "param_groups": opt.state_dict()["param_groups"]}
-    with pytest.raises(ValueError, match=r"lowrank_ext::AdamW8bit: state_dict exp_avg must have 5000 elements"):
+    sd = {
+        "state": {0: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}},
+        "param_groups": opt.state_dict()["param_groups"],
+    }
+    with pytest.raises(
+        ValueError, match=r"lowrank_ext::AdamW8bit: state_dict exp_avg must have 5000 elements"
+    ):
         opt.load_state_dict(sd)
 
 
@@ -343,27 +365,69 @@ def test_adamw_step_errors():
     p, g, m, v = _op_args()
     f = ops.adamw_step
     cases = [
-        (TypeError, r"lowrank_ext::adamw_step: param must be float32, float16 or bfloat16, got Long",
-         (p.long(), g.long(), m, v), {}),
-        (TypeError, r"lowrank_ext::adamw_step: grad must have the dtype of param \(Float\), got BFloat16",
-         (p, g.bfloat16(), m, v), {}),
-        (ValueError, r"lowrank_ext::adamw_step: grad must have the shape of param \[300\], got \[299\]",
-         (p, g[:299], m, v), {}),
-        (TypeError, r"lowrank_ext::adamw_step: exp_avg must have dtype Float, got BFloat16",
-         (p, g, m.bfloat16(), v), {}),
-        (ValueError, r"lowrank_ext::adamw_step: exp_avg_sq must have 300 elements, got 10",
-         (p, g, m, v[:10]), {}),
-        (ValueError, r"lowrank_ext::adamw_step: param must be contiguous",
-         (torch.randn(300, 2)[:, 0], g, m, v), {}),
-        (ValueError, r"lowrank_ext::adamw_step: exp_avg must be contiguous",
-         (p, g, torch.zeros(300, 2)[:, 0], v), {}),
+        (
+            TypeError,
+            r"lowrank_ext::adamw_step: param must be float32, float16 or bfloat16, got Long",
+            (p.long(), g.long(), m, v),
+            {},
+        ),
+        (
+            TypeError,
+            r"lowrank_ext::adamw_step: grad must have the dtype of param \(Float\), got BFloat16",
+            (p, g.bfloat16(), m, v),
+            {},
+        ),
+        (
+            ValueError,
+            r"lowrank_ext::adamw_step: grad must have the shape of param \[300\], got \[299\]",
+            (p, g[:299], m, v),
+            {},
+        ),
+        (
+            TypeError,
+            r"lowrank_ext::adamw_step: exp_avg must have dtype Float, got BFloat16",
+            (p, g, m.bfloat16(), v),
+            {},
+        ),
+        (
+            ValueError,
+            r"lowrank_ext::adamw_step: exp_avg_sq must have 300 elements, got 10",
+            (p, g, m, v[:10]),
+            {},
+        ),
+        (
+            ValueError,
+            r"lowrank_ext::adamw_step: param must be contiguous",
+            (torch.randn(300, 2)[:, 0], g, m, v),
+            {},
+        ),
+        (
+            ValueError,
+            r"lowrank_ext::adamw_step: exp_avg must be contiguous",
+            (p, g, torch.zeros(300, 2)[:, 0], v),
+            {},
+        ),
         (ValueError, r"lowrank_ext::adamw_step: step must be >= 1", (p, g, m, v), {"step": 0}),
-        (ValueError, r"lowrank_ext::adamw_step: beta1 must be in \[0, 1\), got 1", (p, g, m, v), {"beta1": 1.0}),
-        (ValueError, r"lowrank_ext::adamw_step: beta2 must be in \[0, 1\), got -0.5", (p, g, m, v),
-         {"beta2": -0.5}),
+        (
+            ValueError,
+            r"lowrank_ext::adamw_step: beta1 must be in \[0, 1\), got 1",
+            (p, g, m, v),
+            {"beta1": 1.0},
+        ),
+        (
+            ValueError,
+            r"lowrank_ext::adamw_step: beta2 must be in \[0, 1\), got -0.5",
+            (p, g, m, v),
+            {"beta2": -0.5},
+        ),
         (ValueError, r"lowrank_ext::adamw_step: lr must be >= 0, got -1", (p, g, m, v), {"lr": -1.0}),
         (ValueError, r"lowrank_ext::adamw_step: eps must be >= 0", (p, g, m, v), {"eps": -1.0}),
-        (ValueError, r"lowrank_ext::adamw_step: weight_decay must be >= 0", (p, g, m, v), {"weight_decay": -1.0}),
+        (
+            ValueError,
+            r"lowrank_ext::adamw_step: weight_decay must be >= 0",
+            (p, g, m, v),
+            {"weight_decay": -1.0},
+        ),
     ]
     for exc, msg, args, kw in cases:
         with pytest.raises(exc, match=msg):
@@ -381,7 +445,11 @@ def test_adamw8bit_step_errors():
         2: (s1.float(), TypeError, r"lowrank_ext::adamw8bit_step: state1 must have dtype Byte, got Float"),
         3: (s2[:5], ValueError, r"lowrank_ext::adamw8bit_step: state2 must have 600 elements, got 5"),
         4: (torch.zeros(2), ValueError, r"lowrank_ext::adamw8bit_step: absmax1 must have 3 elements, got 2"),
-        5: (a2.double(), TypeError, r"lowrank_ext::adamw8bit_step: absmax2 must have dtype Float, got Double"),
+        5: (
+            a2.double(),
+            TypeError,
+            r"lowrank_ext::adamw8bit_step: absmax2 must have dtype Float, got Double",
+        ),
         6: (q1[:255], ValueError, r"lowrank_ext::adamw8bit_step: qmap1 must have 256 elements, got 255"),
         7: (q2.half(), TypeError, r"lowrank_ext::adamw8bit_step: qmap2 must have dtype Float, got Half"),
     }
@@ -403,15 +471,18 @@ def test_adamw8bit_step_errors():
 def test_opcheck(device, dtype):
     n = 5000
     p, g = torch.randn(n, device=device).to(dtype), torch.randn(n, device=device).to(dtype)
-    torch.library.opcheck(torch.ops.lowrank_ext.adamw_step,
-                          (p, g, torch.zeros(n, device=device), torch.rand(n, device=device), 1e-3, 0.9, 0.999,
-                           1e-8, 0.01, 2))
+    torch.library.opcheck(
+        torch.ops.lowrank_ext.adamw_step,
+        (p, g, torch.zeros(n, device=device), torch.rand(n, device=device), 1e-3, 0.9, 0.999, 1e-8, 0.01, 2),
+    )
     q1, q2 = (q.to(device) for q in optim_maps())
     s1 = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
     s2 = torch.randint(0, 256, (n,), dtype=torch.uint8, device=device)
     a = torch.rand(20, device=device)
-    torch.library.opcheck(torch.ops.lowrank_ext.adamw8bit_step,
-                          (p, g, s1, s2, a, a.clone(), q1, q2, 1e-3, 0.9, 0.999, 1e-8, 0.01, 2))
+    torch.library.opcheck(
+        torch.ops.lowrank_ext.adamw8bit_step,
+        (p, g, s1, s2, a, a.clone(), q1, q2, 1e-3, 0.9, 0.999, 1e-8, 0.01, 2),
+    )
     torch.library.opcheck(torch.ops.lowrank_ext.paged_zeros_like, (p, torch.float32))
     torch.library.opcheck(torch.ops.lowrank_ext.paged_prefetch, (p.float(), -1))
 

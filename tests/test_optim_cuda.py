@@ -19,8 +19,8 @@ from .conftest import CUDA_OK
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and CUDA kernels")]
 
-HYPER = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
-OP_HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=1e-2)
+HYPER = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+OP_HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2}
 HOST, NEVER = -1, -2
 
 
@@ -70,7 +70,7 @@ def test_fused_kernels_match_cpu(dtype):
     gpu = [t.cuda() for t in (p, g, m, v)]
     ops.adamw_step(*cpu, step=3, **OP_HYPER)
     ops.adamw_step(*gpu, step=3, **OP_HYPER)
-    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=1e-2)
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 1e-2}
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu(), a, **tol)
     q1, q2 = optim_maps()
@@ -105,8 +105,11 @@ def test_optimizer_on_cuda_matches_torch_and_pages(opt_cls):
         if i == 10:
             opt.page_out()  # the next step prefetches the state back
             torch.cuda.synchronize()
-            paged = [t for t in opt.state[p].values() if isinstance(t, torch.Tensor) and t.is_cuda
-                     and ops.paged_is_managed(t)]
+            paged = [
+                t
+                for t in opt.state[p].values()
+                if isinstance(t, torch.Tensor) and t.is_cuda and ops.paged_is_managed(t)
+            ]
             assert bool(paged) == (opt_cls is not AdamW8bit)
             assert all(ops.paged_last_prefetch_location(t) == HOST for t in paged)
     if opt_cls is PagedAdamW:
@@ -125,7 +128,9 @@ def test_state_dict_moves_between_cpu_and_cuda():
     opt_gpu = PagedAdamW8bit([p_gpu], **HYPER)
     opt_gpu.load_state_dict(opt.state_dict())
     st = opt_gpu.state[p_gpu]
-    assert st["state1"].is_cuda and ops.paged_is_managed(st["state1"]) and st["absmax1"].dtype == torch.float32
+    assert (
+        st["state1"].is_cuda and ops.paged_is_managed(st["state1"]) and st["absmax1"].dtype == torch.float32
+    )
     g = torch.randn(shape)
     p_cpu.grad, p_gpu.grad = g, g.cuda()
     opt.step()
@@ -133,8 +138,10 @@ def test_state_dict_moves_between_cpu_and_cuda():
     torch.testing.assert_close(p_gpu.cpu(), p_cpu.detach(), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.skipif(os.environ.get("LOWRANK_EXT_TEST_OVERSUBSCRIBE") != "1",
-                    reason="oversubscribes the GPU; opt in with LOWRANK_EXT_TEST_OVERSUBSCRIBE=1 on a private GPU")
+@pytest.mark.skipif(
+    os.environ.get("LOWRANK_EXT_TEST_OVERSUBSCRIBE") != "1",
+    reason="oversubscribes the GPU; opt in with LOWRANK_EXT_TEST_OVERSUBSCRIBE=1 on a private GPU",
+)
 def test_paged_state_survives_oversubscription():
     free, _ = torch.cuda.mem_get_info()
     n = int(free * 1.25) // 8  # two fp32 moments: 1.25x the free memory in total

@@ -45,8 +45,9 @@ def _blocks(x: torch.Tensor) -> torch.Tensor:
     return out.view(nb, BLOCK)
 
 
-def adamw8bit_step_ref(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, *, lr, beta1, beta2, eps,
-                       weight_decay, step) -> None:
+def adamw8bit_step_ref(
+    p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, *, lr, beta1, beta2, eps, weight_decay, step
+) -> None:
     """In place: decode the 8-bit moments, update in fp32, requantize blockwise (blocks of 256)."""
     n = p.numel()
     per_block1 = absmax1.repeat_interleave(BLOCK)[:n]
@@ -54,8 +55,18 @@ def adamw8bit_step_ref(p, g, state1, state2, absmax1, absmax2, qmap1, qmap2, *, 
     m = qmap1[state1.reshape(-1).long()] * per_block1
     v = qmap2[state2.reshape(-1).long()] * per_block2
     pf = p.reshape(-1).clone()
-    adamw_step_ref(pf, g.reshape(-1), m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                   weight_decay=weight_decay, step=step)
+    adamw_step_ref(
+        pf,
+        g.reshape(-1),
+        m,
+        v,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        step=step,
+    )
     p.copy_(pf.view_as(p))
     for x, qmap, codes, absmax in ((m, qmap1, state1, absmax1), (v, qmap2, state2, absmax2)):
         amax = _blocks(x).abs().amax(dim=1)

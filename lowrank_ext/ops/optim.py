@@ -18,9 +18,9 @@ import torch
 
 __all__ = [
     "OPTIM_BLOCKSIZE",
-    "optim_qmap",
     "adamw8bit_step",
     "adamw_step",
+    "optim_qmap",
     "paged_is_managed",
     "paged_last_prefetch_location",
     "paged_prefetch",
@@ -31,7 +31,7 @@ _lib = torch.ops.lowrank_ext
 OPTIM_BLOCKSIZE = 256  # flat elements per fp32 absmax of the 8-bit state
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _qmap_cpu(signed: bool) -> torch.Tensor:
     # Dettmers' dynamic 8-bit type with 7 exponent bits (bitsandbytes' create_dynamic_map(signed)): for
     # exponent e = 0..6, the midpoints of a linspace(0.1, 1) grid of 2^e (signed) or 2^(e+1) (unsigned)
