@@ -11,12 +11,12 @@ import os
 import pytest
 import torch
 
+import lowrank_ext
 from lowrank_ext import ops
 from lowrank_ext._reference.optim import optim_maps
 from lowrank_ext.optim import AdamW8bit, PagedAdamW, PagedAdamW8bit
 
-from .conftest import CUDA_OK
-
+CUDA_OK = torch.cuda.is_available() and lowrank_ext.has_cuda_kernels()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and CUDA kernels")]
 
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
