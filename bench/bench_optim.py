@@ -14,7 +14,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(1, os.path.dirname(_HERE))  # the repo root, for an in-place build
 from _timing import bench, print_table
 
 from lowrank_ext.optim import AdamW8bit, PagedAdamW
@@ -71,7 +73,7 @@ def run(quick: bool = False) -> list[list[object]]:
             )
         t_ref = bench(ref.step, warmup=1, repeat=repeat)
         t_ours = bench(ours.step, warmup=1, repeat=repeat)
-        gbs = n * (3 * 4 + 3 * torch.finfo(dtype).bits / 8) / t_ours / 1e9  # p,g read, p write + m,v r/w
+        gbs = n * (3 * dtype.itemsize + 16) / t_ours / 1e9  # p, g read, p written; m, v fp32 read+written
         rows.append(
             [
                 f"32-bit {str(dtype)[6:]}",

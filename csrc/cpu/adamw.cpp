@@ -9,8 +9,15 @@
 //   p <- p - lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
 // The 8-bit step runs per 256-element block: decode m = qmap1[c1]·absmax1, v = qmap2[c2]·absmax2, update in
 // fp32 (the param update uses the unrounded m, v), absmax' = max|m| (NaN propagates), code = nearest qmap
-// entry to m/absmax' (binary search over the 255 midpoints; a tie goes to the lower code).
+// entry to m/absmax' (= number of the 255 midpoints strictly below it: a tie goes to the lower code).
 // Parallel over chunks/blocks with at::parallel_for; the inner loop is at::vec::Vectorized<float>.
+
+// at::vec::Vectorized<float> is a scalar fallback unless CPU_CAPABILITY_AVX2 is defined (ATen builds its
+// own kernels once per capability and defines it there); this file is compiled with -mavx2 -mfma.
+#if defined(__AVX2__) && defined(__FMA__) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,7 +26,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <memory>
 
 #include "lowrank_ext/adamw_args.h"
 
@@ -93,7 +102,7 @@ void adamw_step_cpu(const at::Tensor& param, const at::Tensor& grad_in, const at
   });
 }
 
-// mid[k] = (map[k] + map[k+1]) / 2 for k < 255; mid[255] = +inf (never read by the search below).
+// mid[k] = (map[k] + map[k+1]) / 2 for k < 255; mid[255] = +inf (a sentinel: no finite x passes it).
 void midpoints(const float* map, float* mid) {
   for (int k = 0; k < 255; ++k) mid[k] = (map[k] + map[k + 1]) * 0.5f;
   mid[255] = std::numeric_limits<float>::infinity();
@@ -101,10 +110,55 @@ void midpoints(const float* map, float* mid) {
 
 // Nearest code of x in a sorted 256-entry map = number of midpoints strictly below x (8 branch-free
 // halvings; NaN compares false everywhere and lands on code 0).
-inline uint8_t nearest_code(const float* mid, float x) {
+inline uint8_t nearest_code_search(const float* mid, float x) {
   int c = 0;
   for (int step = 128; step >= 1; step >>= 1) c += (mid[c + step - 1] < x) ? step : 0;
   return static_cast<uint8_t>(c);
+}
+
+// Fast nearest code: a table over the top 16 bits of x's float encoding (sign, exponent, 7 mantissa bits)
+// gives lo = the code of the smallest value with those bits; codes are monotone in x, so the answer is
+// lo plus the midpoints between that value and x: for the dynamic maps at most 1 (buckets are <= 1/128
+// of a binade wide, narrower than the map's spacing), for any sorted map still exact (the loop runs on).
+struct CodeTable {
+  float mid[256];
+  uint8_t lo[1 << 16];
+
+  void build(const float* map) {
+    midpoints(map, mid);
+    for (uint32_t key = 0; key < (1u << 16); ++key) {
+      // smallest value of the bucket: the bucket's start for x >= 0, its end (largest magnitude) for x < 0
+      const uint32_t bits = (key << 16) | ((key & 0x8000u) ? 0xFFFFu : 0u);
+      float v;
+      std::memcpy(&v, &bits, sizeof(v));
+      lo[key] = nearest_code_search(mid, v);
+    }
+  }
+  inline uint8_t code(float x) const {
+    uint32_t bits;
+    std::memcpy(&bits, &x, sizeof(bits));
+    int c = lo[bits >> 16];
+    while (mid[c] < x) ++c;  // stops at 255 at the latest (mid[255] = +inf); NaN: no step
+    return static_cast<uint8_t>(c);
+  }
+};
+
+// Tables for the maps of the last call, per thread (rebuilt only when a map's contents change).
+const CodeTable& code_table(const float* map, int which) {
+  struct Cached {
+    float map[256];
+    bool valid = false;
+    CodeTable table;
+  };
+  thread_local std::unique_ptr<Cached> cache[2];
+  if (!cache[which]) cache[which] = std::make_unique<Cached>();
+  Cached& c = *cache[which];
+  if (!c.valid || std::memcmp(c.map, map, sizeof(c.map)) != 0) {
+    std::memcpy(c.map, map, sizeof(c.map));
+    c.table.build(map);
+    c.valid = true;
+  }
+  return c.table;
 }
 
 // max |x| over n values; a NaN anywhere makes the result NaN (so a NaN state stays visible, as in torch).
@@ -119,10 +173,10 @@ inline float absmax_nan(const float* x, int64_t n) {
 }
 
 // Encode n values of one block into codes; returns the block's new absmax.
-inline float requantize(const float* x, int64_t n, const float* mid, uint8_t* codes) {
+inline float requantize(const float* x, int64_t n, const CodeTable& table, uint8_t* codes) {
   const float amax = absmax_nan(x, n);
   const float inv = amax > 0.f ? 1.0f / amax : 0.f;  // all-zero (or NaN) block: every code encodes 0·inv
-  for (int64_t i = 0; i < n; ++i) codes[i] = nearest_code(mid, x[i] * inv);
+  for (int64_t i = 0; i < n; ++i) codes[i] = table.code(x[i] * inv);
   return amax;
 }
 
@@ -138,9 +192,9 @@ void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad_in, cons
   const int64_t n = param.numel(), nb = ceil_div(n, kOptimBlocksize);
   const float* map1 = qmap1.const_data_ptr<float>();
   const float* map2 = qmap2.const_data_ptr<float>();
-  float mid1[256], mid2[256];
-  midpoints(map1, mid1);
-  midpoints(map2, mid2);
+  // built on the calling thread, read by the at::parallel_for workers below
+  const CodeTable& table1 = code_table(map1, 0);
+  const CodeTable& table2 = code_table(map2, 1);
   uint8_t* c1 = state1.data_ptr<uint8_t>();
   uint8_t* c2 = state2.data_ptr<uint8_t>();
   float* a1 = absmax1.data_ptr<float>();
@@ -162,8 +216,8 @@ void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad_in, cons
         at::vec::convert(g + i0, gf, len);
         adamw_update_f32(pf, gf, m, v, len, s, bc2_sqrt);
         at::vec::convert(pf, p + i0, len);
-        a1[b] = requantize(m, len, mid1, c1 + i0);
-        a2[b] = requantize(v, len, mid2, c2 + i0);
+        a1[b] = requantize(m, len, table1, c1 + i0);
+        a2[b] = requantize(v, len, table2, c2 + i0);
       }
     });
   });
