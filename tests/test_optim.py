@@ -41,11 +41,12 @@ def _run(opt_cls, p, grads, **kw):
 # ---- 32-bit state vs torch.optim.AdamW ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(1024, 32), (1024, 1024), (1024, 4097), (7,)])
-@pytest.mark.parametrize("opt_cls", [PagedAdamW, AdamW8bit])
-def test_fp32_state_matches_torch_adamw(shape, opt_cls):
-    if opt_cls is AdamW8bit and shape != (7,):
-        pytest.skip("AdamW8bit keeps fp32 state only below 4096 elements")
+@pytest.mark.parametrize(
+    "opt_cls,shape",
+    [(PagedAdamW, s) for s in [(1024, 32), (1024, 1024), (1024, 4097), (7,)]]
+    + [(AdamW8bit, (7,)), (PagedAdamW8bit, (4095,))],  # below 4096 elements the 8-bit classes keep fp32 state
+)
+def test_fp32_state_matches_torch_adamw(opt_cls, shape):
     grads = _grads(shape, 20)
     p, p_ref = _param(shape), _param(shape)
     opt = _run(opt_cls, p, grads)
