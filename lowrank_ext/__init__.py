@@ -9,7 +9,8 @@ from lowrank_ext._extension import build_info, has_cuda_kernels  # first: loads 
 
 from lowrank_ext import ops  # noqa: E402
 from lowrank_ext.nf4 import NF4Weight, quantize_nf4  # noqa: E402
+from lowrank_ext.rank_alloc import allocate_ranks  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["NF4Weight", "build_info", "has_cuda_kernels", "ops", "quantize_nf4"]
+__all__ = ["NF4Weight", "allocate_ranks", "build_info", "has_cuda_kernels", "ops", "quantize_nf4"]

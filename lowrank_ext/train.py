@@ -247,7 +247,7 @@ class Trainer:
                 batch = self.train_batches(self.step * cfg.grad_accum + k).to(self.device)
                 loss = self.loss_fn(self.model, batch) / cfg.grad_accum
                 loss.backward()
-                loss_sum += float(loss)
+                loss_sum += float(loss.detach())
                 step_tokens += batch.numel()
             params = [p for _, p in self.named_params]
             if cfg.max_grad_norm is not None:
@@ -269,8 +269,6 @@ class Trainer:
                 rec["eval_loss"] = self.evaluate()
                 self.model.train()
             self.history.append(rec)
-            if on_step is not None:
-                on_step(rec)
             if bar is not None:
                 cur, peak = memory_mb(self.device)
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}",
@@ -278,6 +276,8 @@ class Trainer:
                 bar.update(1)
             if self.checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+            if on_step is not None:
+                on_step(rec)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t_start
