@@ -139,7 +139,7 @@ def finetune(a: argparse.Namespace) -> dict:
     """The main job; returns the numbers it printed (tests read them)."""
     from lowrank_ext import _finetune_backend as fb
     from lowrank_ext.data import load_documents, prepare_data, split_documents
-    from lowrank_ext.models import load_causal_lm
+    from lowrank_ext.models import DEFAULT_MODEL, check_model_dir, load_causal_lm, smollm2_gguf_path
     from lowrank_ext.train import TrainConfig, Trainer, evaluate, memory_mb
 
     _check_args(a)
@@ -151,6 +151,9 @@ def finetune(a: argparse.Namespace) -> dict:
     if a.resume and not (ckpt_dir / "trainer_state.pt").is_file():
         raise CLIError(f"lowrank_ext finetune: --resume must point at a directory with a checkpoint, got "
                        f"{str(ckpt_dir)!r} (no trainer_state.pt)")
+    # cheap checks first: the model directory, the dataset, the backend; then the slow loads
+    check_model_dir(a.model) if a.model != DEFAULT_MODEL else smollm2_gguf_path()
+    docs = load_documents(a.dataset)
     backend = fb.get_backend(a.backend)
 
     t0 = time.perf_counter()
@@ -164,7 +167,7 @@ def finetune(a: argparse.Namespace) -> dict:
     eval_batches = held_blocks.sequential(micro)
     print(f"data: {a.dataset}: {len(train_blocks)} train / {len(held_blocks)} held-out blocks of {a.seq_len} tokens",
           flush=True)
-    prompt = _prompt(split_documents(load_documents(a.dataset)).heldout[0])
+    prompt = _prompt(split_documents(docs).heldout[0])
     targets = _targets(a.targets)
     model = lm.model.to(device)
     total_params = sum(p.numel() for p in model.parameters())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "cache_root", "load_causal_lm", "smollm2_gguf_path"]
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "cache_root", "check_model_dir", "load_causal_lm", "smollm2_gguf_path"]
 
 DEFAULT_MODEL = "smollm2"  # the packaged SmolLM2-135M-Instruct
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -114,6 +114,17 @@ def _cached_smollm2(refresh: bool = False) -> tuple[Path, bool]:
     return dest, fresh
 
 
+def check_model_dir(model: str | os.PathLike) -> Path:
+    """`model` as a Path, after checking it looks like a transformers model directory (clear errors)."""
+    path = Path(model)
+    what = f"lowrank_ext finetune: --model must be a directory with a transformers causal LM, got {str(model)!r}"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} (no such directory)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what} (no config.json in it)")
+    return path
+
+
 def load_causal_lm(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
                    refresh_cache: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer, offline.
@@ -126,15 +137,7 @@ def load_causal_lm(model: str | os.PathLike | None = None, *, dtype: torch.dtype
     if model is None or str(model) == DEFAULT_MODEL:
         path, from_cache = _cached_smollm2(refresh=refresh_cache)
     else:
-        path, from_cache = Path(model), False
-        if not path.is_dir():
-            raise FileNotFoundError(
-                f"lowrank_ext finetune: --model must be a directory with a transformers causal LM, got {str(model)!r} "
-                "(no such directory)")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"lowrank_ext finetune: --model must be a directory with a transformers causal LM, got {str(model)!r} "
-                "(no config.json in it)")
+        path, from_cache = check_model_dir(model), False
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
