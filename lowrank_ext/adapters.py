@@ -1,0 +1,258 @@
+"""Model-level adapter management: functions taking the model (so nothing clashes with the methods
+transformers models already have under these names).
+
+    add_adapter / set_adapter / delete_adapter / disable_adapters (context manager)
+    add_weighted_adapter(model, adapters, weights, name, combination_type="linear" | "cat" | "svd")
+    mixed_batch(model, adapter_names)  (context manager: row b of the batch uses adapter_names[b])
+    merge_adapter / unmerge_adapter / merge_and_unload
+    loraplus_param_groups(model, lr, ratio=16)
+
+Combinations (w_i = weights, s_i = scalings; the new adapter has scaling 1):
+    cat     A = [w_1 s_1 A_1; ...; w_k s_k A_k]  B = [B_1 ... B_k]   ⇒ B A = Σ w_i s_i B_i A_i  (exact)
+    svd     Δ = Σ w_i s_i B_i A_i = U S Vᵀ, keep rank ρ: B = U_ρ S_ρ, A = V_ρᵀ  (exact when ρ ≥ rank Δ)
+    linear  A = Σ √(w_i s_i) A_i,  B = Σ √(w_i s_i) B_i  (PEFT's "linear": needs equal ranks; not Σ Δ_i)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from lowrank_ext.config import LoRAConfig
+from lowrank_ext.inject import ModulesToSave, get_state, inject
+from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, QLoRALinear
+
+__all__ = [
+    "add_adapter",
+    "add_weighted_adapter",
+    "delete_adapter",
+    "disable_adapters",
+    "loraplus_param_groups",
+    "merge_adapter",
+    "merge_and_unload",
+    "mixed_batch",
+    "set_adapter",
+    "unmerge_adapter",
+]
+
+BASE = "__base__"  # in mixed_batch: this row uses no adapter
+
+
+def _state(model: nn.Module, op: str):
+    state = get_state(model)
+    if state is None:
+        raise ValueError(f"lowrank_ext::{op}: model must have adapters (call lowrank_ext.inject first), got none")
+    return state
+
+
+def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS))
+
+
+def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> nn.Module:
+    """Add adapter `name` (not activated; PEFT's behaviour). The model must already have adapters."""
+    _state(model, "add_adapter")
+    return inject(model, config, name)
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make `names` the active adapters; only their parameters (and biases per config) are trainable."""
+    state = _state(model, "set_adapter")
+    names = [names] if isinstance(names, str) else list(names)
+    for n in names:
+        if n not in state.configs:
+            raise ValueError(f"lowrank_ext::set_adapter: names must be existing adapters {sorted(state.configs)}, "
+                             f"got {n!r}")
+    state.active = names
+    for _, layer in _layers(model):
+        layer.set_adapter([n for n in names if n in layer.specs])
+    for m in model.modules():
+        if isinstance(m, ModulesToSave):
+            m.active = next((n for n in names if n in m.modules_to_save), None)
+            for n, copy_ in m.modules_to_save.items():
+                copy_.requires_grad_(n == m.active)
+    biases = {state.configs[n].bias for n in names}
+    if "all" in biases:
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and ".modules_to_save." not in pname and "original_module" not in pname:
+                p.requires_grad_(True)
+    elif "lora_only" in biases:
+        for _, layer in _layers(model):
+            if layer.bias is not None:
+                layer.bias.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    state = _state(model, "delete_adapter")
+    if name not in state.configs:
+        raise ValueError(f"lowrank_ext::delete_adapter: name must be an existing adapter {sorted(state.configs)}, "
+                         f"got {name!r}")
+    for _, layer in _layers(model):
+        if name in layer.specs:
+            layer.delete_adapter(name)
+    for m in model.modules():
+        if isinstance(m, ModulesToSave) and name in m.modules_to_save:
+            del m.modules_to_save[name]
+    del state.configs[name]
+    state.vera_shared.pop(name, None)
+    state.summaries.pop(name, None)
+    state.active = [a for a in state.active if a != name]
+    set_adapter(model, state.active)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes with its base weights only."""
+    _state(model, "disable_adapters")
+    mods = [m for m in model.modules() if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))]
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.disabled = b
+
+
+@contextlib.contextmanager
+def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Within the block, row b of every batch uses adapter adapter_names[b] ("__base__": none).
+
+    Each layer stacks the named adapters once per forward and applies them to all rows with one gather and
+    two batched matmuls (lowrank_ext.nn.functional.mixed_lora_delta): no Python loop over rows.
+    """
+    state = _state(model, "mixed_batch")
+    uniq = list(dict.fromkeys(adapter_names))
+    for n in uniq:
+        if n != BASE and n not in state.configs:
+            raise ValueError(f"lowrank_ext::mixed_batch: adapter_names must name existing adapters "
+                             f"{sorted(state.configs)} or {BASE!r}, got {n!r}")
+    ids = torch.tensor([uniq.index(n) for n in adapter_names], dtype=torch.long)
+    layers = [m for _, m in _layers(model)]
+    for m in layers:
+        m._mixed = (uniq, ids)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m._mixed = None
+
+
+# ---- combination ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None) -> None:
+    """Create adapter `adapter_name` = weighted combination of LoRA `adapters` (see the module docstring)."""
+    state = _state(model, "add_weighted_adapter")
+    if combination_type not in ("linear", "cat", "svd"):
+        raise ValueError(f"lowrank_ext::add_weighted_adapter: combination_type must be 'linear', 'cat' or 'svd', "
+                         f"got {combination_type!r}")
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError(f"lowrank_ext::add_weighted_adapter: weights must have one entry per adapter "
+                         f"({len(adapters)}), got {len(weights)}")
+    cfgs = []
+    for a in adapters:
+        if a not in state.configs:
+            raise ValueError(f"lowrank_ext::add_weighted_adapter: adapters must be existing adapters "
+                             f"{sorted(state.configs)}, got {a!r}")
+        if state.configs[a].variant != "lora":
+            raise ValueError(f"lowrank_ext::add_weighted_adapter: adapters must be plain LoRA adapters, got {a!r} "
+                             f"with variant={state.configs[a].variant!r}")
+        cfgs.append(state.configs[a])
+    ranks = {c.r for c in cfgs}
+    if combination_type == "linear" and (len(ranks) > 1 or any(c.rank_pattern for c in cfgs)):
+        raise ValueError(f"lowrank_ext::add_weighted_adapter: adapters must have equal ranks for 'linear', "
+                         f"got {sorted(ranks)}")
+    new_r = {"linear": cfgs[0].r, "cat": sum(c.r for c in cfgs), "svd": svd_rank or max(ranks)}[combination_type]
+    targets = sorted({t for n, layer in _layers(model) for t in [n] if any(a in layer.specs for a in adapters)})
+    config = LoRAConfig(r=new_r, alpha=new_r, target_modules=targets, dropout=cfgs[0].dropout)
+    inject(model, config, adapter_name)
+    for name, layer in _layers(model):
+        if adapter_name not in layer.specs:
+            continue
+        pairs = [(layer.factors(a, torch.float32), w * layer.specs[a].scaling)
+                 for a, w in zip(adapters, weights) if a in layer.specs]
+        if combination_type == "cat":
+            new_a = torch.cat([ws * a for (a, _), ws in pairs], dim=0)
+            new_b = torch.cat([b for (_, b), _ in pairs], dim=1)
+        elif combination_type == "linear":
+            # √(w s) is imaginary for w s < 0: take √|w s| and carry the sign on A only
+            new_a = sum((1.0 if ws >= 0 else -1.0) * abs(ws) ** 0.5 * a for (a, _), ws in pairs)
+            new_b = sum(abs(ws) ** 0.5 * b for (_, b), ws in pairs)
+        else:
+            delta = sum(ws * (b @ a) for (a, b), ws in pairs)
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            rho = min(new_r, s.numel())
+            new_b = torch.zeros(layer.out_features, new_r)
+            new_a = torch.zeros(new_r, layer.in_features)
+            new_b[:, :rho] = u[:, :rho] * s[:rho]
+            new_a[:rho] = vh[:rho]
+        layer.lora_A[adapter_name].copy_(new_a)
+        layer.lora_B[adapter_name].copy_(new_b)
+
+
+# ---- merging --------------------------------------------------------------------------------------------
+def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
+    """Merge the active (or named) adapters into every layer (QLoRA layers: into a dense copy, see QLoRALinear)."""
+    _state(model, "merge_adapter")
+    for _, layer in _layers(model):
+        names = None if adapter_names is None else [n for n in adapter_names if n in layer.specs]
+        layer.merge(names, safe_merge=safe_merge)
+
+
+def unmerge_adapter(model: nn.Module) -> None:
+    _state(model, "unmerge_adapter")
+    for _, layer in _layers(model):
+        layer.unmerge()
+
+
+@torch.no_grad()
+def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: bool = False) -> nn.Module:
+    """Merge the active adapters and put plain layers back: nn.Linear (dense; the default for NF4 bases too),
+    or lowrank_ext.nn.Linear4bit holding NF4(merged) for NF4 bases when requantize=True (lossy, opt-in)."""
+    state = _state(model, "merge_and_unload")
+    for name, layer in list(_layers(model)):
+        layer.merge(safe_merge=safe_merge)
+        w = layer.dense_weight()
+        dtype = layer.weight.dtype
+        if isinstance(layer, QLoRALinear) and requantize:
+            from lowrank_ext.nf4 import quantize_nf4
+
+            old = layer.weight
+            new: nn.Module = Linear4bit(quantize_nf4(w.to(dtype), old.blocksize, old.double_quant), layer.bias)
+        else:
+            new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                            device=w.device, dtype=dtype)
+            new.weight.copy_(w.to(dtype))
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, ModulesToSave):
+            keep = m.modules_to_save[m.active] if m.active is not None else m.original_module
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, keep)
+    del state
+    del model.lowrank_ext_state
+    return model
+
+
+# ---- LoRA+ ----------------------------------------------------------------------------------------------
+def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16) -> list[dict]:
+    """Optimizer param groups for LoRA+: B matrices (and VeRA's λ_b) at lr·ratio, all other trainable
+    parameters at lr. Pass the result to any torch optimizer."""
+    if ratio <= 0:
+        raise ValueError(f"lowrank_ext::loraplus_param_groups: ratio must be > 0, got {ratio}")
+    fast, slow = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (fast if (".lora_B." in name or ".vera_lambda_b." in name) else slow).append(p)
+    if not fast:
+        raise ValueError("lowrank_ext::loraplus_param_groups: model must have trainable lora_B parameters, got none")
+    return [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * ratio}]

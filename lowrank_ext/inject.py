@@ -1,0 +1,244 @@
+"""inject(model, LoRAConfig) — swap adapter layers into any nn.Module by plain recursion over named children.
+
+Targets are nn.Linear, transformers' Conv1D (weight [in, out]), bitsandbytes' Linear4bit (imported without
+requantizing), our Linear4bit, and our adapter layers (which get one more adapter). Everything else is
+frozen; trainable: the active adapter's parameters, biases per `config.bias`, `modules_to_save` copies.
+Parameter counts follow PEFT's rule (an NF4 weight counts as its number of elements), so
+`count_parameters(model)` equals PEFT's `get_nb_trainable_parameters()` for the same config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+from torch import nn
+
+from lowrank_ext.config import LoRAConfig
+from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, LoRALinear, QLoRALinear
+
+__all__ = ["AdapterState", "InjectSummary", "ModulesToSave", "count_parameters", "inject", "inject_summary"]
+
+
+@dataclasses.dataclass
+class InjectSummary:
+    """What inject() replaced, and the parameter counts after it."""
+
+    adapter_name: str
+    replaced: list[tuple[str, str, str]]  # (module name, old type, new type)
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        lines = [f"adapter {self.adapter_name!r}: {len(self.replaced)} modules adapted"]
+        lines += [f"  {name}: {old} -> {new}" for name, old, new in self.replaced]
+        pct = 100.0 * self.trainable / max(self.total, 1)
+        lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {pct:.4f}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass
+class AdapterState:
+    """Kept on the model as `model.lowrank_ext_state` (a plain attribute, not a submodule)."""
+
+    configs: dict[str, LoRAConfig] = dataclasses.field(default_factory=dict)
+    active: list[str] = dataclasses.field(default_factory=list)
+    vera_shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
+    summaries: dict[str, InjectSummary] = dataclasses.field(default_factory=dict)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full: the frozen original plus one trainable copy per adapter (PEFT's layout)."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+
+    def add(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    def forward(self, *args, **kwargs):
+        if self.disabled or self.active not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active](*args, **kwargs)
+
+
+def _is_linear(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, Linear4bit, *ADAPTER_LAYERS)) or type(m).__name__ == "Conv1D"
+
+
+def _is_bnb_4bit(m: nn.Module) -> bool:
+    return type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
+
+
+def _candidates(model: nn.Module) -> list[str]:
+    """Names of linear-like modules, not inside a ModulesToSave wrapper or an adapter layer."""
+    names, skip = [], []
+    for name, m in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(m, (ModulesToSave, *ADAPTER_LAYERS, Linear4bit)):
+            skip.append(name)
+        if name and _is_linear(m):
+            names.append(name)
+    return names
+
+
+def _output_head_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def _targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+    cands = _candidates(model)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        head = _output_head_name(model)
+        excl = config.exclude_modules
+        probe = dataclasses.replace(config, target_modules=[c for c in cands if c != head], exclude_modules=excl)
+        return [c for c in cands if probe.matches(c)]
+    return [c for c in cands if config.matches(c)]
+
+
+def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def _vera_shared(model: nn.Module, targets: list[str], config: LoRAConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """VeRA's frozen shared A [r, max_in], B [max_out, r]: kaiming-uniform (gain √2, fan_in) from a CPU
+    generator seeded with config.vera_seed, A drawn first — the same stream PEFT draws from."""
+    max_in = max_out = 0
+    for t in targets:
+        m = model.get_submodule(t)
+        i, o = _in_out(m)
+        max_in, max_out = max(max_in, i), max(max_out, o)
+    gen = torch.Generator(device="cpu").manual_seed(config.vera_seed)
+
+    def kaiming(shape: tuple[int, int]) -> torch.Tensor:
+        bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])  # U(-b, b), b = √3 · gain / √fan_in
+        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+    a = kaiming((config.r, max_in))
+    b = kaiming((max_out, config.r))
+    return a, b
+
+
+def _in_out(m: nn.Module) -> tuple[int, int]:
+    if isinstance(m, (*ADAPTER_LAYERS, Linear4bit)):
+        return m.in_features, m.out_features
+    if type(m).__name__ == "Conv1D":
+        return m.weight.shape[0], m.weight.shape[1]
+    return m.in_features, m.out_features
+
+
+def _new_layer(m: nn.Module, config: LoRAConfig) -> nn.Module:
+    """The adapter layer (no adapter yet) for module m."""
+    from lowrank_ext.interop import nf4_from_bnb_linear
+    from lowrank_ext.nf4 import quantize_nf4
+    from lowrank_ext.nn.lora import _linear_weight
+
+    if _is_bnb_4bit(m):
+        return QLoRALinear(*nf4_from_bnb_linear(m))
+    if isinstance(m, Linear4bit):
+        return QLoRALinear(m.weight, m.bias)
+    fifo = True if type(m).__name__ == "Conv1D" else config.fan_in_fan_out
+    weight, bias = _linear_weight(m, fifo)
+    if config.quantize == "nf4":
+        return QLoRALinear(quantize_nf4(weight, config.blocksize, config.double_quant), bias)
+    return LoRALinear(weight, bias)
+
+
+def get_state(model: nn.Module) -> AdapterState | None:
+    return getattr(model, "lowrank_ext_state", None)
+
+
+def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
+    """Replace the modules `config` targets with adapter layers holding adapter `adapter_name`; freeze the rest.
+
+    The first call activates the adapter; later calls (a second adapter) keep the active set, as PEFT's
+    add_adapter does. Returns the model; `inject_summary(model)` says what was replaced.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"lowrank_ext::inject: config must be a LoRAConfig, got {type(config).__name__}")
+    state = get_state(model)
+    first = state is None
+    if first:
+        state = AdapterState()
+    if adapter_name in state.configs:
+        raise ValueError(f"lowrank_ext::inject: adapter_name must be a new adapter name, got {adapter_name!r} "
+                         f"(existing: {sorted(state.configs)})")
+    targets = _targets(model, config)
+    if not targets:
+        raise ValueError(f"lowrank_ext::inject: target_modules must match at least one linear module, got "
+                         f"target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}")
+    vera = _vera_shared(model, targets, config) if config.variant == "vera" else None
+    replaced = []
+    for name in targets:
+        parent, child_name = _get_parent(model, name)
+        old = getattr(parent, child_name)
+        layer = old if isinstance(old, ADAPTER_LAYERS) else _new_layer(old, config)
+        layer.add_adapter(adapter_name, r=config.rank_for(name), alpha=config.alpha_for(name),
+                          dropout=config.dropout, use_rslora=config.use_rslora, variant=config.variant,
+                          init=config.init, vera_shared=vera, vera_d_initial=config.vera_d_initial)
+        if layer is not old:
+            setattr(parent, child_name, layer)
+        replaced.append((name, type(old).__name__, type(layer).__name__))
+    for name in _module_to_save_names(model, config):
+        parent, child_name = _get_parent(model, name)
+        old = getattr(parent, child_name)
+        wrapper = old if isinstance(old, ModulesToSave) else ModulesToSave(old)
+        wrapper.add(adapter_name)
+        setattr(parent, child_name, wrapper)
+    if vera is not None:
+        state.vera_shared[adapter_name] = vera
+    state.configs[adapter_name] = config
+    if first:
+        model.lowrank_ext_state = state
+        for p in model.parameters():
+            p.requires_grad_(False)
+        state.active = [adapter_name]
+    from lowrank_ext.adapters import set_adapter
+
+    set_adapter(model, state.active)
+    trainable, total = count_parameters(model)
+    state.summaries[adapter_name] = InjectSummary(adapter_name, replaced, trainable, total)
+    return model
+
+
+def _module_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, m in model.named_modules() if n and not isinstance(m, ADAPTER_LAYERS)
+             and any(n == p or n.endswith("." + p) for p in config.modules_to_save)
+             and not any(n.startswith(o + ".") for o, mm in model.named_modules() if isinstance(mm, ModulesToSave))]
+    if not names:
+        raise ValueError(f"lowrank_ext::inject: modules_to_save must name existing modules, got "
+                         f"{config.modules_to_save!r}")
+    return names
+
+
+def inject_summary(model: nn.Module, adapter_name: str | None = None) -> InjectSummary:
+    """The summary of the last inject() (or of `adapter_name`), with the current parameter counts."""
+    state = get_state(model)
+    if state is None or not state.summaries:
+        raise ValueError("lowrank_ext::inject_summary: model must have been injected, got a model without adapters")
+    s = state.summaries[adapter_name or next(reversed(state.summaries))]
+    trainable, total = count_parameters(model)
+    return dataclasses.replace(s, trainable=trainable, total=total)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; an NF4 weight counts as its number of elements (PEFT's rule)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    total += sum(m.weight.numel for m in model.modules() if isinstance(m, (QLoRALinear, Linear4bit)))
+    return trainable, total

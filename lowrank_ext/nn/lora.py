@@ -1,0 +1,408 @@
+"""LoRALinear (dense base) and QLoRALinear (NF4 base): one layer class per base, any number of named
+adapters per layer, each "lora", "dora" or "vera" (math: lowrank_ext/nn/functional.py).
+
+Parameters (PEFT's names and shapes, adapter name as the dict key):
+    lora_A[name] [r, in], lora_B[name] [out, r]             LoRA and DoRA
+    lora_magnitude_vector[name] [out]                        DoRA (initialised to the row norms of W)
+    vera_lambda_d[name] [r], vera_lambda_b[name] [out]       VeRA (shared frozen A/B: buffers vera_A_<name>,
+                                                             vera_B_<name>, already sliced to this layer)
+Adapter parameters are fp32 by default (PEFT's autocast_adapter_dtype) and cast to x's dtype in forward.
+
+Forward with one active LoRA/VeRA adapter is ONE op: `nf4_lora_linear` (QLoRA) or `lora_linear` (dense).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_ext.nf4 import NF4Weight, quantize_nf4
+from lowrank_ext.nn import functional as LF
+from lowrank_ext.nn.linear4bit import NF4WeightHolder
+
+__all__ = ["AdapterSpec", "LoRALinear", "QLoRALinear"]
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Per-layer settings of one adapter."""
+
+    r: int
+    alpha: float
+    scaling: float
+    dropout: float
+    variant: str  # "lora" | "dora" | "vera"
+
+
+def _err(cls: str, arg: str, expected: str, got) -> ValueError:
+    return ValueError(f"lowrank_ext::{cls}: {arg} must {expected}, got {got}")
+
+
+class _AdapterLayer(nn.Module):
+    """Adapter bookkeeping shared by both bases. Subclasses provide the base computations:
+    _base(x) = x Wᵀ (no bias), _fused(x, A, B, s, p) = x Wᵀ + s (dropout_p(x) Aᵀ) Bᵀ + bias,
+    _dense_weight() (fp32 [out, in]), _dora_norm(A, B, s, dtype)."""
+
+    in_features: int
+    out_features: int
+
+    def _init_adapters(self) -> None:
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.vera_lambda_d = nn.ParameterDict()
+        self.vera_lambda_b = nn.ParameterDict()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        self._mixed: tuple[list[str], torch.Tensor] | None = None
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
+                    variant: str = "lora", init: str = "kaiming",
+                    vera_shared: tuple[torch.Tensor, torch.Tensor] | None = None, vera_d_initial: float = 0.1,
+                    dtype: torch.dtype = torch.float32) -> None:
+        """Add adapter `name` (does not activate it; see set_adapter)."""
+        cls = type(self).__name__
+        if name in self.specs:
+            raise _err(cls, "name", "not be an existing adapter", repr(name))
+        if not name or "." in name:
+            raise _err(cls, "name", "be a non-empty str without '.'", repr(name))
+        if not isinstance(r, int) or r <= 0:
+            raise _err(cls, "r", "be a positive int", r)
+        dev = self._device()
+        if variant == "vera":
+            if vera_shared is None:
+                raise _err(cls, "vera_shared", "be the shared (A, B) pair for a VeRA adapter", None)
+            va, vb = vera_shared
+            if va.shape[0] < r or va.shape[1] < self.in_features or vb.shape[0] < self.out_features:
+                raise _err(cls, "vera_shared", f"cover r={r}, in={self.in_features}, out={self.out_features}",
+                           (tuple(va.shape), tuple(vb.shape)))
+            self.register_buffer(f"vera_A_{name}", va[:r, : self.in_features].to(dev, dtype).clone(), persistent=False)
+            self.register_buffer(f"vera_B_{name}", vb[: self.out_features, :r].to(dev, dtype).clone(), persistent=False)
+            self.vera_lambda_d[name] = nn.Parameter(torch.full((r,), vera_d_initial, device=dev, dtype=dtype))
+            self.vera_lambda_b[name] = nn.Parameter(torch.zeros(self.out_features, device=dev, dtype=dtype))
+            scaling = 1.0
+        elif variant in ("lora", "dora"):
+            a = torch.empty(r, self.in_features, device=dev, dtype=dtype)
+            if init == "gaussian":
+                nn.init.normal_(a, std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear's default init of A
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(self.out_features, r, device=dev, dtype=dtype))
+            scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        else:
+            raise _err(cls, "variant", "be 'lora', 'dora' or 'vera'", repr(variant))
+        self.specs[name] = AdapterSpec(r, float(alpha), float(scaling), float(dropout), variant)
+        if variant == "dora":
+            self.lora_magnitude_vector[name] = nn.Parameter(self._dora_norm(name, torch.float32).to(dtype))
+
+    def delete_adapter(self, name: str) -> None:
+        self._need(name)
+        if name in self.merged_adapters:
+            raise _err(type(self).__name__, "name", "not be merged (unmerge first) to delete it", repr(name))
+        for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.vera_lambda_d, self.vera_lambda_b):
+            if name in d:
+                del d[name]
+        for buf in (f"vera_A_{name}", f"vera_B_{name}"):
+            self._buffers.pop(buf, None)
+        del self.specs[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def set_adapter(self, names: str | list[str]) -> None:
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._need(n)
+        self.active_adapters = names
+        for n in self.specs:
+            for p in self.adapter_parameters(n):
+                p.requires_grad_(n in names)
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [d[name] for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector, self.vera_lambda_d,
+                                  self.vera_lambda_b) if name in d]
+
+    def _need(self, name: str) -> None:
+        if name not in self.specs:
+            raise _err(type(self).__name__, "adapter name", f"be one of {sorted(self.specs)}", repr(name))
+
+    def factors(self, name: str, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A [r, in], B [out, r]) of adapter `name` as LoRA factors (VeRA: diag(λ_d) A, diag(λ_b) B)."""
+        if self.specs[name].variant == "vera":
+            a, b = LF.vera_factors(self.vera_lambda_d[name], self.vera_lambda_b[name],
+                                   getattr(self, f"vera_A_{name}"), getattr(self, f"vera_B_{name}"))
+        else:
+            a, b = self.lora_A[name], self.lora_B[name]
+        return (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
+
+    @torch.no_grad()
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s · B A in fp32 [out, in] (without DoRA's magnitude rescaling)."""
+        a, b = self.factors(name, torch.float32)
+        return self.specs[name].scaling * (b @ a)
+
+    def _dora_norm(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        a, b = self.factors(name)
+        return self._dora_norm_of(a.detach(), b.detach(), self.specs[name].scaling, dtype)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def _live(self) -> list[str]:
+        return [] if self.disabled else [a for a in self.active_adapters if a not in self.merged_adapters]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled and self.merged_adapters:
+            self.unmerge()
+        live = self._live()
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self._mixed is not None and not self.disabled:
+            return self._forward_mixed(x, bias)
+        if not live:
+            return self._base_plus_bias(x, bias)
+        if len(live) == 1:
+            name = live[0]
+            spec = self.specs[name]
+            p = spec.dropout if self.training else 0.0
+            if spec.variant == "dora":
+                return self._forward_dora(x, name, bias, p)
+            a, b = self.factors(name, x.dtype)
+            return self._fused(x, a, b, spec.scaling, bias, p)            # ONE op
+        y = self._base_plus_bias(x, bias)                                   # several active adapters: sum them
+        for name in live:
+            spec = self.specs[name]
+            p = spec.dropout if self.training else 0.0
+            if spec.variant == "dora":
+                y = y + self._forward_dora(x, name, None, p) - self._base(x)
+            else:
+                a, b = self.factors(name, x.dtype)
+                x_d = F.dropout(x, p) if p > 0 else x
+                y = y + spec.scaling * F.linear(F.linear(x_d, a), b)
+        return y
+
+    def _forward_dora(self, x: torch.Tensor, name: str, bias: torch.Tensor | None, p: float) -> torch.Tensor:
+        spec = self.specs[name]
+        a, b = self.factors(name, x.dtype)
+        norm = self._dora_norm(name, x.dtype).detach()                      # ||W + s B A||_row, no gradient
+        g = (self.lora_magnitude_vector[name].to(x.dtype) / norm)           # m / n  [out]
+        if p == 0.0:
+            y = g * self._fused(x, a, b, spec.scaling, None, 0.0)           # g ⊙ (x Wᵀ + s x Aᵀ Bᵀ)
+        else:                                                               # PEFT: base on x, g-1 on dropout(x)
+            x_d = F.dropout(x, p)
+            y = self._base(x) + (g - 1) * self._base(x_d) + g * (spec.scaling * F.linear(F.linear(x_d, a), b))
+        return y if bias is None else y + bias
+
+    def _forward_mixed(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        names, ids = self._mixed
+        if ids.numel() != x.shape[0]:
+            raise _err(type(self).__name__, "adapter_names", f"have one entry per batch row ({x.shape[0]})",
+                       ids.numel())
+        rmax = max([self.specs[n].r for n in names if n in self.specs] + [1])
+        a_all = x.new_zeros(len(names), rmax, self.in_features)
+        b_all = x.new_zeros(len(names), self.out_features, rmax)
+        for i, n in enumerate(names):  # loop over the (few) adapters, to stack them; rows are never looped
+            if n not in self.specs or n in self.merged_adapters:
+                continue  # "__base__" / not in this layer: zero factors
+            if self.specs[n].variant == "dora":
+                raise _err(type(self).__name__, "adapter_names", "name LoRA or VeRA adapters (DoRA is not "
+                           "supported in mixed batches)", repr(n))
+            a, b = self.factors(n, x.dtype)
+            a_all[i, : a.shape[0]] = a
+            b_all[i, :, : b.shape[1]] = self.specs[n].scaling * b
+        return self._base_plus_bias(x, bias) + LF.mixed_lora_delta(x, ids.to(x.device), a_all, b_all)
+
+    # ---- merge --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _merged_weight(self, w: torch.Tensor, names: list[str], safe: bool) -> tuple[torch.Tensor, dict]:
+        """Apply adapters `names` in order to fp32 weight w; returns the new weight and DoRA norms used."""
+        norms = {}
+        for n in names:
+            delta = self.delta_weight(n)
+            if self.specs[n].variant == "dora":
+                norm = torch.linalg.norm(w + delta, dim=1)
+                norms[n] = norm
+                w = (self.lora_magnitude_vector[n].float() / norm)[:, None] * (w + delta)
+            else:
+                w = w + delta
+            if safe and not torch.isfinite(w).all():
+                raise ValueError(f"lowrank_ext::{type(self).__name__}.merge: the merged weight must be finite, "
+                                 f"got NaN/Inf after adapter {n!r}")
+        return w, norms
+
+    def _to_merge(self, adapter_names: list[str] | None) -> list[str]:
+        names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
+        for n in names:
+            self._need(n)
+        return [n for n in names if n not in self.merged_adapters]
+
+
+class LoRALinear(_AdapterLayer):
+    """Dense-base adapter layer: weight [out, in] (frozen Parameter), bias [out] or None."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise _err("LoRALinear", "weight", "be 2-D [out, in]", tuple(weight.shape))
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self._init_adapters()
+        self._dora_norms: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                    use_rslora: bool = False, variant: str = "lora", fan_in_fan_out: bool | None = None,
+                    adapter_name: str = "default", **kw) -> LoRALinear:
+        """Wrap an nn.Linear (or transformers' Conv1D, weight [in, out]) and add one active adapter."""
+        weight, bias = _linear_weight(linear, fan_in_fan_out)
+        layer = cls(weight, bias)
+        layer.add_adapter(adapter_name, r, alpha, dropout, use_rslora, variant, **kw)
+        layer.set_adapter(adapter_name)
+        return layer
+
+    def _device(self) -> torch.device:
+        return self.weight.device
+
+    def _base(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def _base_plus_bias(self, x, bias):
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+    def _fused(self, x, a, b, scaling, bias, p):
+        return LF.lora_linear(x, self.weight.to(x.dtype), a, b, scaling, bias, p)
+
+    def _dora_norm_of(self, a, b, scaling, dtype):
+        return LF.dora_norm_dense(self.weight, a, b, scaling, dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.detach().float()
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """W ← W + s B A for each adapter (DoRA: W ← (m / ||W + s B A||) ⊙ (W + s B A)), in order."""
+        names = self._to_merge(adapter_names)
+        w, norms = self._merged_weight(self.weight.float(), names, safe_merge)
+        self.weight.copy_(w.to(self.weight.dtype))
+        self._dora_norms.update(norms)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo merge() in reverse order (W ← W − s B A; DoRA: W ← W ⊙ n / m − s B A)."""
+        w = self.weight.float()
+        while self.merged_adapters:
+            n = self.merged_adapters.pop()
+            delta = self.delta_weight(n)
+            if self.specs[n].variant == "dora":
+                w = w * (self._dora_norms.pop(n) / self.lora_magnitude_vector[n].float())[:, None]
+            w = w - delta
+        self.weight.copy_(w.to(self.weight.dtype))
+
+
+class QLoRALinear(NF4WeightHolder, _AdapterLayer):
+    """NF4-base adapter layer: `weight` is the frozen NF4Weight; forward with one adapter is one fused op.
+
+    merge() keeps the NF4 weight and adds a dense merged copy used by forward (the default: no silent
+    requantization); merge(requantize=True) replaces the NF4 weight by NF4(merged) — lossy, cannot unmerge.
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if len(weight.shape) != 2:
+            raise _err("QLoRALinear", "weight", "be a 2-D NF4Weight [out, in]", tuple(weight.shape))
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self._set_nf4_weight(weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.register_buffer("merged_weight", None, persistent=False)
+        self._init_adapters()
+        self._row_sqnorm: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, blocksize: int = 64,
+                    double_quant: bool = True, use_rslora: bool = False, variant: str = "lora",
+                    fan_in_fan_out: bool | None = None, adapter_name: str = "default", **kw) -> QLoRALinear:
+        """Quantize an nn.Linear / Conv1D (or take a Linear4bit's NF4 weight as is) and add one active adapter."""
+        from lowrank_ext.nn.linear4bit import Linear4bit
+
+        if isinstance(linear, Linear4bit):
+            weight, bias = linear.weight, linear.bias
+        else:
+            dense, bias = _linear_weight(linear, fan_in_fan_out)
+            weight = quantize_nf4(dense, blocksize, double_quant)
+        layer = cls(weight, bias)
+        layer.add_adapter(adapter_name, r, alpha, dropout, use_rslora, variant, **kw)
+        layer.set_adapter(adapter_name)
+        return layer
+
+    def _device(self) -> torch.device:
+        return self.weight.device
+
+    def _base(self, x):
+        from lowrank_ext.ops import nf4_linear
+
+        if self.merged_weight is not None:
+            return F.linear(x, self.merged_weight.to(x.dtype))
+        return nf4_linear(x, self.weight)
+
+    def _base_plus_bias(self, x, bias):
+        from lowrank_ext.ops import nf4_linear
+
+        if self.merged_weight is not None:
+            return F.linear(x, self.merged_weight.to(x.dtype), bias)
+        return nf4_linear(x, self.weight, bias)
+
+    def _fused(self, x, a, b, scaling, bias, p):
+        from lowrank_ext.ops import nf4_lora_linear
+
+        return nf4_lora_linear(x, self.weight, a, b, scaling, bias, p)
+
+    def _dora_norm_of(self, a, b, scaling, dtype):
+        if self._row_sqnorm is None or self._row_sqnorm.device != self.weight.device:
+            from lowrank_ext.ops import nf4_row_sqnorm
+
+            self._row_sqnorm = nf4_row_sqnorm(self.weight)  # ||w_i||² of deq(W), once (W is frozen)
+        return LF.dora_norm_nf4(self.weight, self._row_sqnorm, a, b, scaling).to(dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        return self.weight.dequantize(torch.float32) if self.merged_weight is None else self.merged_weight.float()
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
+              requantize: bool = False) -> None:
+        """Merge adapters into a dense copy of deq(W) (default) or, with requantize=True, into a new NF4 weight."""
+        names = self._to_merge(adapter_names)
+        if not names:
+            return
+        w, _ = self._merged_weight(self.dense_weight(), names, safe_merge)
+        if requantize:
+            old = self.weight
+            self._set_nf4_weight(quantize_nf4(w.to(old.dtype), old.blocksize, old.double_quant))
+            self._row_sqnorm = None
+            self.merged_weight = None
+            for n in names:  # folded into the NF4 weight for good: the adapters are gone
+                self.delete_adapter(n)
+            return
+        self.merged_weight = w.to(self.weight.dtype)
+        self.merged_adapters.extend(names)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Drop the dense merged copy: the NF4 weight was never modified, so this is exact."""
+        self.merged_weight = None
+        self.merged_adapters.clear()
+
+
+def _linear_weight(module: nn.Module, fan_in_fan_out: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight [out, in], bias) of an nn.Linear or a transformers Conv1D (stored [in, out])."""
+    is_conv1d = type(module).__name__ == "Conv1D"
+    if fan_in_fan_out is None:
+        fan_in_fan_out = is_conv1d
+    if not (isinstance(module, nn.Linear) or is_conv1d):
+        raise TypeError(f"lowrank_ext::from_linear: linear must be an nn.Linear or Conv1D, got {type(module).__name__}")
+    w = module.weight.detach()
+    return (w.t().contiguous() if fan_in_fan_out else w), (None if module.bias is None else module.bias.detach())

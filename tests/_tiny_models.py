@@ -1,0 +1,81 @@
+"""Tiny random transformers models built from configs (no downloads), shared by the layer/PEFT tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+transformers = __import__("pytest").importorskip("transformers")
+
+
+def tiny_llama(seed: int = 0) -> torch.nn.Module:
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
+    cfg = transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_bert(seed: int = 0) -> torch.nn.Module:
+    cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "value", "dense"]}
+
+
+def tokens(seed: int = 1, batch: int = 3, seq: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 96, (batch, seq), generator=g)
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor, **kw) -> torch.Tensor:
+    return model(input_ids=ids, **kw).logits
+
+
+def pair(kind: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:
+    m = MODELS[kind](seed)
+    return m, copy.deepcopy(m)
+
+
+@torch.no_grad()
+def randomize_peft_adapter(peft_model: torch.nn.Module, adapter: str = "default", seed: int = 3) -> None:
+    """Give every adapter tensor of `adapter` random values (B ≠ 0, so the adapter changes outputs)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if f".{adapter}." in name + "." and any(k in name for k in ("lora_", "vera_lambda")):
+            if "magnitude" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@torch.no_grad()
+def copy_peft_to_ours(peft_model: torch.nn.Module, ours: torch.nn.Module, adapter: str = "default",
+                      ours_adapter: str | None = None) -> int:
+    """Copy adapter tensors by PEFT's parameter names (independent of our file code). Returns the count."""
+    ours_adapter = ours_adapter or adapter
+    mine = dict(ours.named_parameters())
+    n = 0
+    for name, p in peft_model.named_parameters():
+        if f".{adapter}." not in name + ".":
+            continue
+        key = name.removeprefix("base_model.model.")
+        for src, dst in ((f"lora_A.{adapter}.weight", f"lora_A.{ours_adapter}"),
+                         (f"lora_B.{adapter}.weight", f"lora_B.{ours_adapter}"),
+                         (f"lora_magnitude_vector.{adapter}.weight", f"lora_magnitude_vector.{ours_adapter}"),
+                         (f"vera_lambda_d.{adapter}", f"vera_lambda_d.{ours_adapter}"),
+                         (f"vera_lambda_b.{adapter}", f"vera_lambda_b.{ours_adapter}")):
+            if key.endswith(src):
+                mine[key[: -len(src)] + dst].copy_(p)
+                n += 1
+    return n

@@ -1,0 +1,170 @@
+"""PEFT adapter files both ways (LoRA, DoRA, VeRA), strict loading, and bitsandbytes Linear4bit import."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import lowrank_ext as L
+from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
+
+peft = pytest.importorskip("peft")
+safetensors = pytest.importorskip("safetensors")
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+T = ["q_proj", "v_proj", "down_proj"]
+
+
+def _keys(directory):
+    with safe_open(os.path.join(directory, "adapter_model.safetensors"), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata()
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_dora=True), dict(use_rslora=True, r=8),
+                                dict(modules_to_save=["lm_head"]), dict(bias="all"), dict(bias="lora_only")],
+                         ids=["lora", "dora", "rslora", "modules_to_save", "bias_all", "bias_lora_only"])
+def test_ours_to_peft(tmp_path, kw):
+    a, b = pair("llama")
+    kw = {"r": 4, **kw}
+    ours_cfg = L.LoRAConfig(alpha=8, target_modules=T, **{k.replace("lora_", ""): v for k, v in kw.items()})
+    L.inject(b, ours_cfg)
+    # train-like random values in every adapter tensor (B != 0, biases/heads changed)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in b.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    L.save_adapter(b, tmp_path / "ours")
+    pm = peft.PeftModel.from_pretrained(a, tmp_path / "ours").eval()
+    ids = tokens()
+    torch.testing.assert_close(logits(pm, ids), logits(b, ids), atol=2e-5, rtol=1e-4)
+    # same keys, shapes and metadata as the file PEFT itself writes
+    pm.save_pretrained(tmp_path / "peft")
+    (ko, mo), (kp, mp) = _keys(tmp_path / "ours"), _keys(tmp_path / "peft")
+    assert ko == kp and mo == mp == {"format": "pt"}
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["use_dora"] == ours_cfg.use_dora
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("quantize", [None, "nf4"], ids=["dense", "nf4"])
+def test_peft_to_ours(tmp_path, use_dora, quantize):
+    if quantize == "nf4":
+        pytest.importorskip("lowrank_ext.ops.linear", reason="needs the fused NF4 ops (branch lincpu)")
+    a, b = pair("llama")
+    pm = peft.get_peft_model(a, peft.LoraConfig(r=4, lora_alpha=8, target_modules=T, use_dora=use_dora))
+    randomize_peft_adapter(pm)
+    pm.save_pretrained(tmp_path)
+    L.load_adapter(b, tmp_path, quantize=quantize)
+    ids = tokens()
+    ref = logits(pm, ids)
+    if quantize is None:
+        torch.testing.assert_close(logits(b, ids), ref, atol=2e-5, rtol=1e-4)
+    else:  # NF4 base: compare with PEFT on the same dequantized base weights
+        for n, m in b.named_modules():
+            if isinstance(m, L.nn.QLoRALinear):
+                pm.get_submodule("base_model.model." + n).get_base_layer().weight.data.copy_(m.weight.dequantize())
+        if use_dora:  # PEFT's magnitude came from the dense W: give both the same m
+            copy_peft_to_ours(pm, b)
+        torch.testing.assert_close(logits(b, ids), logits(pm, ids), atol=1e-4, rtol=1e-3)
+
+
+def test_loading_into_an_injected_model_and_between_names(tmp_path):
+    a, b = pair("llama")
+    pm = peft.get_peft_model(a, peft.LoraConfig(r=4, lora_alpha=8, target_modules=T))
+    randomize_peft_adapter(pm)
+    pm.save_pretrained(tmp_path)
+    L.inject(b, L.LoRAConfig(r=4, alpha=8, target_modules=T))  # existing "default": weights are replaced
+    L.load_adapter(b, tmp_path)
+    L.load_adapter(b, tmp_path, adapter_name="second")          # a new adapter from the file's config
+    ids = tokens()
+    ref = logits(pm, ids)
+    torch.testing.assert_close(logits(b, ids), ref, atol=2e-5, rtol=1e-4)
+    L.set_adapter(b, "second")
+    torch.testing.assert_close(logits(b, ids), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_vera_files_both_ways(tmp_path):
+    a, b = pair("llama")
+    pm = peft.get_peft_model(a, peft.VeraConfig(r=8, target_modules=["q_proj", "v_proj"], projection_prng_key=3))
+    randomize_peft_adapter(pm)
+    pm.save_pretrained(tmp_path / "peft")
+    L.load_adapter(b, tmp_path / "peft")
+    ids = tokens()
+    torch.testing.assert_close(logits(b, ids), logits(pm, ids), atol=2e-5, rtol=1e-4)
+    L.save_adapter(b, tmp_path / "ours")
+    assert _keys(tmp_path / "ours")[0] == _keys(tmp_path / "peft")[0]
+    a2, _ = pair("llama")
+    pm2 = peft.PeftModel.from_pretrained(a2, tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(pm2, ids), logits(b, ids), atol=2e-5, rtol=1e-4)
+
+
+def _saved(tmp_path):
+    _, b = pair("llama")
+    L.inject(b, L.LoRAConfig(r=4, alpha=8, target_modules=T))
+    L.save_adapter(b, tmp_path)
+    return load_file(tmp_path / "adapter_model.safetensors")
+
+
+KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def test_missing_key_is_an_error(tmp_path):
+    sd = _saved(tmp_path)
+    del sd[KEY]
+    save_file(sd, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    _, fresh = pair("llama")
+    with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: .* missing key '" + KEY.replace(".", r"\.")):
+        L.load_adapter(fresh, tmp_path)
+
+
+def test_unexpected_key_is_an_error(tmp_path):
+    sd = _saved(tmp_path)
+    sd[KEY.replace("q_proj", "k_proj")] = sd[KEY].clone()
+    save_file(sd, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    _, fresh = pair("llama")
+    with pytest.raises(ValueError, match=r"unexpected key '.*k_proj\.lora_A\.weight'"):
+        L.load_adapter(fresh, tmp_path)
+
+
+def test_unprefixed_keys_are_an_error(tmp_path):
+    sd = _saved(tmp_path)
+    save_file({k.removeprefix("base_model.model."): v for k, v in sd.items()}, tmp_path / "adapter_model.safetensors")
+    _, fresh = pair("llama")
+    with pytest.raises(ValueError, match="missing key 'base_model.model."):
+        L.load_adapter(fresh, tmp_path)
+
+
+def test_shape_mismatch_is_an_error(tmp_path):
+    sd = _saved(tmp_path)
+    sd[KEY] = sd[KEY][:, :-1].contiguous()
+    save_file(sd, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    _, fresh = pair("llama")
+    with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: " + KEY.replace(".", r"\.") + r" must have shape \(4, 64\), got \(4, 63\)"):
+        L.load_adapter(fresh, tmp_path)
+
+
+def test_never_overwrites_unless_asked(tmp_path):
+    _, b = pair("llama")
+    L.inject(b, L.LoRAConfig(r=4, alpha=8, target_modules=T))
+    L.save_adapter(b, tmp_path)
+    before = (tmp_path / "adapter_model.safetensors").read_bytes()
+    with torch.no_grad():
+        b.model.layers[0].self_attn.q_proj.lora_B["default"].fill_(1.0)
+    with pytest.raises(FileExistsError, match="lowrank_ext::save_adapter: directory must not already hold an adapter"):
+        L.save_adapter(b, tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() == before
+    L.save_adapter(b, tmp_path, overwrite=True)
+    assert (tmp_path / "adapter_model.safetensors").read_bytes() != before
+
+
+def test_only_safetensors(tmp_path):
+    torch.save({}, tmp_path / "adapter_model.bin")
+    (tmp_path / "adapter_config.json").write_text("{}")
+    _, b = pair("llama")
+    with pytest.raises(FileNotFoundError, match="must contain adapter_model.safetensors"):
+        L.load_adapter(b, tmp_path)
