@@ -52,7 +52,7 @@ def make_optimizer(kind: str, params: list[torch.nn.Parameter], lr: float) -> to
 
 def _optim_module(kind: str):
     try:
-        import lowrank_ext.optim as optim
+        from lowrank_ext import optim
     except ImportError:
         optim = None
     if optim is None or not hasattr(optim, _OPTIMIZERS[kind]):

@@ -221,17 +221,17 @@ def finetune(a: argparse.Namespace) -> dict:
     print(f"\nsample before: {prompt} | {sample_before}")
     print(f"sample after:  {prompt} | {sample_after}\n")
     rows = [
-        ("held-out loss (nats)", f"{result.eval_before:.4f} -> {result.eval_after:.4f} "
-                                 f"(delta {result.eval_after - result.eval_before:+.4f})"),
+        ("held-out loss (nats)", (f"{result.eval_before:.4f} -> {result.eval_after:.4f} "
+                                  f"(delta {result.eval_after - result.eval_before:+.4f})")),
         ("held-out perplexity", f"{math.exp(result.eval_before):.2f} -> {math.exp(result.eval_after):.2f}"),
         ("reloaded adapter loss", f"{reload_loss:.4f} ({'matches' if reload_ok else 'MISMATCH'})"),
         ("parameters", f"{total_params:,} total, {trainable:,} trainable ({100 * trainable / total_params:.2f}%)"),
-        ("target weights", f"{fp32_bytes / 2**20:.1f} MiB fp32 -> {nf4_bytes / 2**20:.1f} MiB "
-                           f"{'NF4+DQ' if not a.no_quantize else 'fp32 (--no-quantize)'}"),
+        ("target weights", (f"{fp32_bytes / 2**20:.1f} MiB fp32 -> {nf4_bytes / 2**20:.1f} MiB "
+                            f"{'NF4+DQ' if not a.no_quantize else 'fp32 (--no-quantize)'}")),
         ("adapter files", f"{adapter_bytes / 2**20:.2f} MiB in {out}"),
         ("peak memory", f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"),
-        ("time", f"{result.seconds_per_step:.2f} s/step, {result.tokens_per_second:.0f} tokens/s, "
-                 f"{time.perf_counter() - t_all:.0f} s in all"),
+        ("time", (f"{result.seconds_per_step:.2f} s/step, {result.tokens_per_second:.0f} tokens/s, "
+                  f"{time.perf_counter() - t_all:.0f} s in all")),
     ]
     print("summary\n" + _table(rows), flush=True)
     if not reload_ok:

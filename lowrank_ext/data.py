@@ -33,7 +33,7 @@ def _package_file(package: str, rel: str, pip_hint: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"lowrank_ext finetune: --dataset needs the {pip_hint} package, got it not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / rel
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
     if not path.is_file():
         raise FileNotFoundError(f"lowrank_ext finetune: {pip_hint} must ship {rel}, got no file at {path}")
     return path

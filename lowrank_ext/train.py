@@ -270,7 +270,7 @@ class Trainer:
                 self.model.train()
             self.history.append(rec)
             if bar is not None:
-                cur, peak = memory_mb(self.device)
+                cur = memory_mb(self.device)[0]
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}",
                                 mem=f"{cur:.0f}MB")
                 bar.update(1)
