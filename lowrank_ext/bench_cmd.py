@@ -8,7 +8,9 @@ returns a list of rows, one per shape:
     {"shape": "4096x4096 M=1", "ours": 0.00051, "baselines": {"F.linear": 0.0031, "bnb": 0.0093}}
 
 (seconds; rows without "ours" or "baselines" are ignored for the chart, and so is a bench returning
-None). The chart (matplotlib, the `plot` extra) has one panel per bench: for each shape a bar of our
+None). A bench may instead return the text of bench/_timing.py's print_table: then the column whose
+header starts with "ours" and ends in a time unit (s, ms, us, ns) is our time, every other column
+with a time unit is a baseline, and the first column names the shape. The chart (matplotlib, the `plot` extra) has one panel per bench: for each shape a bar of our
 time and one of each baseline's, log scale, with the speed-up (baseline / ours) written above it.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,8 +49,40 @@ def _load(name: str, path: Path):
     return mod
 
 
+_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def _rows_from_table(text: str) -> list[dict]:
+    """Chart rows parsed from print_table's text (columns separated by 2+ spaces, a dashed rule under
+    the header)."""
+    lines = text.splitlines()
+    rule = next((i for i, ln in enumerate(lines) if ln.strip() and set(ln.replace(" ", "")) == {"-"}), None)
+    if rule is None or rule == 0:
+        return []
+    header = re.split(r"\s{2,}", lines[rule - 1].strip())
+    units = {j: _UNITS.get(h.split()[-1]) for j, h in enumerate(header) if len(h.split()) > 1}
+    ours = next((j for j, h in enumerate(header) if h.lower().startswith("ours") and units.get(j)), None)
+    if ours is None:
+        return []
+    rows = []
+    for ln in lines[rule + 1:]:
+        cells = re.split(r"\s{2,}", ln.strip())
+        if len(cells) != len(header):
+            continue
+        try:
+            t_ours = float(cells[ours]) * units[ours]
+            base = {header[j].rsplit(" ", 1)[0]: float(cells[j]) * u for j, u in units.items() if u and j != ours}
+        except ValueError:
+            continue
+        if base:
+            rows.append({"shape": cells[0], "ours": t_ours, "baselines": base})
+    return rows
+
+
 def collect_rows(result: object) -> list[dict]:
     """The chart rows of a bench's return value (see the module docstring); [] when it has none."""
+    if isinstance(result, str):
+        return collect_rows(_rows_from_table(result))
     if not isinstance(result, (list, tuple)):
         return []
     rows = []

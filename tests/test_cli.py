@@ -197,6 +197,22 @@ def test_bench_command_tables_and_chart(capsys, tmp_path):
     assert rc == 2 and "--bench-dir must be a directory with bench_*.py files" in err
 
 
+def test_collect_rows_parses_print_table_text(capsys):
+    import sys as _sys
+
+    from lowrank_ext.bench_cmd import collect_rows
+
+    _sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from _timing import print_table
+
+    text = print_table("t", ["case", "ours ms", "PEFT ms", "ratio"], [["step, h64 L2", 2.0, 5.0, 2.5],
+                                                                       ["mixed 4x8", 1.5, 1.2, 0.8]])
+    assert collect_rows(text) == [
+        {"shape": "step, h64 L2", "ours": 2e-3, "baselines": {"PEFT": 5e-3}},
+        {"shape": "mixed 4x8", "ours": 1.5e-3, "baselines": {"PEFT": 1.2e-3}}]
+    assert collect_rows("no table here") == []
+
+
 def test_collect_rows_ignores_malformed():
     from lowrank_ext.bench_cmd import collect_rows
 
