@@ -112,7 +112,31 @@ TORCH_LIBRARY(lowrank_ext, m) {
   // ---------------------------------------------------------------------------------------------
   // Optimizers (csrc/cpu/adamw.cpp, csrc/cuda/adamw.cu, csrc/cuda/paged.cu; lowrank_ext/ops/optim.py)
   // ---------------------------------------------------------------------------------------------
-  // (schemas added by the optimizer work)
+  // One fused AdamW step per parameter tensor (torch.optim.AdamW's math, decoupled weight decay):
+  //   p <- p·(1 - lr·wd);  m <- m + (1-β1)(g - m);  v <- β2·v + (1-β2)·g²
+  //   p <- p - lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
+  // param, grad: same shape/dtype (fp32/fp16/bf16, contiguous); exp_avg, exp_avg_sq: fp32, numel of param.
+  m.def(
+      "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, float lr, "
+      "float beta1, float beta2, float eps, float weight_decay, int step) -> ()");
+  // Same update with 8-bit blockwise state (blocks of 256 flat elements): state1/state2 uint8 codes
+  // (numel of param) into qmap1 (signed dynamic map, first moment) / qmap2 (unsigned, second moment),
+  // absmax1/absmax2 fp32 [ceil(n/256)]. Per block: dequantize -> update in fp32 -> new absmax ->
+  // requantize (nearest code), all in one pass; the param update uses the fp32 (unrounded) moments.
+  m.def(
+      "adamw8bit_step(Tensor(a!) param, Tensor grad, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) absmax1, "
+      "Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, float lr, float beta1, float beta2, float eps, "
+      "float weight_decay, int step) -> ()");
+  // Paged (CUDA managed) memory, csrc/cuda/paged.cu. A zero-filled tensor with like's shape/device and
+  // `dtype`, backed by cudaMallocManaged and freed (cudaFree) when its storage dies.
+  m.def("paged_zeros_like(Tensor like, ScalarType dtype) -> Tensor");
+  // Prefetch a managed tensor's pages on the current stream: device >= 0 -> that GPU, -1 -> host.
+  // Values do not change; `t` is marked mutated so compilers keep the call in program order.
+  m.def("paged_prefetch(Tensor(a!) t, int device) -> ()");
+  // Whether t's memory is CUDA managed memory (cudaPointerGetAttributes type == cudaMemoryTypeManaged).
+  m.def("paged_is_managed(Tensor t) -> bool");
+  // Where the pages were last prefetched: device ordinal, -1 host, -2 never prefetched / unknown.
+  m.def("paged_last_prefetch_location(Tensor t) -> int");
 
 
 }

@@ -9,5 +9,7 @@ from lowrank_ext.ops.nf4 import *  # noqa: F401,F403
 from lowrank_ext.ops.nf4 import __all__ as _nf4_all
 from lowrank_ext.ops.linear import *  # noqa: F401,F403
 from lowrank_ext.ops.linear import __all__ as _linear_all
+from lowrank_ext.ops.optim import *  # noqa: F401,F403
+from lowrank_ext.ops.optim import __all__ as _optim_all
 
-__all__ = [*_nf4_all, *_linear_all]
+__all__ = [*_nf4_all, *_linear_all, *_optim_all]

@@ -1,0 +1,114 @@
+// adamw_kernel.cuh — fused AdamW CUDA kernels (no torch headers): fp32 state and 8-bit blockwise state.
+//
+//   adamw32_kernel:   p, g [n] (T = float/__half/__nv_bfloat16); m, v fp32 [n]; grid-stride over n
+//   adamw8bit_kernel: one CTA of 256 threads per 256-element state block b (grid = ceil(n/256)):
+//                     c1, c2 uint8 [n] codes into qmap1/qmap2 (fp32 [256], sorted); absmax1/2 fp32 [nb]
+// Step t (torch.optim.AdamW): p <- p·(1 - lr·wd); m <- m + (1-β1)(g - m); v <- β2·v + (1-β2)·g²;
+//                             p <- p - lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
+// 8-bit: decode m = qmap1[c1]·absmax1[b] (v likewise), update in fp32 (the param uses the unrounded m, v),
+// absmax' = max|m| over the block (NaN if any NaN), code = #midpoints of qmap strictly below m/absmax'.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace lowrank_ext {
+namespace optim_cuda {
+
+struct AdamWKernelScalars {
+  float beta2, one_minus_beta1, one_minus_beta2, eps, decay, neg_step_size, bc2_sqrt;
+};
+
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// One element: updates p (fp32 copy), m, v in place; same operation order as the CPU kernel.
+__device__ __forceinline__ void adamw_update(float& p, float g, float& m, float& v, const AdamWKernelScalars& s) {
+  p = p * s.decay;
+  m = m + s.one_minus_beta1 * (g - m);
+  v = v * s.beta2 + s.one_minus_beta2 * (g * g);
+  p = p + s.neg_step_size * (m / (sqrtf(v) / s.bc2_sqrt + s.eps));
+}
+
+template <typename T>
+__global__ void adamw32_kernel(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m,
+                               float* __restrict__ v, int64_t n, AdamWKernelScalars s) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float pf = to_f32(p[i]), mf = m[i], vf = v[i];
+    adamw_update(pf, to_f32(g[i]), mf, vf, s);
+    p[i] = from_f32<T>(pf);
+    m[i] = mf;
+    v[i] = vf;
+  }
+}
+
+constexpr int kStateBlock = 256;  // elements per absmax == threads per CTA of the 8-bit kernel
+
+// max over the CTA of x (x >= 0), via warp shuffles then 8 warp partials in shared memory.
+__device__ __forceinline__ float cta_max(float x, float* partial) {
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = x;
+  __syncthreads();
+  float r = partial[0];
+  for (int w = 1; w < kStateBlock / 32; ++w) r = fmaxf(r, partial[w]);
+  __syncthreads();  // partial is reused by the next call
+  return r;
+}
+
+// Nearest code: the number of midpoints strictly below x (8 halvings; NaN lands on code 0).
+__device__ __forceinline__ uint8_t nearest_code(const float* mid, float x) {
+  int c = 0;
+#pragma unroll
+  for (int step = 128; step >= 1; step >>= 1) c += (mid[c + step - 1] < x) ? step : 0;
+  return static_cast<uint8_t>(c);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kStateBlock)
+    adamw8bit_kernel(T* __restrict__ p, const T* __restrict__ g, uint8_t* __restrict__ c1, uint8_t* __restrict__ c2,
+                     float* __restrict__ absmax1, float* __restrict__ absmax2, const float* __restrict__ qmap1,
+                     const float* __restrict__ qmap2, int64_t n, AdamWKernelScalars s) {
+  __shared__ float map1[256], map2[256], mid1[256], mid2[256], partial[kStateBlock / 32];
+  const int t = threadIdx.x;
+  const int64_t b = blockIdx.x, i = b * kStateBlock + t;
+  map1[t] = qmap1[t];
+  map2[t] = qmap2[t];
+  __syncthreads();
+  mid1[t] = t < 255 ? (map1[t] + map1[t + 1]) * 0.5f : INFINITY;
+  mid2[t] = t < 255 ? (map2[t] + map2[t + 1]) * 0.5f : INFINITY;
+  const bool valid = i < n;
+  float m = 0.f, v = 0.f;
+  if (valid) {
+    m = map1[c1[i]] * absmax1[b];
+    v = map2[c2[i]] * absmax2[b];
+    float pf = to_f32(p[i]);
+    adamw_update(pf, to_f32(g[i]), m, v, s);
+    p[i] = from_f32<T>(pf);
+  }
+  // __syncthreads_or also orders every read of absmax1/2[b] (above) before thread 0's write (below).
+  const bool nan1 = __syncthreads_or(valid && isnan(m)), nan2 = __syncthreads_or(valid && isnan(v));
+  const float a1 = nan1 ? NAN : cta_max(fabsf(m), partial);
+  const float a2 = nan2 ? NAN : cta_max(fabsf(v), partial);
+  if (valid) {
+    c1[i] = nearest_code(mid1, m * (a1 > 0.f ? 1.0f / a1 : 0.f));
+    c2[i] = nearest_code(mid2, v * (a2 > 0.f ? 1.0f / a2 : 0.f));
+  }
+  if (t == 0) {
+    absmax1[b] = a1;
+    absmax2[b] = a2;
+  }
+}
+
+}  // namespace optim_cuda
+}  // namespace lowrank_ext
