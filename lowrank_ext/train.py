@@ -1,0 +1,307 @@
+"""A small reusable trainer for (Q)LoRA fine-tuning of causal LMs; `python -m lowrank_ext finetune` uses it.
+
+    trainer = Trainer(model, train_batches, eval_batches, TrainConfig(steps=40, lr=2e-3),
+                      optimizer=..., checkpoint_dir="out/checkpoint")
+    result = trainer.train()            # or trainer.train(resume=True)
+
+What one optimizer step does (grad_accum micro-batches of `batch` rows):
+
+    loss_k = model(x_k, labels=x_k).loss                     mean token cross-entropy (nats)
+    g      = Σ_k ∇ (loss_k / grad_accum)                     gradient of the mean over micro-batches
+    g     *= min(1, max_grad_norm / ||g||₂)                  clipping (global norm over trainable params)
+    lr_t   = lr · f(t)                                        warm-up then cosine (lr_factor below)
+    θ      = optimizer.step(θ, g, lr_t)
+
+Checkpoints (every `checkpoint_every` steps, and at the end) hold the trainable parameters, the
+optimizer and scheduler state, the RNG state and a fingerprint of the run (parameter names/shapes and
+the caller's `fingerprint` dict); resuming from a checkpoint whose fingerprint differs is an error
+that names the differences. Files load with `torch.load(weights_only=True)`: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "evaluate", "lr_factor", "memory_mb", "warmup_cosine"]
+
+CHECKPOINT_FILE = "trainer_state.pt"
+_FORMAT = "lowrank_ext.train/1"
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based).
+
+    warm-up   (step < W):  f = (step + 1) / W          starts at 1/W > 0, reaches 1 at step W-1
+    cosine    (step >= W): p = (step - W) / max(1, T - W)
+                           f = m + (1 - m) · ½ (1 + cos(π · min(p, 1)))   1 at step W, m at the end
+
+    The factor is absolute (LambdaLR semantics: lr = base_lr · f), never multiplied into the previous
+    lr — the classic bug (MultiplicativeLR with a warm-up factor) drives the lr to ~0 and keeps it there."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
+                  min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """A LambdaLR scheduler applying `lr_factor` (call `.step()` once after each optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup_steps, total_steps, min_ratio))
+
+
+def memory_mb(device: torch.device | str = "cpu") -> tuple[float, float]:
+    """(current, peak) memory in MiB: CUDA allocator bytes on a GPU, process RSS on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/statm") as f:
+            cur = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        cur = float("nan")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return cur, peak
+
+
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM on a [B, T] token batch (labels = inputs, shifted
+    inside the model)."""
+    return model(input_ids=batch, labels=batch).loss
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: Sequence[torch.Tensor], device: torch.device | str = "cpu",
+             loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lm_loss) -> float:
+    """Mean loss per predicted token over `batches` (each [B, T] contributes B·(T-1) tokens)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for b in batches:
+        n = b.shape[0] * (b.shape[1] - 1)
+        total += float(loss_fn(model, b.to(device))) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 40
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-3
+    warmup_steps: int = 4
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    checkpoint_every: int = 0  # 0: only at the end (when a checkpoint_dir is given)
+    eval_every: int = 0  # 0: only before and after
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"lowrank_ext.train: {name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lowrank_ext.train: lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"lowrank_ext.train: warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainResult:
+    eval_before: float
+    eval_after: float
+    steps: int
+    seconds: float
+    seconds_per_step: float
+    tokens_per_second: float
+    peak_memory_mb: float
+    history: list[dict] = field(default_factory=list)  # per step: step, loss, lr, grad_norm
+
+    @property
+    def ppl_before(self) -> float:
+        return math.exp(self.eval_before)
+
+    @property
+    def ppl_after(self) -> float:
+        return math.exp(self.eval_after)
+
+
+class Trainer:
+    """Trains the parameters of `model` that require grad.
+
+    train_batches: a callable `index -> [B, T] token batch` (e.g. `PackedBlocks.batch` bound to the
+        micro-batch size) — a pure function of the index, so a resumed run sees the same data.
+    eval_batches: the held-out batches evaluate() averages over.
+    optimizer: a factory `params -> Optimizer` (default torch.optim.AdamW, weight_decay 0).
+    fingerprint: extra facts a checkpoint must agree with to be resumed (model, dataset, rank ...)."""
+
+    def __init__(self, model: torch.nn.Module, train_batches: Callable[[int], torch.Tensor],
+                 eval_batches: Sequence[torch.Tensor], config: TrainConfig, *,
+                 optimizer: Callable[[list[torch.nn.Parameter], float], torch.optim.Optimizer] | None = None,
+                 checkpoint_dir: str | os.PathLike | None = None, device: torch.device | str = "cpu",
+                 fingerprint: dict | None = None,
+                 loss_fn: Callable[[torch.nn.Module, torch.Tensor], torch.Tensor] = lm_loss) -> None:
+        self.model, self.config, self.device, self.loss_fn = model, config, torch.device(device), loss_fn
+        self.train_batches, self.eval_batches = train_batches, list(eval_batches)
+        self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not self.named_params:
+            raise ValueError("lowrank_ext.train: model must have trainable parameters, got none requiring grad")
+        params = [p for _, p in self.named_params]
+        make = optimizer or (lambda ps, lr: torch.optim.AdamW(ps, lr=lr, weight_decay=0.0))
+        self.optimizer = make(params, config.lr)
+        self.scheduler = warmup_cosine(self.optimizer, config.warmup_steps, config.steps, config.min_lr_ratio)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.fingerprint = {
+            "params": {n: list(p.shape) for n, p in self.named_params},
+            "schedule": {k: v for k, v in asdict(config).items() if k not in ("progress", "checkpoint_every",
+                                                                              "eval_every")},
+            **(fingerprint or {}),
+        }
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
+        d = Path(directory) if directory is not None else self.checkpoint_dir
+        if d is None:
+            raise ValueError("lowrank_ext.train: checkpoint_dir must be set to save a checkpoint, got None")
+        d.mkdir(parents=True, exist_ok=True)
+        state = {
+            "format": _FORMAT,
+            "step": self.step,
+            "fingerprint": self.fingerprint,
+            "params": {n: p.detach().cpu().clone() for n, p in self.named_params},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "history": self.history,
+        }
+        tmp = d / (CHECKPOINT_FILE + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, d / CHECKPOINT_FILE)  # a crash mid-write keeps the previous checkpoint
+        return d / CHECKPOINT_FILE
+
+    def load_checkpoint(self, directory: str | os.PathLike | None = None) -> int:
+        """Restore a checkpoint (refusing one from a different run); returns the step it was at."""
+        d = Path(directory) if directory is not None else self.checkpoint_dir
+        path = None if d is None else d / CHECKPOINT_FILE
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"lowrank_ext.train: resume must point at a directory holding {CHECKPOINT_FILE}, "
+                                    f"got {str(d)!r}")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt or foreign file
+            raise ValueError(f"lowrank_ext.train: checkpoint must be a lowrank_ext trainer checkpoint, got "
+                             f"{str(path)!r} ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"lowrank_ext.train: checkpoint must have format {_FORMAT!r}, got "
+                             f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}")
+        diffs = _diff(state["fingerprint"], self.fingerprint)
+        if diffs:
+            raise ValueError("lowrank_ext.train: checkpoint must match this run, got differences: "
+                             + "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else ""))
+        with torch.no_grad():
+            for n, p in self.named_params:
+                p.copy_(state["params"][n].to(p.device, p.dtype))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        self.history = list(state["history"])
+        return self.step
+
+    # ---------------------------------------------------------------- training
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.eval_batches, self.device, self.loss_fn)
+
+    def train(self, resume: bool | str | os.PathLike = False,
+              on_step: Callable[[dict], None] | None = None) -> TrainResult:
+        """Run until `config.steps` optimizer steps are done (continuing from a checkpoint with
+        `resume=True` (checkpoint_dir) or `resume=<directory>`)."""
+        cfg = self.config
+        if resume:
+            self.load_checkpoint(None if resume is True else resume)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        eval_before = self.evaluate()
+        self.model.train()
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc="finetune", unit="step", dynamic_ncols=True)
+        t_start, tokens, steps_run = time.perf_counter(), 0, 0
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            loss_sum, step_tokens = 0.0, 0
+            for k in range(cfg.grad_accum):
+                batch = self.train_batches(self.step * cfg.grad_accum + k).to(self.device)
+                loss = self.loss_fn(self.model, batch) / cfg.grad_accum
+                loss.backward()
+                loss_sum += float(loss.detach())
+                step_tokens += batch.numel()
+            params = [p for _, p in self.named_params]
+            if cfg.max_grad_norm is not None:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            else:
+                gnorm = float(torch.linalg.vector_norm(
+                    torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            self.step += 1
+            steps_run += 1
+            tokens += step_tokens
+            dt = time.perf_counter() - t0
+            rec = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
+                   "tokens_per_s": step_tokens / dt}
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                rec["eval_loss"] = self.evaluate()
+                self.model.train()
+            self.history.append(rec)
+            if bar is not None:
+                cur = memory_mb(self.device)[0]
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}",
+                                mem=f"{cur:.0f}MB")
+                bar.update(1)
+            if self.checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if on_step is not None:
+                on_step(rec)
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - t_start
+        if self.checkpoint_dir is not None and steps_run:
+            self.save_checkpoint()
+        eval_after = self.evaluate()
+        return TrainResult(eval_before=eval_before, eval_after=eval_after, steps=self.step, seconds=seconds,
+                           seconds_per_step=seconds / max(steps_run, 1), tokens_per_second=tokens / max(seconds, 1e-9),
+                           peak_memory_mb=memory_mb(self.device)[1], history=self.history)
+
+
+def _diff(saved: object, current: object, path: str = "") -> list[str]:
+    """Human-readable differences between two fingerprints (nested dicts / lists / scalars)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        out = []
+        for k in sorted(set(saved) | set(current), key=str):
+            p = f"{path}.{k}" if path else str(k)
+            if k not in current:
+                out.append(f"{p} in the checkpoint but not in this run")
+            elif k not in saved:
+                out.append(f"{p} in this run but not in the checkpoint")
+            else:
+                out += _diff(saved[k], current[k], p)
+        return out
+    if saved != current:
+        return [f"{path}: checkpoint {saved!r} vs this run {current!r}"]
+    return []

@@ -1,0 +1,228 @@
+"""The trainer (lowrank_ext.train) and the data pipeline (lowrank_ext.data) on a tiny random Llama.
+
+References: the lr schedule against its closed form and torch's LambdaLR; gradient accumulation
+against one big batch; clipping against the clipped-norm definition; resume against the
+uninterrupted run (bit-identical)."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from lowrank_ext.data import PackedBlocks, load_documents, pack, prepare_data, split_documents
+from lowrank_ext.train import TrainConfig, Trainer, evaluate, lr_factor, warmup_cosine
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def token_blocks(n: int = 32, seq: int = 16, seed: int = 0) -> PackedBlocks:
+    # a learnable pattern: t_{k+1} = (t_k * 5 + 3) mod 64 from random starts
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, 64, (n, 1), generator=g)
+    rows = [start]
+    for _ in range(seq - 1):
+        rows.append((rows[-1] * 5 + 3) % 64)
+    return PackedBlocks(torch.cat(rows, 1), seed=seed)
+
+
+# ------------------------------------------------------------------ schedule
+@pytest.mark.parametrize("warmup,total", [(4, 40), (1, 10), (0, 5), (10, 10)])
+def test_lr_factor_closed_form(warmup, total):
+    m = 0.1
+    f = [lr_factor(s, warmup, total, m) for s in range(total)]
+    assert f[0] > 0  # warm-up starts above zero
+    for s in range(min(warmup, total)):
+        assert f[s] == pytest.approx((s + 1) / warmup)
+    if warmup:
+        assert f[warmup - 1] == pytest.approx(1.0)  # reaches the peak at the end of warm-up
+    for s in range(warmup, total):
+        p = (s - warmup) / max(1, total - warmup)
+        assert f[s] == pytest.approx(m + (1 - m) * 0.5 * (1 + math.cos(math.pi * p)))
+    assert max(f) == pytest.approx(1.0)
+    if total > warmup:
+        assert lr_factor(total, warmup, total, m) == pytest.approx(m)  # ends at min_ratio
+
+
+def test_scheduler_on_a_real_optimizer_reaches_peak_and_never_collapses():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([p], lr=1e-3)
+    sched = warmup_cosine(opt, warmup_steps=5, total_steps=30, min_ratio=0.1)
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        p.grad = torch.ones(3)
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / 5)
+    assert max(lrs) == pytest.approx(1e-3)
+    assert lrs.index(max(lrs)) in (4, 5)
+    # the classic bug (warm-up factor multiplied in every step) would leave lr ~1e-3 * 0.2*0.4*... ~ 0
+    assert min(lrs[5:]) > 1e-4 * 0.99
+    assert all(a >= b - 1e-15 for a, b in itertools.pairwise(lrs[5:]))  # cosine decays monotonically
+
+
+# ------------------------------------------------------------------ trainer
+def test_training_lowers_heldout_loss():
+    model = tiny_llama()
+    data, held = token_blocks(64, seed=0), token_blocks(8, seed=1)
+    cfg = TrainConfig(steps=30, batch_size=8, lr=1e-2, warmup_steps=3, progress=False)
+    res = Trainer(model, lambda i: data.batch(i, 8), held.sequential(4), cfg).train()
+    assert res.eval_after < res.eval_before - 1.0
+    assert res.eval_before == pytest.approx(evaluate(tiny_llama(), held.sequential(4)), rel=1e-6)
+    assert len(res.history) == 30 and res.peak_memory_mb > 0 and res.tokens_per_second > 0
+
+
+def _one_sgd_step(accum: int, micro: int, max_norm=None):
+    model = tiny_llama()
+    data = token_blocks(16)
+    cfg = TrainConfig(steps=1, batch_size=micro, grad_accum=accum, lr=0.1, warmup_steps=0, max_grad_norm=max_norm,
+                      progress=False)
+    tr = Trainer(model, lambda i: data.batch(i, micro), [], cfg, optimizer=lambda ps, lr: torch.optim.SGD(ps, lr=lr))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tr.train()
+    return model, before, tr.history[0]
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    m_acc, before, _ = _one_sgd_step(accum=2, micro=4)
+    m_big, _, _ = _one_sgd_step(accum=1, micro=8)  # batch(0, 8) = batch(0, 4) ++ batch(1, 4)
+    for (n, a), (_, b) in zip(m_acc.named_parameters(), m_big.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=n)
+    assert any(not torch.equal(before[n], p) for n, p in m_acc.named_parameters())
+
+
+def test_clipping_bounds_the_update():
+    max_norm = 1e-3
+    model, before, rec = _one_sgd_step(accum=1, micro=4, max_norm=max_norm)
+    step_norm = torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.detach() - before[n]) for n, p in model.named_parameters()]))
+    assert rec["grad_norm"] > max_norm  # the reported norm is before clipping
+    assert float(step_norm) == pytest.approx(0.1 * max_norm, rel=1e-3)  # SGD: |Δθ| = lr · max_norm
+
+
+def test_resume_is_bit_identical(tmp_path):
+    data, held = token_blocks(32), token_blocks(4, seed=1)
+    cfg = TrainConfig(steps=6, batch_size=4, lr=5e-3, warmup_steps=2, checkpoint_every=3, progress=False)
+
+    full = tiny_llama()
+    torch.manual_seed(1)
+    Trainer(full, lambda i: data.batch(i, 4), held.sequential(4), cfg).train()
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(rec):
+        if rec["step"] == 3:
+            raise Crash
+
+    part = tiny_llama()
+    torch.manual_seed(1)
+    with pytest.raises(Crash):
+        Trainer(part, lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path).train(
+            on_step=crash_at_3)
+    torch.manual_seed(123)  # the checkpoint restores the RNG
+    resumed = tiny_llama(seed=7)  # different init: the checkpoint restores the weights
+    tr = Trainer(resumed, lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path)
+    res = tr.train(resume=True)
+    assert res.steps == 6 and [h["step"] for h in res.history] == [1, 2, 3, 4, 5, 6]
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_from_mismatched_checkpoint_is_refused(tmp_path):
+    data = token_blocks(16)
+    cfg = TrainConfig(steps=2, batch_size=4, progress=False)
+    Trainer(tiny_llama(), lambda i: data.batch(i, 4), [], cfg, checkpoint_dir=tmp_path,
+            fingerprint={"rank": 8}).train()
+    with pytest.raises(ValueError, match=r"lowrank_ext.train: checkpoint must match this run, got differences: "
+                                         r".*params.model.embed_tokens.weight: checkpoint \[64, 32\] vs this run \[64, 48\]"):
+        Trainer(tiny_llama(hidden=48), lambda i: data.batch(i, 4), [], cfg, checkpoint_dir=tmp_path,
+                fingerprint={"rank": 8}).train(resume=True)
+    with pytest.raises(ValueError, match=r"rank: checkpoint 8 vs this run 16"):
+        Trainer(tiny_llama(), lambda i: data.batch(i, 4), [], cfg, checkpoint_dir=tmp_path,
+                fingerprint={"rank": 16}).train(resume=True)
+    cfg2 = TrainConfig(steps=2, batch_size=4, lr=1e-4, progress=False)
+    with pytest.raises(ValueError, match=r"schedule.lr: checkpoint 0.002 vs this run 0.0001"):
+        Trainer(tiny_llama(), lambda i: data.batch(i, 4), [], cfg2, checkpoint_dir=tmp_path,
+                fingerprint={"rank": 8}).train(resume=True)
+    with pytest.raises(FileNotFoundError, match="resume must point at a directory holding trainer_state.pt"):
+        Trainer(tiny_llama(), lambda i: data.batch(i, 4), [], cfg, checkpoint_dir=tmp_path / "none").train(resume=True)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "trainer_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint must be a lowrank_ext trainer checkpoint"):
+        Trainer(tiny_llama(), lambda i: data.batch(i, 4), [], cfg).train(resume=tmp_path / "bad")
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="lowrank_ext.train: steps must be >= 1, got 0"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="lowrank_ext.train: lr must be > 0, got -1"):
+        TrainConfig(lr=-1)
+    model = tiny_llama()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="model must have trainable parameters"):
+        Trainer(model, lambda i: None, [], TrainConfig())
+
+
+# ------------------------------------------------------------------ data
+class CharTok:
+    """A tokenizer stand-in: one id per byte, EOS = 0."""
+    eos_token_id = 0
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[b % 255 + 1 for b in t.encode()] for t in texts]}
+
+
+def test_pack_and_split():
+    docs = [f"doc{i} " * 3 for i in range(40)]
+    s = split_documents(docs, holdout_every=20)
+    assert s.heldout == [docs[19], docs[39]] and len(s.train) == 38
+    assert not set(s.heldout) & set(s.train)
+    blocks = pack(["ab", "cde"], CharTok(), seq_len=3)
+    assert blocks.tolist() == [[ord("a") + 1, ord("b") + 1, 0], [ord("c") + 1, ord("d") + 1, ord("e") + 1]]
+    pb = PackedBlocks(torch.arange(20).view(10, 2), seed=3)
+    first_epoch = torch.cat([pb.batch(i, 2) for i in range(5)])
+    assert sorted(first_epoch[:, 0].tolist()) == list(range(0, 20, 2))  # a permutation per epoch
+    assert torch.equal(pb.batch(7, 2), PackedBlocks(pb.blocks, seed=3).batch(7, 2))  # pure function of the index
+
+
+def test_builtin_datasets_and_user_files(tmp_path):
+    kjv = load_documents("kjv")
+    assert len(kjv) == 1189 and kjv[0].startswith("In the beginning God created")  # chapters of the KJV
+    lee = load_documents("lee")
+    assert len(lee) == 300
+    p = tmp_path / "a.jsonl"
+    p.write_text("\n".join(json.dumps({"text": f"line {i} " * 20}) for i in range(30)))
+    train, held = prepare_data(str(p), CharTok(), seq_len=16, eval_blocks=2)
+    assert train.blocks.shape[1] == 16 and held.blocks.shape == (2, 16)
+    txt = tmp_path / "b.txt"
+    txt.write_text("para one\nstill one\n\npara two")
+    assert load_documents(str(txt)) == ["para one\nstill one", "para two"]
+
+
+@pytest.mark.parametrize("content,name,match", [
+    (None, "missing.txt", r"--dataset must be kjv, lee, or a readable .txt/.jsonl file, got .*missing.txt.*no such file"),
+    ("x", "data.csv", r"unsupported extension '.csv'"),
+    ("{not json", "d.jsonl", r"line 1 is not JSON"),
+    ('{"body": "x"}', "d.jsonl", r"line 1 has no \"text\" string"),
+    ("", "empty.txt", r"it holds no text"),
+    (b"\xff\xfe\x00bad", "bin.txt", r"UnicodeDecodeError"),
+])
+def test_unreadable_datasets(tmp_path, content, name, match):
+    p = tmp_path / name
+    if isinstance(content, bytes):
+        p.write_bytes(content)
+    elif content is not None:
+        p.write_text(content)
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        load_documents(str(p))
