@@ -296,11 +296,7 @@ void dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                             int64_t blocksize, int64_t numel, at::Tensor out) {
   const NF4Scales scales =
       check_nf4_weight(kDequantOutOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
-  LRX_CHECK_TYPE(is_float_dtype(out.scalar_type()), kDequantOutOp, "out", "be float32, float16 or bfloat16",
-                 out.scalar_type());
-  check_numel(out, numel, kDequantOutOp, "out");
-  LRX_CHECK(out.is_contiguous(), kDequantOutOp, "out", "be contiguous", "strides ", out.strides());
-  check_same_device(out, packed, kDequantOutOp, "out", "packed");
+  check_dequantize_out(kDequantOutOp, out, packed, numel);
   dequantize_into(scales, packed, blocksize, numel, out, /*allow_stream=*/true);
 }
 

@@ -127,11 +127,7 @@ void dequantize_nf4_out_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                              int64_t blocksize, int64_t numel, at::Tensor out) {
   constexpr const char* op = "dequantize_nf4_out";
   const NF4Scales scales = check_nf4_weight(op, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
-  LRX_CHECK_TYPE(is_float_dtype(out.scalar_type()), op, "out", "be float32, float16 or bfloat16",
-                 out.scalar_type());
-  check_numel(out, numel, op, "out");
-  LRX_CHECK(out.is_contiguous(), op, "out", "be contiguous", "strides ", out.strides());
-  check_same_device(out, packed, op, "out", "packed");
+  check_dequantize_out(op, out, packed, numel);
   dequantize_into(scales, packed, blocksize, numel, out);
 }
 

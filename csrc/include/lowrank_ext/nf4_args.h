@@ -73,4 +73,13 @@ inline NF4Scales check_nf4_weight(const char* op, const at::Tensor& packed, cons
   return s;
 }
 
+// dequantize_nf4_out's buffer: float dtype, numel elements, contiguous, on packed's device.
+inline void check_dequantize_out(const char* op, const at::Tensor& out, const at::Tensor& packed, int64_t numel) {
+  LRX_CHECK_TYPE(is_float_dtype(out.scalar_type()), op, "out", "be float32, float16 or bfloat16",
+                 out.scalar_type());
+  check_numel(out, numel, op, "out");
+  LRX_CHECK(out.is_contiguous(), op, "out", "be contiguous", "strides ", out.strides());
+  check_same_device(out, packed, op, "out", "packed");
+}
+
 }  // namespace lowrank_ext
