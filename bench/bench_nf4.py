@@ -128,11 +128,14 @@ def _rows_for_shape(shape: tuple[int, int], quick: bool) -> list[list[object]]:
 
 
 def run(quick: bool = False) -> list[list[object]]:
-    """Benchmark rows: [shape, op, ours ms, ours GB/s, baseline, baseline ms, baseline/ours]."""
+    """Benchmark rows: [shape, op, ours ms, ours GB/s, baseline, baseline ms, baseline/ours] (also printed)."""
     shapes = [(4096, 4096)] if quick else [(4096, 4096), (4096, 11008)]
     rows: list[list[object]] = []
     for shape in shapes:
         rows += _rows_for_shape(shape, quick)
+    title = (f"NF4 + double quant, blocksize {BLOCKSIZE}, CPU, {torch.get_num_threads()} threads "
+             f"(baseline/ours > 1: ours faster)")
+    print_table(title, HEADER, rows)
     return rows
 
 
@@ -140,10 +143,19 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="4096x4096 only, fewer rounds")
     args = ap.parse_args(argv)
-    title = (f"NF4 + double quant, blocksize {BLOCKSIZE}, CPU, {torch.get_num_threads()} threads "
-             f"(baseline/ours > 1: ours faster)")
-    print_table(title, HEADER, run(args.quick))
+    run(args.quick)
 
 
 if __name__ == "__main__":
     main()
+
+
+def chart_rows(rows: list[list[object]]) -> list[dict]:
+    """`run()` rows as `python -m lowrank_ext bench` chart rows: per shape and op, ours vs each baseline."""
+    out: dict[str, dict] = {}
+    for shape, op, ours_ms, _gbs, baseline, base_ms, _ratio in rows:
+        if "beyond alloc" in op:
+            continue
+        row = out.setdefault(f"{shape} {op}", {"shape": f"{shape} {op}", "ours": ours_ms / 1e3, "baselines": {}})
+        row["baselines"][baseline] = base_ms / 1e3
+    return list(out.values())

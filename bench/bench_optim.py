@@ -133,3 +133,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller problem, fewer repeats")
     run(parser.parse_args().quick)
+
+
+def chart_rows(rows: list[list[object]]) -> list[dict]:
+    """`run()` rows as `python -m lowrank_ext bench` chart rows (seconds)."""
+    return [{"shape": str(r[0]), "ours": float(r[3]) / 1e3, "baselines": {"baseline": float(r[2]) / 1e3}}
+            for r in rows]

@@ -59,6 +59,8 @@ void rows512(const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_t 
       for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
       for (; j + 32 <= end; j += 32) {  // 16 bytes, 32 codes
         __m512i c0, c1;
+        // stream ahead (~2K codes): the decode step is too short for the hardware prefetcher alone
+        _mm_prefetch(reinterpret_cast<const char*>(w.packed + (j >> 1)) + 1024, _MM_HINT_T0);
         codes32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.packed + (j >> 1))), c0, c1);
         const __m512 d0 = _mm512_permutexvar_ps(c0, lut), d1 = _mm512_permutexvar_ps(c1, lut);
         const float* xk = x + (j - r0);

@@ -90,6 +90,8 @@ void decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t
 // MB rows of x (1..4) against rows [n0, n1) of W. Per segment (one block inside one row):
 //   acc[m] = Σ_k NF4[code_k] · x[m, k]   (two vector accumulators per m, 16 codes per step)
 //   tot[m] += scale · acc[m]             (one multiply per block instead of one per element)
+constexpr int64_t kPrefetchBytes = 1024;  // ~2K codes ahead of the decode
+
 template <int MB>
 void gemv_rows(const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   const int64_t K = w.K, bs = w.blocksize;
@@ -119,6 +121,8 @@ void gemv_rows(const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_
       for (int m = 0; m < MB; ++m) a0[m] = a1[m] = _mm256_setzero_ps();
       for (; j + 16 <= end; j += 16) {
         const uint8_t* p = w.packed + (j >> 1);
+        // stream ahead: a decode step is short enough that the hardware prefetcher alone lags DRAM
+        _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
         const __m256 d0 = lut16(codes8(load_u32(p)), lo, hi);
         const __m256 d1 = lut16(codes8(load_u32(p + 4)), lo, hi);
         const float* xk = x + (j - r0);
