@@ -1,27 +1,49 @@
 """lowrank_ext — fast QLoRA kernels for PyTorch.
 
-NF4 4-bit quantization byte-for-byte compatible with bitsandbytes, fused dequantize+matmul+LoRA ops
-(forward and backward, CPU and CUDA), paged 8-bit optimizers, LoRA/QLoRA/DoRA/VeRA layers and
-PEFT-format adapter files. All kernels are `torch.ops.lowrank_ext.*` custom ops.
+NF4 4-bit quantization in bitsandbytes' format, fused dequantize+matmul+LoRA ops (forward and backward,
+CPU and CUDA), paged 8-bit optimizers, LoRA/QLoRA/DoRA/VeRA layers and PEFT-format adapter files. All
+kernels are `torch.ops.lowrank_ext.*` custom ops.
+
+Three layers, each importing only from the ones below it (docs/architecture.md):
+    core          _extension, nf4, ops/, nn/, optim        kernels' Python side and layers; torch only
+    adapters/     the PEFT-compatible layer                 configs, injector, management, files, bnb import
+    finetune/     the application                           command line, trainer, data, models, benches
+This module only re-exports; `import lowrank_ext` loads none of transformers, peft, bitsandbytes,
+matplotlib or safetensors (they are imported where they are used).
 """
 
+from lowrank_ext import nn, ops, optim
 from lowrank_ext._extension import build_info, has_cuda_kernels  # first: loads _C or fails loudly
-
-from lowrank_ext import ops  # noqa: E402
-from lowrank_ext.nf4 import NF4Weight, quantize_nf4  # noqa: E402
-from lowrank_ext import nn  # noqa: E402  (layers, injector, adapters)
-from lowrank_ext import optim  # noqa: E402
-from lowrank_ext.config import LoRAConfig  # noqa: E402
-from lowrank_ext.inject import count_parameters, inject, inject_summary  # noqa: E402
-from lowrank_ext.adapters import *  # noqa: E402,F401,F403
-from lowrank_ext.adapters import __all__ as _adapters_all  # noqa: E402
-from lowrank_ext.adapter_files import load_adapter, save_adapter  # noqa: E402
-from lowrank_ext.interop import from_bnb  # noqa: E402
-from lowrank_ext.rank_alloc import allocate_ranks  # noqa: E402
+from lowrank_ext.adapters import *
+from lowrank_ext.adapters import __all__ as _adapters_all
+from lowrank_ext.finetune.rank_allocation import allocate_ranks
+from lowrank_ext.nf4 import NF4Weight, quantize_nf4
 
 __version__ = "0.1.0"
 
-__all__ = ["NF4Weight", "build_info", "has_cuda_kernels", "ops", "optim", "quantize_nf4"]
-__all__ += ["allocate_ranks"]
-__all__ += ["LoRAConfig", "count_parameters", "from_bnb", "inject", "inject_summary", "load_adapter", "nn",
-            "save_adapter", *_adapters_all]
+# Modules that moved in the layout of docs/architecture.md: `from lowrank_ext import <old name>` still works.
+_MOVED_MODULES = {
+    "adapter_files": "lowrank_ext.adapters.files",
+    "bench_cmd": "lowrank_ext.finetune.bench_command",
+    "cli": "lowrank_ext.finetune.cli",
+    "config": "lowrank_ext.adapters.config",
+    "data": "lowrank_ext.finetune.data",
+    "interop": "lowrank_ext.adapters.bnb_import",
+    "models": "lowrank_ext.finetune.models",
+    "rank_alloc": "lowrank_ext.finetune.rank_allocation",
+    "train": "lowrank_ext.finetune.trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED_MODULES:
+        import importlib
+        import warnings
+
+        warnings.warn(f"lowrank_ext.{name} moved to {_MOVED_MODULES[name]}", DeprecationWarning, stacklevel=2)
+        return importlib.import_module(_MOVED_MODULES[name])
+    raise AttributeError(f"module 'lowrank_ext' has no attribute {name!r}")
+
+
+__all__ = ["NF4Weight", "allocate_ranks", "build_info", "has_cuda_kernels", "nn", "ops", "optim", "quantize_nf4",
+           *_adapters_all]

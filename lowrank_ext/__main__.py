@@ -1,8 +1,8 @@
-"""`python -m lowrank_ext finetune|bench ...` (see lowrank_ext/cli.py)."""
+"""`python -m lowrank_ext finetune|bench ...` (see lowrank_ext/finetune/cli.py)."""
 
 import sys
 
-from lowrank_ext.cli import main
+from lowrank_ext.finetune.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

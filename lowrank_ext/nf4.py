@@ -1,8 +1,9 @@
 """NF4Weight: an immutable NF4 (+ double-quant) weight, and `quantize_nf4`.
 
-The bytes are exactly bitsandbytes' `quant_type="nf4"` format, so `to_bnb_state_dict` /
-`from_bnb_state_dict` exchange weights with bitsandbytes `Linear4bit` and Hugging Face 4-bit
-checkpoints without requantizing.
+The layout is bitsandbytes' `quant_type="nf4"` format, so `to_bnb_state_dict` / `from_bnb_state_dict`
+exchange weights with bitsandbytes `Linear4bit` and Hugging Face 4-bit checkpoints without requantizing.
+Packed codes and absmax are bitsandbytes' bytes; the 8-bit double-quant codes of a fresh quantization are the
+exact nearest code, where bitsandbytes' lookup differs by one code in under 1% of blocks (docs/format.md).
 """
 
 from __future__ import annotations
@@ -12,15 +13,12 @@ from collections.abc import Mapping
 
 import torch
 
-from lowrank_ext._reference.nf4 import NF4_CODEBOOK, dynamic_map
-from lowrank_ext.ops.nf4 import (
-    NESTED_BLOCKSIZE,
-    VALID_BLOCKSIZES,
-    dequantize_nf4,
-    dequantize_nf4_out,
-    double_quant,
-    quantize_nf4_raw,
-)
+import lowrank_ext._extension  # noqa: F401  (loads the compiled ops)
+from lowrank_ext._reference.nf4 import NESTED_BLOCKSIZE, NF4_CODEBOOK, VALID_BLOCKSIZES, dynamic_map
+
+# The format ops are called directly (their Python wrappers and fake kernels live in ops/nf4.py, which sits
+# with ops/linear.py above this module: ops/linear.py takes NF4Weight arguments).
+_lib = torch.ops.lowrank_ext
 
 __all__ = ["NF4Weight", "quantize_nf4"]
 
@@ -134,14 +132,14 @@ class NF4Weight:
         reused across calls) the result is written there and `out.view(shape)` is returned: no allocation."""
         if out is None:
             dtype = self.dtype if dtype is None else dtype
-            flat = dequantize_nf4(*self.tensors(), self.blocksize, self.numel, dtype)
+            flat = _lib.dequantize_nf4(*self.tensors(), self.blocksize, self.numel, dtype)
             return flat.view(self.shape)
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"lowrank_ext.NF4Weight.dequantize: out must be a torch.Tensor, got {type(out).__name__}")
         if dtype is not None and out.dtype != dtype:
             raise TypeError(f"lowrank_ext.NF4Weight.dequantize: out must have dtype {dtype} (the dtype argument), "
                             f"got {out.dtype}")
-        dequantize_nf4_out(*self.tensors(), self.blocksize, self.numel, out)
+        _lib.dequantize_nf4_out(*self.tensors(), self.blocksize, self.numel, out)
         return out.view(self.shape)
 
     def to(self, device: torch.device | str) -> NF4Weight:
@@ -250,15 +248,13 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         raise TypeError(f"lowrank_ext.quantize_nf4: w must be a torch.Tensor, got {type(w).__name__}")
     if not isinstance(double_quant, bool):
         raise TypeError(f"lowrank_ext.quantize_nf4: double_quant must be a bool, got {type(double_quant).__name__}")
-    packed, absmax = quantize_nf4_raw(w.detach(), blocksize)
+    packed, absmax = _lib.quantize_nf4(w.detach(), blocksize)
     if not double_quant:
         return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize)
     nested_map = dynamic_map(signed=True).to(w.device)
-    qabsmax, nested_absmax, offset = _double_quant(absmax, nested_map)
+    qabsmax, nested_absmax, offset = _lib.double_quant(absmax, nested_map)
     return NF4Weight(packed, qabsmax, w.shape, w.dtype, blocksize, nested_absmax, nested_map, offset)
 
-
-_double_quant = double_quant
 
 
 def _sd_check(cond: bool, key: str, expected: str, got) -> None:

@@ -112,7 +112,7 @@ def _peft_outputs(out: Path, batch: torch.Tensor, quantized: bool) -> torch.Tens
     (the NF4-dequantized targets when quantized)."""
     import peft
 
-    from lowrank_ext.models import load_causal_lm
+    from lowrank_ext.finetune.models import load_causal_lm
 
     base = load_causal_lm().model
     if quantized:
@@ -139,8 +139,8 @@ def _check_e2e(capsys, out: Path, argv: list[str], quantized: bool) -> None:
 
     # PEFT reads our files and computes what our reloaded model computes
     from lowrank_ext import _finetune_backend as fb
-    from lowrank_ext.data import prepare_data
-    from lowrank_ext.models import load_causal_lm
+    from lowrank_ext.finetune.data import prepare_data
+    from lowrank_ext.finetune.models import load_causal_lm
 
     lm = load_causal_lm()
     _, held = prepare_data("kjv", lm.tokenizer, 32, eval_blocks=2)
@@ -177,7 +177,7 @@ def tiny_model_dir(tmp_path_factory):
     """A transformers causal LM directory: a random 2-layer Llama with SmolLM2's tokenizer."""
     import transformers
 
-    from lowrank_ext.models import _cached_smollm2
+    from lowrank_ext.finetune.models import _cached_smollm2
 
     tok = transformers.AutoTokenizer.from_pretrained(str(_cached_smollm2()[0]))
     torch.manual_seed(0)
@@ -251,7 +251,7 @@ def test_bench_command_tables_and_chart(capsys, tmp_path):
 def test_collect_rows_parses_print_table_text(capsys):
     import sys as _sys
 
-    from lowrank_ext.bench_cmd import collect_rows
+    from lowrank_ext.finetune.bench_command import collect_rows
 
     _sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from _timing import print_table
@@ -265,7 +265,7 @@ def test_collect_rows_parses_print_table_text(capsys):
 
 
 def test_collect_rows_ignores_malformed():
-    from lowrank_ext.bench_cmd import collect_rows
+    from lowrank_ext.finetune.bench_command import collect_rows
 
     assert collect_rows(None) == []
     assert collect_rows([{"shape": "a"}, {"ours": 1.0, "baselines": {}}, "x"]) == []

@@ -329,11 +329,11 @@ def test_linear4bit_from_bitsandbytes_state_dict():
     q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
     q.bias = torch.nn.Parameter(lin.bias.data.clone())
     sd = {"model.layer." + k: v for k, v in q.to("cpu").state_dict().items()}
-    layer = L.interop.linear4bit_from_state_dict(sd, "model.layer.")
+    layer = L.linear4bit_from_state_dict(sd, "model.layer.")
     assert torch.equal(layer.weight.packed, sd["model.layer.weight"]) and torch.equal(layer.bias, lin.bias)
     deq = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state)
     torch.testing.assert_close(layer.weight.dequantize(), deq, atol=1e-6, rtol=1e-5)
     with pytest.raises(TypeError, match="lowrank_ext::nf4_from_bnb_linear: m must be a bitsandbytes Linear4bit"):
-        L.interop.nf4_from_bnb_linear(lin)
+        L.nf4_from_bnb_linear(lin)
     with pytest.raises(ValueError, match="lowrank_ext::from_bnb: model must contain bitsandbytes Linear4bit"):
         L.from_bnb(torch.nn.Sequential(lin))

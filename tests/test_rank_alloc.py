@@ -9,7 +9,12 @@ import pytest
 import torch
 
 import lowrank_ext
-from lowrank_ext.rank_alloc import allocate_from_spectra, gradient_spectra, lora_param_count, match_targets
+from lowrank_ext.finetune.rank_allocation import (
+    allocate_from_spectra,
+    gradient_spectra,
+    lora_param_count,
+    match_targets,
+)
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,4 +1,4 @@
-"""The trainer (lowrank_ext.train) and the data pipeline (lowrank_ext.data) on a tiny random Llama.
+"""The trainer (lowrank_ext.finetune.trainer) and the data pipeline (lowrank_ext.finetune.data) on a tiny random Llama.
 
 References: the lr schedule against its closed form and torch's LambdaLR; gradient accumulation
 against one big batch; clipping against the clipped-norm definition; resume against the
@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from lowrank_ext.data import PackedBlocks, load_documents, pack, prepare_data, split_documents
-from lowrank_ext.train import TrainConfig, Trainer, evaluate, lr_factor, warmup_cosine
+from lowrank_ext.finetune.data import PackedBlocks, load_documents, pack, prepare_data, split_documents
+from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, lr_factor, warmup_cosine
 
 transformers = pytest.importorskip("transformers")
 

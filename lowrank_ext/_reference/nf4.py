@@ -1,4 +1,4 @@
-"""Reference NF4 math in plain PyTorch (DESIGN.md section 2). Slow and readable: the spec in code."""
+"""Reference NF4 math in plain PyTorch (docs/format.md). Slow and readable: the spec in code."""
 
 from __future__ import annotations
 
@@ -6,7 +6,17 @@ import functools
 
 import torch
 
-__all__ = ["NF4_CODEBOOK", "dynamic_map", "dequantize_nf4_ref", "quantize_nf4_ref"]
+__all__ = [
+    "NESTED_BLOCKSIZE",
+    "NF4_CODEBOOK",
+    "VALID_BLOCKSIZES",
+    "dequantize_nf4_ref",
+    "dynamic_map",
+    "quantize_nf4_ref",
+]
+
+VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # blocksizes bitsandbytes accepts for NF4
+NESTED_BLOCKSIZE = 256  # double quant: absmax values per nested (second-level) block
 
 NF4_CODEBOOK = torch.tensor(
     [
@@ -19,7 +29,7 @@ NF4_CODEBOOK = torch.tensor(
 )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dynamic_map_cached(signed: bool, max_exponent_bits: int, total_bits: int) -> torch.Tensor:
     # The "dynamic" 8-bit type of Dettmers (arXiv:1511.04561) as bitsandbytes builds it: for each
     # exponent e = 0..6 a linear fraction grid of 2^e (signed) points in (0.1, 1), scaled by

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_ext.nf4 import NF4Weight
+from lowrank_ext.ops import nf4_linear
 
 __all__ = [
     "dora_norm_dense",
@@ -62,8 +63,6 @@ def dora_norm_nf4(weight: NF4Weight, w_sqnorm: torch.Tensor, lora_A: torch.Tenso
 
     w_sqnorm = ||w_i||² (fp32 [N], fixed: the base is frozen); A w_i for all rows is one fused NF4 GEMM.
     """
-    from lowrank_ext.ops import nf4_linear  # the fused NF4 GEMM (lowrank_ext/ops/linear.py)
-
     a = lora_A.float()
     b = lora_B.float()
     aw = nf4_linear(a, weight).t()                      # [N, r] = deq(W) Aᵀ, row i = A w_i

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lowrank_ext.nf4 import NF4Weight, quantize_nf4
+from lowrank_ext.ops import nf4_linear
 
 __all__ = ["Linear4bit", "NF4WeightHolder"]
 
@@ -107,8 +108,6 @@ class Linear4bit(NF4WeightHolder):
         return cls(quantize_nf4(linear.weight.detach(), blocksize, double_quant), linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from lowrank_ext.ops import nf4_linear
-
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nf4_linear(x, self.weight, bias)
 

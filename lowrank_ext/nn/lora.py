@@ -22,7 +22,8 @@ from torch import nn
 
 from lowrank_ext.nf4 import NF4Weight, quantize_nf4
 from lowrank_ext.nn import functional as LF
-from lowrank_ext.nn.linear4bit import NF4WeightHolder
+from lowrank_ext.nn.linear4bit import Linear4bit, NF4WeightHolder
+from lowrank_ext.ops import nf4_linear, nf4_lora_linear, nf4_row_sqnorm
 
 __all__ = ["AdapterSpec", "LoRALinear", "QLoRALinear"]
 
@@ -288,7 +289,7 @@ class LoRALinear(_AdapterLayer):
                     use_rslora: bool = False, variant: str = "lora", fan_in_fan_out: bool | None = None,
                     adapter_name: str = "default", **kw) -> LoRALinear:
         """Wrap an nn.Linear (or transformers' Conv1D, weight [in, out]) and add one active adapter."""
-        weight, bias = _linear_weight(linear, fan_in_fan_out)
+        weight, bias = linear_weight(linear, fan_in_fan_out)
         layer = cls(weight, bias)
         layer.add_adapter(adapter_name, r, alpha, dropout, use_rslora, variant, **kw)
         layer.set_adapter(adapter_name)
@@ -357,12 +358,10 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
                     double_quant: bool = True, use_rslora: bool = False, variant: str = "lora",
                     fan_in_fan_out: bool | None = None, adapter_name: str = "default", **kw) -> QLoRALinear:
         """Quantize an nn.Linear / Conv1D (or take a Linear4bit's NF4 weight as is) and add one active adapter."""
-        from lowrank_ext.nn.linear4bit import Linear4bit
-
         if isinstance(linear, Linear4bit):
             weight, bias = linear.weight, linear.bias
         else:
-            dense, bias = _linear_weight(linear, fan_in_fan_out)
+            dense, bias = linear_weight(linear, fan_in_fan_out)
             weight = quantize_nf4(dense, blocksize, double_quant)
         layer = cls(weight, bias)
         layer.add_adapter(adapter_name, r, alpha, dropout, use_rslora, variant, **kw)
@@ -373,28 +372,20 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
         return self.weight.device
 
     def _base(self, x):
-        from lowrank_ext.ops import nf4_linear
-
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight.to(x.dtype))
         return nf4_linear(x, self.weight)
 
     def _base_plus_bias(self, x, bias):
-        from lowrank_ext.ops import nf4_linear
-
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight.to(x.dtype), bias)
         return nf4_linear(x, self.weight, bias)
 
     def _fused(self, x, a, b, scaling, bias, p):
-        from lowrank_ext.ops import nf4_lora_linear
-
         return nf4_lora_linear(x, self.weight, a, b, scaling, bias, p)
 
     def _dora_norm_of(self, a, b, scaling, dtype):
         if self._row_sqnorm is None or self._row_sqnorm.device != self.weight.device:
-            from lowrank_ext.ops import nf4_row_sqnorm
-
             self._row_sqnorm = nf4_row_sqnorm(self.weight)  # ||w_i||² of deq(W), once (W is frozen)
         return LF.dora_norm_nf4(self.weight, self._row_sqnorm, a, b, scaling).to(dtype)
 
@@ -427,7 +418,7 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
         self.merged_adapters.clear()
 
 
-def _linear_weight(module: nn.Module, fan_in_fan_out: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def linear_weight(module: nn.Module, fan_in_fan_out: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight [out, in], bias) of an nn.Linear or a transformers Conv1D (stored [in, out])."""
     is_conv1d = type(module).__name__ == "Conv1D"
     if fan_in_fan_out is None:

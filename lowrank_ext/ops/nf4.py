@@ -1,7 +1,7 @@
 """NF4 format ops: thin wrappers over torch.ops.lowrank_ext.{quantize_nf4, double_quant, dequantize_nf4}
 with their fake (meta) kernels. No autograd: quantization is not differentiable (the weight is frozen).
 
-Format (DESIGN.md section 2, bit-exact with bitsandbytes quant_type="nf4"):
+Format (docs/format.md; bitsandbytes' quant_type="nf4" layout):
     absmax[b]  = max |x| over block b of `blocksize` flat elements
     code[i]    = nearest NF4 level to x[i] / absmax[b]  (via the 15 midpoints, ties to the lower code)
     packed[j]  = code[2j] << 4 | code[2j+1]
@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from lowrank_ext._reference.nf4 import NESTED_BLOCKSIZE, VALID_BLOCKSIZES  # noqa: F401  (re-exported)
+
 __all__ = ["dequantize_nf4", "dequantize_nf4_out", "double_quant", "quantize_nf4_raw"]
 
 _lib = torch.ops.lowrank_ext
-VALID_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256
 
 
 def quantize_nf4_raw(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +56,7 @@ def dequantize_nf4_out(
     """Dequantize into `out` (contiguous fp32/fp16/bf16, `numel` elements, any shape); returns `out`.
 
     Reusing one buffer avoids the allocation and first-touch page faults of a fresh 4096x4096 fp32
-    result, which cost more than the dequantization itself on CPU (DESIGN.md section 4)."""
+    result, which cost more than the dequantization itself on CPU (docs/kernels.md)."""
     _lib.dequantize_nf4_out(packed, absmax, nested_absmax, nested_map, offset, blocksize, numel, out)
     return out
 

@@ -21,8 +21,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from lowrank_ext.config import LoRAConfig
-from lowrank_ext.inject import ModulesToSave, get_state, inject
+from lowrank_ext.adapters.config import LoRAConfig
+from lowrank_ext.adapters.injector import inject
+from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, require_state, set_adapter
+from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, QLoRALinear
 
 __all__ = [
@@ -41,56 +43,18 @@ __all__ = [
 BASE = "__base__"  # in mixed_batch: this row uses no adapter
 
 
-def _state(model: nn.Module, op: str):
-    state = get_state(model)
-    if state is None:
-        raise ValueError(f"lowrank_ext::{op}: model must have adapters (call lowrank_ext.inject first), got none")
-    return state
-
-
-def _layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    return ((n, m) for n, m in model.named_modules() if isinstance(m, ADAPTER_LAYERS))
-
-
 def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> nn.Module:
     """Add adapter `name` (not activated; PEFT's behaviour). The model must already have adapters."""
-    _state(model, "add_adapter")
+    require_state(model, "add_adapter")
     return inject(model, config, name)
 
 
-def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make `names` the active adapters; only their parameters (and biases per config) are trainable."""
-    state = _state(model, "set_adapter")
-    names = [names] if isinstance(names, str) else list(names)
-    for n in names:
-        if n not in state.configs:
-            raise ValueError(f"lowrank_ext::set_adapter: names must be existing adapters {sorted(state.configs)}, "
-                             f"got {n!r}")
-    state.active = names
-    for _, layer in _layers(model):
-        layer.set_adapter([n for n in names if n in layer.specs])
-    for m in model.modules():
-        if isinstance(m, ModulesToSave):
-            m.active = next((n for n in names if n in m.modules_to_save), None)
-            for n, copy_ in m.modules_to_save.items():
-                copy_.requires_grad_(n == m.active)
-    biases = {state.configs[n].bias for n in names}
-    if "all" in biases:
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") and ".modules_to_save." not in pname and "original_module" not in pname:
-                p.requires_grad_(True)
-    elif "lora_only" in biases:
-        for _, layer in _layers(model):
-            if layer.bias is not None:
-                layer.bias.requires_grad_(True)
-
-
 def delete_adapter(model: nn.Module, name: str) -> None:
-    state = _state(model, "delete_adapter")
+    state = require_state(model, "delete_adapter")
     if name not in state.configs:
         raise ValueError(f"lowrank_ext::delete_adapter: name must be an existing adapter {sorted(state.configs)}, "
                          f"got {name!r}")
-    for _, layer in _layers(model):
+    for _, layer in adapter_layers(model):
         if name in layer.specs:
             layer.delete_adapter(name)
     for m in model.modules():
@@ -106,7 +70,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes with its base weights only."""
-    _state(model, "disable_adapters")
+    require_state(model, "disable_adapters")
     mods = [m for m in model.modules() if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))]
     before = [m.disabled for m in mods]
     for m in mods:
@@ -125,14 +89,14 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
     Each layer stacks the named adapters once per forward and applies them to all rows with one gather and
     two batched matmuls (lowrank_ext.nn.functional.mixed_lora_delta): no Python loop over rows.
     """
-    state = _state(model, "mixed_batch")
+    state = require_state(model, "mixed_batch")
     uniq = list(dict.fromkeys(adapter_names))
     for n in uniq:
         if n != BASE and n not in state.configs:
             raise ValueError(f"lowrank_ext::mixed_batch: adapter_names must name existing adapters "
                              f"{sorted(state.configs)} or {BASE!r}, got {n!r}")
     ids = torch.tensor([uniq.index(n) for n in adapter_names], dtype=torch.long)
-    layers = [m for _, m in _layers(model)]
+    layers = [m for _, m in adapter_layers(model)]
     for m in layers:
         m._mixed = (uniq, ids)
     try:
@@ -148,7 +112,7 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
 def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: str = "svd", svd_rank: int | None = None) -> None:
     """Create adapter `adapter_name` = weighted combination of LoRA `adapters` (see the module docstring)."""
-    state = _state(model, "add_weighted_adapter")
+    state = require_state(model, "add_weighted_adapter")
     if combination_type not in ("linear", "cat", "svd"):
         raise ValueError(f"lowrank_ext::add_weighted_adapter: combination_type must be 'linear', 'cat' or 'svd', "
                          f"got {combination_type!r}")
@@ -169,10 +133,10 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         raise ValueError(f"lowrank_ext::add_weighted_adapter: adapters must have equal ranks for 'linear', "
                          f"got {sorted(ranks)}")
     new_r = {"linear": cfgs[0].r, "cat": sum(c.r for c in cfgs), "svd": svd_rank or max(ranks)}[combination_type]
-    targets = sorted({t for n, layer in _layers(model) for t in [n] if any(a in layer.specs for a in adapters)})
+    targets = sorted({t for n, layer in adapter_layers(model) for t in [n] if any(a in layer.specs for a in adapters)})
     config = LoRAConfig(r=new_r, alpha=new_r, target_modules=targets, dropout=cfgs[0].dropout)
     inject(model, config, adapter_name)
-    for name, layer in _layers(model):
+    for name, layer in adapter_layers(model):
         if adapter_name not in layer.specs:
             continue
         pairs = [(layer.factors(a, torch.float32), w * layer.specs[a].scaling)
@@ -199,15 +163,15 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
 # ---- merging --------------------------------------------------------------------------------------------
 def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
     """Merge the active (or named) adapters into every layer (QLoRA layers: into a dense copy, see QLoRALinear)."""
-    _state(model, "merge_adapter")
-    for _, layer in _layers(model):
+    require_state(model, "merge_adapter")
+    for _, layer in adapter_layers(model):
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.specs]
         layer.merge(names, safe_merge=safe_merge)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    _state(model, "unmerge_adapter")
-    for _, layer in _layers(model):
+    require_state(model, "unmerge_adapter")
+    for _, layer in adapter_layers(model):
         layer.unmerge()
 
 
@@ -215,14 +179,12 @@ def unmerge_adapter(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: bool = False) -> nn.Module:
     """Merge the active adapters and put plain layers back: nn.Linear (dense; the default for NF4 bases too),
     or lowrank_ext.nn.Linear4bit holding NF4(merged) for NF4 bases when requantize=True (lossy, opt-in)."""
-    _state(model, "merge_and_unload")
-    for name, layer in list(_layers(model)):
+    require_state(model, "merge_and_unload")
+    for name, layer in list(adapter_layers(model)):
         layer.merge(safe_merge=safe_merge)
         w = layer.dense_weight()
         dtype = layer.weight.dtype
         if isinstance(layer, QLoRALinear) and requantize:
-            from lowrank_ext.nf4 import quantize_nf4
-
             old = layer.weight
             new: nn.Module = Linear4bit(quantize_nf4(w.to(dtype), old.blocksize, old.double_quant), layer.bias)
         else:

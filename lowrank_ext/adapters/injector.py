@@ -9,72 +9,24 @@ Parameter counts follow PEFT's rule (an NF4 weight counts as its number of eleme
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
 import torch
 from torch import nn
 
-from lowrank_ext.config import LoRAConfig
+from lowrank_ext.adapters.bnb_import import is_bnb_4bit, nf4_from_bnb_linear
+from lowrank_ext.adapters.config import LoRAConfig
+from lowrank_ext.adapters.state import AdapterState, InjectSummary, ModulesToSave, get_state, set_adapter
+from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, LoRALinear, QLoRALinear
+from lowrank_ext.nn.lora import linear_weight
 
-__all__ = ["AdapterState", "InjectSummary", "ModulesToSave", "count_parameters", "inject", "inject_summary"]
-
-
-@dataclasses.dataclass
-class InjectSummary:
-    """What inject() replaced, and the parameter counts after it."""
-
-    adapter_name: str
-    replaced: list[tuple[str, str, str]]  # (module name, old type, new type)
-    trainable: int
-    total: int
-
-    def __str__(self) -> str:
-        lines = [f"adapter {self.adapter_name!r}: {len(self.replaced)} modules adapted"]
-        lines += [f"  {name}: {old} -> {new}" for name, old, new in self.replaced]
-        pct = 100.0 * self.trainable / max(self.total, 1)
-        lines.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || trainable%: {pct:.4f}")
-        return "\n".join(lines)
-
-
-@dataclasses.dataclass
-class AdapterState:
-    """Kept on the model as `model.lowrank_ext_state` (a plain attribute, not a submodule)."""
-
-    configs: dict[str, LoRAConfig] = dataclasses.field(default_factory=dict)
-    active: list[str] = dataclasses.field(default_factory=list)
-    vera_shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
-    summaries: dict[str, InjectSummary] = dataclasses.field(default_factory=dict)
-
-
-class ModulesToSave(nn.Module):
-    """A module trained in full: the frozen original plus one trainable copy per adapter (PEFT's layout)."""
-
-    def __init__(self, original: nn.Module) -> None:
-        super().__init__()
-        self.original_module = original
-        self.modules_to_save = nn.ModuleDict()
-        self.active: str | None = None
-        self.disabled = False
-
-    def add(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-        self.original_module.requires_grad_(False)
-
-    def forward(self, *args, **kwargs):
-        if self.disabled or self.active not in self.modules_to_save:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[self.active](*args, **kwargs)
+__all__ = ["count_parameters", "inject", "inject_summary"]
 
 
 def _is_linear(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, Linear4bit, *ADAPTER_LAYERS)) or type(m).__name__ == "Conv1D"
-
-
-def _is_bnb_4bit(m: nn.Module) -> bool:
-    return type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
 
 
 def _candidates(model: nn.Module) -> list[str]:
@@ -142,23 +94,15 @@ def _in_out(m: nn.Module) -> tuple[int, int]:
 
 def _new_layer(m: nn.Module, config: LoRAConfig) -> nn.Module:
     """The adapter layer (no adapter yet) for module m."""
-    from lowrank_ext.interop import nf4_from_bnb_linear
-    from lowrank_ext.nf4 import quantize_nf4
-    from lowrank_ext.nn.lora import _linear_weight
-
-    if _is_bnb_4bit(m):
+    if is_bnb_4bit(m):
         return QLoRALinear(*nf4_from_bnb_linear(m))
     if isinstance(m, Linear4bit):
         return QLoRALinear(m.weight, m.bias)
     fifo = True if type(m).__name__ == "Conv1D" else config.fan_in_fan_out
-    weight, bias = _linear_weight(m, fifo)
+    weight, bias = linear_weight(m, fifo)
     if config.quantize == "nf4":
         return QLoRALinear(quantize_nf4(weight, config.blocksize, config.double_quant), bias)
     return LoRALinear(weight, bias)
-
-
-def get_state(model: nn.Module) -> AdapterState | None:
-    return getattr(model, "lowrank_ext_state", None)
 
 
 def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
@@ -206,8 +150,6 @@ def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") 
         for p in model.parameters():
             p.requires_grad_(False)
         state.active = [adapter_name]
-    from lowrank_ext.adapters import set_adapter
-
     set_adapter(model, state.active)
     trainable, total = count_parameters(model)
     state.summaries[adapter_name] = InjectSummary(adapter_name, replaced, trainable, total)

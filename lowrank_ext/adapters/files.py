@@ -1,4 +1,4 @@
-"""save_adapter / load_adapter: PEFT's adapter directory format, both ways (DESIGN.md section 6).
+"""save_adapter / load_adapter: PEFT's adapter directory format, both ways (docs/format.md, "Adapter files").
 
     directory/adapter_model.safetensors   metadata {"format": "pt"}, keys (adapter name stripped):
         base_model.model.<module>.lora_A.weight [r, in]    base_model.model.<module>.lora_B.weight [out, r]
@@ -20,8 +20,9 @@ import os
 import torch
 from torch import nn
 
-from lowrank_ext.config import LoRAConfig
-from lowrank_ext.inject import ModulesToSave, get_state, inject
+from lowrank_ext.adapters.config import LoRAConfig
+from lowrank_ext.adapters.injector import inject
+from lowrank_ext.adapters.state import ModulesToSave, get_state
 from lowrank_ext.nn import ADAPTER_LAYERS
 
 __all__ = ["adapter_state_dict", "load_adapter", "save_adapter"]

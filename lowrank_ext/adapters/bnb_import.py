@@ -17,12 +17,17 @@ from torch import nn
 from lowrank_ext.nf4 import NF4Weight
 from lowrank_ext.nn import Linear4bit
 
-__all__ = ["from_bnb", "linear4bit_from_state_dict", "nf4_from_bnb_linear"]
+__all__ = ["from_bnb", "is_bnb_4bit", "linear4bit_from_state_dict", "nf4_from_bnb_linear"]
+
+
+def is_bnb_4bit(m: nn.Module) -> bool:
+    """True for a bitsandbytes Linear4bit (checked by name: bitsandbytes itself is never imported here)."""
+    return type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")
 
 
 def nf4_from_bnb_linear(m: nn.Module) -> tuple[NF4Weight, torch.Tensor | None]:
     """(NF4Weight, bias) of a bitsandbytes Linear4bit, read through its own state dict (bnb's key layout)."""
-    if type(m).__name__ != "Linear4bit" or not type(m).__module__.startswith("bitsandbytes"):
+    if not is_bnb_4bit(m):
         raise TypeError(f"lowrank_ext::nf4_from_bnb_linear: m must be a bitsandbytes Linear4bit, got {type(m).__name__}")
     qs = getattr(m.weight, "quant_state", None)
     if qs is None:
@@ -44,8 +49,7 @@ def linear4bit_from_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "")
 
 def from_bnb(model: nn.Module) -> nn.Module:
     """Replace every bitsandbytes nf4 Linear4bit in `model` by lowrank_ext.nn.Linear4bit (same bytes); in place."""
-    found = [(n, m) for n, m in model.named_modules()
-             if type(m).__name__ == "Linear4bit" and type(m).__module__.startswith("bitsandbytes")]
+    found = [(n, m) for n, m in model.named_modules() if is_bnb_4bit(m)]
     if not found:
         raise ValueError("lowrank_ext::from_bnb: model must contain bitsandbytes Linear4bit layers, got none")
     for name, m in found:

@@ -139,10 +139,10 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 def finetune(a: argparse.Namespace) -> dict:
     """The main job; returns the numbers it printed (tests read them)."""
-    from lowrank_ext import _finetune_backend as fb
-    from lowrank_ext.data import load_documents, prepare_data, split_documents
-    from lowrank_ext.models import DEFAULT_MODEL, check_model_dir, load_causal_lm, smollm2_gguf_path
-    from lowrank_ext.train import TrainConfig, Trainer, evaluate, memory_mb
+    from lowrank_ext.finetune import backends as fb
+    from lowrank_ext.finetune.data import load_documents, prepare_data, split_documents
+    from lowrank_ext.finetune.models import DEFAULT_MODEL, check_model_dir, load_causal_lm, smollm2_gguf_path
+    from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, memory_mb
 
     _check_args(a)
     device = _device(a.device)
@@ -176,7 +176,7 @@ def finetune(a: argparse.Namespace) -> dict:
 
     rank_pattern = None
     if a.rank_budget:
-        from lowrank_ext.rank_alloc import allocate_ranks
+        from lowrank_ext.finetune.rank_allocation import allocate_ranks
 
         probe = [train_blocks.batch(10_000 + i, micro) for i in range(2)]  # not the first training batches
         rank_pattern = allocate_ranks(model, probe, a.rank_budget, target_modules=targets,
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "finetune":
             finetune(args)
         else:
-            from lowrank_ext.bench_cmd import run_bench
+            from lowrank_ext.finetune.bench_command import run_bench
 
             run_bench(quick=args.quick, only=args.only, chart=args.chart or None, bench_dir=args.bench_dir)
     except (CLIError, FileNotFoundError, ValueError, RuntimeError) as e:

@@ -9,13 +9,14 @@ The optimizer is chosen by `--optimizer` (default PagedAdamW); a missing one is 
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from lowrank_ext.rank_alloc import match_targets
+from lowrank_ext import optim
+from lowrank_ext.adapters import LoRAConfig, inject, load_adapter, save_adapter
+from lowrank_ext.finetune.rank_allocation import match_targets
 
 __all__ = ["AdapterSpec", "get_backend", "make_optimizer", "target_names"]
 
@@ -47,18 +48,7 @@ def make_optimizer(kind: str, params: list[torch.nn.Parameter], lr: float) -> to
         raise ValueError(f"lowrank_ext finetune: --optimizer must be one of {sorted(_OPTIMIZERS)}, got {kind!r}")
     if _OPTIMIZERS[kind] is None:
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    return getattr(_optim_module(kind), _OPTIMIZERS[kind])(params, lr=lr, weight_decay=0.0)
-
-
-def _optim_module(kind: str):
-    try:
-        from lowrank_ext import optim
-    except ImportError:
-        optim = None
-    if optim is None or not hasattr(optim, _OPTIMIZERS[kind]):
-        raise RuntimeError(f"lowrank_ext finetune: --optimizer {kind} needs lowrank_ext.optim.{_OPTIMIZERS[kind]}, "
-                           "got it missing from this build (use --optimizer adamw for torch.optim.AdamW)")
-    return optim
+    return getattr(optim, _OPTIMIZERS[kind])(params, lr=lr, weight_decay=0.0)
 
 
 class LowrankBackend:
@@ -67,40 +57,23 @@ class LowrankBackend:
     def __init__(self, optimizer: str = "paged-adamw") -> None:
         self.optimizer_kind = optimizer
 
-    @staticmethod
-    def _api():
-        import lowrank_ext
-
-        missing = [n for n in ("LoRAConfig", "inject", "save_adapter", "load_adapter") if not hasattr(lowrank_ext, n)]
-        if missing:
-            raise RuntimeError("lowrank_ext finetune: the lowrank_ext backend needs lowrank_ext."
-                               + ", lowrank_ext.".join(missing) + " (the layers), got them missing from this "
-                               "build; use --backend peft --no-quantize for the PEFT baseline")
-        return lowrank_ext
-
     def config(self, spec: AdapterSpec):
-        lx = self._api()
-        return lx.LoRAConfig(r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, target_modules=spec.targets,
+        return LoRAConfig(r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, target_modules=spec.targets,
                              variant=spec.variant, quantize="nf4" if spec.quantize else None, double_quant=True,
                              rank_pattern=dict(spec.rank_pattern or {}))
 
     def inject(self, model: torch.nn.Module, spec: AdapterSpec) -> torch.nn.Module:
-        return self._api().inject(model, self.config(spec))
+        return inject(model, self.config(spec))
 
     def optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         return make_optimizer(self.optimizer_kind, params, lr)
 
     def save(self, model: torch.nn.Module, directory: Path) -> None:
-        save = self._api().save_adapter
-        if "overwrite" in inspect.signature(save).parameters:  # the output dir was checked by the CLI
-            save(model, str(directory), overwrite=True)
-        else:
-            save(model, str(directory))
+        save_adapter(model, str(directory), overwrite=True)  # the output dir was checked by the CLI
 
     def load(self, fresh: torch.nn.Module, directory: Path, spec: AdapterSpec) -> torch.nn.Module:
-        lx = self._api()
-        model = lx.inject(fresh, self.config(spec))
-        lx.load_adapter(model, str(directory))
+        model = inject(fresh, self.config(spec))
+        load_adapter(model, str(directory))
         return model
 
 
@@ -132,12 +105,10 @@ class PeftBackend:
 
 def get_backend(name: str, optimizer: str = "paged-adamw"):
     """The backend `name` training with `optimizer`; checks both exist before any slow work."""
-    if optimizer != "adamw":
-        _optim_module(optimizer)
+    if optimizer not in _OPTIMIZERS:
+        raise ValueError(f"lowrank_ext finetune: --optimizer must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}")
     if name == "lowrank_ext":
-        backend = LowrankBackend(optimizer)
-        backend._api()
-        return backend
+        return LowrankBackend(optimizer)
     if name == "peft":
         return PeftBackend(optimizer)
     raise ValueError(f"lowrank_ext finetune: --backend must be lowrank_ext or peft, got {name!r}")
