@@ -35,7 +35,7 @@ def _load() -> None:
 
 
 _load()
-from lowrank_ext import _build_config as _config
+from lowrank_ext import _build_config as _config  # noqa: E402  (written by setup.py next to _C)
 
 
 def _compiled_flags() -> dict[str, str]:

@@ -5,11 +5,11 @@
   optim.py   fused AdamW updates (fp32 and 8-bit state), paged memory
 """
 
-from lowrank_ext.ops.linear import *
+from lowrank_ext.ops.linear import *  # noqa: F401,F403
 from lowrank_ext.ops.linear import __all__ as _linear_all
-from lowrank_ext.ops.nf4 import *
+from lowrank_ext.ops.nf4 import *  # noqa: F401,F403
 from lowrank_ext.ops.nf4 import __all__ as _nf4_all
-from lowrank_ext.ops.optim import *
+from lowrank_ext.ops.optim import *  # noqa: F401,F403
 from lowrank_ext.ops.optim import __all__ as _optim_all
 
 __all__ = [*_nf4_all, *_linear_all, *_optim_all]
