@@ -4,7 +4,7 @@ Knobs (environment variables):
   LOWRANK_EXT_CUDA      auto (default) | 0 | 1. auto builds the CUDA kernels when torch is a CUDA
                         build and a CUDA toolkit is found (CUDA_HOME / nvcc); no GPU is needed.
   TORCH_CUDA_ARCH_LIST  CUDA archs; default "8.0;8.6;8.9;9.0+PTX" when unset.
-  LOWRANK_EXT_CPU_ARCH  avx2 (default: -mavx2 -mfma) | native (-march=native) | generic.
+  LOWRANK_EXT_CPU_ARCH  avx2 (default: -mavx2 -mfma -mf16c) | native (-march=native) | generic.
   MAX_JOBS, NVCC_THREADS  parallelism of the ninja build (torch.utils.cpp_extension reads them).
 Build after torch is installed:  pip install --no-build-isolation .
 """
