@@ -167,6 +167,8 @@ def test_format_errors_on_cuda():
         )
     with pytest.raises(ValueError, match=r"lowrank_ext::double_quant: nested_map must be on the same device"):
         ops.double_quant(torch.rand(10, device="cuda"), dynamic_map())
+    with pytest.raises(ValueError, match=r"lowrank_ext::double_quant: nested_map must be sorted ascending, got map\[0\]"):
+        ops.double_quant(torch.rand(10, device="cuda"), dynamic_map().flip(0).cuda())
 
 
 @needs_cuda
