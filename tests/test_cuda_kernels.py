@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -166,6 +167,8 @@ def test_format_errors_on_cuda():
         )
     with pytest.raises(ValueError, match=r"lowrank_ext::double_quant: nested_map must be on the same device"):
         ops.double_quant(torch.rand(10, device="cuda"), dynamic_map())
+    with pytest.raises(ValueError, match=r"lowrank_ext::double_quant: nested_map must be sorted ascending, got map\[0\]"):
+        ops.double_quant(torch.rand(10, device="cuda"), dynamic_map().flip(0).cuda())
 
 
 @needs_cuda
@@ -216,8 +219,8 @@ def _check_close(ours, ref64, torch_result, what):
     assert err <= 4 * err_torch + floor, f"{what}: max error {err:.3g} vs torch's {err_torch:.3g}"
 
 
-def _forward_check(M, N, K, r, dtype, path, blocksize=64, double_quant=True, bias=True, lead=()):
-    w, deq64, x, A, B, b = _make_case(M, N, K, r, dtype, blocksize, double_quant, bias, lead=lead)
+def _forward_check(M, N, K, r, dtype, path, blocksize=64, double_quant=True, bias=True):
+    w, deq64, x, A, B, b = _make_case(M, N, K, r, dtype, blocksize, double_quant, bias)
     s = 2.0
     with force_kernel(path):
         y, u = ops.nf4_lora_linear(x, x, *_bundle(w), N, A, B, s, b)
@@ -231,7 +234,7 @@ def _forward_check(M, N, K, r, dtype, path, blocksize=64, double_quant=True, bia
     ylora64 = y64 + s * u64 @ B.double().T
     ylora_t = y_t + s * (x @ A.T) @ B.T
     _check_close(y, ylora64, ylora_t, "nf4_lora_linear")
-    assert y.shape == (*lead, M, N) and u.shape == (*lead, M, r) and y.dtype == dtype
+    assert y.shape == (M, N) and u.shape == (M, r) and y.dtype == dtype
 
 
 @needs_cuda
@@ -294,7 +297,19 @@ def test_forced_mma_forward(dtype):
 @needs_cuda
 @pytest.mark.parametrize("path", [None, "simt"])
 def test_3d_and_non_contiguous_x(path):
-    _forward_check(5, 384, 512, 8, torch.bfloat16, path, lead=(3,))
+    # The ops take 2-D x (as on the CPU); the Python wrapper flattens leading dims.
+    w, deq64, x, A, B, b = _make_case(5, 384, 512, 8, torch.bfloat16, lead=(3,))
+    with force_kernel(path):
+        y = lowrank_ext.ops.nf4_lora_linear(x, w, A, B, 2.0, b)
+    x64 = x.double()
+    y64 = x64 @ deq64.T + 2.0 * (x64 @ A.double().T) @ B.double().T + b.double()
+    y_t = torch.nn.functional.linear(x, deq64.to(x.dtype), b) + 2.0 * (x @ A.T) @ B.T
+    _check_close(y, y64, y_t, "3-D x through the wrapper")
+    assert y.shape == (3, 5, 384)
+    with pytest.raises(ValueError, match=re.escape(
+        "lowrank_ext::nf4_linear: x must be 2-D, got 3-D tensor of shape [3, 5, 512]"
+    )):
+        ops.nf4_linear(x, *_bundle(w), 384, b)
     w, deq64, x, _, _, b = _make_case(8, 256, 512, 8, torch.float32)
     xt = x.t().contiguous().t()  # same values, column-major strides
     xs = torch.randn(8, 1024, device="cuda")[:, ::2]  # stride 2 in the last dim
@@ -364,27 +379,42 @@ def test_llm_shapes(N, K, M):
 
 @needs_cuda
 def test_linear_errors_on_cuda():
+    """The shared checks (nf4_linear_args.h) on CUDA: the CPU's wording (test_linear.py), no float64."""
     w, _, x, A, B, b = _make_case(4, 64, 128, 4, torch.bfloat16)
-    with pytest.raises(
-        ValueError, match=r"lowrank_ext::nf4_linear: packed must hold ceil\(out_features \* in_features / 2\)"
-    ):
-        ops.nf4_linear(x[:, :96], *_bundle(w), 64, None)
-    with pytest.raises(TypeError, match=r"lowrank_ext::nf4_linear: bias must have the dtype of x"):
-        ops.nf4_linear(x, *_bundle(w), 64, b.float())
-    with pytest.raises(
-        ValueError, match=r"lowrank_ext::nf4_linear: bias must have shape \[out_features\] = \[64\]"
-    ):
-        ops.nf4_linear(x, *_bundle(w), 64, b[:32])
-    with pytest.raises(ValueError, match=r"lowrank_ext::nf4_lora_linear: lora_B must have shape \[64, 4\]"):
-        ops.nf4_lora_linear(x, x, *_bundle(w), 64, A, B[:, :3], 1.0, None)
-    with pytest.raises(
-        ValueError, match=r"lowrank_ext::nf4_lora_linear: lora_A must have shape \[r, in_features\]"
-    ):
-        ops.nf4_lora_linear(x, x, *_bundle(w), 64, A[:, :64], B, 1.0, None)
-    with pytest.raises(ValueError, match=r"lowrank_ext::nf4_linear: packed must be on the same device as x"):
-        ops.nf4_linear(x, *_bundle(w.to("cpu")), 64, None)
-    with pytest.raises(TypeError, match=r"lowrank_ext::nf4_linear: x must be float32, float16 or bfloat16"):
-        ops.nf4_linear(x.double(), *_bundle(w), 64, None)
+    gy = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
+    u = torch.randn(4, 4, device="cuda", dtype=torch.bfloat16)
+    V, T = ValueError, TypeError
+    cases = [  # (call, exception, message)
+        (lambda: ops.nf4_linear(x[:, :96], *_bundle(w), 64, None), V,
+         "nf4_linear: packed must hold ceil(out_features * in_features / 2) = 3072 bytes for [64, 96], got 4096"),
+        (lambda: ops.nf4_linear(x, *_bundle(w), 64, b.float()), T,
+         "nf4_linear: bias must have x's dtype BFloat16, got Float"),
+        (lambda: ops.nf4_linear(x, *_bundle(w), 64, b[:32]), V,
+         "nf4_linear: bias must have shape [64] (out_features), got [32]"),
+        (lambda: ops.nf4_lora_linear(x, x, *_bundle(w), 64, A, B[:, :3], 1.0, None), V,
+         "nf4_lora_linear: lora_B must have shape [64, 4] (out_features, r = lora_A.shape[0]), got [64, 3]"),
+        (lambda: ops.nf4_lora_linear(x, x, *_bundle(w), 64, A[:, :64], B, 1.0, None), V,
+         "nf4_lora_linear: lora_A must have shape [4, 128] (r, in_features), got [4, 64]"),
+        (lambda: ops.nf4_lora_linear(x, x[:2], *_bundle(w), 64, A, B, 1.0, None), V,
+         "nf4_lora_linear: x_lora must have shape [4, 128] (x's shape), got [2, 128]"),
+        (lambda: ops.nf4_lora_linear(x, x, *_bundle(w), 64, A, B, float("nan"), None), V,
+         "nf4_lora_linear: scaling must be finite, got nan"),
+        (lambda: ops.nf4_lora_linear_backward(gy, x, u[:, :3], *_bundle(w), 128, A, B, 1.0, True), V,
+         "nf4_lora_linear_backward: u must have shape [4, 4] (grad_y.shape[0], r), got [4, 3]"),
+        (lambda: ops.nf4_linear_grad_input(gy[None], *_bundle(w), 128), V,
+         "nf4_linear_grad_input: grad_y must be 2-D, got 3-D tensor of shape [1, 4, 64]"),
+        (lambda: ops.nf4_linear(x[None], *_bundle(w), 64, None), V,
+         "nf4_linear: x must be 2-D, got 3-D tensor of shape [1, 4, 128]"),
+        (lambda: ops.nf4_linear(x, *_bundle(w.to("cpu")), 64, None), V,
+         "nf4_linear: packed must be on the same device as x (cuda:0), got cpu"),
+        (lambda: ops.nf4_lora_linear(x, x, *_bundle(w), 64, A.cpu(), B, 1.0, None), V,
+         "nf4_lora_linear: lora_A must be on the same device as x (cuda:0), got cpu"),
+        (lambda: ops.nf4_linear(x.double(), *_bundle(w), 64, None), T,
+         "nf4_linear: x must be float32, float16 or bfloat16, got Double"),
+    ]
+    for call, exc, msg in cases:
+        with pytest.raises(exc, match="^" + re.escape("lowrank_ext::" + msg)):
+            call()
     with (
         pytest.raises(
             ValueError, match=r"LOWRANK_EXT_FORCE_KERNEL=gemv must be used with fp16/bf16, M <= 16"

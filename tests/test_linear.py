@@ -7,6 +7,8 @@ that dtype on deq(W) rounded to that dtype), plus a few ulps of the output's mag
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -348,53 +350,150 @@ def test_errors_python_wrappers():
         nf4_row_sqnorm(w3)
 
 
-def test_errors_op_checks():
-    n, k = 48, 64
-    w = make_weight(n, k)
-    x = torch.randn(3, k)
-    a, b = make_lora(n, k, 4, torch.float32, "cpu")
-    cases = [  # (call, exception, message)
-        (lambda: nf4_lora_linear(x, w, a, torch.randn(n, 5), 1.0), ValueError,
-         (r"lowrank_ext::nf4_lora_linear: lora_B must have shape \[48, 4\] \(out_features, r = lora_A.shape\[0\]\), "
-          r"got \[48, 5\]")),
-        (lambda: nf4_lora_linear(x, w, torch.randn(4, k + 1), b, 1.0), ValueError,
-         r"lowrank_ext::nf4_lora_linear: lora_A must have shape \[4, 64\] \(r, in_features\), got \[4, 65\]"),
-        (lambda: nf4_lora_linear(x, w, a.bfloat16(), b, 1.0), TypeError,
-         r"lowrank_ext::nf4_lora_linear: lora_A must have x's dtype Float, got BFloat16"),
-        (lambda: nf4_lora_linear(x, w, a, b.double(), 1.0), TypeError,
-         r"lowrank_ext::nf4_lora_linear: lora_B must have x's dtype Float, got Double"),
-        (lambda: nf4_linear(x, w, torch.randn(n, dtype=torch.float16)), TypeError,
-         r"lowrank_ext::nf4_linear: bias must have x's dtype Float, got Half"),
-        (lambda: nf4_linear(x, w, torch.randn(n + 1)), ValueError,
-         r"lowrank_ext::nf4_linear: bias must have shape \[48\] \(out_features\), got \[49\]"),
-        (lambda: nf4_lora_linear(x, w, a, b, 1.0, torch.randn(1, n)), ValueError,
-         r"lowrank_ext::nf4_lora_linear: bias must have shape \[48\] \(out_features\), got \[1, 48\]"),
-        (lambda: nf4_linear(x.to(torch.int32), w), TypeError,
-         r"lowrank_ext::nf4_linear: x must be float32, float16, bfloat16 or float64, got Int"),
-        (lambda: nf4_lora_linear(x, w, a, b, float("nan")), ValueError,
-         r"lowrank_ext::nf4_lora_linear: scaling must be finite, got nan"),
-        (lambda: ops.nf4_linear(x, *w.tensors(), w.blocksize, n + 1, None), ValueError,
-         r"lowrank_ext::nf4_linear: packed must have 1568 elements, got 1536"),
-        (lambda: ops.nf4_linear(x, *w.tensors(), w.blocksize, 0, None), ValueError,
-         r"lowrank_ext::nf4_linear: out_features must be positive, got 0"),
-        (lambda: ops.nf4_linear(x[0], *w.tensors(), w.blocksize, n, None), ValueError,
-         r"lowrank_ext::nf4_linear: x must be 2-D, got 1-D tensor of shape \[64\]"),
-        (lambda: ops.nf4_linear_grad_input(torch.randn(3, n), *w.tensors(), w.blocksize, k + 2), ValueError,
-         r"lowrank_ext::nf4_linear_grad_input: packed must have 1584 elements"),
-        (lambda: ops.nf4_lora_linear(x, x[:2], *w.tensors(), w.blocksize, n, a, b, 1.0, None), ValueError,
-         r"lowrank_ext::nf4_lora_linear: x_lora must have shape \[3, 64\] \(x's shape\), got \[2, 64\]"),
-        (lambda: ops.nf4_lora_linear_backward(torch.randn(3, n), x, torch.randn(3, 5), *w.tensors(), w.blocksize,
-                                              k, a, b, 1.0, True), ValueError,
-         r"lowrank_ext::nf4_lora_linear_backward: u must have shape \[3, 4\] \(grad_y.shape\[0\], r\), got \[3, 5\]"),
-        (lambda: ops.nf4_lora_linear_backward(torch.randn(3, n).double(), x, torch.randn(3, 4), *w.tensors(),
-                                              w.blocksize, k, a, b, 1.0, True), TypeError,
-         r"lowrank_ext::nf4_lora_linear_backward: lora_A must have grad_y's dtype Double, got Float"),
-        (lambda: ops.nf4_row_sqnorm(*w.tensors(), w.blocksize, n, k - 1), ValueError,
-         r"lowrank_ext::nf4_row_sqnorm: packed must have 1512 elements"),
-    ]
-    for call, exc, msg in cases:
-        with pytest.raises(exc, match=msg):
-            call()
+# Every message of the shared checks (csrc/include/lowrank_ext/nf4_linear_args.h), reached through the
+# raw ops on CPU. The CUDA implementation runs the same checks (test_cuda_kernels.py matches the same
+# strings there); only the dtype list differs: CUDA has no float64.
+_N, _K, _R = 48, 64, 4
+
+
+def _op_error_cases():
+    w = make_weight(_N, _K)
+    nf4 = (*w.tensors(), w.blocksize)
+    x = torch.randn(3, _K)
+    gy = torch.randn(3, _N)
+    a, b = make_lora(_N, _K, _R, torch.float32, "cpu")
+    u = torch.randn(3, _R)
+
+    def lin(xx=x, n=_N, bias=None, bundle=nf4):
+        return lambda: ops.nf4_linear(xx, *bundle, n, bias)
+
+    def grad_in(g=gy, k=_K):
+        return lambda: ops.nf4_linear_grad_input(g, *nf4, k)
+
+    def lora(xx=x, xl=None, A=a, B=b, s=1.0, bias=None):
+        return lambda: ops.nf4_lora_linear(xx, x if xl is None else xl, *nf4, _N, A, B, s, bias)
+
+    def lora_bwd(g=gy, xl=x, uu=u, A=a, B=b, s=1.0, k=_K):
+        return lambda: ops.nf4_lora_linear_backward(g, xl, uu, *nf4, k, A, B, s, True)
+
+    def sqnorm(n=_N, k=_K):
+        return lambda: ops.nf4_row_sqnorm(*nf4, n, k)
+
+    V, T = ValueError, TypeError
+    return {
+        # activations: dtype and rank (the ops take 2-D; the Python wrappers flatten leading dims)
+        "x_dtype": (lin(x.int()), T, "nf4_linear: x must be float32, float16, bfloat16 or float64, got Int"),
+        "x_1d": (lin(x[0]), V, "nf4_linear: x must be 2-D, got 1-D tensor of shape [64]"),
+        "x_3d": (lin(x.view(1, 3, _K)), V, "nf4_linear: x must be 2-D, got 3-D tensor of shape [1, 3, 64]"),
+        "grad_y_dtype": (grad_in(gy.int()), T,
+                         "nf4_linear_grad_input: grad_y must be float32, float16, bfloat16 or float64, "
+                         "got Int"),
+        "grad_y_3d": (grad_in(gy.view(3, 1, _N)), V,
+                      "nf4_linear_grad_input: grad_y must be 2-D, got 3-D tensor of shape [3, 1, 48]"),
+        "lora_x_3d": (lora(x.view(1, 3, _K), x.view(1, 3, _K)), V,
+                      "nf4_lora_linear: x must be 2-D, got 3-D tensor of shape [1, 3, 64]"),
+        "bwd_grad_y_dtype": (lora_bwd(g=gy.bool()), T,
+                             "nf4_lora_linear_backward: grad_y must be float32, float16, bfloat16 or "
+                             "float64, got Bool"),
+        "bwd_grad_y_3d": (lora_bwd(g=gy.view(1, 3, _N)), V,
+                          "nf4_lora_linear_backward: grad_y must be 2-D, got 3-D tensor of shape [1, 3, 48]"),
+        # sizes and the NF4 bundle
+        "out_features": (lin(n=0), V, "nf4_linear: out_features must be positive, got 0"),
+        "in_features": (lin(xx=torch.randn(3, 0)), V, "nf4_linear: in_features must be positive, got 0"),
+        "packed_bytes": (lin(n=_N + 1), V,
+                         "nf4_linear: packed must hold ceil(out_features * in_features / 2) = 1568 bytes "
+                         "for [49, 64], got 1536"),
+        "grad_in_in_features": (grad_in(k=0), V,
+                                "nf4_linear_grad_input: in_features must be positive, got 0"),
+        "grad_in_packed_bytes": (grad_in(k=_K + 2), V,
+                                 "nf4_linear_grad_input: packed must hold "
+                                 "ceil(out_features * in_features / 2) = 1584 bytes for [48, 66], got 1536"),
+        "bundle_blocksize": (lin(bundle=(*w.tensors(), 48)), V,
+                             "nf4_linear: blocksize must be one of 32, 64, 128, 256, 512, 1024, 2048, 4096, "
+                             "got 48"),
+        "bundle_absmax": (lin(bundle=(w.packed, w.absmax[:-1], *w.tensors()[2:], w.blocksize)), V,
+                          "nf4_linear: absmax must have 48 elements, got 47"),
+        "sqnorm_out_features": (sqnorm(n=-1), V, "nf4_row_sqnorm: out_features must be positive, got -1"),
+        "sqnorm_in_features": (sqnorm(k=0), V, "nf4_row_sqnorm: in_features must be positive, got 0"),
+        "sqnorm_packed_bytes": (sqnorm(k=_K - 1), V,
+                                "nf4_row_sqnorm: packed must hold ceil(out_features * in_features / 2) = "
+                                "1512 bytes for [48, 63], got 1536"),
+        # bias
+        "bias_shape": (lin(bias=torch.randn(_N + 1)), V,
+                       "nf4_linear: bias must have shape [48] (out_features), got [49]"),
+        "bias_2d": (lora(bias=torch.randn(1, _N)), V,
+                    "nf4_lora_linear: bias must have shape [48] (out_features), got [1, 48]"),
+        "bias_dtype": (lin(bias=torch.randn(_N).half()), T,
+                       "nf4_linear: bias must have x's dtype Float, got Half"),
+        "lora_bias_dtype": (lora(bias=torch.randn(_N).double()), T,
+                            "nf4_lora_linear: bias must have x's dtype Float, got Double"),
+        # x_lora
+        "x_lora_shape": (lora(xl=x[:2]), V,
+                         "nf4_lora_linear: x_lora must have shape [3, 64] (x's shape), got [2, 64]"),
+        "x_lora_3d": (lora(xl=x.view(1, 3, _K)), V,
+                      "nf4_lora_linear: x_lora must have shape [3, 64] (x's shape), got [1, 3, 64]"),
+        "x_lora_dtype": (lora(xl=x.double()), T,
+                         "nf4_lora_linear: x_lora must have x's dtype Float, got Double"),
+        # lora_A, lora_B
+        "lora_A_1d": (lora(A=a[0]), V, "nf4_lora_linear: lora_A must be 2-D, got 1-D tensor of shape [64]"),
+        "lora_B_3d": (lora(B=b[None]), V,
+                      "nf4_lora_linear: lora_B must be 2-D, got 3-D tensor of shape [1, 48, 4]"),
+        "lora_A_rank0": (lora(A=a[:0]), V,
+                         "nf4_lora_linear: lora_A must have rank r = lora_A.shape[0] > 0, got [0, 64]"),
+        "lora_A_shape": (lora(A=torch.randn(_R, _K + 1)), V,
+                         "nf4_lora_linear: lora_A must have shape [4, 64] (r, in_features), got [4, 65]"),
+        "lora_B_shape": (lora(B=torch.randn(_N, _R + 1)), V,
+                         "nf4_lora_linear: lora_B must have shape [48, 4] "
+                         "(out_features, r = lora_A.shape[0]), got [48, 5]"),
+        "lora_A_dtype": (lora(A=a.bfloat16()), T,
+                         "nf4_lora_linear: lora_A must have x's dtype Float, got BFloat16"),
+        "lora_B_dtype": (lora(B=b.double()), T,
+                         "nf4_lora_linear: lora_B must have x's dtype Float, got Double"),
+        # scaling
+        "scaling_nan": (lora(s=float("nan")), V, "nf4_lora_linear: scaling must be finite, got nan"),
+        "scaling_inf": (lora(s=float("inf")), V, "nf4_lora_linear: scaling must be finite, got inf"),
+        # the backward: x_lora, u, LoRA matrices against grad_y, scaling
+        "bwd_packed_bytes": (lora_bwd(k=_K - 2), V,
+                             "nf4_lora_linear_backward: packed must hold "
+                             "ceil(out_features * in_features / 2) = 1488 bytes for [48, 62], got 1536"),
+        "bwd_lora_B_shape": (lora_bwd(B=torch.randn(_N + 1, _R)), V,
+                             "nf4_lora_linear_backward: lora_B must have shape [48, 4] "
+                             "(out_features, r = lora_A.shape[0]), got [49, 4]"),
+        "bwd_lora_A_dtype": (lora_bwd(g=gy.double(), xl=x.double(), uu=u.double()), T,
+                             "nf4_lora_linear_backward: lora_A must have grad_y's dtype Double, got Float"),
+        "bwd_x_lora_shape": (lora_bwd(xl=x[:, :-1]), V,
+                             "nf4_lora_linear_backward: x_lora must have shape [3, 64] (grad_y.shape[0], "
+                             "in_features), got [3, 63]"),
+        "bwd_x_lora_dtype": (lora_bwd(xl=x.half()), T,
+                             "nf4_lora_linear_backward: x_lora must have grad_y's dtype Float, got Half"),
+        "bwd_u_shape": (lora_bwd(uu=torch.randn(3, _R + 1)), V,
+                        "nf4_lora_linear_backward: u must have shape [3, 4] (grad_y.shape[0], r), "
+                        "got [3, 5]"),
+        "bwd_u_rows": (lora_bwd(uu=u[:2]), V,
+                       "nf4_lora_linear_backward: u must have shape [3, 4] (grad_y.shape[0], r), got [2, 4]"),
+        "bwd_u_dtype": (lora_bwd(uu=u.bfloat16()), T,
+                        "nf4_lora_linear_backward: u must have grad_y's dtype Float, got BFloat16"),
+        "bwd_scaling": (lora_bwd(s=float("-inf")), V,
+                        "nf4_lora_linear_backward: scaling must be finite, got -inf"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_op_error_cases()))
+def test_errors_op_checks(case):
+    call, exc, msg = _op_error_cases()[case]
+    with pytest.raises(exc, match="^" + re.escape("lowrank_ext::" + msg)):
+        call()
+
+
+def test_fake_kernels_refuse_what_the_ops_refuse():
+    """The fake (meta) kernels take 2-D activations, like the real ops: same message."""
+    w = make_weight(_N, _K).to("meta")
+    x = torch.empty(1, 3, _K, device="meta")
+    msg = "lowrank_ext::nf4_linear: x must be 2-D, got 3-D tensor of shape [1, 3, 64]"
+    with pytest.raises(ValueError, match=re.escape(msg)):
+        ops.nf4_linear(x, *w.tensors(), w.blocksize, _N, None)
+    with pytest.raises(ValueError, match=re.escape("lowrank_ext::nf4_linear_grad_input: grad_y must be 2-D")):
+        ops.nf4_linear_grad_input(torch.empty(_N, device="meta"), *w.tensors(), w.blocksize, _K)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mix needs a second device (CUDA)")

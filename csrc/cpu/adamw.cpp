@@ -230,7 +230,7 @@ at::Tensor paged_zeros_like_cpu(const at::Tensor& like, at::ScalarType dtype) {
 }
 
 void paged_prefetch_cpu(const at::Tensor&, int64_t device) {
-  LRX_CHECK(device >= -1, "paged_prefetch", "device", "be a device ordinal >= 0 or -1 (host)", device);
+  check_paged_prefetch_args(device);
 }
 
 bool paged_is_managed_cpu(const at::Tensor&) { return false; }

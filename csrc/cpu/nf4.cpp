@@ -11,6 +11,7 @@
 //   1e-38 clamp there); the codes (7) and the dequantized zeros are the same.
 // Parallel over blocks (at::parallel_for); AVX2 inner loops from nf4_avx2.h with a scalar path for
 // builds without AVX2 and for the ragged tail of a partial last block.
+// Argument checks: lowrank_ext/nf4_args.h (check_<op>_args), shared with csrc/cuda/nf4.cu.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,11 +29,6 @@
 
 namespace lowrank_ext {
 namespace {
-
-constexpr const char* kQuantOp = "quantize_nf4";
-constexpr const char* kDQOp = "double_quant";
-constexpr const char* kDequantOp = "dequantize_nf4";
-constexpr const char* kDequantOutOp = "dequantize_nf4_out";
 
 // bitsandbytes clamps absmax to 1e-38 before taking the reciprocal (all-zero and subnormal blocks
 // then encode to code 7 instead of inf/NaN). As an fp32 literal this is the subnormal 0x006CE3EE.
@@ -75,8 +71,7 @@ float block_absmax(const T* x, int64_t i0, int64_t i1, int64_t b) {
     bad |= !(a <= 3.40282347e38f);
     m = std::max(m, a);
   }
-  LRX_CHECK(!bad, kQuantOp, "x", "contain only finite values", "NaN/Inf in block ", b, " (elements ", i0, "..",
-            i1 - 1, ")");
+  check_quantize_nf4_finite(!bad, b, i0, i1 - 1);
   return m;
 }
 
@@ -109,9 +104,7 @@ void encode_block(const T* x, int64_t i0, int64_t i1, float absmax, bool partial
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& x_in, int64_t blocksize) {
-  check_blocksize(blocksize, kQuantOp);
-  check_float_input(x_in, kQuantOp, "x");
-  LRX_CHECK(x_in.numel() > 0, kQuantOp, "x", "be non-empty", "shape ", x_in.sizes());
+  check_quantize_nf4_args(x_in, blocksize);
   const at::Tensor x = x_in.contiguous().view(-1);  // non-contiguous input: one copy, then the fast path
   const int64_t n = x.numel();
   const int64_t nblocks = ceil_div(n, blocksize);
@@ -162,16 +155,10 @@ inline void nearest_codes(const float* map, const float* s, uint8_t* q, int coun
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cpu(const at::Tensor& absmax_in,
                                                                 const at::Tensor& nested_map) {
-  check_dtype(absmax_in, at::kFloat, kDQOp, "absmax");
-  check_dtype(nested_map, at::kFloat, kDQOp, "nested_map");
-  check_numel(nested_map, 256, kDQOp, "nested_map");
-  LRX_CHECK(absmax_in.numel() > 0, kDQOp, "absmax", "be non-empty", "shape ", absmax_in.sizes());
+  check_double_quant_args(absmax_in, nested_map);
   const at::Tensor absmax = absmax_in.contiguous().view(-1);
   const at::Tensor map_c = nested_map.contiguous().view(-1);
   const float* map = map_c.const_data_ptr<float>();
-  for (int k = 1; k < 256; ++k)
-    LRX_CHECK(map[k - 1] <= map[k], kDQOp, "nested_map", "be sorted ascending", "map[", k - 1, "] = ", map[k - 1],
-              " > map[", k, "] = ", map[k]);
   const int64_t nb = absmax.numel();
   const int64_t nb2 = ceil_div(nb, kNestedBlocksize);
   // offset = mean(absmax) by torch's own reduction (what bitsandbytes does, so the bits agree).
@@ -282,8 +269,7 @@ at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax
                               const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
                               int64_t blocksize, int64_t numel, at::ScalarType dtype) {
   const NF4Scales scales =
-      check_nf4_weight(kDequantOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
-  LRX_CHECK_TYPE(is_float_dtype(dtype), kDequantOp, "dtype", "be float32, float16 or bfloat16", dtype);
+      check_dequantize_nf4_args(packed, absmax, nested_absmax, nested_map, offset, blocksize, numel, dtype);
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   if (out.nbytes() >= (size_t{4} << 20)) advise_huge_pages(out);
   dequantize_into(scales, packed, blocksize, numel, out, /*allow_stream=*/false);
@@ -295,8 +281,7 @@ void dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                             const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
                             int64_t blocksize, int64_t numel, at::Tensor out) {
   const NF4Scales scales =
-      check_nf4_weight(kDequantOutOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
-  check_dequantize_out(kDequantOutOp, out, packed, numel);
+      check_dequantize_nf4_out_args(packed, absmax, nested_absmax, nested_map, offset, blocksize, numel, out);
   dequantize_into(scales, packed, blocksize, numel, out, /*allow_stream=*/true);
 }
 

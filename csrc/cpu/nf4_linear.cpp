@@ -6,6 +6,7 @@
 //   nf4_lora_linear_backward: gB = s · gyᵀ·u ; gu = s · gy·B ; gA = guᵀ·x_lora ; gx = gy·deq(W) (+ gu·A)
 //   nf4_row_sqnorm:           sq[n] = ||deq(W)[n, :]||²
 // Layouts: x [M, K], W NF4 [N, K] (flat row-major), lora_A [r, K], lora_B [N, r], bias [N].
+// Argument checks: lowrank_ext/nf4_linear_args.h, shared with the CUDA implementation.
 // Compute type: fp32 for fp32/fp16/bf16 inputs (converted on load, outputs rounded once), fp64 for
 // float64 (the gradcheck path). Never a dense deq(W): two paths by M —
 //   M <= kGemvMaxM (fp32): streaming GEMV, each packed byte decoded in registers (nf4_linear_kernels.cpp);
@@ -29,23 +30,15 @@ namespace {
 
 using cpu::NF4Matrix;
 
-constexpr const char* kLinearOp = "nf4_linear";
-constexpr const char* kGradInputOp = "nf4_linear_grad_input";
-constexpr const char* kLoraOp = "nf4_lora_linear";
-constexpr const char* kLoraBwdOp = "nf4_lora_linear_backward";
-constexpr const char* kSqnormOp = "nf4_row_sqnorm";
-
 // Target bytes of one decoded panel. MKL re-packs x (NT) or grad_y (NN) once per panel, so panels
 // are large (fewer re-reads of the activation); each thread owns one panel at a time.
 constexpr int64_t kPanelBytes = int64_t{8} << 20;
 
-NF4Matrix nf4_matrix(const char* op, const at::Tensor& packed, const at::Tensor& absmax,
-                     const c10::optional<at::Tensor>& nested_absmax, const c10::optional<at::Tensor>& nested_map,
-                     const c10::optional<at::Tensor>& offset, int64_t blocksize, int64_t N, int64_t K) {
-  check_out_features(N, op, "out_features");
-  LRX_CHECK(K > 0, op, "in_features", "be positive", K);
-  const NF4Scales s = check_nf4_weight(op, packed, absmax, nested_absmax, nested_map, offset, blocksize, N * K);
-  return NF4Matrix{packed.const_data_ptr<uint8_t>(), s, blocksize, N, K};
+// The CPU takes float64 too: the simple path that gradcheck runs (the checks: nf4_linear_args.h).
+constexpr bool kAllowDouble = true;
+
+NF4Matrix nf4_matrix(const at::Tensor& packed, const NF4LinearArgs& a, int64_t blocksize) {
+  return NF4Matrix{packed.const_data_ptr<uint8_t>(), a.scales, blocksize, a.N, a.K};
 }
 
 // fp32 for fp32/fp16/bf16, fp64 for float64; contiguous (a no-op when it already is).
@@ -128,11 +121,9 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
                           const c10::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
                           const c10::optional<at::Tensor>& bias) {
   const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
-  check_activation(x, packed, kLinearOp, "x", /*allow_double=*/true);
-  const NF4Matrix w =
-      nf4_matrix(kLinearOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, out_features, x.size(1));
-  check_bias(bias, x, out_features, kLinearOp);
-  at::Tensor y = matmul_nt(to_compute(x), w);
+  const NF4LinearArgs a = check_nf4_linear_args(x, packed, absmax, nested_absmax, nested_map, offset, blocksize,
+                                                out_features, bias, kAllowDouble);
+  at::Tensor y = matmul_nt(to_compute(x), nf4_matrix(packed, a, blocksize));
   if (bias.has_value()) y.add_(to_compute(*bias));
   return y.to(x.scalar_type());
 }
@@ -143,10 +134,9 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
                                      const c10::optional<at::Tensor>& offset, int64_t blocksize,
                                      int64_t in_features) {
   const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
-  check_activation(grad_y, packed, kGradInputOp, "grad_y", true);
-  const NF4Matrix w = nf4_matrix(kGradInputOp, packed, absmax, nested_absmax, nested_map, offset, blocksize,
-                                 grad_y.size(1), in_features);
-  return matmul_nn(to_compute(grad_y), w).to(grad_y.scalar_type());
+  const NF4LinearArgs a = check_nf4_linear_grad_input_args(grad_y, packed, absmax, nested_absmax, nested_map, offset,
+                                                           blocksize, in_features, kAllowDouble);
+  return matmul_nn(to_compute(grad_y), nf4_matrix(packed, a, blocksize)).to(grad_y.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> nf4_lora_linear_cpu(
@@ -155,15 +145,10 @@ std::tuple<at::Tensor, at::Tensor> nf4_lora_linear_cpu(
     const c10::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features, const at::Tensor& lora_A,
     const at::Tensor& lora_B, double scaling, const c10::optional<at::Tensor>& bias) {
   const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
-  check_activation(x, packed, kLoraOp, "x", true);
-  const int64_t K = x.size(1);
-  const NF4Matrix w =
-      nf4_matrix(kLoraOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, out_features, K);
-  check_shape2(x_lora, x.size(0), K, kLoraOp, "x_lora", "(x's shape)");
-  check_like(x_lora, x, "x", kLoraOp, "x_lora");
-  check_lora(lora_A, lora_B, x, "x", out_features, K, kLoraOp);
-  check_bias(bias, x, out_features, kLoraOp);
-  check_scaling(scaling, kLoraOp);
+  const NF4LinearArgs a = check_nf4_lora_linear_args(x, x_lora, packed, absmax, nested_absmax, nested_map, offset,
+                                                     blocksize, out_features, lora_A, lora_B, scaling, bias,
+                                                     kAllowDouble);
+  const NF4Matrix w = nf4_matrix(packed, a, blocksize);
 
   const at::Tensor xa = to_compute(x);
   const at::Tensor xl = x_lora.is_same(x) ? xa : to_compute(x_lora);
@@ -181,15 +166,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backw
     int64_t in_features, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
     bool lora_grad_into_x) {
   const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
-  check_activation(grad_y, packed, kLoraBwdOp, "grad_y", true);
-  const int64_t M = grad_y.size(0), N = grad_y.size(1), K = in_features;
-  const NF4Matrix w = nf4_matrix(kLoraBwdOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, N, K);
-  const int64_t r = check_lora(lora_A, lora_B, grad_y, "grad_y", N, K, kLoraBwdOp);
-  check_shape2(x_lora, M, K, kLoraBwdOp, "x_lora", "(grad_y.shape[0], in_features)");
-  check_like(x_lora, grad_y, "grad_y", kLoraBwdOp, "x_lora");
-  check_shape2(u, M, r, kLoraBwdOp, "u", "(grad_y.shape[0], r)");
-  check_like(u, grad_y, "grad_y", kLoraBwdOp, "u");
-  check_scaling(scaling, kLoraBwdOp);
+  const NF4LinearArgs a =
+      check_nf4_lora_linear_backward_args(grad_y, x_lora, u, packed, absmax, nested_absmax, nested_map, offset,
+                                          blocksize, in_features, lora_A, lora_B, scaling, kAllowDouble);
+  const NF4Matrix w = nf4_matrix(packed, a, blocksize);
 
   const auto dt = grad_y.scalar_type();
   const at::Tensor g = to_compute(grad_y);
@@ -213,10 +193,10 @@ at::Tensor nf4_row_sqnorm_cpu(const at::Tensor& packed, const at::Tensor& absmax
                               const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
                               int64_t blocksize, int64_t out_features, int64_t in_features) {
   const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
-  const NF4Matrix w = nf4_matrix(kSqnormOp, packed, absmax, nested_absmax, nested_map, offset, blocksize,
-                                 out_features, in_features);
+  const NF4LinearArgs a = check_nf4_row_sqnorm_args(packed, absmax, nested_absmax, nested_map, offset, blocksize,
+                                                    out_features, in_features);
   at::Tensor out = at::empty({out_features}, packed.options().dtype(at::kFloat));
-  cpu::nf4_row_sqnorm(w, out.data_ptr<float>());
+  cpu::nf4_row_sqnorm(nf4_matrix(packed, a, blocksize), out.data_ptr<float>());
   return out;
 }
 

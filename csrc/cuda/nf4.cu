@@ -3,9 +3,11 @@
 //   quantize_nf4:   x [n] (fp32/fp16/bf16) -> packed uint8 [(n+1)//2, 1], absmax fp32 [ceil(n/bs)]
 //   double_quant:   absmax fp32 [nb] -> qabsmax uint8 [nb], nested_absmax fp32 [ceil(nb/256)], offset fp32 [1]
 //   dequantize_nf4: the bundle -> flat [numel] in fp32/fp16/bf16
-// Same checks and messages as the CPU (check.h / nf4_args.h); same bytes as the CPU kernels.
+// Argument checks: nf4_args.h (check_<op>_args, shared with the CPU); same bytes as the CPU kernels.
 // double_quant's offset is torch's CUDA mean of absmax (a reduction in another order than the CPU's:
 // it can differ from the CPU offset in the last bit; everything downstream of the offset is exact).
+// The checks copy nested_map (256 floats) to the host to test that it is sorted, as on the CPU (whose
+// nearest-code search needs it; the kernel here scans all 256 entries).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -23,10 +25,6 @@
 namespace lowrank_ext {
 namespace {
 
-constexpr const char* kQuantOp = "quantize_nf4";
-constexpr const char* kDQOp = "double_quant";
-constexpr const char* kDequantOp = "dequantize_nf4";
-
 // Calls f(T{}) with T the CUDA type of a float ScalarType (fp32 / fp16 / bf16).
 template <typename F>
 void dispatch_float(at::ScalarType st, F&& f) {
@@ -39,9 +37,7 @@ void dispatch_float(at::ScalarType st, F&& f) {
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& x_in, int64_t blocksize) {
-  check_blocksize(blocksize, kQuantOp);
-  check_float_input(x_in, kQuantOp, "x");
-  LRX_CHECK(x_in.numel() > 0, kQuantOp, "x", "be non-empty", "shape ", x_in.sizes());
+  check_quantize_nf4_args(x_in, blocksize);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous().view(-1);
   const int64_t n = x.numel();
@@ -63,24 +59,20 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& x_in, int
   });
   // One device->host sync (quantization is a one-off per weight): the CPU raises on NaN/Inf too.
   const int64_t b = bad.item<int64_t>();
-  LRX_CHECK(b == std::numeric_limits<int64_t>::max(), kQuantOp, "x", "contain only finite values",
-            "NaN/Inf in block ", b, " (elements ", b * blocksize, "..", std::min(n, (b + 1) * blocksize) - 1, ")");
+  check_quantize_nf4_finite(b == std::numeric_limits<int64_t>::max(), b, b * blocksize,
+                            std::min(n, (b + 1) * blocksize) - 1);
   return {packed, absmax};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> double_quant_cuda(const at::Tensor& absmax_in,
                                                                  const at::Tensor& nested_map) {
-  check_dtype(absmax_in, at::kFloat, kDQOp, "absmax");
-  check_dtype(nested_map, at::kFloat, kDQOp, "nested_map");
-  check_numel(nested_map, 256, kDQOp, "nested_map");
-  LRX_CHECK(absmax_in.numel() > 0, kDQOp, "absmax", "be non-empty", "shape ", absmax_in.sizes());
-  check_same_device(nested_map, absmax_in, kDQOp, "nested_map", "absmax");
+  check_double_quant_args(absmax_in, nested_map);
   const c10::cuda::CUDAGuard guard(absmax_in.device());
   const at::Tensor absmax = absmax_in.contiguous().view(-1);
   const at::Tensor map = nested_map.contiguous();
   const int64_t nb = absmax.numel();
   const int64_t nb2 = ceil_div(nb, kNestedBlocksize);
-  at::Tensor offset = at::mean(absmax).reshape({1});  // stays on the device: no host sync
+  at::Tensor offset = at::mean(absmax).reshape({1});  // stays on the device
   at::Tensor qabsmax = at::empty({nb}, absmax.options().dtype(at::kByte));
   at::Tensor absmax2 = at::empty({nb2}, absmax.options());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -113,21 +105,19 @@ at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absma
                                const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
                                int64_t blocksize, int64_t numel, at::ScalarType dtype) {
   const NF4Scales scales =
-      check_nf4_weight(kDequantOp, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
-  LRX_CHECK_TYPE(is_float_dtype(dtype), kDequantOp, "dtype", "be float32, float16 or bfloat16", dtype);
+      check_dequantize_nf4_args(packed, absmax, nested_absmax, nested_map, offset, blocksize, numel, dtype);
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   dequantize_into(scales, packed, blocksize, numel, out);
   return out;
 }
 
-// Same, into the caller's buffer (same checks as the CPU implementation).
+// Same, into the caller's buffer.
 void dequantize_nf4_out_cuda(const at::Tensor& packed, const at::Tensor& absmax,
                              const c10::optional<at::Tensor>& nested_absmax,
                              const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset,
                              int64_t blocksize, int64_t numel, at::Tensor out) {
-  constexpr const char* op = "dequantize_nf4_out";
-  const NF4Scales scales = check_nf4_weight(op, packed, absmax, nested_absmax, nested_map, offset, blocksize, numel);
-  check_dequantize_out(op, out, packed, numel);
+  const NF4Scales scales =
+      check_dequantize_nf4_out_args(packed, absmax, nested_absmax, nested_map, offset, blocksize, numel, out);
   dequantize_into(scales, packed, blocksize, numel, out);
 }
 

@@ -9,6 +9,7 @@
 //   paged_is_managed(t), paged_last_prefetch_location(t): pointer / range attributes (for tests, tooling).
 // CUDA 13 takes a cudaMemLocation in cudaMemPrefetchAsync (12.2+: cudaMemPrefetchAsync_v2); older
 // runtimes take a device ordinal (cudaCpuDeviceId for the host).
+// paged_prefetch's argument check: adamw_args.h, shared with the CPU (csrc/cpu/adamw.cpp).
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
@@ -18,7 +19,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include "lowrank_ext/check.h"
+#include "lowrank_ext/adamw_args.h"
 
 namespace lowrank_ext {
 namespace {
@@ -51,7 +52,7 @@ bool is_managed_ptr(const void* ptr) {
 bool paged_is_managed_cuda(const at::Tensor& t) { return is_managed_ptr(t.storage().data()); }
 
 void paged_prefetch_cuda(const at::Tensor& t, int64_t device) {
-  LRX_CHECK(device >= -1, "paged_prefetch", "device", "be a device ordinal >= 0 or -1 (host)", device);
+  check_paged_prefetch_args(device);
   const void* ptr = t.storage().data();
   const size_t bytes = t.storage().nbytes();
   if (bytes == 0 || !is_managed_ptr(ptr)) return;

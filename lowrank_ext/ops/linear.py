@@ -88,26 +88,40 @@ def nf4_row_sqnorm(weight: NF4Weight) -> torch.Tensor:
 
 
 # ---- fake kernels: shapes and dtypes only ------------------------------------------------------
+# The ops take 2-D activations (the wrappers above flatten leading dims). The fakes refuse other ranks
+# with the real ops' message (csrc/include/lowrank_ext/nf4_linear_args.h); sizes and dtypes are left to
+# the real ops' checks.
+def _fake_2d(op: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dim() != 2:
+            raise ValueError(f"lowrank_ext::{op}: {name} must be 2-D, "
+                             f"got {t.dim()}-D tensor of shape {list(t.shape)}")
+
+
 @torch.library.register_fake("lowrank_ext::nf4_linear")
 def _nf4_linear_fake(x, packed, absmax, nested_absmax, nested_map, offset, blocksize, out_features, bias):
+    _fake_2d("nf4_linear", x=x)
     return x.new_empty((x.shape[0], out_features))
 
 
 @torch.library.register_fake("lowrank_ext::nf4_linear_grad_input")
 def _nf4_linear_grad_input_fake(grad_y, packed, absmax, nested_absmax, nested_map, offset, blocksize,
                                 in_features):
+    _fake_2d("nf4_linear_grad_input", grad_y=grad_y)
     return grad_y.new_empty((grad_y.shape[0], in_features))
 
 
 @torch.library.register_fake("lowrank_ext::nf4_lora_linear")
 def _nf4_lora_linear_fake(x, x_lora, packed, absmax, nested_absmax, nested_map, offset, blocksize, out_features,
                           lora_A, lora_B, scaling, bias):
+    _fake_2d("nf4_lora_linear", x=x, lora_A=lora_A)
     return x.new_empty((x.shape[0], out_features)), x.new_empty((x.shape[0], lora_A.shape[0]))
 
 
 @torch.library.register_fake("lowrank_ext::nf4_lora_linear_backward")
 def _nf4_lora_linear_backward_fake(grad_y, x_lora, u, packed, absmax, nested_absmax, nested_map, offset,
                                    blocksize, in_features, lora_A, lora_B, scaling, lora_grad_into_x):
+    _fake_2d("nf4_lora_linear_backward", grad_y=grad_y, lora_A=lora_A)
     m, r = grad_y.shape[0], lora_A.shape[0]
     grad_x_lora = grad_y.new_empty((0,)) if lora_grad_into_x else grad_y.new_empty((m, in_features))
     return (grad_y.new_empty((m, in_features)), grad_y.new_empty((r, in_features)),

@@ -1,5 +1,6 @@
 // adamw_args.h — argument checks of the fused AdamW ops, shared by csrc/cpu/adamw.cpp and csrc/cuda/adamw.cu,
 // and the host-side scalars of one step (bias corrections computed once, in double, like torch).
+// Also the check of paged_prefetch (the paged optimizer state's op: csrc/cpu/adamw.cpp, csrc/cuda/paged.cu).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -83,6 +84,11 @@ inline void check_adamw8bit_args(const at::Tensor& param, const at::Tensor& grad
   check_state(op, qmap1, param, "qmap1", at::kFloat, 256);
   check_state(op, qmap2, param, "qmap2", at::kFloat, 256);
   check_hyper(op, lr, beta1, beta2, eps, wd, step);
+}
+
+// paged_prefetch: a GPU ordinal or -1 (the host).
+inline void check_paged_prefetch_args(int64_t device) {
+  LRX_CHECK(device >= -1, "paged_prefetch", "device", "be a device ordinal >= 0 or -1 (host)", device);
 }
 
 }  // namespace lowrank_ext
