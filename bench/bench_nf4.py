@@ -6,7 +6,7 @@ For each weight shape (4096x4096, 4096x11008; --quick: 4096x4096 only) and NF4 +
 blocksize 64, it times, in interleaved rounds (median over rounds, so load spikes hit all alike):
   quantize            ours vs bitsandbytes.functional.quantize_4bit(compress_statistics=True)
   dequantize fp32/bf16  ours (fresh output) vs bitsandbytes.functional.dequantize_4bit, and vs the
-                      allocation floor torch.empty(...).fill_() of the same size (DESIGN.md section 4:
+                      allocation floor torch.empty(...).fill_() of the same size (docs/kernels.md:
                       a fresh 64 MiB result costs page faults that dominate on this CPU). "beyond alloc"
                       compares the time each spends past that floor (ours asks for huge pages for a
                       large fresh result, so it can come in below the 4 KiB-page floor: negative).

@@ -69,7 +69,7 @@ def hard_weight(shape, dtype, blocksize, seed=0) -> torch.Tensor:
 
 
 def assert_absmax_equal(ours: torch.Tensor, theirs: torch.Tensor, n: int, blocksize: int) -> None:
-    """Exact, except bitsandbytes stores 1e-38 for an all-zero partial last block (we store 0, DESIGN.md 2)."""
+    """Exact, except bitsandbytes stores 1e-38 for an all-zero partial last block (we store 0, docs/format.md §9)."""
     ours, theirs = ours.cpu().clone(), theirs.cpu().clone()
     if n % blocksize and theirs[-1] == torch.tensor(1e-38, dtype=torch.float32):
         assert ours[-1] == 0

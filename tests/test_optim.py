@@ -1,5 +1,5 @@
 """Fused AdamW ops and the PagedAdamW / PagedAdamW8bit / AdamW8bit optimizers on CPU, against
-torch.optim.AdamW (the independent reference) and bitsandbytes' accuracy bounds (DESIGN.md section 5)."""
+torch.optim.AdamW (the independent reference) and bitsandbytes' accuracy bounds (docs/kernels.md, "The math")."""
 
 from __future__ import annotations
 

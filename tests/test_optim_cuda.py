@@ -1,7 +1,7 @@
 """CUDA side of the optimizers: managed (paged) state memory, paging by prefetch, the fused kernels vs the
 CPU ops and torch.optim.AdamW. Skips without a GPU. Oversubscription (state larger than free GPU memory)
 is opt-in only (LOWRANK_EXT_TEST_OVERSUBSCRIBE=1): asking a shared GPU for more managed memory than it has
-free can hang it (DESIGN.md section 5)."""
+free can hang it (docs/kernels.md, optimizers and paged memory)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-// cpu/nf4.cpp — NF4 quantize, double quant and dequantize on CPU (DESIGN.md section 2).
+// cpu/nf4.cpp — NF4 quantize, double quant and dequantize on CPU (docs/format.md).
 //
 //   quantize_nf4:       x [n] (fp32/fp16/bf16) -> packed uint8 [(n+1)//2, 1], absmax fp32 [ceil(n/bs)]
 //   double_quant:       absmax fp32 [nb] -> qabsmax uint8 [nb], nested_absmax fp32 [ceil(nb/256)], offset fp32 [1]

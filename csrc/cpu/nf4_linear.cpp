@@ -1,4 +1,4 @@
-// cpu/nf4_linear.cpp — the fused NF4 matmul + LoRA ops on CPU (DESIGN.md sections 3-4).
+// cpu/nf4_linear.cpp — the fused NF4 matmul + LoRA ops on CPU (docs/kernels.md: the math, CPU kernels).
 //
 //   nf4_linear:               y  = x · deq(W)ᵀ + bias                                  [M, N]
 //   nf4_linear_grad_input:    gx = gy · deq(W)                                         [M, K]

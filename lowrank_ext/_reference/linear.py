@@ -1,4 +1,4 @@
-"""Reference fused NF4 linear / LoRA math in plain float64 PyTorch (DESIGN.md section 3).
+"""Reference fused NF4 linear / LoRA math in plain float64 PyTorch (docs/kernels.md, "The math").
 
 Slow and readable: dequantizes the whole weight (which the kernels never do) and computes in float64,
 so tests can hold the kernels to "PyTorch's own error at the working precision".

@@ -1,6 +1,6 @@
 """Fused NF4 matmul + LoRA ops: thin wrappers, fake (meta) kernels and autograd.
 
-Math (DESIGN.md section 3), x [M, K], W NF4 [N, K], A [r, K], B [N, r], s = scaling:
+Math (docs/kernels.md, "The math"), x [M, K], W NF4 [N, K], A [r, K], B [N, r], s = scaling:
 
     nf4_linear:       y = x · deq(W)ᵀ + bias
     nf4_lora_linear:  x_d = dropout(x);  u = x_d · Aᵀ;  y = x · deq(W)ᵀ + s · u · Bᵀ + bias

@@ -1,6 +1,6 @@
 // check.h — argument checks shared by the CPU and CUDA implementations of every op.
 //
-// Message form (CONVENTIONS.md): "lowrank_ext::<op>: <arg> must <expected>, got <actual>".
+// Message form (docs/architecture.md, "How to add an op"): "lowrank_ext::<op>: <arg> must <expected>, got <actual>".
 // Each op writes its checks once in a `check_<op>_args(...)` function that both backends call.
 #pragma once
 

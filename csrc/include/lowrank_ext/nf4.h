@@ -1,6 +1,6 @@
 // nf4.h — the NF4 format, shared by host and device code. No torch headers (usable in .cuh kernels).
 //
-// Format (bit-exact with bitsandbytes quant_type="nf4", DESIGN.md section 2):
+// Format (bitsandbytes' quant_type="nf4" layout, docs/format.md):
 //   flat index i of the row-major weight, block b = i / blocksize
 //   absmax[b]   = max |x| over block b (fp32)
 //   code[i]     = #{ midpoints (c[j]+c[j+1])/2 strictly below x * (1/absmax[b]) }   (ties -> lower code)
