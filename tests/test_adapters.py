@@ -204,3 +204,30 @@ def test_mixed_batch_large_ranks_use_the_bmm_path():
         L.set_adapter(m, n)
         rows.append(layer(x[i: i + 1]))
     torch.testing.assert_close(out, torch.cat(rows).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_refuses_dropout_in_training():
+    """A mixed batch applies no dropout: in training mode an adapter with dropout > 0 is refused (PEFT refuses
+    adapter_names in training mode altogether); adapters without dropout compute the same in both modes."""
+    pm, m = pair("llama")
+    L.inject(m, L.LoRAConfig(r=4, dropout=0.1, target_modules=T), adapter_name="a")
+    L.add_adapter(m, "b", L.LoRAConfig(r=4, target_modules=T))
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.lora_B["b"].normal_()
+    ids = tokens()
+    msg = (r"lowrank_ext::mixed_batch: model must be in eval mode \(model\.eval\(\)\) when a mixed adapter has "
+           r"dropout > 0, got training mode with adapter 'a' \(dropout=0\.1\)")
+    m.train()
+    with pytest.raises(ValueError, match=msg), L.mixed_batch(m, ["a", "b", "a"]):
+        pass
+    with L.mixed_batch(m, ["b", "__base__", "b"]):  # no dropout involved: runs in training mode
+        train_out = logits(m, ids)
+    m.eval()
+    with L.mixed_batch(m, ["b", "__base__", "b"]):
+        torch.testing.assert_close(train_out, logits(m, ids))
+    with pytest.raises(ValueError, match=msg), L.mixed_batch(m, ["a", "b", "a"]):
+        m.train()  # switched to training inside the block: refused in forward
+        logits(m, ids)
+    pm = peft.get_peft_model(pm, peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=T)).train()
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
+        pm(input_ids=ids, adapter_names=["default"] * 3)

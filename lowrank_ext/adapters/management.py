@@ -88,6 +88,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
 
     Each layer stacks the named adapters once per forward and applies them to all rows with one gather and
     two batched matmuls (lowrank_ext.nn.functional.mixed_lora_delta): no Python loop over rows.
+
+    A mixed batch applies no dropout, so in training mode an adapter with dropout > 0 is refused (on entry,
+    and in forward if the model is switched to training inside the block). PEFT refuses `adapter_names` in
+    training mode altogether; adapters without dropout compute the same function in both modes and run.
     """
     state = require_state(model, "mixed_batch")
     uniq = list(dict.fromkeys(adapter_names))
@@ -97,6 +101,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
                              f"{sorted(state.configs)} or {BASE!r}, got {n!r}")
     ids = torch.tensor([uniq.index(n) for n in adapter_names], dtype=torch.long)
     layers = [m for _, m in adapter_layers(model)]
+    for m in layers:
+        m.check_mixed_training(uniq)
     for m in layers:
         m._mixed = (uniq, ids)
     try:

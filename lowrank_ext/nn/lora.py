@@ -198,8 +198,21 @@ class _AdapterLayer(nn.Module):
             y = self._base(x) + (g - 1) * self._base(x_d) + g * (spec.scaling * F.linear(F.linear(x_d, a), b))
         return y if bias is None else y + bias
 
+    def check_mixed_training(self, names: list[str]) -> None:
+        """A mixed batch has no dropout: refuse it in training mode when one of `names` has dropout > 0
+        (running without it would silently change the math). PEFT refuses `adapter_names` in training mode
+        altogether; with dropout 0 the training-mode forward is the same function, so it runs here."""
+        if not self.training:
+            return
+        for n in names:
+            if n in self.specs and self.specs[n].dropout > 0:
+                raise ValueError(f"lowrank_ext::mixed_batch: model must be in eval mode (model.eval()) when a mixed "
+                                 f"adapter has dropout > 0, got training mode with adapter {n!r} "
+                                 f"(dropout={self.specs[n].dropout})")
+
     def _forward_mixed(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         names, ids = self._mixed
+        self.check_mixed_training(names)
         if ids.numel() != x.shape[0]:
             raise _err(type(self).__name__, "adapter_names", f"have one entry per batch row ({x.shape[0]})",
                        ids.numel())
