@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
+from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tiny_llama, tokens
 
 import lowrank_ext as L
 
@@ -231,3 +233,77 @@ def test_mixed_batch_refuses_dropout_in_training():
     pm = peft.get_peft_model(pm, peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=T)).train()
     with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
         pm(input_ids=ids, adapter_names=["default"] * 3)
+
+
+# ---- PEFT's behaviour where a user relies on it ------------------------------------------------------
+def test_delete_active_adapter_switches_like_peft():
+    """Deleting the only active adapter activates the first remaining one by name, with a warning (PEFT)."""
+    pm, ours = _two_adapter_pair()  # "a" active, "b" not
+    ids = tokens()
+    with pytest.warns(UserWarning, match="Adapter a was active which is now deleted. Setting active adapter to b"):
+        pm.delete_adapter("a")
+    with pytest.warns(UserWarning, match=r"lowrank_ext::delete_adapter: adapter 'a' was active and is now deleted; "
+                                         r"the active adapter is now 'b'"):
+        L.delete_adapter(ours, "a")
+    assert pm.active_adapters == ["b"] and L.get_state(ours).active == ["b"]
+    torch.testing.assert_close(logits(ours, ids), logits(pm, ids), atol=2e-5, rtol=1e-4)
+    with L.disable_adapters(ours):
+        assert not torch.allclose(logits(ours, ids), logits(pm, ids), atol=1e-3)  # "b" really computes
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".b") for n in trainable)
+    pm.delete_adapter("b")  # the last one: nothing active, base outputs (PEFT's forward then fails: KeyError)
+    L.delete_adapter(ours, "b")
+    assert pm.active_adapters == [] and L.get_state(ours).active == []
+    torch.testing.assert_close(logits(ours, ids), logits(tiny_llama(), ids), atol=2e-5, rtol=1e-4)
+
+
+def test_delete_one_of_two_active_adapters_keeps_the_other():
+    pm, ours = _two_adapter_pair()
+    pm.base_model.set_adapter(["a", "b"])
+    L.set_adapter(ours, ["a", "b"])
+    pm.delete_adapter("b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.delete_adapter(ours, "b")
+    assert pm.active_adapters == ["a"] and L.get_state(ours).active == ["a"]
+    torch.testing.assert_close(logits(ours, ids := tokens()), logits(pm, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_delete_merged_adapter_is_refused_like_peft():
+    pm, ours = _two_adapter_pair()
+    pm.merge_adapter()
+    L.merge_adapter(ours)
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['a'\] while they are merged"):
+        pm.delete_adapter("a")
+    names = [n for n, _ in ours.named_parameters()]
+    with pytest.raises(ValueError, match=r"lowrank_ext::delete_adapter: name must not be merged \(call "
+                                         r"unmerge_adapter first\), got 'a' merged in 6 layers"):
+        L.delete_adapter(ours, "a")
+    assert [n for n, _ in ours.named_parameters()] == names and "a" in L.get_state(ours).configs  # nothing deleted
+
+
+def test_merge_twice_warns_like_peft():
+    pm, ours = _two_adapter_pair()
+    pm.merge_adapter()
+    L.merge_adapter(ours)
+    layer = ours.model.layers[1].mlp.down_proj
+    peft_layer = pm.base_model.model.model.layers[1].mlp.down_proj
+    w1 = layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+        pm.merge_adapter()
+    with pytest.warns(UserWarning, match=r"lowrank_ext::merge_adapter: all adapters are already merged "
+                                         r"\(\['a'\]\), nothing to do"):
+        L.merge_adapter(ours)
+    assert torch.equal(layer.weight, w1)  # merged once, not twice
+    with pytest.warns(UserWarning, match="Already following adapters were merged a. You are now additionally "
+                                         "merging b"):
+        pm.merge_adapter(["b"])
+    with pytest.warns(UserWarning, match=r"lowrank_ext::merge_adapter: adapters \['a'\] are already merged; now "
+                                         r"also merging \['b'\]"):
+        L.merge_adapter(ours, ["b"])
+    torch.testing.assert_close(layer.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=1e-5)
+    with pytest.warns(UserWarning, match=r"lowrank_ext::LoRALinear\.merge: all adapters are already merged"):
+        layer.merge(["a", "b"])  # the layer method warns too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.merge_and_unload(ours)  # merging what is left is the point: no warning

@@ -16,6 +16,7 @@ Combinations (w_i = weights, s_i = scalings; the new adapter has scaling 1):
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from lowrank_ext.adapters.injector import inject
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, require_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, QLoRALinear
+from lowrank_ext.nn.lora import merge_warning
 
 __all__ = [
     "add_adapter",
@@ -50,10 +52,23 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter `name` from every layer, ModulesToSave wrapper and the model's state.
+
+    The active set follows PEFT (0.21.2, BaseTunerLayer.delete_adapter): other active adapters stay active;
+    when `name` was the only active adapter, the first remaining adapter in sorted name order becomes active,
+    with a UserWarning (never silently the base model); with no adapter left, none is active. PEFT makes
+    that choice layer by layer (so adapters with different target modules may activate different adapters
+    in different layers); here it is made once for the whole model. A merged adapter cannot be deleted
+    (unmerge_adapter first), as in PEFT; that is checked before anything is deleted.
+    """
     state = require_state(model, "delete_adapter")
     if name not in state.configs:
         raise ValueError(f"lowrank_ext::delete_adapter: name must be an existing adapter {sorted(state.configs)}, "
                          f"got {name!r}")
+    merged_in = [n for n, layer in adapter_layers(model) if name in layer.merged_adapters]
+    if merged_in:
+        raise ValueError(f"lowrank_ext::delete_adapter: name must not be merged (call unmerge_adapter first), got "
+                         f"{name!r} merged in {len(merged_in)} layers ({merged_in[0]}, ...)")
     for _, layer in adapter_layers(model):
         if name in layer.specs:
             layer.delete_adapter(name)
@@ -63,8 +78,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del state.configs[name]
     state.vera_shared.pop(name, None)
     state.summaries.pop(name, None)
-    state.active = [a for a in state.active if a != name]
-    set_adapter(model, state.active)
+    active = [a for a in state.active if a != name]
+    if name in state.active and not active and state.configs:
+        active = [min(state.configs)]
+        warnings.warn(f"lowrank_ext::delete_adapter: adapter {name!r} was active and is now deleted; the active "
+                      f"adapter is now {active[0]!r} (PEFT's rule: the first remaining adapter by name)",
+                      UserWarning, stacklevel=2)
+    set_adapter(model, active)
 
 
 @contextlib.contextmanager
@@ -168,11 +188,20 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
 
 # ---- merging --------------------------------------------------------------------------------------------
 def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-    """Merge the active (or named) adapters into every layer (QLoRA layers: into a dense copy, see QLoRALinear)."""
-    require_state(model, "merge_adapter")
-    for _, layer in adapter_layers(model):
+    """Merge the active (or named) adapters into every layer (QLoRA layers: into a dense copy, see QLoRALinear).
+
+    Adapters already merged are skipped with one UserWarning, as PEFT warns ("already merged, nothing to do" /
+    "now additionally merging"); PEFT warns once per layer, here once per call."""
+    state = require_state(model, "merge_adapter")
+    layers = [layer for _, layer in adapter_layers(model)]
+    merged = sorted({n for layer in layers for n in layer.merged_adapters})
+    if merged:
+        wanted = list(state.active) if adapter_names is None else list(adapter_names)
+        todo = [n for n in wanted if n not in merged]
+        warnings.warn(merge_warning("merge_adapter", merged, todo), UserWarning, stacklevel=2)
+    for layer in layers:
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.specs]
-        layer.merge(names, safe_merge=safe_merge)
+        layer.merge(names, safe_merge=safe_merge, warn=False)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -187,7 +216,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: boo
     or lowrank_ext.nn.Linear4bit holding NF4(merged) for NF4 bases when requantize=True (lossy, opt-in)."""
     require_state(model, "merge_and_unload")
     for name, layer in list(adapter_layers(model)):
-        layer.merge(safe_merge=safe_merge)
+        layer.merge(safe_merge=safe_merge, warn=False)  # merging what is left is the point: no warning
         w = layer.dense_weight()
         dtype = layer.weight.dtype
         if isinstance(layer, QLoRALinear) and requantize:
