@@ -1,8 +1,9 @@
 """Fused AdamW optimizers with paged and/or 8-bit state: `PagedAdamW`, `PagedAdamW8bit`, `AdamW8bit`.
 
 Standard torch.optim.Optimizer subclasses (param groups, lr/betas/eps/weight_decay, closures, state_dict,
-LR schedulers, clip_grad_norm_, non-contiguous params as torch.optim.AdamW accepts them). Each step calls one fused op per parameter tensor
-(lowrank_ext.ops.adamw_step / adamw8bit_step) that reads p, g and the state once and writes them once.
+LR schedulers, clip_grad_norm_, non-contiguous params as torch.optim.AdamW accepts them). Each step calls
+one fused op per parameter tensor (lowrank_ext.ops.adamw_step / adamw8bit_step) that reads p, g and the
+state once and writes them once.
 
 State per parameter:
   32-bit:  step (fp32 scalar tensor, as torch.optim.AdamW), exp_avg, exp_avg_sq (fp32, param's shape) —

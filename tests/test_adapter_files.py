@@ -142,6 +142,20 @@ def test_failed_load_of_an_nf4_model_changes_nothing(tmp_path):
     (lambda c: c.update(bias="some"), r"field 'bias' must be one of \['none', 'all', 'lora_only'\], got 'some'"),
     (lambda c: c.update(use_dora="yes"), r"field 'use_dora' must be true or false, got 'yes'"),
     (lambda c: c.update(layers_to_transform=[0]), r"field 'layers_to_transform' must be unset \(not supported\)"),
+    (lambda c: c.update(lora_bias=True), r"field 'lora_bias' must be false \(not supported\), got True"),
+    (lambda c: c.update(exclude_modules=3), (r"field 'exclude_modules' must be null, a list of module names or a "
+                                            r"regex string, got 3")),
+    (lambda c: c.update(modules_to_save="lm_head"), (r"field 'modules_to_save' must be null or a list of module "
+                                                    r"names, got 'lm_head'")),
+    (lambda c: c.update(fan_in_fan_out=1), r"field 'fan_in_fan_out' must be true or false, got 1"),
+    (lambda c: c.update(alpha_pattern={"q_proj": "x"}),
+     r"field 'alpha_pattern' must be an object \{pattern: number\}, got \{'q_proj': 'x'\}"),
+    (lambda c: c.update(peft_type="VERA", vera_dropout=-0.1), (r"field 'vera_dropout' must be a number in \[0, 1\), "
+                                                              r"got -0\.1")),
+    (lambda c: c.update(peft_type="VERA", projection_prng_key=-1), (r"field 'projection_prng_key' must be an int >= 0, "
+                                                                   r"got -1")),
+    (lambda c: c.update(peft_type="VERA", d_initial=float("nan")), (r"field 'd_initial' must be a finite number, "
+                                                                   r"got nan")),
 ])
 def test_config_field_errors_name_file_and_field(tmp_path, edit, pattern):
     d, _ = _saved_dir(tmp_path)
@@ -149,6 +163,15 @@ def test_config_field_errors_name_file_and_field(tmp_path, edit, pattern):
     _, model = pair("llama")
     with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: .*adapter_config\.json " + pattern):
         L.load_adapter(model, d)
+
+
+def test_loraconfig_pattern_values_are_checked():
+    with pytest.raises(ValueError, match=r"lowrank_ext::LoRAConfig: rank_pattern\['q_proj'\] must be a positive int, "
+                                         r"got 0"):
+        L.LoRAConfig(target_modules=T, rank_pattern={"q_proj": 0})
+    with pytest.raises(ValueError, match=r"lowrank_ext::LoRAConfig: alpha_pattern\['q_proj'\] must be a finite number, "
+                                         r"got inf"):
+        L.LoRAConfig(target_modules=T, alpha_pattern={"q_proj": float("inf")})
 
 
 def test_config_file_level_errors(tmp_path):
@@ -211,6 +234,19 @@ def test_load_into_an_existing_adapter_with_another_config_refuses_listing_every
     L.load_adapter(model, d)  # now it is a new adapter: built from the file's config
     assert L.get_state(model).configs["default"].alpha == 8 and L.get_state(model).active == ["default"]
     assert model.model.layers[0].self_attn.q_proj.specs["default"].scaling == 2.0
+
+
+def test_load_into_a_merged_adapter_is_refused(tmp_path):
+    """Copying new tensors under a merged adapter would leave the merged weight stale."""
+    d, _ = _saved_dir(tmp_path)
+    _, model = pair("llama")
+    L.inject(model, L.LoRAConfig(**CFG))
+    L.merge_adapter(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: the model's adapter 'default' must not be "
+                                         r"merged \(call unmerge_adapter first\), got it merged in 6 layers"):
+        L.load_adapter(model, d)
+    assert_unchanged(before, snapshot(model))
 
 
 def test_load_into_an_existing_adapter_with_the_same_config(tmp_path):

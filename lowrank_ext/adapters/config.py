@@ -192,11 +192,14 @@ class LoRAConfig:
             "modules_to_save": d.get("modules_to_save"),
         }
         if peft_type == "VERA":
+            d_initial = d.get("d_initial")
             kw.update(variant="vera", dropout=float(d.get("vera_dropout") or 0.0),
-                      vera_seed=int(d.get("projection_prng_key") or 0), vera_d_initial=0.1 if d.get("d_initial") is None else float(d["d_initial"]))
+                      vera_seed=int(d.get("projection_prng_key") or 0),
+                      vera_d_initial=0.1 if d_initial is None else float(d_initial))
         else:
             init = d.get("init_lora_weights", True)
-            kw.update(alpha=8 if d.get("lora_alpha") is None else d["lora_alpha"], dropout=float(d.get("lora_dropout") or 0.0),
+            alpha = d.get("lora_alpha")
+            kw.update(alpha=8 if alpha is None else alpha, dropout=float(d.get("lora_dropout") or 0.0),
                       use_rslora=bool(d.get("use_rslora") or False), use_dora=bool(d.get("use_dora") or False),
                       rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
                       init="gaussian" if init == "gaussian" else "kaiming")

@@ -211,9 +211,9 @@ def read_adapter_config(directory: str | os.PathLike, **overrides: Any) -> LoRAC
     except json.JSONDecodeError as e:
         raise ValueError(f"lowrank_ext::load_adapter: {path} must hold valid JSON, got {e.msg} at line {e.lineno} "
                          f"column {e.colno} ({len(raw)} bytes)") from e
-    if not isinstance(d, dict):
-        # a file of the wrong shape is a bad value (ValueError), not a wrong argument type
-        raise ValueError(f"lowrank_ext::load_adapter: {path} must hold a JSON object, got {type(d).__name__}")  # noqa: TRY004
+    if not isinstance(d, dict):  # a file of the wrong shape is a bad value (ValueError), not a wrong argument type
+        got = type(d).__name__
+        raise ValueError(f"lowrank_ext::load_adapter: {path} must hold a JSON object, got {got}")  # noqa: TRY004
     return LoRAConfig.from_peft_dict(d, _where=f"lowrank_ext::load_adapter: {path} field", **overrides)
 
 
@@ -348,6 +348,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     state = get_state(model)
     plan = None
     if state is not None and adapter_name in state.configs:
+        merged_in = [n for n, layer in adapter_layers(model) if adapter_name in layer.merged_adapters]
+        if merged_in:  # new tensors under a merged adapter would leave the merged weight stale
+            raise ValueError(f"lowrank_ext::load_adapter: the model's adapter {adapter_name!r} must not be merged "
+                             f"(call unmerge_adapter first), got it merged in {len(merged_in)} layers")
         diffs = _config_differences(model, adapter_name, state.configs[adapter_name], config)
         if diffs:
             raise ValueError(f"lowrank_ext::load_adapter: the model's adapter {adapter_name!r} must have the config "

@@ -155,7 +155,8 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
         raise ValueError(f"lowrank_ext::add_weighted_adapter: weights must have one entry per adapter "
                          f"({len(adapters)}), got {len(weights)}")
     if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
-        raise ValueError(f"lowrank_ext::add_weighted_adapter: svd_rank must be a positive int or None, got {svd_rank!r}")
+        raise ValueError(f"lowrank_ext::add_weighted_adapter: svd_rank must be a positive int or None, "
+                         f"got {svd_rank!r}")
     cfgs = []
     for a in adapters:
         if a not in state.configs:
