@@ -9,6 +9,7 @@ exact nearest code, where bitsandbytes' lookup differs by one code in under 1% o
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 
 import torch
@@ -25,6 +26,9 @@ __all__ = ["NF4Weight", "quantize_nf4"]
 _FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
 _QS_KEY = "weight.quant_state.bitsandbytes__nf4"
+# bitsandbytes' quant_storage may be any of these: the packed bytes are read as they are.
+_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+                   torch.float32, torch.float64)
 
 
 class NF4Weight:
@@ -178,7 +182,9 @@ class NF4Weight:
 
         Every inconsistency raises ValueError naming the state-dict key: a missing key, a quant state
         that is not JSON or not NF4, a quant_map that is not the NF4 codebook, a shape that does not
-        match the packed size, absmax / nested tensors of the wrong size."""
+        match the packed size, absmax / nested tensors of the wrong size or dtype, a NaN / Inf / negative
+        absmax or nested absmax, a nested map that is not finite and sorted ascending, a non-finite
+        nested offset. Nothing is converted silently: what loads dequantizes to finite values."""
         qs_key = prefix + _QS_KEY
 
         def need(key: str) -> torch.Tensor:
@@ -203,12 +209,15 @@ class NF4Weight:
         _sd_check(meta["blocksize"] in VALID_BLOCKSIZES, f"{qs_key}['blocksize']", f"be one of {VALID_BLOCKSIZES}",
                   meta["blocksize"])
         shape = meta["shape"]
-        _sd_check(isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape) and shape,
+        _sd_check(isinstance(shape, list) and shape
+                  and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape),
                   f"{qs_key}['shape']", "be a non-empty list of positive ints", shape)
         numel = torch.Size(shape).numel()
         blocksize = int(meta["blocksize"])
 
         packed = need("weight")
+        _sd_check(packed.dtype in _STORAGE_DTYPES, prefix + "weight",
+                  "have dtype uint8 (or a bitsandbytes quant_storage int / float dtype)", packed.dtype)
         if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage may be another dtype: same bytes
             packed = packed.contiguous().view(-1).view(torch.uint8)
         _sd_check(packed.numel() == (numel + 1) // 2, prefix + "weight",
@@ -224,20 +233,38 @@ class NF4Weight:
                   f"have ceil(numel/blocksize) = {nblocks} elements", absmax.numel())
         _sd_check(absmax.dtype in (torch.uint8, torch.float32), prefix + "weight.absmax",
                   "be uint8 (double quant) or float32", absmax.dtype)
+        if absmax.dtype == torch.float32:
+            _sd_finite_nonneg(absmax, prefix + "weight.absmax")
         nested = (None, None, None)
         if absmax.dtype == torch.uint8:
             for field in ("nested_blocksize", "nested_offset"):
                 _sd_check(field in meta, f"{qs_key}[{field!r}]", "be present with double quant", f"fields {sorted(meta)}")
             _sd_check(meta["nested_blocksize"] == NESTED_BLOCKSIZE, f"{qs_key}['nested_blocksize']",
                       f"be {NESTED_BLOCKSIZE}", meta["nested_blocksize"])
-            nested_absmax = need("weight.nested_absmax").float()
+            off = meta["nested_offset"]
+            _sd_check(isinstance(off, (int, float)) and not isinstance(off, bool) and math.isfinite(off),
+                      f"{qs_key}['nested_offset']", "be a finite number", repr(off))
+            nested_absmax = need("weight.nested_absmax")
+            _sd_check(nested_absmax.dtype == torch.float32, prefix + "weight.nested_absmax", "have dtype float32",
+                      nested_absmax.dtype)
             nb2 = -(-nblocks // NESTED_BLOCKSIZE)
             _sd_check(nested_absmax.numel() == nb2, prefix + "weight.nested_absmax", f"have {nb2} elements",
                       nested_absmax.numel())
-            nested_map = need("weight.nested_quant_map").float()
+            _sd_finite_nonneg(nested_absmax, prefix + "weight.nested_absmax")
+            nested_map = need("weight.nested_quant_map")
+            _sd_check(nested_map.dtype == torch.float32, prefix + "weight.nested_quant_map", "have dtype float32",
+                      nested_map.dtype)
             _sd_check(nested_map.numel() == 256, prefix + "weight.nested_quant_map", "have 256 elements",
                       nested_map.numel())
-            offset = torch.tensor([float(meta["nested_offset"])], dtype=torch.float32, device=absmax.device)
+            m = nested_map.detach().view(-1)
+            _sd_check(bool(torch.isfinite(m).all()), prefix + "weight.nested_quant_map", "be finite",
+                      f"{int((~torch.isfinite(m)).sum())} NaN/Inf entries")
+            down = (m[1:] < m[:-1]).nonzero()  # the 8-bit absmax codes index a sorted map (nearest-code search)
+            if down.numel():
+                i = int(down[0])
+                _sd_check(False, prefix + "weight.nested_quant_map", "be sorted ascending",
+                          f"entry {i} = {m[i].item()} > entry {i + 1} = {m[i + 1].item()}")
+            offset = torch.tensor([float(off)], dtype=torch.float32, device=absmax.device)
             nested = (nested_absmax, nested_map, offset)
         return cls(packed, absmax, tuple(shape), _DTYPE_BY_NAME[meta["dtype"]], blocksize, *nested)
 
@@ -255,6 +282,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     qabsmax, nested_absmax, offset = _lib.double_quant(absmax, nested_map)
     return NF4Weight(packed, qabsmax, w.shape, w.dtype, blocksize, nested_absmax, nested_map, offset)
 
+
+
+def _sd_finite_nonneg(t: torch.Tensor, key: str) -> None:
+    """An absmax (a per-block max |w|) must be finite and >= 0; name the first bad element."""
+    bad = (~torch.isfinite(t) | (t < 0)).view(-1).nonzero()
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"lowrank_ext.NF4Weight.from_bnb_state_dict: {key} must be finite and >= 0, got "
+                         f"{t.view(-1)[i].item()} at index {i} ({bad.numel()} bad elements)")
 
 
 def _sd_check(cond: bool, key: str, expected: str, got) -> None:

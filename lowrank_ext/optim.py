@@ -1,8 +1,9 @@
 """Fused AdamW optimizers with paged and/or 8-bit state: `PagedAdamW`, `PagedAdamW8bit`, `AdamW8bit`.
 
 Standard torch.optim.Optimizer subclasses (param groups, lr/betas/eps/weight_decay, closures, state_dict,
-LR schedulers, clip_grad_norm_). Each step calls one fused op per parameter tensor
-(lowrank_ext.ops.adamw_step / adamw8bit_step) that reads p, g and the state once and writes them once.
+LR schedulers, clip_grad_norm_, non-contiguous params as torch.optim.AdamW accepts them). Each step calls
+one fused op per parameter tensor (lowrank_ext.ops.adamw_step / adamw8bit_step) that reads p, g and the
+state once and writes them once.
 
 State per parameter:
   32-bit:  step (fp32 scalar tensor, as torch.optim.AdamW), exp_avg, exp_avg_sq (fp32, param's shape) —
@@ -159,17 +160,27 @@ class _FusedAdamW(torch.optim.Optimizer):
                     self._init_state(p, state)
                 state["step"] += 1
                 step = int(state["step"].item())
+                # The kernels read and write flat contiguous buffers. A strided param (a transposed or
+                # sliced view, as torch.optim.AdamW accepts) is stepped as a contiguous copy and written
+                # back; the state is kept contiguous in the param's logical (row-major) element order.
+                pc = p if p.is_contiguous() else p.contiguous()
+                gc = g.contiguous()
+                for key in ("exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2"):
+                    if key in state and not state[key].is_contiguous():
+                        state[key] = state[key].contiguous()
                 if "state1" in state:
                     tensors = (state["state1"], state["state2"])
                     self._prefetch(p, tensors)
                     q1, q2 = self._maps(p.device)
                     ops.adamw8bit_step(
-                        p, g, *tensors, state["absmax1"], state["absmax2"], q1, q2, step=step, **hyper
+                        pc, gc, *tensors, state["absmax1"], state["absmax2"], q1, q2, step=step, **hyper
                     )
                 else:
                     tensors = (state["exp_avg"], state["exp_avg_sq"])
                     self._prefetch(p, tensors)
-                    ops.adamw_step(p, g, *tensors, step=step, **hyper)
+                    ops.adamw_step(pc, gc, *tensors, step=step, **hyper)
+                if pc is not p:
+                    p.copy_(pc)
         return loss
 
     def _prefetch(self, p: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> None:

@@ -79,3 +79,28 @@ def copy_peft_to_ours(peft_model: torch.nn.Module, ours: torch.nn.Module, adapte
                 mine[key[: -len(src)] + dst].copy_(p)
                 n += 1
     return n
+
+
+def snapshot(model: torch.nn.Module) -> dict:
+    """What an all-or-nothing operation must leave as it was: module types, parameters (names, shapes,
+    requires_grad), every state_dict() tensor, and the adapter state (configs, active set)."""
+    import lowrank_ext as L
+
+    st = L.get_state(model)
+    return {
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "params": [(n, tuple(p.shape), p.requires_grad) for n, p in model.named_parameters()],
+        "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "adapters": None if st is None else (dict(st.configs), list(st.active), sorted(st.vera_shared),
+                                             sorted(st.summaries)),
+    }
+
+
+def assert_unchanged(before: dict, after: dict) -> None:
+    assert after["modules"] == before["modules"]
+    assert after["params"] == before["params"]
+    assert after["state_dict"].keys() == before["state_dict"].keys()
+    for k, v in before["state_dict"].items():
+        w = after["state_dict"][k]
+        assert torch.equal(w, v) or (v.is_floating_point() and torch.allclose(w, v, 0, 0, equal_nan=True)), k
+    assert after["adapters"] == before["adapters"]

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
+from _tiny_models import (
+    assert_unchanged,
+    copy_peft_to_ours,
+    logits,
+    pair,
+    randomize_peft_adapter,
+    snapshot,
+    tiny_llama,
+    tokens,
+)
 
 import lowrank_ext as L
 
@@ -204,3 +215,190 @@ def test_mixed_batch_large_ranks_use_the_bmm_path():
         L.set_adapter(m, n)
         rows.append(layer(x[i: i + 1]))
     torch.testing.assert_close(out, torch.cat(rows).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_batch_refuses_dropout_in_training():
+    """A mixed batch applies no dropout: in training mode an adapter with dropout > 0 is refused (PEFT refuses
+    adapter_names in training mode altogether); adapters without dropout compute the same in both modes."""
+    pm, m = pair("llama")
+    L.inject(m, L.LoRAConfig(r=4, dropout=0.1, target_modules=T), adapter_name="a")
+    L.add_adapter(m, "b", L.LoRAConfig(r=4, target_modules=T))
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.lora_B["b"].normal_()
+    ids = tokens()
+    msg = (r"lowrank_ext::mixed_batch: model must be in eval mode \(model\.eval\(\)\) when a mixed adapter has "
+           r"dropout > 0, got training mode with adapter 'a' \(dropout=0\.1\)")
+    m.train()
+    with pytest.raises(ValueError, match=msg), L.mixed_batch(m, ["a", "b", "a"]):
+        pass
+    with L.mixed_batch(m, ["b", "__base__", "b"]):  # no dropout involved: runs in training mode
+        train_out = logits(m, ids)
+    m.eval()
+    with L.mixed_batch(m, ["b", "__base__", "b"]):
+        torch.testing.assert_close(train_out, logits(m, ids))
+    with pytest.raises(ValueError, match=msg), L.mixed_batch(m, ["a", "b", "a"]):
+        m.train()  # switched to training inside the block: refused in forward
+        logits(m, ids)
+    pm = peft.get_peft_model(pm, peft.LoraConfig(r=4, lora_dropout=0.1, target_modules=T)).train()
+    with pytest.raises(ValueError, match="Cannot pass `adapter_names` when the model is in training mode"):
+        pm(input_ids=ids, adapter_names=["default"] * 3)
+
+
+# ---- PEFT's behaviour where a user relies on it ------------------------------------------------------
+def test_delete_active_adapter_switches_like_peft():
+    """Deleting the only active adapter activates the first remaining one by name, with a warning (PEFT)."""
+    pm, ours = _two_adapter_pair()  # "a" active, "b" not
+    ids = tokens()
+    with pytest.warns(UserWarning, match="Adapter a was active which is now deleted. Setting active adapter to b"):
+        pm.delete_adapter("a")
+    with pytest.warns(UserWarning, match=r"lowrank_ext::delete_adapter: adapter 'a' was active and is now deleted; "
+                                         r"the active adapter is now 'b'"):
+        L.delete_adapter(ours, "a")
+    assert pm.active_adapters == ["b"] and L.get_state(ours).active == ["b"]
+    torch.testing.assert_close(logits(ours, ids), logits(pm, ids), atol=2e-5, rtol=1e-4)
+    with L.disable_adapters(ours):
+        assert not torch.allclose(logits(ours, ids), logits(pm, ids), atol=1e-3)  # "b" really computes
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".b") for n in trainable)
+    pm.delete_adapter("b")  # the last one: nothing active, base outputs (PEFT's forward then fails: KeyError)
+    L.delete_adapter(ours, "b")
+    assert pm.active_adapters == [] and L.get_state(ours).active == []
+    torch.testing.assert_close(logits(ours, ids), logits(tiny_llama(), ids), atol=2e-5, rtol=1e-4)
+
+
+def test_delete_one_of_two_active_adapters_keeps_the_other():
+    pm, ours = _two_adapter_pair()
+    pm.base_model.set_adapter(["a", "b"])
+    L.set_adapter(ours, ["a", "b"])
+    pm.delete_adapter("b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.delete_adapter(ours, "b")
+    assert pm.active_adapters == ["a"] and L.get_state(ours).active == ["a"]
+    torch.testing.assert_close(logits(ours, ids := tokens()), logits(pm, ids), atol=2e-5, rtol=1e-4)
+
+
+def test_delete_merged_adapter_is_refused_like_peft():
+    pm, ours = _two_adapter_pair()
+    pm.merge_adapter()
+    L.merge_adapter(ours)
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['a'\] while they are merged"):
+        pm.delete_adapter("a")
+    names = [n for n, _ in ours.named_parameters()]
+    with pytest.raises(ValueError, match=r"lowrank_ext::delete_adapter: name must not be merged \(call "
+                                         r"unmerge_adapter first\), got 'a' merged in 6 layers"):
+        L.delete_adapter(ours, "a")
+    assert [n for n, _ in ours.named_parameters()] == names and "a" in L.get_state(ours).configs  # nothing deleted
+
+
+def test_merge_twice_warns_like_peft():
+    pm, ours = _two_adapter_pair()
+    pm.merge_adapter()
+    L.merge_adapter(ours)
+    layer = ours.model.layers[1].mlp.down_proj
+    peft_layer = pm.base_model.model.model.layers[1].mlp.down_proj
+    w1 = layer.weight.detach().clone()
+    with pytest.warns(UserWarning, match="All adapters are already merged, nothing to do"):
+        pm.merge_adapter()
+    with pytest.warns(UserWarning, match=r"lowrank_ext::merge_adapter: all adapters are already merged "
+                                         r"\(\['a'\]\), nothing to do"):
+        L.merge_adapter(ours)
+    assert torch.equal(layer.weight, w1)  # merged once, not twice
+    with pytest.warns(UserWarning, match="Already following adapters were merged a. You are now additionally "
+                                         "merging b"):
+        pm.merge_adapter(["b"])
+    with pytest.warns(UserWarning, match=r"lowrank_ext::merge_adapter: adapters \['a'\] are already merged; now "
+                                         r"also merging \['b'\]"):
+        L.merge_adapter(ours, ["b"])
+    torch.testing.assert_close(layer.weight, peft_layer.base_layer.weight, atol=1e-6, rtol=1e-5)
+    with pytest.warns(UserWarning, match=r"lowrank_ext::LoRALinear\.merge: all adapters are already merged"):
+        layer.merge(["a", "b"])  # the layer method warns too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        L.merge_and_unload(ours)  # merging what is left is the point: no warning
+
+
+CAT_CASES = {
+    # adapters on different modules: "a" on q/v, "b" on v/down
+    "different_targets": ({"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                          {"r": 8, "alpha": 16, "target_modules": ["v_proj", "down_proj"]}),
+    # per-module ranks and alphas
+    "rank_pattern": ({"r": 4, "alpha": 8, "target_modules": T, "rank_pattern": {"v_proj": 2}},
+                     {"r": 8, "alpha": 16, "target_modules": T, "rank_pattern": {"model.layers.1.mlp.down_proj": 3},
+                      "alpha_pattern": {"q_proj": 4}}),
+}
+
+
+def _peft_cfg(c):
+    kw = {"r": c["r"], "lora_alpha": c["alpha"], "target_modules": c["target_modules"]}
+    return peft.LoraConfig(**kw, rank_pattern=c.get("rank_pattern", {}), alpha_pattern=c.get("alpha_pattern", {}))
+
+
+@pytest.mark.parametrize("case", list(CAT_CASES))
+def test_cat_is_sized_per_layer_and_equals_peft(case, tmp_path):
+    """PEFT had and fixed this: 'cat' must size each layer by the ranks of the adapters that layer holds."""
+    ca, cb = CAT_CASES[case]
+    a, ours = pair("llama")
+    pm = peft.get_peft_model(a, _peft_cfg(ca), adapter_name="a")
+    pm.add_adapter("b", _peft_cfg(cb))
+    L.inject(ours, L.LoRAConfig(**ca), adapter_name="a")
+    L.add_adapter(ours, "b", L.LoRAConfig(**cb))
+    for i, name in enumerate(("a", "b")):
+        randomize_peft_adapter(pm, name, seed=10 + i)
+        assert copy_peft_to_ours(pm, ours, name) > 0
+    w = [0.7, -0.4]
+    pm.add_weighted_adapter(["a", "b"], w, "mix", combination_type="cat")
+    L.add_weighted_adapter(ours, ["a", "b"], w, "mix", combination_type="cat")
+    pm.set_adapter("mix")
+    L.set_adapter(ours, "mix")
+    ids = tokens()
+    torch.testing.assert_close(logits(ours, ids), logits(pm.eval(), ids), atol=5e-5, rtol=1e-4)
+    n_layers = 0
+    for name, layer in ours.named_modules():
+        if not isinstance(layer, L.nn.ADAPTER_LAYERS) or "mix" not in layer.specs:
+            continue
+        n_layers += 1
+        held = [x for x in ("a", "b") if x in layer.specs]
+        assert layer.specs["mix"].r == sum(layer.specs[x].r for x in held)  # this layer's ranks, no padding
+        assert layer.specs["mix"].scaling == 1.0
+        want = sum(wi * layer.delta_weight(x) for wi, x in zip(w, ("a", "b")) if x in layer.specs)
+        torch.testing.assert_close(layer.delta_weight("mix"), want, atol=1e-5, rtol=1e-4)
+        peft_layer = pm.base_model.model.get_submodule(name)
+        torch.testing.assert_close(layer.delta_weight("mix"), peft_layer.get_delta_weight("mix"), atol=1e-5, rtol=1e-4)
+    assert n_layers == 6
+    # the per-layer ranks travel in the file's rank_pattern: PEFT loads it as it is
+    L.save_adapter(ours, tmp_path, adapter_name="mix")
+    a2, _ = pair("llama")
+    pm2 = peft.PeftModel.from_pretrained(a2, tmp_path).eval()
+    torch.testing.assert_close(logits(pm2, ids), logits(ours, ids), atol=5e-5, rtol=1e-4)
+
+
+def test_failed_weighted_combination_changes_nothing():
+    _pm, ours = _two_adapter_pair(r2=8)
+    L.add_adapter(ours, "d", L.LoRAConfig(r=4, variant="dora", target_modules=T))
+    cases = [
+        ({"adapters": ["a", "b"], "weights": [1, 1], "adapter_name": "b", "combination_type": "cat"},
+         r"lowrank_ext::inject: adapter_name must be a new adapter name, got 'b'"),
+        ({"adapters": ["a", "b"], "weights": [1, 1], "adapter_name": "mi.x", "combination_type": "cat"},
+         r"lowrank_ext::inject: adapter_name must be a non-empty str without '\.', got 'mi\.x'"),
+        ({"adapters": ["a", "b"], "weights": [1, 1], "adapter_name": "mix", "combination_type": "linear"},
+         (r"add_weighted_adapter: adapters must have equal ranks for 'linear' in every module, got ranks \[4, 8\] in "
+         r"model\.layers\.0\.self_attn\.q_proj")),
+        ({"adapters": ["a", "d"], "weights": [1, 1], "adapter_name": "mix", "combination_type": "cat"},
+         r"add_weighted_adapter: adapters must be plain LoRA adapters, got 'd' with variant='dora'"),
+        ({"adapters": ["a", "b"], "weights": [1], "adapter_name": "mix", "combination_type": "cat"},
+         r"add_weighted_adapter: weights must have one entry per adapter \(2\), got 1"),
+        ({"adapters": ["a", "b"], "weights": [1, 1], "adapter_name": "mix", "combination_type": "svd", "svd_rank": 0},
+         r"add_weighted_adapter: svd_rank must be a positive int or None, got 0"),
+    ]
+    for kw, pattern in cases:
+        before = snapshot(ours)
+        with pytest.raises(ValueError, match=pattern):
+            L.add_weighted_adapter(ours, **kw)
+        assert_unchanged(before, snapshot(ours))
+    with torch.no_grad():  # a failure while computing the factors (after every check): nothing injected either
+        ours.model.layers[1].mlp.down_proj.lora_B["b"][0, 0] = float("nan")
+    before = snapshot(ours)
+    with pytest.raises(torch.linalg.LinAlgError, match="non-finite values"):
+        L.add_weighted_adapter(ours, ["a", "b"], [1, 1], "mix", combination_type="svd")
+    assert_unchanged(before, snapshot(ours))

@@ -293,3 +293,18 @@ def test_qlora_model_state_dict_round_trip():
     other.load_state_dict(m.state_dict())
     ids = tokens()
     torch.testing.assert_close(logits(other, ids), logits(m, ids), atol=0, rtol=0)
+
+
+def test_failed_inject_changes_nothing():
+    """Quantizing fails on the last target (a NaN weight): the layers already swapped in are put back."""
+    from _tiny_models import assert_unchanged, snapshot
+
+    _, m = pair("llama")
+    L.inject(m, L.LoRAConfig(r=2, target_modules=["q_proj", "k_proj"]), "other")  # q_proj is an adapter layer
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    before = snapshot(m)
+    with pytest.raises(ValueError, match="lowrank_ext::quantize_nf4: x must contain only finite values"):
+        L.inject(m, L.LoRAConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], quantize="nf4"), "new")
+    assert_unchanged(before, snapshot(m))
+    assert "new" not in m.model.layers[0].self_attn.q_proj.specs

@@ -242,12 +242,61 @@ def test_missing_key(key):
     (lambda sd: sd.update({"p.weight.nested_quant_map": torch.ones(16)}),
      r"p\.weight\.nested_quant_map must have 256 elements, got 16"),
     (lambda sd: sd.update({"p.weight": [1, 2, 3]}), r"p\.weight must be a tensor, got list"),
+    (lambda sd: sd.update({"p.weight": torch.zeros(1280, 1, dtype=torch.bool)}),
+     r"p\.weight must have dtype uint8 \(or a bitsandbytes quant_storage int / float dtype\), got torch.bool"),
+    (lambda sd: _qs(sd, shape=[True, 64]), rf"p\.{QS}\['shape'\] must be a non-empty list of positive ints"),
+    # values that would dequantize to NaN / garbage
+    (lambda sd: _qs(sd, nested_offset=float("nan")), rf"p\.{QS}\['nested_offset'\] must be a finite number, got nan"),
+    (lambda sd: _qs(sd, nested_offset=float("inf")), rf"p\.{QS}\['nested_offset'\] must be a finite number, got inf"),
+    (lambda sd: _qs(sd, nested_offset="0.5"), rf"p\.{QS}\['nested_offset'\] must be a finite number, got '0.5'"),
+    (lambda sd: sd["p.weight.nested_absmax"].fill_(float("nan")),
+     r"p\.weight\.nested_absmax must be finite and >= 0, got nan at index 0 \(1 bad elements\)"),
+    (lambda sd: sd["p.weight.nested_absmax"].fill_(-1.0),
+     r"p\.weight\.nested_absmax must be finite and >= 0, got -1.0 at index 0"),
+    (lambda sd: sd.update({"p.weight.nested_absmax": sd["p.weight.nested_absmax"].half()}),
+     r"p\.weight\.nested_absmax must have dtype float32, got torch.float16"),
+    (lambda sd: sd.update({"p.weight.nested_absmax": sd["p.weight.nested_absmax"].long()}),
+     r"p\.weight\.nested_absmax must have dtype float32, got torch.int64"),
+    (lambda sd: sd.update({"p.weight.nested_quant_map": sd["p.weight.nested_quant_map"].flip(0)}),
+     r"p\.weight\.nested_quant_map must be sorted ascending, got entry 0 = 1.0 > entry 1 = "),
+    (lambda sd: sd["p.weight.nested_quant_map"].__setitem__(7, float("inf")),
+     r"p\.weight\.nested_quant_map must be finite, got 1 NaN/Inf entries"),
+    (lambda sd: sd.update({"p.weight.nested_quant_map": sd["p.weight.nested_quant_map"].double()}),
+     r"p\.weight\.nested_quant_map must have dtype float32, got torch.float64"),
 ])
 def test_corrupt_state_dict(corrupt, pattern):
     sd = _good_sd()
     corrupt(sd)
     with pytest.raises(ValueError, match=pattern):
         NF4Weight.from_bnb_state_dict(sd, prefix="p.")
+
+
+@pytest.mark.parametrize("value,index", [(float("nan"), 3), (float("inf"), 0), (float("-inf"), 39), (-0.5, 12)])
+def test_non_finite_or_negative_absmax_is_refused(value, index):
+    # without double quant absmax is fp32 as stored: NaN / Inf / negative would dequantize to NaN or flip signs
+    sd = _good_sd(double_quant=False)
+    sd["p.weight.absmax"][index] = value
+    with pytest.raises(ValueError, match=rf"from_bnb_state_dict: p\.weight\.absmax must be finite and >= 0, got "
+                                         rf"{value} at index {index} \(1 bad elements\)"):
+        NF4Weight.from_bnb_state_dict(sd, prefix="p.")
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_from_bnb_refuses_a_corrupt_linear4bit(bnb, double_quant):
+    """from_bnb reads each bitsandbytes layer through its state dict, so the same checks apply."""
+    layer, _ = make_bnb_linear(bnb, 40, 64, torch.float32, double_quant)
+    qs = layer.weight.quant_state
+    if double_quant:
+        qs.state2.absmax[0] = float("inf")  # the nested absmax
+        pattern = r"weight\.nested_absmax must be finite and >= 0, got inf at index 0"
+    else:
+        qs.absmax[5] = float("nan")
+        pattern = r"weight\.absmax must be finite and >= 0, got nan at index 5"
+    good, _ = make_bnb_linear(bnb, 64, 40, torch.float32, double_quant)
+    model = torch.nn.Sequential(good, layer)  # the corrupt layer second: the first must not be replaced either
+    with pytest.raises(ValueError, match=pattern):
+        lowrank_ext.from_bnb(model)
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in model)  # nothing replaced
 
 
 def test_quant_storage_other_dtype_loads():

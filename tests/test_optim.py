@@ -58,6 +58,43 @@ def test_fp32_state_matches_torch_adamw(opt_cls, shape):
     assert float(st["step"]) == 20.0
 
 
+def _strided_param(layout, seed=1):
+    """A (64, 96) leaf param that is a transposed or a strided (every other column) view."""
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "transposed":
+        base = torch.randn(96, 64, generator=gen) * 0.1
+        p = torch.nn.Parameter(base.t())
+    else:
+        base = torch.randn(64, 192, generator=gen) * 0.1
+        p = torch.nn.Parameter(base[:, ::2])
+    assert not p.is_contiguous() and p.shape == (64, 96)
+    return p
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("opt_cls", [PagedAdamW, AdamW8bit, PagedAdamW8bit])
+def test_non_contiguous_params_like_torch_adamw(opt_cls, layout):
+    # torch.optim.AdamW accepts strided params; ours step a contiguous copy and write it back in place.
+    grads = _grads((64, 96), 10)
+    grads[3] = grads[3].t().contiguous().t()  # a non-contiguous grad too
+    p, p_ref, p_dense = _strided_param(layout), _strided_param(layout), _strided_param(layout).detach().clone()
+    p_dense = torch.nn.Parameter(p_dense)
+    strides = p.stride()
+    opt = _run(opt_cls, p, grads)
+    assert p.stride() == strides  # the same tensor, updated in place
+    if opt_cls is PagedAdamW:  # fp32 state: torch.optim.AdamW is the reference
+        ref = _run(torch.optim.AdamW, p_ref, grads, foreach=False)
+        torch.testing.assert_close(p.data, p_ref.data, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[p_ref]["exp_avg_sq"], atol=1e-9, rtol=1e-5)
+    else:  # 8-bit state (6144 elements): bit-identical to the same optimizer on a contiguous param
+        assert "state1" in opt.state[p]
+        opt_dense = _run(opt_cls, p_dense, grads)
+        assert torch.equal(p.data, p_dense.data)
+        assert torch.equal(opt.state[p]["state1"], opt_dense.state[p_dense]["state1"])
+        ref = _run(torch.optim.AdamW, p_ref, grads, foreach=False)  # and near torch: 10 steps move ~1e-2
+        torch.testing.assert_close(p.data, p_ref.data, atol=1e-3, rtol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_params_fp32_state(dtype):
     # fp16/bf16 params: the update runs in fp32 and the param is rounded once (the reference's math).

@@ -166,3 +166,25 @@ def test_only_safetensors(tmp_path):
     _, b = pair("llama")
     with pytest.raises(FileNotFoundError, match="must contain adapter_model.safetensors"):
         L.load_adapter(b, tmp_path)
+
+
+def test_load_with_a_differing_config_refuses_where_peft_keeps_the_model_config(tmp_path):
+    """PEFT's load_adapter into an adapter name the model already has keeps the in-memory config and only
+    copies the tensors (here: runs with scaling 64/4 = 16 instead of the file's 8/4 = 2). We refuse instead,
+    and after delete_adapter the adapter is built from the file, equal to PeftModel.from_pretrained."""
+    a, b = pair("llama")
+    a2, _ = pair("llama")
+    pm = peft.get_peft_model(a, peft.LoraConfig(r=4, lora_alpha=8, target_modules=T))
+    randomize_peft_adapter(pm)
+    pm.save_pretrained(tmp_path)
+    pm2 = peft.get_peft_model(a2, peft.LoraConfig(r=4, lora_alpha=64, target_modules=T))
+    pm2.load_adapter(tmp_path, adapter_name="default")
+    assert pm2.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == 16.0  # not the file's 2
+    L.inject(b, L.LoRAConfig(r=4, alpha=64, target_modules=T))
+    with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: the model's adapter 'default' must have the "
+                                         r"config in .* got differing fields: alpha \(file 8\.0, model 64\.0\)\. "):
+        L.load_adapter(b, tmp_path)
+    L.delete_adapter(b, "default")
+    L.load_adapter(b, tmp_path)
+    ids = tokens()
+    torch.testing.assert_close(logits(b, ids), logits(pm.eval(), ids), atol=2e-5, rtol=1e-4)

@@ -48,12 +48,15 @@ def linear4bit_from_state_dict(sd: Mapping[str, torch.Tensor], prefix: str = "")
 
 
 def from_bnb(model: nn.Module) -> nn.Module:
-    """Replace every bitsandbytes nf4 Linear4bit in `model` by lowrank_ext.nn.Linear4bit (same bytes); in place."""
+    """Replace every bitsandbytes nf4 Linear4bit in `model` by lowrank_ext.nn.Linear4bit (same bytes); in place.
+
+    All or nothing: every layer is read and validated (NF4Weight.from_bnb_state_dict) before any is replaced."""
     found = [(n, m) for n, m in model.named_modules() if is_bnb_4bit(m)]
     if not found:
         raise ValueError("lowrank_ext::from_bnb: model must contain bitsandbytes Linear4bit layers, got none")
-    for name, m in found:
+    new = [(name, Linear4bit(*nf4_from_bnb_linear(m))) for name, m in found]
+    for name, layer in new:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Linear4bit(*nf4_from_bnb_linear(m)))
+        setattr(parent, child, layer)
     return model

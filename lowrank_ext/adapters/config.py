@@ -9,6 +9,7 @@ entry or ends with "." + entry, and "all-linear" means every nn.Linear / Conv1D 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -99,6 +100,12 @@ class LoRAConfig:
             if not isinstance(v, Mapping):
                 raise _err(name, "be a dict {pattern: value}", v)
             setattr(self, name, dict(v))
+        for pat, v in self.rank_pattern.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise _err(f"rank_pattern[{pat!r}]", "be a positive int", v)
+        for pat, v in self.alpha_pattern.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise _err(f"alpha_pattern[{pat!r}]", "be a finite number", v)
 
     # ---- per-module values --------------------------------------------------------------------
     def matches(self, name: str) -> bool:
@@ -150,35 +157,98 @@ class LoRAConfig:
         }
 
     @classmethod
-    def from_peft_dict(cls, d: Mapping[str, Any], **overrides: Any) -> LoRAConfig:
-        """Read PEFT's adapter_config.json content (peft_type "LORA" or "VERA")."""
+    def from_peft_dict(cls, d: Mapping[str, Any], _where: str = "lowrank_ext::LoRAConfig.from_peft_dict: field",
+                       **overrides: Any) -> LoRAConfig:
+        """Read PEFT's adapter_config.json content (peft_type "LORA" or "VERA").
+
+        Every field this reads is type- and range-checked first: a ValueError `<_where> 'r' must be a positive
+        int, got ...` (read_adapter_config puts the file's path in `_where`). Fields it does not read (PEFT's
+        task_type, revision, ...) are ignored; fields for features we lack are refused."""
+
+        def bad(key: str, expected: str) -> ValueError:
+            got = repr(d[key]) if key in d else f"no such field (fields: {sorted(d)})"
+            return ValueError(f"{_where} {key!r} must {expected}, got {got}")
+
         peft_type = d.get("peft_type")
         if peft_type not in ("LORA", "VERA"):
-            raise _err("peft_type", "be 'LORA' or 'VERA'", peft_type)
+            raise bad("peft_type", "be 'LORA' or 'VERA'")
+        for key, ok, expected, required in _PEFT_FIELDS[peft_type]:
+            if key not in d or d[key] is None:
+                if required:
+                    raise bad(key, expected)
+            elif not ok(d[key]):
+                raise bad(key, expected)
         for key in ("layer_replication", "layers_to_transform", "layers_pattern"):
             if d.get(key):
-                raise _err(key, "be unset (not supported)", d[key])
+                raise bad(key, "be unset (not supported)")
         if d.get("lora_bias"):
-            raise _err("lora_bias", "be False (not supported)", d["lora_bias"])
+            raise bad("lora_bias", "be false (not supported)")
         kw: dict[str, Any] = {
-            "r": int(d["r"]),
-            "target_modules": d.get("target_modules"),
+            "r": d["r"],
+            "target_modules": d["target_modules"],
             "exclude_modules": d.get("exclude_modules"),
-            "bias": d.get("bias", "none"),
-            "fan_in_fan_out": bool(d.get("fan_in_fan_out", False)),
+            "bias": d.get("bias") or "none",
+            "fan_in_fan_out": bool(d.get("fan_in_fan_out") or False),
             "modules_to_save": d.get("modules_to_save"),
         }
         if peft_type == "VERA":
-            kw.update(variant="vera", dropout=float(d.get("vera_dropout", 0.0)),
-                      vera_seed=int(d.get("projection_prng_key", 0)), vera_d_initial=float(d.get("d_initial", 0.1)))
+            d_initial = d.get("d_initial")
+            kw.update(variant="vera", dropout=float(d.get("vera_dropout") or 0.0),
+                      vera_seed=int(d.get("projection_prng_key") or 0),
+                      vera_d_initial=0.1 if d_initial is None else float(d_initial))
         else:
             init = d.get("init_lora_weights", True)
-            kw.update(alpha=d.get("lora_alpha", 8), dropout=float(d.get("lora_dropout", 0.0)),
-                      use_rslora=bool(d.get("use_rslora", False)), use_dora=bool(d.get("use_dora", False)),
+            alpha = d.get("lora_alpha")
+            kw.update(alpha=8 if alpha is None else alpha, dropout=float(d.get("lora_dropout") or 0.0),
+                      use_rslora=bool(d.get("use_rslora") or False), use_dora=bool(d.get("use_dora") or False),
                       rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
                       init="gaussian" if init == "gaussian" else "kaiming")
         kw.update(overrides)
         return cls(**kw)
+
+
+def _is_int(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_names(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+
+
+def _is_prob(v: Any) -> bool:
+    return _is_num(v) and 0 <= v < 1
+
+
+# (field, check, what it must be, required) for each adapter_config.json field from_peft_dict reads
+_COMMON_FIELDS = [
+    ("r", lambda v: _is_int(v, 1), "be a positive int", True),
+    ("target_modules", _is_names, "be a list of module names or a regex string", True),
+    ("exclude_modules", _is_names, "be null, a list of module names or a regex string", False),
+    ("modules_to_save", lambda v: isinstance(v, list) and _is_names(v), "be null or a list of module names", False),
+    ("bias", lambda v: v in _BIAS, f"be one of {list(_BIAS)}", False),
+    ("fan_in_fan_out", lambda v: isinstance(v, bool), "be true or false", False),
+]
+_PEFT_FIELDS = {
+    "LORA": _COMMON_FIELDS + [
+        ("lora_alpha", _is_num, "be a finite number", False),
+        ("lora_dropout", _is_prob, "be a number in [0, 1)", False),
+        ("use_rslora", lambda v: isinstance(v, bool), "be true or false", False),
+        ("use_dora", lambda v: isinstance(v, bool), "be true or false", False),
+        ("rank_pattern", lambda v: isinstance(v, dict) and all(_is_int(x, 1) for x in v.values()),
+         "be an object {pattern: positive int}", False),
+        ("alpha_pattern", lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
+         "be an object {pattern: number}", False),
+    ],
+    "VERA": _COMMON_FIELDS + [
+        ("vera_dropout", _is_prob, "be a number in [0, 1)", False),
+        ("projection_prng_key", lambda v: _is_int(v, 0), "be an int >= 0", False),
+        ("d_initial", _is_num, "be a finite number", False),
+    ],
+}
 
 
 def _match(patterns: Sequence[str] | str, name: str) -> bool:

@@ -1,4 +1,4 @@
-"""save_adapter / load_adapter: PEFT's adapter directory format, both ways (docs/format.md, "Adapter files").
+"""save_adapter / load_adapter: PEFT's adapter directory format, both ways.
 
     directory/adapter_model.safetensors   metadata {"format": "pt"}, keys (adapter name stripped):
         base_model.model.<module>.lora_A.weight [r, in]    base_model.model.<module>.lora_B.weight [out, r]
@@ -7,29 +7,66 @@
         base_model.model.<module>.<param>                                         (modules_to_save copies)
         base_model.model.<module>.base_layer.bias / base_model.model.<module>.bias  (bias="all" / "lora_only")
     directory/adapter_config.json         LoRAConfig.to_peft_dict()
+    directory/README.md                   a short model card (library_name: peft), as PEFT writes one
 
-Loading is strict where PEFT only warns: a missing key, an unexpected key or a shape mismatch is a
-ValueError naming the key. safetensors only: nothing is ever unpickled.
+Saving: each file is written atomically (adapters/_atomic.py: temporary file, fsync, os.replace), so a
+crash never leaves a half-written file under its final name; nothing already there is replaced without
+overwrite=True. The files are replaced one after the other, not as one unit: a crash between two of them
+(with overwrite=True) can leave a new weights file next to the old config.
+
+Loading is all or nothing and strict where PEFT only warns. Before the model is changed: the config is
+read and checked field by field, the safetensors header is checked against the file's size, every key the
+adapter needs must be present with its shape, no other key may be present, every tensor must be a finite
+float. Any failure is one ValueError naming the file, the key or field, what was expected and what was
+found, and leaves the model exactly as it was. The file's config defines the adapter (PEFT's contract):
+loading into an adapter name the model already has refuses, listing every differing field, unless the
+configs agree (PEFT would keep the model's config silently). safetensors only: nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import torch
 from torch import nn
 
+from lowrank_ext.adapters._atomic import atomic_write
 from lowrank_ext.adapters.config import LoRAConfig
-from lowrank_ext.adapters.injector import inject
-from lowrank_ext.adapters.state import ModulesToSave, get_state
+from lowrank_ext.adapters.injector import InjectPlan, apply_inject, in_out, plan_inject, target_names
+from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, get_state
 from lowrank_ext.nn import ADAPTER_LAYERS
 
-__all__ = ["adapter_state_dict", "load_adapter", "save_adapter"]
+__all__ = ["adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
+README = "README.md"
 PREFIX = "base_model.model."
+VERA_SHARED = ("base_model.vera_A", "base_model.vera_B")
+_CARD_MARK = "<!-- written by lowrank_ext.save_adapter -->"
+
+
+# ---- the file's keys ---------------------------------------------------------------------------------------
+def _layer_keys(module: str, variant: str, r: int, in_f: int, out_f: int, bias: bool) -> dict[str, tuple]:
+    """{file key: shape} of one adapted module (the single place that names these keys)."""
+    p = PREFIX + module + "."
+    if variant == "vera":
+        keys = {p + "vera_lambda_d": (r,), p + "vera_lambda_b": (out_f,)}
+    else:
+        keys = {p + "lora_A.weight": (r, in_f), p + "lora_B.weight": (out_f, r)}
+        if variant == "dora":
+            keys[p + "lora_magnitude_vector"] = (out_f,)
+    if bias:
+        keys[p + "base_layer.bias"] = (out_f,)
+    return keys
+
+
+def _loose_biases(model: nn.Module, skip: set[str]) -> dict[str, torch.Tensor]:
+    """bias="all": the biases outside adapter layers and ModulesToSave wrappers (modules named in skip)."""
+    return {PREFIX + n: t for n, t in model.named_parameters()
+            if n.endswith("bias") and not any(n.startswith(s + ".") for s in skip)}
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -43,93 +80,305 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     out: dict[str, torch.Tensor] = {}
     for mod, m in model.named_modules():
         if isinstance(m, ADAPTER_LAYERS) and adapter_name in m.specs:
-            p = PREFIX + mod + "."
+            bias = cfg.bias != "none" and m.bias is not None
+            keys = iter(_layer_keys(mod, cfg.variant, m.specs[adapter_name].r, m.in_features, m.out_features, bias))
             if cfg.variant == "vera":
-                out[p + "vera_lambda_d"] = m.vera_lambda_d[adapter_name]
-                out[p + "vera_lambda_b"] = m.vera_lambda_b[adapter_name]
+                tensors = [m.vera_lambda_d[adapter_name], m.vera_lambda_b[adapter_name]]
             else:
-                out[p + "lora_A.weight"] = m.lora_A[adapter_name]
-                out[p + "lora_B.weight"] = m.lora_B[adapter_name]
+                tensors = [m.lora_A[adapter_name], m.lora_B[adapter_name]]
                 if cfg.variant == "dora":
-                    out[p + "lora_magnitude_vector"] = m.lora_magnitude_vector[adapter_name]
-            if cfg.bias != "none" and m.bias is not None:
-                out[p + "base_layer.bias"] = m.bias
+                    tensors.append(m.lora_magnitude_vector[adapter_name])
+            out.update(zip(keys, [*tensors, *([m.bias] if bias else [])]))
         elif isinstance(m, ModulesToSave) and adapter_name in m.modules_to_save:
             for pname, t in m.modules_to_save[adapter_name].named_parameters():
                 out[PREFIX + mod + "." + pname] = t
     if cfg.bias == "all":
-        skip = [n for n, m in model.named_modules() if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))]
-        for pname, t in model.named_parameters():
-            if pname.endswith("bias") and not any(pname.startswith(s + ".") for s in skip):
-                out[PREFIX + pname] = t
+        out.update(_loose_biases(model, {n for n, m in model.named_modules()
+                                         if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))}))
     if cfg.variant == "vera":
-        a, b = state.vera_shared[adapter_name]
-        out["base_model.vera_A"], out["base_model.vera_B"] = a, b
+        out[VERA_SHARED[0]], out[VERA_SHARED[1]] = state.vera_shared[adapter_name]
     return out
 
 
+def _planned_shapes(model: nn.Module, plan: InjectPlan) -> dict[str, tuple]:
+    """{file key: shape} that adapter_state_dict will give once `plan` is applied (the model is not touched)."""
+    cfg, out = plan.config, {}
+    max_in = max_out = 0
+    for name in plan.targets:
+        m = model.get_submodule(name)
+        i, o = in_out(m)
+        max_in, max_out = max(max_in, i), max(max_out, o)
+        bias = cfg.bias != "none" and getattr(m, "bias", None) is not None
+        out.update(_layer_keys(name, cfg.variant, cfg.rank_for(name), i, o, bias))
+    for name in plan.modules_to_save:
+        m = model.get_submodule(name)
+        src = m.original_module if isinstance(m, ModulesToSave) else m
+        out.update({PREFIX + name + "." + pname: tuple(t.shape) for pname, t in src.named_parameters()})
+    if cfg.bias == "all":
+        skip = {n for n, m in model.named_modules() if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))}
+        skip |= set(plan.targets) | set(plan.modules_to_save)
+        out.update({k: tuple(t.shape) for k, t in _loose_biases(model, skip).items()})
+    if cfg.variant == "vera":
+        out[VERA_SHARED[0]], out[VERA_SHARED[1]] = (cfg.r, max_in), (max_out, cfg.r)
+    return out
+
+
+# ---- saving ------------------------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                  overwrite: bool = False, base_model_name_or_path: str | None = None) -> None:
-    """Write adapter `adapter_name` as a PEFT adapter directory (loadable by peft.PeftModel.from_pretrained)."""
-    from safetensors.torch import save_file
+    """Write adapter `adapter_name` as a PEFT adapter directory (loadable by peft.PeftModel.from_pretrained):
+    adapter_model.safetensors, adapter_config.json and a README.md model card, each written atomically.
+
+    Refuses (FileExistsError) when the directory already holds an adapter file, unless overwrite=True. A
+    README.md is written when there is none, and replaced (with overwrite=True) only when save_adapter
+    wrote it: a model card the user wrote or edited away from our marker line is kept as it is."""
+    from safetensors.torch import save as safetensors_bytes
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
-    path = os.path.join(directory, WEIGHTS)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"lowrank_ext::save_adapter: directory must not already hold an adapter "
-                              f"(pass overwrite=True to replace it), got {path!r}")
-    os.makedirs(directory, exist_ok=True)
     cfg = get_state(model).configs[adapter_name]
-    save_file(tensors, path, metadata={"format": "pt"})
-    with open(os.path.join(directory, CONFIG), "w") as f:
+    directory = os.fspath(directory)
+    paths = {name: os.path.join(directory, name) for name in (WEIGHTS, CONFIG, README)}
+    if not overwrite:
+        for name in (WEIGHTS, CONFIG):
+            if os.path.exists(paths[name]):
+                raise FileExistsError(f"lowrank_ext::save_adapter: directory must not already hold an adapter "
+                                      f"(pass overwrite=True to replace it), got {paths[name]!r}")
+    os.makedirs(directory, exist_ok=True)
+    data = safetensors_bytes(tensors, metadata={"format": "pt"})
+    with atomic_write(paths[WEIGHTS]) as f:
+        f.write(data)
+    with atomic_write(paths[CONFIG], "w") as f:
         json.dump(cfg.to_peft_dict(base_model_name_or_path), f, indent=2, sort_keys=True)
+    if _card_is_ours(paths[README]) is not False and (overwrite or not os.path.exists(paths[README])):
+        with atomic_write(paths[README], "w") as f:
+            f.write(_model_card(cfg, adapter_name, base_model_name_or_path))
 
 
-def read_adapter_config(directory: str | os.PathLike, **overrides) -> LoRAConfig:
-    path = os.path.join(directory, CONFIG)
+def _card_is_ours(path: str) -> bool | None:
+    """None: no README; True: one save_adapter wrote (marker line present); False: the user's."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return _CARD_MARK in f.read()
+    except FileNotFoundError:
+        return None
+
+
+def _model_card(cfg: LoRAConfig, adapter_name: str, base: str | None) -> str:
+    """A short model card: the metadata the Hugging Face hub reads (library_name: peft, base_model, tags)
+    and how to load the adapter; the numbers are the ones in adapter_config.json."""
+    meta = ["---", "library_name: peft"]
+    if base:
+        meta.append(f"base_model: {json.dumps(base)}")
+    meta += ["tags:", "- lowrank_ext", f"- {cfg.variant}"]
+    if base:
+        meta.append(f"- {json.dumps('base_model:adapter:' + base)}")
+    meta.append("---")
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else ", ".join(cfg.target_modules)
+    scaling = "1 (VeRA)" if cfg.variant == "vera" else (
+        f"alpha / sqrt(r) (rsLoRA), alpha = {cfg.alpha}" if cfg.use_rslora else f"alpha / r, alpha = {cfg.alpha}")
+    body = [
+        _CARD_MARK,
+        "",
+        f"# {adapter_name}: a {cfg.variant.upper() if cfg.variant != 'lora' else 'LoRA'} adapter",
+        "",
+        (f"Adapter weights for {('`' + base + '`') if base else 'a base model'} in PEFT's format, saved by "
+         "lowrank_ext. The base model's own weights are not in this directory."),
+        "",
+        f"- rank r = {cfg.r}" + (f" (rank_pattern: {len(cfg.rank_pattern)} entries)" if cfg.rank_pattern else ""),
+        f"- scaling: {scaling}",
+        f"- target modules: {targets}",
+        f"- dropout: {cfg.dropout}",
+        "",
+        "Load it with PEFT (`PeftModel.from_pretrained(base_model, path)`) or with lowrank_ext",
+        "(`lowrank_ext.load_adapter(base_model, path)`). adapter_config.json holds the full configuration.",
+        "",
+    ]
+    return "\n".join(meta + body)
+
+
+# ---- reading -----------------------------------------------------------------------------------------------
+def read_adapter_config(directory: str | os.PathLike, **overrides: Any) -> LoRAConfig:
+    """The LoRAConfig in `directory`/adapter_config.json; every problem is a ValueError naming the file and field."""
+    path = os.path.join(os.fspath(directory), CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lowrank_ext::load_adapter: directory must contain {CONFIG}, got {str(directory)!r}")
-    with open(path) as f:
-        return LoRAConfig.from_peft_dict(json.load(f), **overrides)
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        d = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"lowrank_ext::load_adapter: {path} must be UTF-8 JSON, got {e}") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"lowrank_ext::load_adapter: {path} must hold valid JSON, got {e.msg} at line {e.lineno} "
+                         f"column {e.colno} ({len(raw)} bytes)") from e
+    if not isinstance(d, dict):  # a file of the wrong shape is a bad value (ValueError), not a wrong argument type
+        got = type(d).__name__
+        raise ValueError(f"lowrank_ext::load_adapter: {path} must hold a JSON object, got {got}")  # noqa: TRY004
+    return LoRAConfig.from_peft_dict(d, _where=f"lowrank_ext::load_adapter: {path} field", **overrides)
 
 
+# safetensors dtype names and their widths in bytes (the format's spec)
+_ST_WIDTH = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+             "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+
+
+def _check_safetensors(data: bytes, path: str) -> None:
+    """The structure of a safetensors file: an 8-byte little-endian header length N, N bytes of JSON
+    {name: {dtype, shape, data_offsets: [begin, end]}}, then the data; every tensor inside the data."""
+    where = f"lowrank_ext::load_adapter: {path}"
+    if len(data) < 8:
+        raise ValueError(f"{where} must start with an 8-byte header length (a safetensors file), got a "
+                         f"{len(data)}-byte file")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError(f"{where} header length must be at most the {len(data) - 8} bytes after it, got {n} "
+                         f"(a truncated or non-safetensors file)")
+    try:
+        header = json.loads(data[8: 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where} header must be UTF-8 JSON, got {e}") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{where} header must be a JSON object, got {type(header).__name__}")  # noqa: TRY004
+    size = len(data) - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        ok = (isinstance(info, dict) and info.get("dtype") in _ST_WIDTH and isinstance(info.get("shape"), list)
+              and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+              and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+              and all(isinstance(o, int) for o in info["data_offsets"]))
+        if not ok:
+            raise ValueError(f"{where} header entry {key!r} must be {{dtype, shape, data_offsets: [begin, end]}}, "
+                             f"got {info!r}")
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= size:
+            raise ValueError(f"{where} tensor {key!r} data_offsets must lie within the {size}-byte data section, got "
+                             f"[{begin}, {end}] (a truncated file?)")
+        want = _ST_WIDTH[info["dtype"]] * torch.Size(info["shape"]).numel()
+        if end - begin != want:
+            raise ValueError(f"{where} tensor {key!r} must span {want} bytes ({info['dtype']} {info['shape']}), got "
+                             f"{end - begin}")
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    with open(path, "rb") as f:
+        data = f.read()
+    _check_safetensors(data, path)
+    try:
+        return load(data)
+    except SafetensorError as e:  # anything the structural check above does not see
+        raise ValueError(f"lowrank_ext::load_adapter: {path} must be a valid safetensors file, got {e}") from e
+
+
+def _check_tensors(file: dict[str, torch.Tensor], expected: dict[str, tuple], path: str) -> None:
+    missing = sorted(set(expected) - set(file))
+    unexpected = sorted(set(file) - set(expected))
+    if missing:
+        raise ValueError(f"lowrank_ext::load_adapter: {path} must hold every adapter key, got missing key "
+                         f"{missing[0]!r} ({len(missing)} missing)")
+    if unexpected:
+        raise ValueError(f"lowrank_ext::load_adapter: {path} must hold only keys the model has, got unexpected key "
+                         f"{unexpected[0]!r} ({len(unexpected)} unexpected)")
+    for key, shape in expected.items():
+        t = file[key]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"lowrank_ext::load_adapter: {key} must have shape {tuple(shape)}, got "
+                             f"{tuple(t.shape)} (in {path})")
+        if not t.is_floating_point():
+            raise ValueError(f"lowrank_ext::load_adapter: {key} must have a floating-point dtype, got {t.dtype} "
+                             f"(in {path})")
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(f"lowrank_ext::load_adapter: {key} must be finite, got {bad} NaN/Inf values (in {path})")
+
+
+def _config_differences(model: nn.Module, name: str, have: LoRAConfig, want: LoRAConfig) -> list[str]:
+    """The fields in which the model's adapter `name` (config `have`) differs from the file's config `want`.
+    Targets are compared as the modules they resolve to on this model (a list in another order, a regex or
+    "all-linear" naming the same modules is no difference)."""
+    diffs = []
+
+    def compare(field: str, model_value: Any, file_value: Any) -> None:
+        if model_value != file_value:
+            diffs.append(f"{field} (file {file_value!r}, model {model_value!r})")
+
+    compare("variant", have.variant, want.variant)
+    compare("r", have.r, want.r)
+    if "vera" not in (have.variant, want.variant):
+        compare("alpha", float(have.alpha), float(want.alpha))
+        compare("use_rslora", have.use_rslora, want.use_rslora)
+        compare("rank_pattern", {k: int(v) for k, v in have.rank_pattern.items()},
+                {k: int(v) for k, v in want.rank_pattern.items()})
+        compare("alpha_pattern", {k: float(v) for k, v in have.alpha_pattern.items()},
+                {k: float(v) for k, v in want.alpha_pattern.items()})
+    compare("dropout", float(have.dropout), float(want.dropout))
+    compare("bias", have.bias, want.bias)
+    compare("modules_to_save", sorted(have.modules_to_save or []), sorted(want.modules_to_save or []))
+    held = sorted(n for n, layer in adapter_layers(model) if name in layer.specs)
+    wanted = sorted(target_names(model, want))  # the same resolution inject uses
+    if held != wanted:
+        only_file, only_model = sorted(set(wanted) - set(held)), sorted(set(held) - set(wanted))
+        diffs.append(f"target_modules (file adapts {len(wanted)} modules, model {len(held)}; only in the file: "
+                     f"{only_file[:3]}{'...' if len(only_file) > 3 else ''}, only in the model: "
+                     f"{only_model[:3]}{'...' if len(only_model) > 3 else ''})")
+    return diffs
+
+
+# ---- loading -----------------------------------------------------------------------------------------------
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                  quantize: str | None = None) -> nn.Module:
     """Load a PEFT (or save_adapter) LoRA / DoRA / VeRA adapter directory into `model` as `adapter_name`.
 
-    If the model does not have that adapter yet it is injected from the file's config (with `quantize`:
-    None keeps dense bases, "nf4" quantizes them). Every key must match exactly; see the module docstring.
+    A new adapter name is injected from the file's config (with `quantize`: None keeps dense bases, "nf4"
+    quantizes them). An adapter name the model already has is loaded into only when its config equals the
+    file's (else a ValueError lists every differing field: load under another name, or delete_adapter
+    first). Everything is checked before the model changes; see the module docstring.
     """
-    from safetensors.torch import load_file
-
-    path = os.path.join(directory, WEIGHTS)
-    if not os.path.isfile(path):
+    directory = os.fspath(directory)
+    weights_path, config_path = os.path.join(directory, WEIGHTS), os.path.join(directory, CONFIG)
+    if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"lowrank_ext::load_adapter: directory must contain {WEIGHTS} (safetensors only), "
-                                f"got {str(directory)!r}")
-    file = load_file(path)
+                                f"got {directory!r}")
+    config = read_adapter_config(directory, quantize=quantize)
+    file = _read_safetensors(weights_path)
     state = get_state(model)
-    if state is None or adapter_name not in state.configs:
-        inject(model, read_adapter_config(directory, quantize=quantize), adapter_name)
+    plan = None
+    if state is not None and adapter_name in state.configs:
+        merged_in = [n for n, layer in adapter_layers(model) if adapter_name in layer.merged_adapters]
+        if merged_in:  # new tensors under a merged adapter would leave the merged weight stale
+            raise ValueError(f"lowrank_ext::load_adapter: the model's adapter {adapter_name!r} must not be merged "
+                             f"(call unmerge_adapter first), got it merged in {len(merged_in)} layers")
+        diffs = _config_differences(model, adapter_name, state.configs[adapter_name], config)
+        if diffs:
+            raise ValueError(f"lowrank_ext::load_adapter: the model's adapter {adapter_name!r} must have the config "
+                             f"in {config_path} (an adapter runs with its file's config), got differing fields: "
+                             f"{'; '.join(diffs)}. Load it under another adapter_name, or call "
+                             f"delete_adapter(model, {adapter_name!r}) first")
+        expected = {k: tuple(t.shape) for k, t in adapter_state_dict(model, adapter_name).items()}
+    else:
+        try:
+            plan = plan_inject(model, config, adapter_name)
+        except ValueError as e:
+            raise ValueError(f"lowrank_ext::load_adapter: {config_path} must describe an adapter this model can "
+                             f"hold, got: {e}") from e
+        expected = _planned_shapes(model, plan)
+    _check_tensors(file, expected, weights_path)
+    # ---- everything checked: change the model ----
+    if plan is not None:
+        apply_inject(model, plan)
     live = adapter_state_dict(model, adapter_name)
-    missing = sorted(set(live) - set(file))
-    unexpected = sorted(set(file) - set(live))
-    if missing:
-        raise ValueError(f"lowrank_ext::load_adapter: the file must hold every adapter key, got missing key "
-                         f"{missing[0]!r} ({len(missing)} missing)")
-    if unexpected:
-        raise ValueError(f"lowrank_ext::load_adapter: the file must hold only keys the model has, got unexpected key "
-                         f"{unexpected[0]!r} ({len(unexpected)} unexpected)")
+    if {k: tuple(t.shape) for k, t in live.items()} != expected:  # plan and injection disagree: a bug here
+        raise RuntimeError(f"lowrank_ext::load_adapter: internal error: the injected adapter's keys differ from "
+                           f"the planned ones ({sorted(set(live) ^ set(expected))[:3]})")
     for key, t in live.items():
-        if tuple(file[key].shape) != tuple(t.shape):
-            raise ValueError(f"lowrank_ext::load_adapter: {key} must have shape {tuple(t.shape)}, "
-                             f"got {tuple(file[key].shape)}")
-    for key, t in live.items():
-        if key in ("base_model.vera_A", "base_model.vera_B"):
-            continue
-        t.copy_(file[key])
-    if "base_model.vera_A" in live:
-        a, b = file["base_model.vera_A"], file["base_model.vera_B"]
+        if key not in VERA_SHARED:
+            t.copy_(file[key])
+    if VERA_SHARED[0] in live:
+        a, b = file[VERA_SHARED[0]], file[VERA_SHARED[1]]
         get_state(model).vera_shared[adapter_name] = (a, b)
         for _, m in model.named_modules():
             if isinstance(m, ADAPTER_LAYERS) and adapter_name in m.specs:

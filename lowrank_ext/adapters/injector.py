@@ -5,6 +5,9 @@ requantizing), our Linear4bit, and our adapter layers (which get one more adapte
 frozen; trainable: the active adapter's parameters, biases per `config.bias`, `modules_to_save` copies.
 Parameter counts follow PEFT's rule (an NF4 weight counts as its number of elements), so
 `count_parameters(model)` equals PEFT's `get_nb_trainable_parameters()` for the same config.
+
+inject = plan_inject (every check, nothing changed) + apply_inject (all or nothing: undone if a layer fails to
+build); load_adapter and add_weighted_adapter validate against the plan before they change the model.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, LoRALinear, QLoRALinear
 from lowrank_ext.nn.lora import linear_weight
 
-__all__ = ["count_parameters", "inject", "inject_summary"]
+__all__ = ["InjectPlan", "apply_inject", "count_parameters", "in_out", "inject", "inject_summary", "plan_inject",
+           "target_names"]
 
 
 def _is_linear(m: nn.Module) -> bool:
@@ -50,7 +54,8 @@ def _output_head_name(model: nn.Module) -> str | None:
     return next((n for n, m in model.named_modules() if m is head), None)
 
 
-def _targets(model: nn.Module, config: LoRAConfig) -> list[str]:
+def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
+    """The modules `config` adapts in `model` (PEFT's matching; "all-linear" skips the output head)."""
     cands = _candidates(model)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         head = _output_head_name(model)
@@ -71,7 +76,7 @@ def _vera_shared(model: nn.Module, targets: list[str], config: LoRAConfig) -> tu
     max_in = max_out = 0
     for t in targets:
         m = model.get_submodule(t)
-        i, o = _in_out(m)
+        i, o = in_out(m)
         max_in, max_out = max(max_in, i), max(max_out, o)
     gen = torch.Generator(device="cpu").manual_seed(config.vera_seed)
 
@@ -84,7 +89,8 @@ def _vera_shared(model: nn.Module, targets: list[str], config: LoRAConfig) -> tu
     return a, b
 
 
-def _in_out(m: nn.Module) -> tuple[int, int]:
+def in_out(m: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like target (Conv1D stores its weight [in, out])."""
     if isinstance(m, (*ADAPTER_LAYERS, Linear4bit)):
         return m.in_features, m.out_features
     if type(m).__name__ == "Conv1D":
@@ -105,38 +111,79 @@ def _new_layer(m: nn.Module, config: LoRAConfig) -> nn.Module:
     return LoRALinear(weight, bias)
 
 
-def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
-    """Replace the modules `config` targets with adapter layers holding adapter `adapter_name`; freeze the rest.
+@dataclasses.dataclass
+class InjectPlan:
+    """What inject() will do, computed and validated without changing the model (see plan_inject)."""
 
-    The first call activates the adapter; later calls (a second adapter) keep the active set, as PEFT's
-    add_adapter does. Returns the model; `inject_summary(model)` says what was replaced.
-    """
+    adapter_name: str
+    config: LoRAConfig
+    targets: list[str]          # modules that get the adapter (replaced by an adapter layer unless one already)
+    modules_to_save: list[str]  # modules wrapped in / added to a ModulesToSave
+
+
+def plan_inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> InjectPlan:
+    """Validate inject(model, config, adapter_name) and say what it would replace; the model is not touched.
+
+    Every check on the arguments happens here; apply_inject(model, plan) then changes the model, or undoes
+    its changes when building a layer fails (e.g. quantizing a weight with NaN/Inf)."""
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"lowrank_ext::inject: config must be a LoRAConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"lowrank_ext::inject: adapter_name must be a non-empty str without '.', got {adapter_name!r}")
     state = get_state(model)
-    first = state is None
-    if first:
-        state = AdapterState()
-    if adapter_name in state.configs:
+    if state is not None and adapter_name in state.configs:
         raise ValueError(f"lowrank_ext::inject: adapter_name must be a new adapter name, got {adapter_name!r} "
                          f"(existing: {sorted(state.configs)})")
-    targets = _targets(model, config)
+    targets = target_names(model, config)
     if not targets:
         raise ValueError(f"lowrank_ext::inject: target_modules must match at least one linear module, got "
                          f"target_modules={config.target_modules!r}, exclude_modules={config.exclude_modules!r}")
-    vera = _vera_shared(model, targets, config) if config.variant == "vera" else None
-    replaced = []
-    for name in targets:
-        parent, child_name = _get_parent(model, name)
-        old = getattr(parent, child_name)
-        layer = old if isinstance(old, ADAPTER_LAYERS) else _new_layer(old, config)
-        layer.add_adapter(adapter_name, r=config.rank_for(name), alpha=config.alpha_for(name),
-                          dropout=config.dropout, use_rslora=config.use_rslora, variant=config.variant,
-                          init=config.init, vera_shared=vera, vera_d_initial=config.vera_d_initial)
-        if layer is not old:
-            setattr(parent, child_name, layer)
-        replaced.append((name, type(old).__name__, type(layer).__name__))
-    for name in _module_to_save_names(model, config):
+    return InjectPlan(adapter_name, config, targets, _module_to_save_names(model, config))
+
+
+def inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "default") -> nn.Module:
+    """Replace the modules `config` targets with adapter layers holding adapter `adapter_name`; freeze the rest.
+
+    The first call (or the first after every adapter was deleted) activates the adapter; later calls (a
+    second adapter) keep the active set, as PEFT's add_adapter does. Returns the model; `inject_summary(model)`
+    says what was replaced. All or nothing: everything is validated first (plan_inject), and a layer that
+    fails to build (a non-finite weight to quantize) undoes the layers already swapped in.
+    """
+    return apply_inject(model, plan_inject(model, config, adapter_name))
+
+
+def apply_inject(model: nn.Module, plan: InjectPlan) -> nn.Module:
+    """Carry out a plan from plan_inject (on the same, unchanged model)."""
+    config, adapter_name = plan.config, plan.adapter_name
+    state = get_state(model)
+    first = state is None or not state.configs  # no adapter yet, or all deleted: this one becomes active
+    if state is None:
+        state = AdapterState()
+    vera = _vera_shared(model, plan.targets, config) if config.variant == "vera" else None
+    # One layer at a time (peak memory: one new layer), undone if a later one fails: quantizing a weight
+    # with NaN/Inf, or reading a corrupt bitsandbytes layer, raises half-way through the targets.
+    done: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []
+    try:
+        for name in plan.targets:
+            parent, child_name = _get_parent(model, name)
+            old = getattr(parent, child_name)
+            layer = old if isinstance(old, ADAPTER_LAYERS) else _new_layer(old, config)
+            layer.add_adapter(adapter_name, r=config.rank_for(name), alpha=config.alpha_for(name),
+                              dropout=config.dropout, use_rslora=config.use_rslora, variant=config.variant,
+                              init=config.init, vera_shared=vera, vera_d_initial=config.vera_d_initial)
+            if layer is not old:
+                setattr(parent, child_name, layer)
+            done.append((parent, child_name, old, layer))
+    except BaseException:
+        for parent, child_name, old, layer in reversed(done):
+            if layer is old:
+                layer.delete_adapter(adapter_name)
+            else:
+                setattr(parent, child_name, old)
+        raise
+    replaced = [(name, type(old).__name__, type(layer).__name__)
+                for name, (_, _, old, layer) in zip(plan.targets, done)]
+    for name in plan.modules_to_save:
         parent, child_name = _get_parent(model, name)
         old = getattr(parent, child_name)
         wrapper = old if isinstance(old, ModulesToSave) else ModulesToSave(old)

@@ -16,16 +16,18 @@ Combinations (w_i = weights, s_i = scalings; the new adapter has scaling 1):
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from lowrank_ext.adapters.config import LoRAConfig
-from lowrank_ext.adapters.injector import inject
+from lowrank_ext.adapters.injector import apply_inject, inject, plan_inject
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, require_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, QLoRALinear
+from lowrank_ext.nn.lora import merge_warning
 
 __all__ = [
     "add_adapter",
@@ -50,10 +52,23 @@ def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> nn.Module:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
+    """Delete adapter `name` from every layer, ModulesToSave wrapper and the model's state.
+
+    The active set follows PEFT (0.21.2, BaseTunerLayer.delete_adapter): other active adapters stay active;
+    when `name` was the only active adapter, the first remaining adapter in sorted name order becomes active,
+    with a UserWarning (never silently the base model); with no adapter left, none is active. PEFT makes
+    that choice layer by layer (so adapters with different target modules may activate different adapters
+    in different layers); here it is made once for the whole model. A merged adapter cannot be deleted
+    (unmerge_adapter first), as in PEFT; that is checked before anything is deleted.
+    """
     state = require_state(model, "delete_adapter")
     if name not in state.configs:
         raise ValueError(f"lowrank_ext::delete_adapter: name must be an existing adapter {sorted(state.configs)}, "
                          f"got {name!r}")
+    merged_in = [n for n, layer in adapter_layers(model) if name in layer.merged_adapters]
+    if merged_in:
+        raise ValueError(f"lowrank_ext::delete_adapter: name must not be merged (call unmerge_adapter first), got "
+                         f"{name!r} merged in {len(merged_in)} layers ({merged_in[0]}, ...)")
     for _, layer in adapter_layers(model):
         if name in layer.specs:
             layer.delete_adapter(name)
@@ -63,8 +78,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     del state.configs[name]
     state.vera_shared.pop(name, None)
     state.summaries.pop(name, None)
-    state.active = [a for a in state.active if a != name]
-    set_adapter(model, state.active)
+    active = [a for a in state.active if a != name]
+    if name in state.active and not active and state.configs:
+        active = [min(state.configs)]
+        warnings.warn(f"lowrank_ext::delete_adapter: adapter {name!r} was active and is now deleted; the active "
+                      f"adapter is now {active[0]!r} (PEFT's rule: the first remaining adapter by name)",
+                      UserWarning, stacklevel=2)
+    set_adapter(model, active)
 
 
 @contextlib.contextmanager
@@ -88,6 +108,10 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
 
     Each layer stacks the named adapters once per forward and applies them to all rows with one gather and
     two batched matmuls (lowrank_ext.nn.functional.mixed_lora_delta): no Python loop over rows.
+
+    A mixed batch applies no dropout, so in training mode an adapter with dropout > 0 is refused (on entry,
+    and in forward if the model is switched to training inside the block). PEFT refuses `adapter_names` in
+    training mode altogether; adapters without dropout compute the same function in both modes and run.
     """
     state = require_state(model, "mixed_batch")
     uniq = list(dict.fromkeys(adapter_names))
@@ -97,6 +121,8 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
                              f"{sorted(state.configs)} or {BASE!r}, got {n!r}")
     ids = torch.tensor([uniq.index(n) for n in adapter_names], dtype=torch.long)
     layers = [m for _, m in adapter_layers(model)]
+    for m in layers:
+        m.check_mixed_training(uniq)
     for m in layers:
         m._mixed = (uniq, ids)
     try:
@@ -111,7 +137,16 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
 @torch.no_grad()
 def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], adapter_name: str,
                          combination_type: str = "svd", svd_rank: int | None = None) -> None:
-    """Create adapter `adapter_name` = weighted combination of LoRA `adapters` (see the module docstring)."""
+    """Create adapter `adapter_name` = weighted combination of LoRA `adapters` (see the module docstring).
+
+    The new adapter adapts every module that holds at least one of `adapters`, and combines in each module
+    the adapters that module holds. Its rank is set per module (rank_pattern, alpha = rank so scaling is 1):
+        cat     the sum of the ranks of the adapters in that module (PEFT pads every module to the global
+                sum of the configs' ranks: the same B A, with zero rows)
+        linear  their common rank in that module (different ranks in one module are refused)
+        svd     svd_rank, default the largest rank of any adapter (PEFT's rule)
+    All or nothing: everything is checked and every new factor computed before the model is changed.
+    """
     state = require_state(model, "add_weighted_adapter")
     if combination_type not in ("linear", "cat", "svd"):
         raise ValueError(f"lowrank_ext::add_weighted_adapter: combination_type must be 'linear', 'cat' or 'svd', "
@@ -119,6 +154,9 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"lowrank_ext::add_weighted_adapter: weights must have one entry per adapter "
                          f"({len(adapters)}), got {len(weights)}")
+    if svd_rank is not None and (not isinstance(svd_rank, int) or svd_rank <= 0):
+        raise ValueError(f"lowrank_ext::add_weighted_adapter: svd_rank must be a positive int or None, "
+                         f"got {svd_rank!r}")
     cfgs = []
     for a in adapters:
         if a not in state.configs:
@@ -128,45 +166,67 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
             raise ValueError(f"lowrank_ext::add_weighted_adapter: adapters must be plain LoRA adapters, got {a!r} "
                              f"with variant={state.configs[a].variant!r}")
         cfgs.append(state.configs[a])
-    ranks = {c.r for c in cfgs}
-    if combination_type == "linear" and (len(ranks) > 1 or any(c.rank_pattern for c in cfgs)):
-        raise ValueError(f"lowrank_ext::add_weighted_adapter: adapters must have equal ranks for 'linear', "
-                         f"got {sorted(ranks)}")
-    new_r = {"linear": cfgs[0].r, "cat": sum(c.r for c in cfgs), "svd": svd_rank or max(ranks)}[combination_type]
-    targets = sorted({t for n, layer in adapter_layers(model) for t in [n] if any(a in layer.specs for a in adapters)})
-    config = LoRAConfig(r=new_r, alpha=new_r, target_modules=targets, dropout=cfgs[0].dropout)
-    inject(model, config, adapter_name)
-    for name, layer in adapter_layers(model):
-        if adapter_name not in layer.specs:
-            continue
-        pairs = [(layer.factors(a, torch.float32), w * layer.specs[a].scaling)
-                 for a, w in zip(adapters, weights) if a in layer.specs]
-        if combination_type == "cat":
-            new_a = torch.cat([ws * a for (a, _), ws in pairs], dim=0)
-            new_b = torch.cat([b for (_, b), _ in pairs], dim=1)
-        elif combination_type == "linear":
-            # √(w s) is imaginary for w s < 0: take √|w s| and carry the sign on A only
-            new_a = sum((1.0 if ws >= 0 else -1.0) * abs(ws) ** 0.5 * a for (a, _), ws in pairs)
-            new_b = sum(abs(ws) ** 0.5 * b for (_, b), ws in pairs)
-        else:
-            delta = sum(ws * (b @ a) for (a, b), ws in pairs)
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            rho = min(new_r, s.numel())
-            new_b = torch.zeros(layer.out_features, new_r)
-            new_a = torch.zeros(new_r, layer.in_features)
-            new_b[:, :rho] = u[:, :rho] * s[:rho]
-            new_a[:rho] = vh[:rho]
+    layers = {n: layer for n, layer in adapter_layers(model) if any(a in layer.specs for a in adapters)}
+    ranks: dict[str, int] = {}
+    for name, layer in layers.items():
+        here = [layer.specs[a].r for a in adapters if a in layer.specs]
+        if combination_type == "linear" and len(set(here)) > 1:
+            raise ValueError(f"lowrank_ext::add_weighted_adapter: adapters must have equal ranks for 'linear' in "
+                             f"every module, got ranks {here} in {name}")
+        ranks[name] = {"cat": sum(here), "linear": here[0],
+                       "svd": svd_rank or max(max([c.r, *c.rank_pattern.values()]) for c in cfgs)}[combination_type]
+    # longest names first: a pattern equal to one module's name may also be a "."-suffix of a longer name
+    names = sorted(layers, key=lambda n: (-len(n), n))
+    top = max(ranks.values())
+    config = LoRAConfig(r=top, alpha=top, target_modules=names, dropout=cfgs[0].dropout,
+                        rank_pattern={n: ranks[n] for n in names}, alpha_pattern={n: ranks[n] for n in names})
+    plan = plan_inject(model, config, adapter_name)  # checks the name, changes nothing
+    new = {name: _combine(layer, adapters, weights, combination_type, ranks[name]) for name, layer in layers.items()}
+    apply_inject(model, plan)
+    for name, (new_a, new_b) in new.items():
+        layer = model.get_submodule(name)
         layer.lora_A[adapter_name].copy_(new_a)
         layer.lora_B[adapter_name].copy_(new_b)
 
 
+def _combine(layer: nn.Module, adapters: Sequence[str], weights: Sequence[float], combination_type: str,
+             rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [rank, in], B [out, rank]) of the combination in one layer, fp32 (see the module docstring)."""
+    pairs = [(layer.factors(a, torch.float32), w * layer.specs[a].scaling)
+             for a, w in zip(adapters, weights) if a in layer.specs]
+    if combination_type == "cat":
+        return torch.cat([ws * a for (a, _), ws in pairs], dim=0), torch.cat([b for (_, b), _ in pairs], dim=1)
+    if combination_type == "linear":
+        # √(w s) is imaginary for w s < 0: take √|w s| and carry the sign on A only
+        new_a = sum((1.0 if ws >= 0 else -1.0) * abs(ws) ** 0.5 * a for (a, _), ws in pairs)
+        new_b = sum(abs(ws) ** 0.5 * b for (_, b), ws in pairs)
+        return new_a, new_b
+    delta = sum(ws * (b @ a) for (a, b), ws in pairs)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    rho = min(rank, s.numel())
+    new_b = delta.new_zeros(layer.out_features, rank)
+    new_a = delta.new_zeros(rank, layer.in_features)
+    new_b[:, :rho] = u[:, :rho] * s[:rho]
+    new_a[:rho] = vh[:rho]
+    return new_a, new_b
+
+
 # ---- merging --------------------------------------------------------------------------------------------
 def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, safe_merge: bool = False) -> None:
-    """Merge the active (or named) adapters into every layer (QLoRA layers: into a dense copy, see QLoRALinear)."""
-    require_state(model, "merge_adapter")
-    for _, layer in adapter_layers(model):
+    """Merge the active (or named) adapters into every layer (QLoRA layers: into a dense copy, see QLoRALinear).
+
+    Adapters already merged are skipped with one UserWarning, as PEFT warns ("already merged, nothing to do" /
+    "now additionally merging"); PEFT warns once per layer, here once per call."""
+    state = require_state(model, "merge_adapter")
+    layers = [layer for _, layer in adapter_layers(model)]
+    merged = sorted({n for layer in layers for n in layer.merged_adapters})
+    if merged:
+        wanted = list(state.active) if adapter_names is None else list(adapter_names)
+        todo = [n for n in wanted if n not in merged]
+        warnings.warn(merge_warning("merge_adapter", merged, todo), UserWarning, stacklevel=2)
+    for layer in layers:
         names = None if adapter_names is None else [n for n in adapter_names if n in layer.specs]
-        layer.merge(names, safe_merge=safe_merge)
+        layer.merge(names, safe_merge=safe_merge, warn=False)
 
 
 def unmerge_adapter(model: nn.Module) -> None:
@@ -181,7 +241,7 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: boo
     or lowrank_ext.nn.Linear4bit holding NF4(merged) for NF4 bases when requantize=True (lossy, opt-in)."""
     require_state(model, "merge_and_unload")
     for name, layer in list(adapter_layers(model)):
-        layer.merge(safe_merge=safe_merge)
+        layer.merge(safe_merge=safe_merge, warn=False)  # merging what is left is the point: no warning
         w = layer.dense_weight()
         dtype = layer.weight.dtype
         if isinstance(layer, QLoRALinear) and requantize:

@@ -14,6 +14,7 @@ Forward with one active LoRA/VeRA adapter is ONE op: `nf4_lora_linear` (QLoRA) o
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ from lowrank_ext.nn import functional as LF
 from lowrank_ext.nn.linear4bit import Linear4bit, NF4WeightHolder
 from lowrank_ext.ops import nf4_linear, nf4_lora_linear, nf4_row_sqnorm
 
-__all__ = ["AdapterSpec", "LoRALinear", "QLoRALinear"]
+__all__ = ["AdapterSpec", "LoRALinear", "QLoRALinear", "merge_warning"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,13 @@ class AdapterSpec:
     scaling: float
     dropout: float
     variant: str  # "lora" | "dora" | "vera"
+
+
+def merge_warning(op: str, merged: list[str], todo: list[str]) -> str:
+    """PEFT's two merge warnings (tuners_utils.check_adapters_to_merge), in our words."""
+    if todo:
+        return f"lowrank_ext::{op}: adapters {list(merged)} are already merged; now also merging {list(todo)}"
+    return f"lowrank_ext::{op}: all adapters are already merged ({list(merged)}), nothing to do"
 
 
 def _err(cls: str, arg: str, expected: str, got) -> ValueError:
@@ -198,8 +206,21 @@ class _AdapterLayer(nn.Module):
             y = self._base(x) + (g - 1) * self._base(x_d) + g * (spec.scaling * F.linear(F.linear(x_d, a), b))
         return y if bias is None else y + bias
 
+    def check_mixed_training(self, names: list[str]) -> None:
+        """A mixed batch has no dropout: refuse it in training mode when one of `names` has dropout > 0
+        (running without it would silently change the math). PEFT refuses `adapter_names` in training mode
+        altogether; with dropout 0 the training-mode forward is the same function, so it runs here."""
+        if not self.training:
+            return
+        for n in names:
+            if n in self.specs and self.specs[n].dropout > 0:
+                raise ValueError(f"lowrank_ext::mixed_batch: model must be in eval mode (model.eval()) when a mixed "
+                                 f"adapter has dropout > 0, got training mode with adapter {n!r} "
+                                 f"(dropout={self.specs[n].dropout})")
+
     def _forward_mixed(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         names, ids = self._mixed
+        self.check_mixed_training(names)
         if ids.numel() != x.shape[0]:
             raise _err(type(self).__name__, "adapter_names", f"have one entry per batch row ({x.shape[0]})",
                        ids.numel())
@@ -264,11 +285,16 @@ class _AdapterLayer(nn.Module):
                                  f"got NaN/Inf after adapter {n!r}")
         return w, norms
 
-    def _to_merge(self, adapter_names: list[str] | None) -> list[str]:
+    def _to_merge(self, adapter_names: list[str] | None, warn: bool = True) -> list[str]:
+        """The adapters still to merge; warns as PEFT does (check_adapters_to_merge) when some are merged."""
         names = list(self.active_adapters) if adapter_names is None else list(adapter_names)
         for n in names:
             self._need(n)
-        return [n for n in names if n not in self.merged_adapters]
+        todo = [n for n in names if n not in self.merged_adapters]
+        if warn and self.merged_adapters:
+            warnings.warn(merge_warning(f"{type(self).__name__}.merge", self.merged_adapters, todo), UserWarning,
+                          stacklevel=3)
+        return todo
 
 
 class LoRALinear(_AdapterLayer):
@@ -314,9 +340,10 @@ class LoRALinear(_AdapterLayer):
         return self.weight.detach().float()
 
     @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """W ← W + s B A for each adapter (DoRA: W ← (m / ||W + s B A||) ⊙ (W + s B A)), in order."""
-        names = self._to_merge(adapter_names)
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False, warn: bool = True) -> None:
+        """W ← W + s B A for each adapter (DoRA: W ← (m / ||W + s B A||) ⊙ (W + s B A)), in order.
+        Adapters already merged are skipped, with a UserWarning (PEFT's) unless warn=False."""
+        names = self._to_merge(adapter_names, warn)
         w, norms = self._merged_weight(self.weight.float(), names, safe_merge)
         self.weight.copy_(w.to(self.weight.dtype))
         self._dora_norms.update(norms)
@@ -394,9 +421,10 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
-              requantize: bool = False) -> None:
-        """Merge adapters into a dense copy of deq(W) (default) or, with requantize=True, into a new NF4 weight."""
-        names = self._to_merge(adapter_names)
+              requantize: bool = False, warn: bool = True) -> None:
+        """Merge adapters into a dense copy of deq(W) (default) or, with requantize=True, into a new NF4 weight.
+        Adapters already merged are skipped, with a UserWarning (PEFT's) unless warn=False."""
+        names = self._to_merge(adapter_names, warn)
         if not names:
             return
         w, _ = self._merged_weight(self.dense_weight(), names, safe_merge)

@@ -69,7 +69,9 @@ def adamw_step(
     step: int,
 ) -> None:
     """One fused AdamW step in place. param/grad: fp32/fp16/bf16, same shape; exp_avg/exp_avg_sq: fp32
-    with param's numel. `step` is the step count including this update (1 for the first)."""
+    with param's numel. All four must be contiguous (the kernel walks flat buffers; the optimizers in
+    lowrank_ext.optim step a contiguous copy of a strided param and write it back). `step` is the step
+    count including this update (1 for the first)."""
     _lib.adamw_step(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, step)
 
 
@@ -91,7 +93,8 @@ def adamw8bit_step(
     step: int,
 ) -> None:
     """One fused AdamW step with 8-bit blockwise state, in place. state1/state2: uint8 [numel];
-    absmax1/absmax2: fp32 [ceil(numel/256)]; qmap1/qmap2: fp32 [256], sorted ascending."""
+    absmax1/absmax2: fp32 [ceil(numel/256)]; qmap1/qmap2: fp32 [256], sorted ascending. Contiguous
+    buffers only, as adamw_step."""
     _lib.adamw8bit_step(
         param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2, eps, weight_decay, step
     )
