@@ -38,6 +38,7 @@ def test_parser_defaults():
     assert (a.model, a.dataset, a.rank, a.alpha, a.variant, a.output) == ("smollm2", "kjv", 16, 32.0, "lora",
                                                                           "./lowrank-out")
     assert not a.no_quantize and not a.resume and not a.overwrite and a.device == "auto"
+    assert a.max_rank is None and a.rank_budget is None  # --max-rank defaults to 4 x --rank (cli.finetune)
     assert cli.build_parser().parse_args(["finetune", "--resume"]).resume is True
     assert cli.build_parser().parse_args(["finetune", "--resume", "d"]).resume == "d"
     with pytest.raises(SystemExit):
@@ -98,6 +99,8 @@ def test_resume_without_checkpoint(capsys, tmp_path):
     (["--dropout", "1.5"], r"--dropout must be in \[0, 1\), got 1.5"),
     (["--backend", "peft"], "--backend peft must come with --no-quantize"),
     (["--rank", "0"], "--rank must be >= 1, got 0"),
+    (["--rank-budget", "5000", "--max-rank", "0"], "--max-rank must be >= 1, got 0"),
+    (["--max-rank", "8"], "--max-rank must come with --rank-budget, got --max-rank 8 without it"),
 ])
 def test_bad_numbers(capsys, tmp_path, argv, match):
     import re
@@ -138,7 +141,7 @@ def _check_e2e(capsys, out: Path, argv: list[str], quantized: bool) -> None:
     assert (out / "checkpoint" / "trainer_state.pt").is_file()
 
     # PEFT reads our files and computes what our reloaded model computes
-    from lowrank_ext import _finetune_backend as fb
+    from lowrank_ext.finetune import backends as fb
     from lowrank_ext.finetune.data import prepare_data
     from lowrank_ext.finetune.models import load_causal_lm
 
@@ -214,11 +217,16 @@ def test_finetune_local_model_dir(capsys, tmp_path, tiny_model_dir, argv):
 def test_finetune_rank_budget_and_resume(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     budget = 6000  # uniform r=16 would cost 16 * 1024 = 16384 on this model's 14 projections
-    argv = ["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY, "--rank-budget", str(budget)]
+    argv = ["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY, "--rank-budget", str(budget),
+            "--max-rank", "6"]
     res = cli.finetune(cli.build_parser().parse_args(argv))
     pattern = res["rank_pattern"]
     assert len(pattern) == 14 and len(set(pattern.values())) > 1
-    assert res["trainable"] <= budget
+    assert res["trainable"] <= budget and max(pattern.values()) <= 6  # --max-rank, not the default 4 x 16
+    # the leftover is spent: not one more rank fits on any module below the cap (cost of a rank: in + out)
+    cost = {"q_proj": 64, "k_proj": 48, "v_proj": 48, "o_proj": 64, "gate_proj": 96, "up_proj": 96, "down_proj": 96}
+    below = [cost[n.split(".")[-1]] for n, r in pattern.items() if r < 6]
+    assert below and budget - res["trainable"] < min(below)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert {k.split(".")[-1] for k in cfg["rank_pattern"]} <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                 "up_proj", "down_proj"}

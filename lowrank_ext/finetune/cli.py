@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-quantize", action="store_true", help="keep the base weights dense (plain LoRA)")
     f.add_argument("--rank-budget", type=int, default=None,
                    help="allocate per-module ranks by gradient sensitivity within this many trainable parameters")
+    f.add_argument("--max-rank", type=int, default=None,
+                   help="with --rank-budget: the largest rank any module gets (default: 4 x --rank)")
     f.add_argument("--output", default="./lowrank-out", help="directory for the adapter and checkpoints")
     f.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --output")
     f.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
@@ -79,6 +81,12 @@ def _check_args(a: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "grad_accum", "rank", "eval_blocks"):
         if getattr(a, name) < 1:
             raise CLIError(f"lowrank_ext finetune: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.max_rank is not None:
+        if a.max_rank < 1:
+            raise CLIError(f"lowrank_ext finetune: --max-rank must be >= 1, got {a.max_rank}")
+        if not a.rank_budget:
+            raise CLIError(f"lowrank_ext finetune: --max-rank must come with --rank-budget, got --max-rank "
+                           f"{a.max_rank} without it")
     if a.seq_len < 8:
         raise CLIError(f"lowrank_ext finetune: --seq-len must be >= 8, got {a.seq_len}")
     if not a.lr > 0:
@@ -179,11 +187,12 @@ def finetune(a: argparse.Namespace) -> dict:
         from lowrank_ext.finetune.rank_allocation import allocate_ranks
 
         probe = [train_blocks.batch(10_000 + i, micro) for i in range(2)]  # not the first training batches
+        max_rank = a.max_rank if a.max_rank is not None else 4 * a.rank
         rank_pattern = allocate_ranks(model, probe, a.rank_budget, target_modules=targets,
-                                      max_rank=4 * a.rank)
+                                      min_rank=min(2, max_rank), max_rank=max_rank)
         ranks = sorted(rank_pattern.values())
         print(f"rank allocation: {len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]} "
-              f"(median {ranks[len(ranks) // 2]}) within {a.rank_budget} parameters", flush=True)
+              f"(median {ranks[len(ranks) // 2]}, max_rank {max_rank}) within {a.rank_budget} parameters", flush=True)
 
     spec = fb.AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=targets, variant=a.variant,
                           quantize=not a.no_quantize, rank_pattern=rank_pattern)
