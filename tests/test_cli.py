@@ -88,8 +88,32 @@ def test_existing_output_is_refused_unless_overwrite(capsys, tmp_path):
 
 
 def test_resume_without_checkpoint(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("the user's")  # OUTPUT holds something, but no checkpoint
     rc, _, err = run_main(capsys, "finetune", "--output", str(tmp_path), "--resume")
+    assert rc == 2 and "--resume must point at a directory with a checkpoint" in err and "(no trainer_state.pt)" in err
+    (tmp_path / "empty").mkdir()  # an explicit DIR must hold a checkpoint, even when empty
+    rc, _, err = run_main(capsys, "finetune", "--output", str(tmp_path / "o"), "--resume", str(tmp_path / "empty"))
     assert rc == 2 and "--resume must point at a directory with a checkpoint" in err
+    assert (tmp_path / "notes.txt").read_text() == "the user's"
+
+
+def test_resume_before_the_first_checkpoint_starts_at_step_0(tmp_path):
+    """What a run killed before its first checkpoint leaves; `--resume` (no DIR) then starts at step 0."""
+    out = tmp_path / "out"
+    assert cli._nothing_saved_yet(out)  # killed before creating it
+    out.mkdir()
+    assert cli._nothing_saved_yet(out)
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / ".trainer_state.pt.k3j2x.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
+    assert cli._nothing_saved_yet(out)
+    (out / "checkpoint" / "notes").write_text("x")
+    assert not cli._nothing_saved_yet(out)
+    (out / "checkpoint" / "notes").unlink()
+    (out / "adapter_config.json").write_text("{}")
+    assert not cli._nothing_saved_yet(out)
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert not cli._nothing_saved_yet(f)
 
 
 @pytest.mark.parametrize("argv,match", [
