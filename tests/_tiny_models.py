@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 
 import torch
+from conftest import require
 
-transformers = __import__("pytest").importorskip("transformers")
+transformers = require("transformers")
 
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:

@@ -14,7 +14,11 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, rea
 
 # CI (.ci/run, with CI=true) installs the pinned test dependencies (scripts/setup.sh): there a missing or
 # differently versioned oracle is a lost check, so `require` fails instead of skipping.
-IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+def ci_from_env(env=os.environ) -> bool:
+    return env.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+IN_CI = ci_from_env()
 
 
 def require(module: str, version: str | None = None):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
+from conftest import require
 
 import lowrank_ext as L
 
-peft = pytest.importorskip("peft")
+peft = require("peft", "0.21.2")
 T = ["q_proj", "v_proj", "down_proj"]
 
 

