@@ -234,3 +234,28 @@ def test_nothing_saved_is_overwritten_without_overwrite(capsys, workdir, referen
     assert rc == 2 and "--resume must point at a directory with a checkpoint" in capsys.readouterr().err
     assert (user / "adapter_model.safetensors").read_bytes() == b"the user's own adapter"
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_before_the_first_checkpoint_starts_at_step_0(capsys, workdir, reference):
+    """What a run killed mid-way through its first checkpoint write leaves (an OUTPUT with a stray temporary
+    checkpoint and nothing else): `--resume` starts at step 0, says so, and ends where the uninterrupted run
+    did (in this process, on one thread like the subprocesses)."""
+    out = workdir / "first-write"
+    (out / "checkpoint").mkdir(parents=True)
+    (out / "checkpoint" / ".trainer_state.pt.x1y2z3.tmp").write_bytes(b"half a checkpoint")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cwd = os.getcwd()
+        os.chdir(workdir)  # ARGS names data.txt relative to the work directory
+        try:
+            rc = cli.main(["finetune", "--model", "tiny", "--output", str(out), *ARGS, "--resume"])
+        finally:
+            os.chdir(cwd)
+    finally:
+        torch.set_num_threads(threads)
+    stdout = capsys.readouterr().out
+    assert rc == 0 and "starting at step 0" in stdout
+    assert not _temp_files(out)
+    assert _summary(stdout) == reference["summary"]
+    _assert_identical(_final_state(out), reference["state"], "resumed before the first checkpoint")

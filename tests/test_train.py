@@ -306,6 +306,28 @@ def test_resume_from_mismatched_checkpoint_is_refused(tmp_path):
         Trainer(tiny_llama(), lambda i: data.batch(i, 4), [], cfg).train(resume=tmp_path / "bad")
 
 
+def test_checkpoint_formats(tmp_path):
+    """A lowrank_ext.train/1 checkpoint (before every RNG stream and the first loss were saved) still
+    resumes; any other format is refused, naming it."""
+    data, held = token_blocks(16), token_blocks(4, seed=1)
+    cfg = TrainConfig(steps=2, batch_size=4, progress=False)
+    tr = Trainer(tiny_llama(), lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path)
+    tr.train()
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert state["format"] == "lowrank_ext.train/2" and set(state["rng"]) == {"torch", "cuda", "python", "numpy"}
+    old = {**state, "format": "lowrank_ext.train/1", "rng": state["rng"]["torch"]}
+    del old["eval_before"]
+    torch.save(old, tmp_path / "trainer_state.pt")
+    resumed = Trainer(tiny_llama(seed=3), lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path)
+    assert resumed.load_checkpoint() == 2 and resumed.eval_before is None
+    for (n, a), (_, b) in zip(tr.named_params, resumed.named_params):
+        assert torch.equal(a, b), n
+    torch.save({**state, "format": "someone.else/3"}, tmp_path / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"lowrank_ext.train: checkpoint must have format 'lowrank_ext.train/2', "
+                                         r"got 'someone.else/3'"):
+        resumed.load_checkpoint()
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="lowrank_ext.train: steps must be >= 1, got 0"):
         TrainConfig(steps=0)
