@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 
 import torch
+from conftest import require
 
-transformers = __import__("pytest").importorskip("transformers")
+transformers = require("transformers")
 
 
 def tiny_llama(seed: int = 0) -> torch.nn.Module:
@@ -14,6 +15,24 @@ def tiny_llama(seed: int = 0) -> torch.nn.Module:
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def save_tiny_llama_dir(path, seed: int = 0) -> None:
+    """A transformers causal LM directory (what `finetune --model DIR` reads) with no downloads: a random
+    2-layer Llama (hidden 32) and a byte-level tokenizer (one token per UTF-8 byte, EOS = 256)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(str(path))
+    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   tie_word_embeddings=True, eos_token_id=vocab["<eos>"])
+    torch.manual_seed(seed)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(str(path))
 
 
 def tiny_gpt2(seed: int = 0) -> torch.nn.Module:

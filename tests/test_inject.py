@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from _tiny_models import MODELS, TARGETS, copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
+from conftest import require
 
 import lowrank_ext as L
 
-peft = pytest.importorskip("peft")
-assert peft.__version__ == "0.21.2", "the PEFT oracle is pinned"
+peft = require("peft", "0.21.2")  # the PEFT oracle is pinned
 
 
 def _peft_cfg(**kw):
@@ -176,7 +176,7 @@ def test_loraplus_param_groups():
 
 
 def test_qlora_inject_counts_equal_peft_on_bitsandbytes():
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes", "0.50.2")
     a, b = pair("llama")
     for name, m in list(a.named_modules()):  # PEFT's QLoRA base: bitsandbytes Linear4bit everywhere but the head
         if isinstance(m, torch.nn.Linear) and name != "lm_head":

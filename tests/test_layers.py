@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from conftest import require
 
 import lowrank_ext as L
 from lowrank_ext.nn import Linear4bit, LoRALinear, QLoRALinear
@@ -70,7 +71,7 @@ def test_lora_linear_gradcheck_float64(variant):
 
 
 def test_conv1d_fan_in_fan_out():
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     conv = transformers.pytorch_utils.Conv1D(24, 40)  # weight [in=40, out=24]
     layer = LoRALinear.from_linear(conv, r=4)
     x = torch.randn(3, 40)
@@ -101,7 +102,7 @@ def test_linear4bit_state_dict_is_bitsandbytes_layout():
     sd = layer.state_dict()
     assert set(sd) == {"weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
                        "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4"}
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes", "0.50.2")
     q = bnb.nn.Linear4bit(64, 48, compute_dtype=torch.float32, quant_type="nf4")
     q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
     q.bias = torch.nn.Parameter(lin.bias.data.clone())
@@ -281,7 +282,7 @@ def test_qlora_merge_dense_by_default_requantize_opt_in(variant):
 
 
 def test_linear4bit_matches_bitsandbytes_outputs():
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes", "0.50.2")
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 96)
     q = bnb.nn.Linear4bit(128, 96, compute_dtype=torch.float32, quant_type="nf4")
@@ -320,7 +321,7 @@ def test_qlora_never_holds_a_dense_weight(variant):
 
 
 def test_linear4bit_from_bitsandbytes_state_dict():
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes", "0.50.2")
     torch.manual_seed(0)
     # in_features a multiple of the blocksize: bitsandbytes 0.50.2's CPU dequantize_4bit is wrong otherwise
     # (same bytes, but it scales elements with the wrong block's absmax; found while writing this test)

@@ -12,6 +12,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import require
 
 import lowrank_ext
 from lowrank_ext._reference.linear import dequantize_weight_f64, nf4_linear_ref, nf4_lora_linear_ref
@@ -180,7 +181,7 @@ def test_row_sqnorm(device):
 def test_weight_values_bit_exact_with_bitsandbytes(blocksize, double_quant):
     """The kernels compute with exactly bitsandbytes' dequantized values: x = I in float64 reads deq(W)
     back through the fused op (panel path) and through the fp32 GEMV (one column per call)."""
-    bnb = pytest.importorskip("bitsandbytes", minversion="0.50.2")
+    bnb = require("bitsandbytes", "0.50.2")
     n, k = 192, 320
     w_dense = torch.randn(n, k, generator=torch.Generator().manual_seed(5))
     packed, qs = bnb.functional.quantize_4bit(w_dense, blocksize=blocksize, quant_type="nf4",
@@ -277,11 +278,33 @@ def test_compile_fullgraph(device, backend):
     torch.testing.assert_close(y_c, y_e)
     for gc, ge in zip(g_c, (x3.grad, mod.a.grad, mod.b.grad, mod.bias.grad)):
         torch.testing.assert_close(gc, ge)
-    # with dropout (compiled RNG differs from eager: check it traces in one graph and trains)
-    mod_d = _TinyQLoRA(w, a, b, bias, dropout=0.3)
-    y_d = torch.compile(mod_d, fullgraph=True, backend=backend)(x3)
-    y_d.sum().backward()
-    assert y_d.shape == y_e.shape and torch.isfinite(y_d).all() and mod_d.a.grad.abs().sum() > 0
+    # with dropout: compiled RNG differs from eager, so the mask is read back from the output and the
+    # values and gradients are held to the float64 reference with that mask. With A = I and B = I
+    # (r = K = N) the LoRA branch is s · x_d itself: x_d = (y - x·deq(W)ᵀ - bias) / s.
+    p, k, s = 0.3, 48, 2.0  # s: _TinyQLoRA's scaling
+    w_sq = make_weight(k, k, device, 32, seed=3)
+    eye = torch.eye(k, device=device)
+    mod_d = _TinyQLoRA(w_sq, eye.clone(), eye.clone(), torch.randn(k, device=device), dropout=p)
+    g = torch.Generator().manual_seed(4)
+    signs = torch.where(torch.rand(2, 5, k, generator=g) < 0.5, -1.0, 1.0)
+    xd = leaf(((torch.rand(2, 5, k, generator=g) + 0.5) * signs).to(device))  # |x| >= 0.5: the mask reads clearly
+    y_d = torch.compile(mod_d, fullgraph=True, backend=backend)(xd)
+    gy = torch.randn(y_d.shape, generator=g).to(device)
+    y_d.backward(gy)
+    with torch.no_grad():
+        x_lora = (y_d - nf4_linear(xd, w_sq, mod_d.bias)) / s
+    kept = (x_lora / xd) > 0.5 / (1 - p)  # each ratio is 0 (dropped) or 1/(1-p) (kept)
+    assert 0.5 < kept.double().mean().item() < 0.9  # a p = 0.3 dropout mask, not all kept or all dropped
+    mask = kept.to(torch.float64) / (1 - p)
+    x64, a64, b64, bias64 = (leaf(t.detach().double()) for t in (xd, mod_d.a, mod_d.b, mod_d.bias))
+    ref = nf4_lora_linear_ref(x64, w_sq, a64, b64, s, bias64, x_lora=x64 * mask)
+    ref.backward(gy.double())
+    x32, wd = xd.detach(), dequantize_weight_f64(w_sq).to(device, torch.float32)
+    own = F.linear(x32, wd, mod_d.bias.detach()) + s * F.linear(F.linear(x32 * mask.float(), eye), eye)
+    assert_within_torch_error(y_d, ref, own, "compiled, dropout")
+    for got, want in ((xd.grad, x64.grad), (mod_d.a.grad, a64.grad), (mod_d.b.grad, b64.grad),
+                      (mod_d.bias.grad, bias64.grad)):
+        torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-4, atol=1e-4)
 
 
 # ---- dropout -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as tF
+from conftest import require
 
 import lowrank_ext
 from lowrank_ext import NF4Weight
@@ -19,10 +20,7 @@ QS = "weight.quant_state.bitsandbytes__nf4"
 
 @pytest.fixture(scope="module")
 def bnb():
-    mod = pytest.importorskip("bitsandbytes")
-    if mod.__version__ != BNB_VERSION:
-        pytest.skip(f"tests pin bitsandbytes {BNB_VERSION}, found {mod.__version__}")
-    return mod
+    return require("bitsandbytes", BNB_VERSION)
 
 
 def make_bnb_linear(bnb, out_f: int, in_f: int, dtype: torch.dtype, double_quant: bool, blocksize: int = 64):

@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import require
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_ext
@@ -169,7 +170,7 @@ def test_8bit_within_bnb_bounds(shape, opt_cls):
 
 def test_8bit_error_no_worse_than_bitsandbytes():
     # 50 steps without re-syncing: our drift from fp32 AdamW vs bitsandbytes' CPU AdamW8bit drift.
-    bnb = pytest.importorskip("bitsandbytes")
+    bnb = require("bitsandbytes", "0.50.2")
     shape = (1024, 256)
     grads = _grads(shape, 50)
     ps = [_param(shape) for _ in range(3)]
@@ -549,7 +550,7 @@ def test_lowrank_ext_exports():
 
 
 def test_qmaps_match_bitsandbytes():
-    bnb_f = pytest.importorskip("bitsandbytes.functional")
+    bnb_f = require("bitsandbytes.functional", "0.50.2")
     from lowrank_ext._reference.nf4 import dynamic_map
 
     for signed in (True, False):

@@ -8,11 +8,12 @@ import os
 import pytest
 import torch
 from _tiny_models import copy_peft_to_ours, logits, pair, randomize_peft_adapter, tokens
+from conftest import require
 
 import lowrank_ext as L
 
-peft = pytest.importorskip("peft")
-safetensors = pytest.importorskip("safetensors")
+peft = require("peft", "0.21.2")
+safetensors = require("safetensors")
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import require
 
 import lowrank_ext
 from lowrank_ext.finetune.rank_allocation import (
@@ -16,7 +17,7 @@ from lowrank_ext.finetune.rank_allocation import (
     match_targets,
 )
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 
 def tiny_llama():
@@ -116,6 +117,62 @@ def test_greedy_is_optimal_against_exhaustive_search(power, seed):
     # (the knapsack remainder): a step gains at most max_n σ_n,1^p
     one_step = max(float(spectra[n][0]) ** power for n in shapes)
     assert gain(best) - one_step <= gain(got) <= gain(best) + 1e-9
+
+
+def _check_guarantee(spectra, shapes, budget, min_rank, max_rank, rank_step):
+    """The module docstring's guarantee, term by term."""
+    got = allocate_from_spectra(spectra, shapes, budget, min_rank=min_rank, max_rank=max_rank, rank_step=rank_step)
+    caps = {n: min(max_rank, *s) for n, s in shapes.items()}
+    cost = lora_param_count(shapes, got)
+    assert cost <= budget
+    assert all(min(min_rank, *shapes[n]) <= r <= caps[n] for n, r in got.items())
+    below = [sum(shapes[n]) for n in shapes if got[n] < caps[n]]
+    if below:  # not even one more rank fits on any module below its cap
+        assert budget - cost < min(below), (budget - cost, min(below))
+    # the final pass adds fewer than rank_step single ranks to any module; without it, every rank is on
+    # the step grid and the leftover is only below one (possibly truncated) step of each open module
+    coarse = allocate_from_spectra(spectra, shapes, budget, min_rank=min_rank, max_rank=max_rank,
+                                   rank_step=rank_step, final_pass=False)
+    assert all(0 <= got[n] - coarse[n] < rank_step for n in shapes)
+    coarse_cost = lora_param_count(shapes, coarse)
+    for n, s in shapes.items():
+        start = min(min_rank, *s)
+        assert coarse[n] == caps[n] or (coarse[n] - start) % rank_step == 0
+        if coarse[n] < caps[n]:
+            assert budget - coarse_cost < min(rank_step, caps[n] - coarse[n]) * sum(s)
+    return got, cost
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_leftover_guarantee_on_random_cases(seed):
+    """Random shapes, spectra, steps, caps and budgets (seeded): the exact guarantee of the docstring,
+    in particular when cheap modules hit max_rank and the coarse steps of the rest no longer fit."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randint(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    shapes = {f"m{i}": (randint(4, 300), randint(4, 300)) for i in range(randint(1, 12))}
+    spectra = {n: torch.rand(min(s), generator=g).pow(randint(1, 4)).sort(descending=True).values
+               for n, s in shapes.items()}
+    rank_step, min_rank = randint(1, 8), randint(1, 4)
+    max_rank = randint(min_rank, 64)
+    floor = lora_param_count(shapes, {n: min(min_rank, *s) for n, s in shapes.items()})
+    full = lora_param_count(shapes, {n: min(max_rank, *s) for n, s in shapes.items()})
+    budget = floor + randint(0, int(1.2 * (full - floor)) + 1)  # sometimes more than every cap can use
+    _, cost = _check_guarantee(spectra, shapes, budget, min_rank, max_rank, rank_step)
+    if budget >= full:
+        assert cost == full  # everything at its cap
+
+
+def test_leftover_is_spent_when_cheap_modules_are_capped():
+    # the old greedy stopped here with 2303 parameters unspent (three more ranks of "wide"): the cheap
+    # module was at max_rank and one step (rank_step=4) of the wide one, 2400, did not fit
+    shapes = {"cheap": (8, 8), "wide": (300, 300)}
+    spectra = {"cheap": torch.ones(8), "wide": torch.linspace(1, 0.1, 300)}
+    budget = 2 * 16 + 2 * 600 + 3 * 600 + 599
+    got, cost = _check_guarantee(spectra, shapes, budget, min_rank=2, max_rank=8, rank_step=4)
+    assert got == {"cheap": 8, "wide": 5} and budget - cost < 600
 
 
 def test_errors():

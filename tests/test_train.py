@@ -7,14 +7,29 @@ uninterrupted run (bit-identical)."""
 import itertools
 import json
 import math
+import os
+import random
+import stat
 
+import numpy as np
 import pytest
 import torch
+from conftest import require
 
+from lowrank_ext.finetune.atomic import atomic_write
 from lowrank_ext.finetune.data import PackedBlocks, load_documents, pack, prepare_data, split_documents
-from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, lr_factor, warmup_cosine
+from lowrank_ext.finetune.trainer import (
+    TrainConfig,
+    Trainer,
+    evaluate,
+    lm_loss,
+    lr_factor,
+    rng_state,
+    set_rng_state,
+    warmup_cosine,
+)
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 
 def tiny_llama(seed: int = 0, hidden: int = 32):
@@ -138,6 +153,135 @@ def test_resume_is_bit_identical(tmp_path):
         assert torch.equal(a, b), n
 
 
+def _draw(device="cpu") -> list[float]:
+    """One number from every stream a step may use."""
+    out = [float(torch.rand(())), random.random(), float(np.random.rand())]
+    if device != "cpu":
+        out.append(float(torch.rand((), device=device)))
+    return out
+
+
+def _scramble() -> None:
+    # what a fresh process looks like: other seeds everywhere (the checkpoint must restore every stream)
+    torch.manual_seed(123)
+    random.seed(456)
+    np.random.seed(789)
+
+
+def test_rng_state_round_trip_every_stream(tmp_path):
+    _scramble()
+    saved = rng_state()
+    want = _draw()
+    torch.save(saved, tmp_path / "rng.pt")
+    _scramble()
+    _draw()
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))  # plain tensors / lists: weights_only loads it
+    assert _draw() == want
+    set_rng_state(saved["torch"])  # a lowrank_ext.train/1 checkpoint held the CPU generator alone
+    assert float(torch.rand(())) == want[0]
+
+
+def _rng_loss(model, batch):
+    # a loss whose value (hence every update) depends on every stream: a stream not restored on resume
+    # changes the resumed parameters
+    draws = _draw(batch.device.type)
+    return lm_loss(model, batch) * (1 + 0.01 * sum(draws))
+
+
+def _crash_and_resume(tmp_path, device: str):
+    data, held = token_blocks(32), token_blocks(4, seed=1)
+    cfg = TrainConfig(steps=6, batch_size=4, lr=5e-3, warmup_steps=2, checkpoint_every=3, progress=False)
+
+    def make(seed=0):
+        return tiny_llama(seed).to(device)
+
+    _scramble()
+    full = make()
+    res_full = Trainer(full, lambda i: data.batch(i, 4), held.sequential(4), cfg, device=device,
+                       loss_fn=_rng_loss).train()
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_4(rec):
+        if rec["step"] == 4:
+            raise Crash
+
+    _scramble()
+    with pytest.raises(Crash):
+        Trainer(make(), lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path, device=device,
+                loss_fn=_rng_loss).train(on_step=crash_at_4)
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    if device != "cpu":
+        torch.cuda.manual_seed_all(4)
+    resumed = make(seed=7)
+    res = Trainer(resumed, lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path,
+                  device=device, loss_fn=_rng_loss).train(resume=True)
+    assert [h["loss"] for h in res.history] == [h["loss"] for h in res_full.history]
+    assert res.eval_before == res_full.eval_before  # the saved one, not the loss at the checkpoint
+    assert res.eval_after == res_full.eval_after
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_resume_restores_every_rng_stream(tmp_path):
+    _crash_and_resume(tmp_path, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_resume_restores_the_cuda_rng(tmp_path):
+    torch.cuda.init()  # the CUDA generator is saved only once CUDA is initialised (as in any GPU run)
+    _crash_and_resume(tmp_path, "cuda")
+
+
+def test_atomic_write_never_leaves_a_half_written_file(tmp_path):
+    path = tmp_path / "f.bin"
+    atomic_write(path, lambda f: f.write(b"old"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_bytes() == b"old" and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+    class Boom(Exception):
+        pass
+
+    def half(f):
+        f.write(b"new, half")
+        raise Boom
+
+    for exc, writer in ((Boom, half), (KeyboardInterrupt, lambda f: (_ for _ in ()).throw(KeyboardInterrupt))):
+        with pytest.raises(exc):
+            atomic_write(path, writer)
+        assert path.read_bytes() == b"old"  # the previous complete file
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]  # the temporary file is gone
+    atomic_write(path, lambda f: f.write(b"new"))
+    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
+
+
+def test_checkpoint_write_is_atomic_and_sweeps_stray_temp_files(tmp_path, monkeypatch):
+    data = token_blocks(16)
+    cfg = TrainConfig(steps=2, batch_size=4, checkpoint_every=1, progress=False)
+    tr = Trainer(tiny_llama(), lambda i: data.batch(i, 4), [], cfg, checkpoint_dir=tmp_path)
+    tr.train()
+    good = (tmp_path / "trainer_state.pt").read_bytes()
+    (tmp_path / ".trainer_state.pt.abc123.tmp").write_bytes(b"left by a run killed mid-write")
+
+    def fail(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        tr.save_checkpoint()
+    assert (tmp_path / "trainer_state.pt").read_bytes() == good  # untouched by the failed write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trainer_state.pt"]  # stray and failed temps gone
+    monkeypatch.undo()
+    tr.save_checkpoint()
+    assert torch.load(tmp_path / "trainer_state.pt", weights_only=True)["step"] == 2
+
+
 def test_resume_from_mismatched_checkpoint_is_refused(tmp_path):
     data = token_blocks(16)
     cfg = TrainConfig(steps=2, batch_size=4, progress=False)
@@ -160,6 +304,28 @@ def test_resume_from_mismatched_checkpoint_is_refused(tmp_path):
     (tmp_path / "bad" / "trainer_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="checkpoint must be a lowrank_ext trainer checkpoint"):
         Trainer(tiny_llama(), lambda i: data.batch(i, 4), [], cfg).train(resume=tmp_path / "bad")
+
+
+def test_checkpoint_formats(tmp_path):
+    """A lowrank_ext.train/1 checkpoint (before every RNG stream and the first loss were saved) still
+    resumes; any other format is refused, naming it."""
+    data, held = token_blocks(16), token_blocks(4, seed=1)
+    cfg = TrainConfig(steps=2, batch_size=4, progress=False)
+    tr = Trainer(tiny_llama(), lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path)
+    tr.train()
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert state["format"] == "lowrank_ext.train/2" and set(state["rng"]) == {"torch", "cuda", "python", "numpy"}
+    old = {**state, "format": "lowrank_ext.train/1", "rng": state["rng"]["torch"]}
+    del old["eval_before"]
+    torch.save(old, tmp_path / "trainer_state.pt")
+    resumed = Trainer(tiny_llama(seed=3), lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path)
+    assert resumed.load_checkpoint() == 2 and resumed.eval_before is None
+    for (n, a), (_, b) in zip(tr.named_params, resumed.named_params):
+        assert torch.equal(a, b), n
+    torch.save({**state, "format": "someone.else/3"}, tmp_path / "trainer_state.pt")
+    with pytest.raises(ValueError, match=r"lowrank_ext.train: checkpoint must have format 'lowrank_ext.train/2', "
+                                         r"got 'someone.else/3'"):
+        resumed.load_checkpoint()
 
 
 def test_config_errors():

@@ -5,7 +5,7 @@
 //   adamw8bit_step: p, g [n]; state1, state2 uint8 [n] (codes into qmap1 / qmap2, 256 fp32 each, sorted);
 //                   absmax1, absmax2 fp32 [ceil(n/256)]
 // Math (torch.optim.AdamW, decoupled weight decay), step t:
-//   p <- p·(1 - lr·wd);  m <- m + (1-β1)(g - m);  v <- β2·v + (1-β2)·g·g
+//   p <- p·(1 - lr·wd);  m <- lerp(m, g, 1-β1);  v <- β2·v + (1-β2)·g·g   (lerp as torch's: MomentLerp)
 //   p <- p - lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
 // The 8-bit step runs per 256-element block: decode m = qmap1[c1]·absmax1, v = qmap2[c2]·absmax2, update in
 // fp32 (the param update uses the unrounded m, v), absmax' = max|m| (NaN propagates), code = nearest qmap
@@ -37,17 +37,32 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
+// The first moment as torch's lerp(m, g, w), w = 1 - β1 (ATen's vectorized lerp, FMA and all):
+//   w < 0.5:  m + w·(g - m)            w >= 0.5:  g + (w - 1)·(g - m)
+// The second form anchors at g: with β1 = 0 the moment is exactly g. (m + w·(g - m) alone rounds at
+// |m|, and with β1 small and |g| << |m| that error reached the whole update.)
+struct MomentLerp {
+  float coeff;    // w, or w - 1 (exact: w in [0.5, 1])
+  bool from_end;  // w >= 0.5: start from g
+  explicit MomentLerp(float w) : coeff(w < 0.5f ? w : w - 1.0f), from_end(!(w < 0.5f)) {}
+  inline float operator()(float m, float g) const { return std::fma(coeff, g - m, from_end ? g : m); }
+  inline Vec operator()(const Vec& m, const Vec& g) const {
+    return at::vec::fmadd(Vec(coeff), g - m, from_end ? g : m);
+  }
+};
+
 // One AdamW update of n fp32 elements, in place (the formula above, in torch's operation order:
 // lerp for m, mul+addcmul for v, (sqrt(v)/bc2_sqrt)+eps, p + (-step_size)·(m/denom)).
 inline void adamw_update_f32(float* p, const float* g, float* m, float* v, int64_t n, const AdamWScalars& s,
                              float bc2_sqrt) {
-  const Vec decay(s.decay), w1(s.one_minus_beta1), b2(s.beta2), w2(s.one_minus_beta2), eps(s.eps),
-      neg_step(-s.step_size), bc2(bc2_sqrt);
+  const Vec decay(s.decay), b2(s.beta2), w2(s.one_minus_beta2), eps(s.eps), neg_step(-s.step_size),
+      bc2(bc2_sqrt);
+  const MomentLerp lerp(s.one_minus_beta1);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     const Vec gv = Vec::loadu(g + i);
     Vec pv = Vec::loadu(p + i) * decay;
-    const Vec mv = Vec::loadu(m + i) + w1 * (gv - Vec::loadu(m + i));
+    const Vec mv = lerp(Vec::loadu(m + i), gv);
     const Vec vv = Vec::loadu(v + i) * b2 + w2 * (gv * gv);
     const Vec denom = vv.sqrt() / bc2 + eps;
     pv = pv + neg_step * (mv / denom);
@@ -58,7 +73,7 @@ inline void adamw_update_f32(float* p, const float* g, float* m, float* v, int64
   for (; i < n; ++i) {
     const float gi = g[i];
     float pi = p[i] * s.decay;
-    const float mi = m[i] + s.one_minus_beta1 * (gi - m[i]);
+    const float mi = lerp(m[i], gi);
     const float vi = v[i] * s.beta2 + s.one_minus_beta2 * (gi * gi);
     pi = pi + (-s.step_size) * (mi / (std::sqrt(vi) / bc2_sqrt + s.eps));
     p[i] = pi;

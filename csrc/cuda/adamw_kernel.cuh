@@ -3,7 +3,7 @@
 //   adamw32_kernel:   p, g [n] (T = float/__half/__nv_bfloat16); m, v fp32 [n]; grid-stride over n
 //   adamw8bit_kernel: one CTA of 256 threads per 256-element state block b (grid = ceil(n/256)):
 //                     c1, c2 uint8 [n] codes into qmap1/qmap2 (fp32 [256], sorted); absmax1/2 fp32 [nb]
-// Step t (torch.optim.AdamW): p <- p·(1 - lr·wd); m <- m + (1-β1)(g - m); v <- β2·v + (1-β2)·g²;
+// Step t (torch.optim.AdamW): p <- p·(1 - lr·wd); m <- lerp(m, g, 1-β1); v <- β2·v + (1-β2)·g²;
 //                             p <- p - lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
 // 8-bit: decode m = qmap1[c1]·absmax1[b] (v likewise), update in fp32 (the param uses the unrounded m, v),
 // absmax' = max|m| over the block (NaN if any NaN), code = #midpoints of qmap strictly below m/absmax'.
@@ -33,10 +33,13 @@ __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// One element: updates p (fp32 copy), m, v in place; same operation order as the CPU kernel.
+// One element: updates p (fp32 copy), m, v in place; same operation order as the CPU kernel. The first
+// moment is torch's lerp(m, g, w), w = 1 - β1: m + w·(g - m) for w < 0.5, else g + (w - 1)·(g - m)
+// (anchored at g: exactly g when β1 = 0), each one FMA, as csrc/cpu/adamw.cpp's MomentLerp.
 __device__ __forceinline__ void adamw_update(float& p, float g, float& m, float& v, const AdamWKernelScalars& s) {
   p = p * s.decay;
-  m = m + s.one_minus_beta1 * (g - m);
+  const bool from_end = !(s.one_minus_beta1 < 0.5f);
+  m = fmaf(from_end ? s.one_minus_beta1 - 1.0f : s.one_minus_beta1, g - m, from_end ? g : m);
   v = v * s.beta2 + s.one_minus_beta2 * (g * g);
   p = p + s.neg_step_size * (m / (sqrtf(v) / s.bc2_sqrt + s.eps));
 }

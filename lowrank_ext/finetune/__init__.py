@@ -2,6 +2,7 @@
 
     cli.py              `python -m lowrank_ext finetune|bench` (every subcommand, its flags and errors)
     trainer.py          Trainer, TrainConfig: the loop, schedule, clipping, checkpoints, evaluation
+    atomic.py           atomic_write: crash-safe checkpoint files (temporary file, fsync, rename)
     data.py             text corpora (KJV, Lee news, .txt/.jsonl) -> packed token blocks
     models.py           the packaged SmolLM2 (from its GGUF file) or any local transformers causal LM
     rank_allocation.py  per-module LoRA ranks from gradient spectra within a parameter budget

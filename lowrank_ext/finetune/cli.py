@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lowrank_ext.finetune.trainer import CHECKPOINT_FILE
+
 __all__ = ["build_parser", "main"]
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -51,14 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-quantize", action="store_true", help="keep the base weights dense (plain LoRA)")
     f.add_argument("--rank-budget", type=int, default=None,
                    help="allocate per-module ranks by gradient sensitivity within this many trainable parameters")
+    f.add_argument("--max-rank", type=int, default=None,
+                   help="with --rank-budget: the largest rank any module gets (default: 4 x --rank)")
     f.add_argument("--output", default="./lowrank-out", help="directory for the adapter and checkpoints")
     f.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --output")
     f.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
-                   help=f"continue from the checkpoint in DIR (default: OUTPUT/{CHECKPOINT_SUBDIR})")
+                   help=f"continue from the checkpoint in DIR (default: OUTPUT/{CHECKPOINT_SUBDIR}); without DIR, "
+                        "an OUTPUT that holds nothing yet (a run killed before its first checkpoint) starts at step 0")
     f.add_argument("--checkpoint-every", type=int, default=10, help="write a checkpoint every N steps (0: end only)")
     f.add_argument("--eval-blocks", type=int, default=16, help="held-out sequences to evaluate on")
     f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="seeds torch (CPU and CUDA), Python's random and numpy")
     f.add_argument("--backend", choices=("lowrank_ext", "peft"), default="lowrank_ext",
                    help="layers/optimizer to train with: ours, or PEFT + torch AdamW as a baseline (dense only)")
     f.add_argument("--optimizer", choices=("paged-adamw", "paged-adamw8bit", "adamw"), default="paged-adamw",
@@ -79,6 +84,12 @@ def _check_args(a: argparse.Namespace) -> None:
     for name in ("steps", "batch_size", "grad_accum", "rank", "eval_blocks"):
         if getattr(a, name) < 1:
             raise CLIError(f"lowrank_ext finetune: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.max_rank is not None:
+        if a.max_rank < 1:
+            raise CLIError(f"lowrank_ext finetune: --max-rank must be >= 1, got {a.max_rank}")
+        if not a.rank_budget:
+            raise CLIError(f"lowrank_ext finetune: --max-rank must come with --rank-budget, got --max-rank "
+                           f"{a.max_rank} without it")
     if a.seq_len < 8:
         raise CLIError(f"lowrank_ext finetune: --seq-len must be >= 8, got {a.seq_len}")
     if not a.lr > 0:
@@ -95,6 +106,19 @@ def _check_args(a: argparse.Namespace) -> None:
     if not a.resume and not a.overwrite and out.is_dir() and any(out.iterdir()):
         raise CLIError(f"lowrank_ext finetune: --output must be a new or empty directory (pass --overwrite to "
                        f"reuse it, or --resume to continue), got existing {str(out)!r}")
+
+
+def _nothing_saved_yet(out: Path) -> bool:
+    """True when `out` holds nothing but what a run killed before its first checkpoint leaves: nothing,
+    an empty checkpoint directory, or one with only interrupted temporary files (finetune/atomic.py)."""
+    if not out.is_dir():
+        return not out.exists()
+    for entry in out.iterdir():
+        if entry.name != CHECKPOINT_SUBDIR or not entry.is_dir():
+            return False
+        if any(not (f.name.startswith(f".{CHECKPOINT_FILE}.") and f.name.endswith(".tmp")) for f in entry.iterdir()):
+            return False
+    return True
 
 
 def _device(name: str) -> torch.device:
@@ -142,17 +166,21 @@ def finetune(a: argparse.Namespace) -> dict:
     from lowrank_ext.finetune import backends as fb
     from lowrank_ext.finetune.data import load_documents, prepare_data, split_documents
     from lowrank_ext.finetune.models import DEFAULT_MODEL, check_model_dir, load_causal_lm, smollm2_gguf_path
-    from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, memory_mb
+    from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, memory_mb, seed_everything
 
     _check_args(a)
     device = _device(a.device)
-    torch.manual_seed(a.seed)
+    seed_everything(a.seed)  # torch (CPU, CUDA), random, numpy: a resumed run restores all of them
     t_all = time.perf_counter()
     out = Path(a.output)
     ckpt_dir = out / CHECKPOINT_SUBDIR if a.resume in (False, True) else Path(a.resume)
-    if a.resume and not (ckpt_dir / "trainer_state.pt").is_file():
-        raise CLIError(f"lowrank_ext finetune: --resume must point at a directory with a checkpoint, got "
-                       f"{str(ckpt_dir)!r} (no trainer_state.pt)")
+    have_checkpoint = (ckpt_dir / CHECKPOINT_FILE).is_file()
+    if a.resume and not have_checkpoint:
+        if a.resume is not True or not _nothing_saved_yet(out):
+            raise CLIError(f"lowrank_ext finetune: --resume must point at a directory with a checkpoint, got "
+                           f"{str(ckpt_dir)!r} (no {CHECKPOINT_FILE})")
+        print(f"resume: no checkpoint in {ckpt_dir} yet (the run stopped before its first one); starting at step 0",
+              flush=True)
     # cheap checks first: the model directory, the dataset, the backend; then the slow loads
     check_model_dir(a.model) if a.model != DEFAULT_MODEL else smollm2_gguf_path()
     docs = load_documents(a.dataset)
@@ -179,11 +207,12 @@ def finetune(a: argparse.Namespace) -> dict:
         from lowrank_ext.finetune.rank_allocation import allocate_ranks
 
         probe = [train_blocks.batch(10_000 + i, micro) for i in range(2)]  # not the first training batches
+        max_rank = a.max_rank if a.max_rank is not None else 4 * a.rank
         rank_pattern = allocate_ranks(model, probe, a.rank_budget, target_modules=targets,
-                                      max_rank=4 * a.rank)
+                                      min_rank=min(2, max_rank), max_rank=max_rank)
         ranks = sorted(rank_pattern.values())
         print(f"rank allocation: {len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]} "
-              f"(median {ranks[len(ranks) // 2]}) within {a.rank_budget} parameters", flush=True)
+              f"(median {ranks[len(ranks) // 2]}, max_rank {max_rank}) within {a.rank_budget} parameters", flush=True)
 
     spec = fb.AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=targets, variant=a.variant,
                           quantize=not a.no_quantize, rank_pattern=rank_pattern)
@@ -204,7 +233,7 @@ def finetune(a: argparse.Namespace) -> dict:
                       optimizer=backend.optimizer, checkpoint_dir=ckpt_dir if a.resume else out / CHECKPOINT_SUBDIR,
                       device=device, fingerprint=fingerprint)
     try:
-        result = trainer.train(resume=bool(a.resume))
+        result = trainer.train(resume=bool(a.resume) and have_checkpoint)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     sample_after = _generate(model, lm.tokenizer, prompt, a.gen_tokens, device)

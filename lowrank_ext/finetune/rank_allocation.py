@@ -11,12 +11,24 @@ while it costs r·(in_m + out_m) trainable parameters. Both are separable across
 gain is concave in r (σ sorted), so handing out ranks greedily — always to the module whose next
 `rank_step` ranks buy the most gain per parameter — gives the best total gain within the budget:
 
-    start every module at min_rank; repeat: pick m maximizing Σ_{next step} σ_i^p / (step·(in+out)),
-    stop when no step fits the remaining budget.
+    start every module at min(min_rank, out, in); repeat: pick m maximizing
+    Σ_{next step} σ_i^p / (step·(in+out)) among the steps that still fit, until none fits;
+    then a final pass with steps of one rank (same rule, step = 1) over the modules still below
+    their cap min(max_rank, out, in), which spends what the coarse steps leave over.
 
 The default p = 1 (nuclear-norm gain) spreads ranks more evenly than p = 2, whose gradient energy is
 dominated by a handful of modules on small batches. Returns a PEFT-style `rank_pattern`
-{module name: rank} whose total cost Σ r_m·(in_m+out_m) is at most `budget` (and within one step of it).
+{module name: rank}. The guarantee, exactly (cost = Σ r_m·(in_m+out_m), cap_m = min(max_rank, out_m, in_m)):
+
+    cost <= budget, every r_m in [min(min_rank, out_m, in_m), cap_m], and either every module is at
+    its cap (the rest of the budget cannot be spent within max_rank), or
+    budget - cost < min{in_m + out_m : r_m < cap_m}  (not even one more rank fits anywhere).
+
+Ranks move in steps of `rank_step` (e.g. multiples of 8 for tensor cores) until no such step fits;
+the final pass gives any module fewer than `rank_step` single ranks (a whole step of them would have
+fitted before it). `final_pass=False` skips it: every rank then stays on the grid (start + k·rank_step,
+or the cap) and the leftover is only bounded by budget - cost < min{step_m·(in_m + out_m) : r_m < cap_m},
+step_m = min(rank_step, cap_m - r_m).
 """
 
 from __future__ import annotations
@@ -100,7 +112,9 @@ def allocate_ranks(model: torch.nn.Module, batches: Iterable[torch.Tensor], budg
     sensitivity, with Σ r·(in+out) <= budget.
 
     config: any object with `target_modules` (e.g. lowrank_ext.LoRAConfig or peft.LoraConfig); or pass
-    `target_modules` directly. Ranks are multiples of `rank_step` in [min_rank, max_rank]."""
+    `target_modules` directly. Ranks lie in [min_rank, max_rank] (clipped to each weight's smaller side)
+    and move in steps of `rank_step`, plus a final pass of single ranks that spends the leftover (the
+    module docstring states the guarantee exactly)."""
     targets = target_modules if target_modules is not None else getattr(config, "target_modules", None)
     if targets is None:
         raise ValueError("lowrank_ext.allocate_ranks: config must have target_modules (or pass target_modules=), "
@@ -128,7 +142,7 @@ def allocate_ranks(model: torch.nn.Module, batches: Iterable[torch.Tensor], budg
 
 def allocate_from_spectra(spectra: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]], budget: int, *,
                           min_rank: int = 2, max_rank: int = 64, rank_step: int = 2,
-                          power: float = 1.0) -> dict[str, int]:
+                          power: float = 1.0, final_pass: bool = True) -> dict[str, int]:
     """The greedy allocation of the module docstring, given each module's gradient singular values
     (descending) and weight shape (out, in)."""
     names = list(shapes)
@@ -139,20 +153,24 @@ def allocate_from_spectra(spectra: dict[str, torch.Tensor], shapes: dict[str, tu
                          f"{len(names)} modules), got {budget}")
     gains = {n: spectra[n].double().clamp_min(0).pow(power) for n in names}  # σ_i^p; ranks past len(σ) gain 0
 
-    def next_step(n: str) -> int:
-        return min(rank_step, max_rank - ranks[n], min(shapes[n]) - ranks[n])
+    def spend(step_size: int, left: int) -> int:
+        # greedy: the step with the best gain per parameter among those that fit, until none fits
+        while True:
+            best, best_score, best_step = None, -1.0, 0
+            for n in names:
+                step, cost = min(step_size, caps[n] - ranks[n]), sum(shapes[n])
+                if step <= 0 or step * cost > left:
+                    continue
+                score = float(gains[n][ranks[n]:ranks[n] + step].sum()) / (step * cost)
+                if score > best_score:
+                    best, best_score, best_step = n, score, step
+            if best is None:
+                return left
+            ranks[best] += best_step
+            left -= best_step * sum(shapes[best])
 
-    while True:
-        best, best_score = None, -1.0
-        for n in names:
-            step, cost = next_step(n), sum(shapes[n])
-            if step <= 0 or step * cost > left:
-                continue
-            score = float(gains[n][ranks[n]:ranks[n] + step].sum()) / (step * cost)
-            if score > best_score:
-                best, best_score = n, score
-        if best is None:
-            return ranks
-        step = next_step(best)
-        ranks[best] += step
-        left -= step * sum(shapes[best])
+    caps = {n: min(max_rank, *shapes[n]) for n in names}
+    left = spend(rank_step, left)
+    if final_pass and rank_step > 1:
+        spend(1, left)  # the final pass: single ranks on the modules below their cap
+    return ranks

@@ -13,15 +13,22 @@ What one optimizer step does (grad_accum micro-batches of `batch` rows):
     θ      = optimizer.step(θ, g, lr_t)
 
 Checkpoints (every `checkpoint_every` steps, and at the end) hold the trainable parameters, the
-optimizer and scheduler state, the RNG state and a fingerprint of the run (parameter names/shapes and
+optimizer and scheduler state, every RNG stream a step may draw from (torch's CPU generator, each
+CUDA device's generator when CUDA is initialised, Python's `random`, numpy's global generator), the
+held-out loss before training, the history and a fingerprint of the run (parameter names/shapes and
 the caller's `fingerprint` dict); resuming from a checkpoint whose fingerprint differs is an error
-that names the differences. Files load with `torch.load(weights_only=True)`: nothing is unpickled.
+that names the differences. A resumed run therefore continues exactly where the checkpoint was taken:
+on CPU it ends bit-identical to the uninterrupted run (tests/test_crash_resume.py kills a real run).
+Files are written atomically (finetune/atomic.py: temporary file, fsync, rename), so a crash at any
+moment leaves the previous complete checkpoint, and load with `torch.load(weights_only=True)`:
+nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import random
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -30,10 +37,56 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "evaluate", "lr_factor", "memory_mb", "warmup_cosine"]
+from lowrank_ext.finetune.atomic import atomic_write
+
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "evaluate", "lr_factor", "memory_mb", "rng_state", "seed_everything",
+           "set_rng_state", "warmup_cosine"]
 
 CHECKPOINT_FILE = "trainer_state.pt"
-_FORMAT = "lowrank_ext.train/1"
+_FORMAT = "lowrank_ext.train/2"  # /2: "rng" holds every stream and "eval_before" is saved; /1 still loads
+_FORMATS = (_FORMAT, "lowrank_ext.train/1")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every stream rng_state() saves: torch (CPU and every CUDA device), Python's `random`, numpy."""
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+def rng_state() -> dict:
+    """Every RNG stream a training step may draw from, as plain tensors / lists (weights_only-loadable):
+    torch's CPU generator, each CUDA device's generator (only when CUDA is initialised: asking would
+    initialise it), Python's `random`, numpy's global generator."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"torch": torch.get_rng_state(), "cuda": cuda,
+            "python": [version, list(internal), gauss],
+            "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_has_gauss),
+                      float(np_gauss)]}
+
+
+def set_rng_state(state: dict | torch.Tensor) -> None:
+    """Restore what rng_state() returned (or a /1 checkpoint's torch CPU state alone). CUDA states are
+    restored on the devices present (a checkpoint from a GPU run resumed on the CPU draws no CUDA numbers)."""
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        for device, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, device)
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_name, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.1) -> float:
@@ -168,6 +221,7 @@ class Trainer:
         }
         self.step = 0
         self.history: list[dict] = []
+        self.eval_before: float | None = None  # held-out loss before the first step (kept across resumes)
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, directory: str | os.PathLike | None = None) -> Path:
@@ -182,13 +236,13 @@ class Trainer:
             "params": {n: p.detach().cpu().clone() for n, p in self.named_params},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
+            "rng": rng_state(),
+            "eval_before": self.eval_before,
             "history": self.history,
         }
-        tmp = d / (CHECKPOINT_FILE + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, d / CHECKPOINT_FILE)  # a crash mid-write keeps the previous checkpoint
-        return d / CHECKPOINT_FILE
+        for stale in d.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # left by a run killed mid-write (one trainer per dir)
+            stale.unlink(missing_ok=True)
+        return atomic_write(d / CHECKPOINT_FILE, lambda f: torch.save(state, f))
 
     def load_checkpoint(self, directory: str | os.PathLike | None = None) -> int:
         """Restore a checkpoint (refusing one from a different run); returns the step it was at."""
@@ -202,7 +256,7 @@ class Trainer:
         except Exception as e:  # corrupt or foreign file
             raise ValueError(f"lowrank_ext.train: checkpoint must be a lowrank_ext trainer checkpoint, got "
                              f"{str(path)!r} ({type(e).__name__}: {e})") from e
-        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+        if not isinstance(state, dict) or state.get("format") not in _FORMATS:
             raise ValueError(f"lowrank_ext.train: checkpoint must have format {_FORMAT!r}, got "
                              f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}")
         diffs = _diff(state["fingerprint"], self.fingerprint)
@@ -214,9 +268,10 @@ class Trainer:
                 p.copy_(state["params"][n].to(p.device, p.dtype))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         self.step = int(state["step"])
         self.history = list(state["history"])
+        self.eval_before = state.get("eval_before")
         return self.step
 
     # ---------------------------------------------------------------- training
@@ -232,14 +287,15 @@ class Trainer:
             self.load_checkpoint(None if resume is True else resume)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        eval_before = self.evaluate()
+        if self.eval_before is None:  # a resumed run reports the loss before its first step, not the checkpoint's
+            self.eval_before = self.evaluate()
         self.model.train()
         bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="finetune", unit="step", dynamic_ncols=True)
-        t_start, tokens, steps_run = time.perf_counter(), 0, 0
+        t_start, tokens, steps_run, saved_at = time.perf_counter(), 0, 0, None
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             loss_sum, step_tokens = 0.0, 0
@@ -276,15 +332,16 @@ class Trainer:
                 bar.update(1)
             if self.checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
+                saved_at = self.step
             if on_step is not None:
                 on_step(rec)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t_start
-        if self.checkpoint_dir is not None and steps_run:
+        if self.checkpoint_dir is not None and steps_run and saved_at != self.step:
             self.save_checkpoint()
         eval_after = self.evaluate()
-        return TrainResult(eval_before=eval_before, eval_after=eval_after, steps=self.step, seconds=seconds,
+        return TrainResult(eval_before=self.eval_before, eval_after=eval_after, steps=self.step, seconds=seconds,
                            seconds_per_step=seconds / max(steps_run, 1), tokens_per_second=tokens / max(seconds, 1e-9),
                            peak_memory_mb=memory_mb(self.device)[1], history=self.history)
 
