@@ -17,13 +17,14 @@ import textwrap
 import pytest
 import torch
 from _tiny_models import assert_unchanged, logits, pair, snapshot, tokens
+from conftest import require
 
 import lowrank_ext as L
-from lowrank_ext.adapters._atomic import atomic_write
+from lowrank_ext._atomic import atomic_write
 from lowrank_ext.adapters.files import _planned_shapes, adapter_state_dict
 from lowrank_ext.adapters.injector import plan_inject
 
-safetensors = pytest.importorskip("safetensors")
+safetensors = require("safetensors")
 from safetensors.torch import load_file, save_file
 
 T = ["q_proj", "v_proj", "down_proj"]
@@ -303,7 +304,7 @@ def test_killed_mid_write_leaves_no_half_file(tmp_path, existing):
         path.write_bytes(b"complete old file")
     code = textwrap.dedent(f"""
         import os, signal
-        from lowrank_ext.adapters._atomic import atomic_write
+        from lowrank_ext._atomic import atomic_write
         with atomic_write({str(path)!r}) as f:
             f.write(b"x" * 100000)
             f.flush()
@@ -328,7 +329,7 @@ def test_failed_save_keeps_the_old_files(tmp_path, monkeypatch):
     def fail(fd):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lowrank_ext.adapters._atomic.os.fsync", fail)
+    monkeypatch.setattr("lowrank_ext._atomic.os.fsync", fail)
     with pytest.raises(OSError, match="disk full"):
         L.save_adapter(model, d, overwrite=True)
     assert {n: (d / n).read_bytes() for n in os.listdir(d)} == before  # same files, same bytes, no temporaries
@@ -347,7 +348,7 @@ def test_never_overwrites_unless_asked(tmp_path):
 
 
 def test_model_card(tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = require("peft", "0.21.2")
     d, model = _saved_dir(tmp_path)
     card = (d / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: peft\n") and "- lora" in card and "rank r = 4" in card

@@ -23,7 +23,7 @@ import torch
 from conftest import require
 
 from lowrank_ext.finetune import cli
-from lowrank_ext.finetune.atomic import SLOW_WRITE_ENV
+from lowrank_ext._atomic import SLOW_WRITE_ENV
 
 require("transformers")
 safetensors_torch = require("safetensors.torch")

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "lowrank_ext"
 PKG = "lowrank_ext"
-CORE = ("_extension", "_build_config", "nf4", "ops", "nn", "optim", "_reference")
+CORE = ("_extension", "_build_config", "_atomic", "nf4", "ops", "nn", "optim", "_reference")
 UPPER = ("adapters", "finetune")  # in this order: adapters may import core, finetune may import both
 HEAVY = ("transformers", "peft", "bitsandbytes", "matplotlib", "safetensors")
 

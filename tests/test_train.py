@@ -7,16 +7,13 @@ uninterrupted run (bit-identical)."""
 import itertools
 import json
 import math
-import os
 import random
-import stat
 
 import numpy as np
 import pytest
 import torch
 from conftest import require
 
-from lowrank_ext.finetune.atomic import atomic_write
 from lowrank_ext.finetune.data import PackedBlocks, load_documents, pack, prepare_data, split_documents
 from lowrank_ext.finetune.trainer import (
     TrainConfig,
@@ -235,29 +232,6 @@ def test_resume_restores_every_rng_stream(tmp_path):
 def test_resume_restores_the_cuda_rng(tmp_path):
     torch.cuda.init()  # the CUDA generator is saved only once CUDA is initialised (as in any GPU run)
     _crash_and_resume(tmp_path, "cuda")
-
-
-def test_atomic_write_never_leaves_a_half_written_file(tmp_path):
-    path = tmp_path / "f.bin"
-    atomic_write(path, lambda f: f.write(b"old"))
-    umask = os.umask(0)
-    os.umask(umask)
-    assert path.read_bytes() == b"old" and stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
-
-    class Boom(Exception):
-        pass
-
-    def half(f):
-        f.write(b"new, half")
-        raise Boom
-
-    for exc, writer in ((Boom, half), (KeyboardInterrupt, lambda f: (_ for _ in ()).throw(KeyboardInterrupt))):
-        with pytest.raises(exc):
-            atomic_write(path, writer)
-        assert path.read_bytes() == b"old"  # the previous complete file
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]  # the temporary file is gone
-    atomic_write(path, lambda f: f.write(b"new"))
-    assert path.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["f.bin"]
 
 
 def test_checkpoint_write_is_atomic_and_sweeps_stray_temp_files(tmp_path, monkeypatch):

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_ext.adapters._atomic import atomic_write
+from lowrank_ext._atomic import atomic_write
 from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.injector import InjectPlan, apply_inject, in_out, plan_inject, target_names
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, get_state

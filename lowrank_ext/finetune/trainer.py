@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_ext.finetune.atomic import atomic_write
+from lowrank_ext._atomic import atomic_write
 
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "evaluate", "lr_factor", "memory_mb", "rng_state", "seed_everything",
            "set_rng_state", "warmup_cosine"]
@@ -242,7 +242,9 @@ class Trainer:
         }
         for stale in d.glob(f".{CHECKPOINT_FILE}.*.tmp"):  # left by a run killed mid-write (one trainer per dir)
             stale.unlink(missing_ok=True)
-        return atomic_write(d / CHECKPOINT_FILE, lambda f: torch.save(state, f))
+        with atomic_write(d / CHECKPOINT_FILE) as f:
+            torch.save(state, f)
+        return d / CHECKPOINT_FILE
 
     def load_checkpoint(self, directory: str | os.PathLike | None = None) -> int:
         """Restore a checkpoint (refusing one from a different run); returns the step it was at."""

@@ -7,7 +7,14 @@ The data go to a temporary file next to `path` (same directory, so same filesyst
 never equals `path`), which is flushed and fsync'ed, then renamed onto `path` with os.replace (atomic on
 POSIX and Windows); the directory is fsync'ed so the rename itself survives a power cut. If anything
 raises, the temporary file is removed and `path` keeps its old content (or stays absent). A process killed
-mid-write leaves at most a stray `.<name>.<pid>.<random>.tmp` file, never a half-written `path`.
+mid-write leaves at most a stray `.<name>.<pid>.<random>.tmp` file, never a half-written `path` (the
+trainer sweeps those from its checkpoint directory).
+
+Used for adapter files (lowrank_ext/adapters/files.py) and the trainer's checkpoints
+(lowrank_ext/finetune/trainer.py). Standard library only.
+
+Test hook (for tests only; never set it otherwise): LOWRANK_EXT_TEST_SLOW_WRITE=<seconds> sleeps that long
+after the fsync and before the rename, so a test can SIGKILL a process in the middle of a write.
 """
 
 from __future__ import annotations
@@ -15,10 +22,13 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from typing import IO
 
-__all__ = ["atomic_write"]
+__all__ = ["SLOW_WRITE_ENV", "atomic_write"]
+
+SLOW_WRITE_ENV = "LOWRANK_EXT_TEST_SLOW_WRITE"
 
 
 @contextlib.contextmanager
@@ -36,6 +46,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        slow = os.environ.get(SLOW_WRITE_ENV)
+        if slow:
+            time.sleep(float(slow))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
