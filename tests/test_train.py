@@ -216,11 +216,17 @@ def _crash_and_resume(tmp_path, device: str):
     resumed = make(seed=7)
     res = Trainer(resumed, lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path,
                   device=device, loss_fn=_rng_loss).train(resume=True)
-    assert [h["loss"] for h in res.history] == [h["loss"] for h in res_full.history]
     assert res.eval_before == res_full.eval_before  # the saved one, not the loss at the checkpoint
-    assert res.eval_after == res_full.eval_after
-    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
-        assert torch.equal(a, b), n
+    if device == "cpu":  # bit-identical
+        assert [h["loss"] for h in res.history] == [h["loss"] for h in res_full.history]
+        assert res.eval_after == res_full.eval_after
+        for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+            assert torch.equal(a, b), n
+    else:  # CUDA backward kernels may use atomics: equal to float noise (a stream not restored moves the
+        # loss factor by up to 1%, far beyond it)
+        assert [h["loss"] for h in res.history] == pytest.approx([h["loss"] for h in res_full.history], rel=1e-5)
+        for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_resume_restores_every_rng_stream(tmp_path):

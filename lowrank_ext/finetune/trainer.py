@@ -39,8 +39,8 @@ import torch
 
 from lowrank_ext._atomic import atomic_write
 
-__all__ = ["TrainConfig", "TrainResult", "Trainer", "evaluate", "lr_factor", "memory_mb", "rng_state", "seed_everything",
-           "set_rng_state", "warmup_cosine"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "evaluate", "lr_factor", "memory_mb", "rng_state",
+           "seed_everything", "set_rng_state", "warmup_cosine"]
 
 CHECKPOINT_FILE = "trainer_state.pt"
 _FORMAT = "lowrank_ext.train/2"  # /2: "rng" holds every stream and "eval_before" is saved; /1 still loads
