@@ -138,7 +138,7 @@ def _check_e2e(capsys, out: Path, argv: list[str], quantized: bool) -> None:
     assert (out / "checkpoint" / "trainer_state.pt").is_file()
 
     # PEFT reads our files and computes what our reloaded model computes
-    from lowrank_ext import _finetune_backend as fb
+    from lowrank_ext.finetune import backends as fb
     from lowrank_ext.finetune.data import prepare_data
     from lowrank_ext.finetune.models import load_causal_lm
 
