@@ -13,6 +13,8 @@
 
 #include <string>
 
+#include "lowrank_ext/kernel_path.h"
+
 #ifdef LRX_WITH_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -59,6 +61,10 @@ std::string build_flags() {
 
 TORCH_LIBRARY(lowrank_ext, m) {
   m.def("build_flags() -> str", &build_flags);
+  // The kernel the last call of `product` ran on this thread (csrc/include/lowrank_ext/kernel_path.h):
+  // "nt" (x · deq(W)ᵀ), "nn" (gy · deq(W)), "dequantize", "quantize" or "adamw"; "" before any call on this
+  // thread. For python -m lowrank_ext doctor and the tests.
+  m.def("last_kernel_path(str product) -> str", &lowrank_ext::last_kernel_path_op);
 
   // ---------------------------------------------------------------------------------------------
   // NF4 format (csrc/cpu/nf4.cpp, csrc/cuda/nf4.cu; Python: lowrank_ext/ops/nf4.py)

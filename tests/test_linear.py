@@ -496,6 +496,30 @@ def test_fake_kernels_refuse_what_the_ops_refuse():
         ops.nf4_linear_grad_input(torch.empty(_N, device="meta"), *w.tensors(), w.blocksize, _K)
 
 
+# ---- which kernel ran (lowrank_ext.last_kernel_path: the doctor's "path" column) ------------------------
+def test_last_kernel_path_records_the_cpu_dispatch(monkeypatch):
+    from lowrank_ext import last_kernel_path
+
+    w = make_weight(96, 256)
+    gemv_isa = "gemv-avx2" if lowrank_ext.build_info()["avx2"] else "gemv-scalar"
+    monkeypatch.setenv("LOWRANK_EXT_CPU_ISA", "avx2")
+    nf4_linear(torch.randn(8, 256), w)
+    assert last_kernel_path("nt") == gemv_isa  # M <= 8, fp32 compute: the streaming GEMV
+    monkeypatch.delenv("LOWRANK_EXT_CPU_ISA")
+    nf4_linear(torch.randn(1, 256).bfloat16(), w)  # bf16 is computed in fp32 on the CPU: GEMV too
+    assert last_kernel_path("nt") in ("gemv-avx512", gemv_isa)
+    nf4_linear(torch.randn(9, 256), w)
+    assert last_kernel_path("nt") == "panel"
+    nf4_linear(torch.randn(2, 256, dtype=torch.float64), w)
+    assert last_kernel_path("nt") == "panel"  # float64: the simple path
+    ops.nf4_linear_grad_input(torch.randn(3, 96), *w.tensors(), w.blocksize, 256)
+    assert last_kernel_path("nn") == "panel"
+    with pytest.raises(ValueError, match=r"lowrank_ext::last_kernel_path: product must be one of nt, nn"):
+        last_kernel_path("mm")
+    with pytest.raises(ValueError, match=r"lowrank_ext::last_kernel_path: product must be nt, nn, dequantize"):
+        ops.last_kernel_path("mm")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mix needs a second device (CUDA)")
 def test_errors_device_mix():
     n, k = 48, 64
