@@ -529,3 +529,44 @@ def test_cubins_for_every_arch():
         [tool, "--dump-sass", "--function", gemv, so[0]], capture_output=True, text=True, check=True
     ).stdout
     assert "HMMA" in sass, "the small-M kernel must run on tensor cores (no HMMA in its SASS)"
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU readiness (issue 13): alignment, subnormal clamp, workspace, paths, autocast — and static checks
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shift", [1, 2, 3, 7])
+@pytest.mark.parametrize("numel", [16 * 64, 4096 + 33, 70001])
+def test_dequantize_out_misaligned_buffer(dtype, shift, numel):
+    """An out= view that is not 16-byte aligned takes scalar stores (a vector store would raise
+    "misaligned address" and kill the context); the values equal the CPU's, and CUDA still works after."""
+    w = lowrank_ext.quantize_nf4(_weight_input(numel, torch.float32, 64), 64).to("cuda")
+    base = torch.full((numel + shift,), float("nan"), dtype=dtype, device="cuda")
+    out = base[shift:]
+    assert out.data_ptr() % 16 != 0
+    ops.dequantize_nf4_out(*_bundle(w), numel, out)
+    assert lowrank_ext.last_kernel_path("dequantize") == "scalar-store"
+    assert torch.equal(out.cpu(), ops.dequantize_nf4(*_bundle(w.to("cpu")), numel, dtype))
+    aligned = torch.empty(numel, dtype=dtype, device="cuda")
+    ops.dequantize_nf4_out(*_bundle(w), numel, aligned)
+    assert lowrank_ext.last_kernel_path("dequantize") == "vec16"
+    torch.cuda.synchronize()  # a sticky error would surface here
+    assert torch.equal(aligned, out)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_subnormal_blocks_match_cpu(dtype):
+    """absmax below 1e-38: the reciprocal uses max(absmax, 1e-38) as on the CPU and in bitsandbytes (an
+    infinite reciprocal gave codes 0/15); absmax itself is stored unclamped."""
+    x = torch.randn(64 * 5 + 6) * 1e-40
+    x[64:128] = torch.randn(64)  # a normal block between subnormal ones; the partial tail is subnormal too
+    x = x.to(dtype)
+    p_gpu, a_gpu = ops.quantize_nf4(x.cuda(), 64)
+    p_cpu, a_cpu = ops.quantize_nf4(x, 64)
+    assert lowrank_ext.last_kernel_path("quantize") in ("avx2", "scalar")
+    assert torch.equal(p_gpu.cpu(), p_cpu) and torch.equal(a_gpu.cpu(), a_cpu)
+    assert float(a_cpu[0]) < 1e-38  # stored as is
