@@ -570,3 +570,35 @@ def test_quantize_subnormal_blocks_match_cpu(dtype):
     assert lowrank_ext.last_kernel_path("quantize") in ("avx2", "scalar")
     assert torch.equal(p_gpu.cpu(), p_cpu) and torch.equal(a_gpu.cpu(), a_cpu)
     assert float(a_cpu[0]) < 1e-38  # stored as is
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_adamw_ptx_has_only_explicitly_rounded_float_math(tmp_path):
+    """Static (no GPU): the AdamW kernels' PTX has no fma and no mul/add/sub/div/sqrt without .rn, which
+    ptxas could fuse. That is what makes CUDA and the CPU (-ffp-contract=off) agree bit for bit."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "adamw_ptx.cu"
+    src.write_text(
+        '#include "adamw_kernel.cuh"\n'
+        "namespace o = lowrank_ext::optim_cuda;\n"
+        "template __global__ void o::adamw32_kernel<float>(float*, const float*, float*, float*, int64_t,"
+        " o::AdamWKernelScalars);\n"
+        "template __global__ void o::adamw32_kernel<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*, float*,"
+        " float*, int64_t, o::AdamWKernelScalars);\n"
+        "template __global__ void o::adamw8bit_kernel<float>(float*, const float*, uint8_t*, uint8_t*, float*,"
+        " float*, const float*, const float*, int64_t, o::AdamWKernelScalars);\n"
+    )
+    cmd = ["nvcc", "-std=c++20", "-O3", "-arch=sm_80", "-ptx", f"-I{root}/csrc/cuda", f"-I{root}/csrc/include",
+           str(src), "-o", str(tmp_path / "k.ptx")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr
+    ptx = (tmp_path / "k.ptx").read_text()
+    bodies = re.split(r"\.visible \.entry\s+", ptx)[1:]
+    assert len(bodies) == 3
+    for body in bodies:
+        name = body.split("(", 1)[0]
+        assert not re.search(r"\bfma\.\S*f32", body), f"{name}: contracted multiply-add"
+        loose = re.findall(r"\b(?:mul|add|sub|div|sqrt)\.(?:approx\.|full\.)?(?:ftz\.)?f32\b", body)
+        assert not loose, f"{name}: float ops without explicit rounding: {sorted(set(loose))}"
+        assert "mul.rn.f32" in body and "add.rn.f32" in body
+    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx
