@@ -572,6 +572,44 @@ def test_quantize_subnormal_blocks_match_cpu(dtype):
     assert float(a_cpu[0]) < 1e-38  # stored as is
 
 
+@needs_cuda
+def test_gemv_workspace_is_persistent():
+    """Split-K GEMV calls allocate only their output once the (device, stream) workspace exists; a call
+    that needs a larger workspace regrows it; results stay exact and deterministic."""
+    w, _, x, _, _, b = _make_case(16, 256, 4096, 8, torch.bfloat16)  # 2 row groups: many K splits
+    with force_kernel("gemv"):
+        ref = ops.nf4_linear(x, *_bundle(w), 256, b).clone()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        for _ in range(5):
+            y = ops.nf4_linear(x, *_bundle(w), 256, b)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 5  # y only, no scratch
+        assert torch.equal(y, ref)
+        w2, _, x2, _, _, _ = _make_case(16, 1024, 8192, 8, torch.bfloat16, seed=1)  # more partials: regrow
+        y2 = ops.nf4_linear(x2, *_bundle(w2), 1024, None)
+        assert torch.equal(ops.nf4_linear(x, *_bundle(w), 256, b), ref)
+        assert torch.equal(ops.nf4_linear(x2, *_bundle(w2), 1024, None), y2)
+
+
+@needs_cuda
+def test_gemv_workspace_per_stream():
+    """Two streams running split-K GEMVs at once use two workspaces: both results exact."""
+    w, _, x, _, _, b = _make_case(8, 384, 4096, 8, torch.bfloat16)
+    with force_kernel("gemv"):
+        ref = ops.nf4_linear(x, *_bundle(w), 384, b).clone()
+        streams = [torch.cuda.Stream() for _ in range(2)]
+        outs = [[], []]
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+        for _ in range(20):
+            for i, s in enumerate(streams):
+                with torch.cuda.stream(s):
+                    outs[i].append(ops.nf4_linear(x, *_bundle(w), 384, b))
+        torch.cuda.synchronize()
+    assert all(torch.equal(y, ref) for ys in outs for y in ys)
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_adamw_ptx_has_only_explicitly_rounded_float_math(tmp_path):
     """Static (no GPU): the AdamW kernels' PTX has no fma and no mul/add/sub/div/sqrt without .rn, which

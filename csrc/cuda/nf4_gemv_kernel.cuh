@@ -47,7 +47,8 @@ struct GemvArgs {
   int kslice;         // k per split: multiple of kGemvChunk, <= kGemvMaxKSlice
   int splits;         // ceil(K / kslice)
   float* partial;     // [splits, M, N] fp32 (splits > 1)
-  int* counters;      // [ceil(N / 128)] zeros (splits > 1); left at zero afterwards
+  int* counters;      // [ceil(N / 128)] zeros (splits > 1); left at zero afterwards (the workspace relies
+                      // on it: gemv_workspace.h zeroes them only when it allocates them)
 };
 
 // Shared-memory column of element kk of a staged x row: 16-byte chunks j = kk / 8 are XOR-swizzled
