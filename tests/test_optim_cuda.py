@@ -24,6 +24,10 @@ OP_HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay
 HOST, NEVER = -1, -2
 
 
+def _can_prefetch() -> bool:
+    return ops.paged_prefetch_supported(torch.cuda.current_device())
+
+
 def test_paged_zeros_are_managed_and_page_by_prefetch():
     like = torch.empty(1024, 1024, device="cuda")
     t = ops.paged_zeros_like(like, torch.float32)
@@ -31,6 +35,11 @@ def test_paged_zeros_are_managed_and_page_by_prefetch():
     assert ops.paged_is_managed(t) and not ops.paged_is_managed(like)
     assert torch.count_nonzero(t).item() == 0
     dev = torch.cuda.current_device()
+    if not _can_prefetch():  # WDDM / some vGPU: prefetch is a no-op, pages migrate on demand
+        ops.paged_prefetch(t, HOST)
+        t.add_(1.5)
+        assert torch.all(t == 1.5).item() and ops.paged_last_prefetch_location(t) == NEVER
+        return
     ops.paged_prefetch(t, HOST)
     torch.cuda.synchronize()
     assert ops.paged_last_prefetch_location(t) == HOST
@@ -97,6 +106,46 @@ def test_fused_kernels_match_cpu_exactly(dtype):
     assert lowrank_ext.last_kernel_path("adamw") in ("avx2", "scalar")
 
 
+def test_prefetch_support_is_reported():
+    dev = torch.cuda.current_device()
+    assert isinstance(ops.paged_prefetch_supported(dev), bool)
+    with pytest.raises(ValueError, match=r"lowrank_ext::paged_prefetch_supported: device must be a GPU ordinal"):
+        ops.paged_prefetch_supported(-1)
+
+
+def test_paged_memory_and_cuda_graph_capture():
+    """Never a cudaFree (nor a cudaMallocManaged) while the current stream captures: creating paged state
+    there is refused clearly, a paged tensor that dies during capture is freed after it, and prefetch is
+    skipped inside the graph. The capture itself stays valid."""
+    like = torch.empty(1 << 20, device="cuda")
+    doomed = ops.paged_zeros_like(like, torch.float32)
+    keep = ops.paged_zeros_like(like, torch.float32)
+    x = torch.ones(1024, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        y = x * 2  # warm-up
+        with torch.cuda.graph(graph):
+            y = x * 2
+            ops.paged_prefetch(keep, torch.cuda.current_device())  # skipped: a hint, not capturable
+            del doomed  # its deleter runs now, inside the capture: queued, not freed
+            with pytest.raises(ValueError, match=r"lowrank_ext::paged_zeros_like: the current stream must not be "
+                                                 r"capturing a CUDA graph"):
+                ops.paged_zeros_like(like, torch.float32)
+    torch.cuda.current_stream().wait_stream(s)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.all(y == 2).item()
+    torch.cuda.synchronize()
+    free0, _ = torch.cuda.mem_get_info()
+    ops.paged_prefetch(keep, torch.cuda.current_device())  # outside capture: frees the queued buffer too
+    torch.cuda.synchronize()
+    assert torch.cuda.mem_get_info()[0] >= free0
+    del keep
+    torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("opt_cls", [PagedAdamW, PagedAdamW8bit, AdamW8bit])
 def test_optimizer_on_cuda_matches_torch_and_pages(opt_cls):
     shape = (1024, 4097)
@@ -119,7 +168,8 @@ def test_optimizer_on_cuda_matches_torch_and_pages(opt_cls):
                 if isinstance(t, torch.Tensor) and t.is_cuda and ops.paged_is_managed(t)
             ]
             assert bool(paged) == (opt_cls is not AdamW8bit)
-            assert all(ops.paged_last_prefetch_location(t) == HOST for t in paged)
+            if _can_prefetch():
+                assert all(ops.paged_last_prefetch_location(t) == HOST for t in paged)
     if opt_cls is PagedAdamW:
         torch.testing.assert_close(p, p_ref, atol=1e-6, rtol=1e-5)
     else:
