@@ -44,6 +44,12 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// v rounded once to T and widened back (identity for fp32): the operand value a tensor-core path sees.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float<T>(from_float<T>(v));
+}
+
 // ------------------------------------------------------------------------------------------------
 // quantize: one warp per NF4 block. Lane l reads elements i0 + l, i0 + l + 32, ... for the absmax,
 // then writes bytes (element pairs) l, l + 32, ... of the block. Blocks start at even flat indices

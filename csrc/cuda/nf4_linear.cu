@@ -15,6 +15,10 @@
 //   anything left (fp32, or what mma refuses)    -> nf4_simt_kernel (fp32 FMA)
 // LOWRANK_EXT_FORCE_KERNEL=gemv|mma|simt forces one path (tests, benchmarks); an unsupported forced path is
 // an error, never a silent fallback. The path that ran is recorded (last_kernel_path("nt" | "nn")).
+// fp16/bf16: every path multiplies the same operands — deq(W) rounded once to the activation dtype, the
+// LoRA input s·u rounded once to it — with exact products and fp32 sums, so paths differ only by the fp32
+// summation order (docs/kernels.md, "Results across paths"). The split-K GEMV's scratch is a persistent
+// per-(device, stream) workspace (gemv_workspace.h).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
