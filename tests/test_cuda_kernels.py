@@ -642,6 +642,23 @@ def test_paths_agree_within_the_documented_bound(dtype, M, N, K, r):
             assert (diff > 0).float().mean().item() <= 0.10, f"{p} vs {q}: too many outputs differ"
 
 
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 64])
+def test_autocast_cuda_takes_the_half_precision_kernels(M):
+    """fp32 activations under torch.autocast("cuda") run the bf16 kernels (GEMV / mma), not fp32 SIMT."""
+    w, _, x, A, B, b = _make_case(M, 512, 1024, 8, torch.float32)
+    xs, As, Bs = (t.clone().requires_grad_(True) for t in (x, A, B))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = lowrank_ext.ops.nf4_lora_linear(xs, w, As, Bs, 2.0, b)
+        assert lowrank_ext.last_kernel_path("nt") == ("gemv" if M <= 16 else "mma")
+        y_aten = torch.nn.functional.linear(xs, w.dequantize(torch.float32), b)
+    assert y.dtype == y_aten.dtype == torch.bfloat16
+    y_explicit = lowrank_ext.ops.nf4_lora_linear(x.bfloat16(), w, A.bfloat16(), B.bfloat16(), 2.0, b.bfloat16())
+    assert torch.equal(y, y_explicit)
+    y.float().sum().backward()
+    assert xs.grad.dtype == torch.float32 and As.grad is not None and Bs.grad is not None
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
 def test_adamw_ptx_has_only_explicitly_rounded_float_math(tmp_path):
     """Static (no GPU): the AdamW kernels' PTX has no fma and no mul/add/sub/div/sqrt without .rn, which

@@ -520,6 +520,58 @@ def test_last_kernel_path_records_the_cpu_dispatch(monkeypatch):
         ops.last_kernel_path("mm")
 
 
+# ---- autocast: cast to the region's dtype as aten's linear does ----------------------------------------
+@pytest.mark.parametrize("m", [1, 33])
+def test_autocast_cpu_runs_in_bf16_and_matches(m):
+    n, k, r = 192, 256, 8
+    w = make_weight(n, k)
+    a, b = make_lora(n, k, r, torch.float32, "cpu")
+    bias = torch.randn(n) * 0.1
+    x = torch.randn(m, k)
+    xs, as_, bs, biass = leaf(x), leaf(a), leaf(b), leaf(bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nf4_lora_linear(xs, w, as_, bs, 0.5, biass)
+        y1 = nf4_linear(xs, w, biass)
+        y_aten = F.linear(xs, w.dequantize(torch.float32), biass)
+    assert y.dtype == y1.dtype == y_aten.dtype == torch.bfloat16
+    y.float().sum().backward()
+    # the same call with the casts written out
+    xe, ae, be, biase = leaf(x.bfloat16()), leaf(a.bfloat16()), leaf(b.bfloat16()), leaf(bias.bfloat16())
+    ye = nf4_lora_linear(xe, w, ae, be, 0.5, biase)
+    ye.float().sum().backward()
+    assert torch.equal(y, ye)
+    assert torch.equal(y1, nf4_linear(x.bfloat16(), w, bias.bfloat16()))
+    for ours, explicit in ((xs, xe), (as_, ae), (bs, be), (biass, biase)):
+        assert ours.grad.dtype == torch.float32  # the gradient flows back through the cast to the fp32 leaf
+        assert torch.equal(ours.grad, explicit.grad.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left alone, as by aten
+        assert nf4_linear(x.double(), w).dtype == torch.float64
+
+
+def test_autocast_keeps_the_fused_lora_backward():
+    """Without dropout x_lora is x: the autocast kernel keeps that identity, so the backward still adds
+    gu · A into grad_x inside one op (no separate grad_x_lora)."""
+    n, k = 96, 128
+    w = make_weight(n, k)
+    a, b = make_lora(n, k, 4, torch.float32, "cpu")
+    a.requires_grad_()
+    calls = []
+    real = ops.nf4_lora_linear_backward
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is real.default:
+                calls.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(5, k, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nf4_lora_linear(x, w, a, b, 1.0)
+    with Spy():
+        y.float().sum().backward()
+    assert calls == [True]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mix needs a second device (CUDA)")
 def test_errors_device_mix():
     n, k = 48, 64
