@@ -494,6 +494,35 @@ def test_fake_kernels_refuse_what_the_ops_refuse():
         ops.nf4_linear(x, *w.tensors(), w.blocksize, _N, None)
     with pytest.raises(ValueError, match=re.escape("lowrank_ext::nf4_linear_grad_input: grad_y must be 2-D")):
         ops.nf4_linear_grad_input(torch.empty(_N, device="meta"), *w.tensors(), w.blocksize, _K)
+    a, b = torch.empty(4, _K, device="meta"), torch.empty(_N, 4, device="meta")
+    with pytest.raises(ValueError, match=re.escape("lowrank_ext::nf4_lora_linear: x must be 2-D, got 3-D")):
+        ops.nf4_lora_linear(x, x, *w.tensors(), w.blocksize, _N, a, b, 1.0, None)
+    with pytest.raises(ValueError, match=re.escape("lowrank_ext::nf4_lora_linear: lora_A must be 2-D, got 1-D")):
+        x2 = torch.empty(3, _K, device="meta")
+        ops.nf4_lora_linear(x2, x2, *w.tensors(), w.blocksize, _N, a[0], b, 1.0, None)
+    gy, u = torch.empty(1, 3, _N, device="meta"), torch.empty(3, 4, device="meta")
+    with pytest.raises(ValueError, match=re.escape("lowrank_ext::nf4_lora_linear_backward: grad_y must be 2-D")):
+        ops.nf4_lora_linear_backward(gy, x2, u, *w.tensors(), w.blocksize, _K, a, b, 1.0, True)
+
+
+@pytest.mark.parametrize("case", ["x3d", "lora_A1d", "grad_y3d"])
+def test_real_ops_refuse_what_the_fakes_refuse(case):
+    """The same inputs on CPU: the real ops raise the fakes' message (one shared check, nf4_linear_args.h)."""
+    w = make_weight(_N, _K)
+    a, b = make_lora(_N, _K, 4, torch.float32, "cpu")
+    x2 = torch.randn(3, _K)
+    calls = {
+        "x3d": (lambda: ops.nf4_lora_linear(x2[None], x2[None], *w.tensors(), w.blocksize, _N, a, b, 1.0, None),
+                "nf4_lora_linear: x must be 2-D, got 3-D"),
+        "lora_A1d": (lambda: ops.nf4_lora_linear(x2, x2, *w.tensors(), w.blocksize, _N, a[0], b, 1.0, None),
+                     "nf4_lora_linear: lora_A must be 2-D, got 1-D"),
+        "grad_y3d": (lambda: ops.nf4_lora_linear_backward(torch.randn(1, 3, _N), x2, torch.randn(3, 4), *w.tensors(),
+                                                          w.blocksize, _K, a, b, 1.0, True),
+                     "nf4_lora_linear_backward: grad_y must be 2-D"),
+    }
+    call, msg = calls[case]
+    with pytest.raises(ValueError, match=re.escape("lowrank_ext::" + msg)):
+        call()
 
 
 # ---- which kernel ran (lowrank_ext.last_kernel_path: the doctor's "path" column) ------------------------
