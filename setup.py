@@ -15,6 +15,7 @@ import platform
 import site
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
 
 
@@ -147,7 +148,14 @@ def make_extension():
     return ext
 
 
+def license_metadata() -> dict[str, str]:
+    """Apache-2.0 in the form this setuptools understands without a warning (pyproject.toml: dynamic)."""
+    major = int(setuptools.__version__.split(".")[0])
+    return {"license_expression": "Apache-2.0"} if major >= 77 else {"license": "Apache-2.0"}
+
+
 setup(
+    **license_metadata(),
     packages=find_packages(include=["lowrank_ext", "lowrank_ext.*"]),
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

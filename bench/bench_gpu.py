@@ -7,13 +7,19 @@ Two tables, every ratio measured side by side in this one run:
    weights come from HBM, not the cache) and replays a CUDA graph of those calls (no launch overhead).
    Reported: us per call, effective GB/s (packed W + scales + x + y) and % of the device-to-device copy
    bandwidth measured at the start (bytes read + written); dense bf16 cuBLAS F.linear (same rotation) for scale.
-2. Training (M = 2048..8192, bf16, r = 16): forward and forward+backward of one QLoRA layer, ours vs a dense
-   bf16 cuBLAS LoRA layer and vs dequantize-then-cuBLAS (what bitsandbytes + PEFT do: dequantize W in the
-   forward and again in the backward, cuBLAS, separate LoRA GEMMs). Goals (issue 3): forward <= 1.25x dense,
-   forward+backward >= 1.5x faster than dequantize-then-cuBLAS.
-The kernel column names the CUDA kernel that ran (from the profiler), so a silent fallback is visible.
+2. Training (M = 4096, 8192, bf16, r = 16): forward and forward+backward of one QLoRA layer (raw ops), ours vs
+   a dense bf16 cuBLAS LoRA layer and vs dequantize-then-cuBLAS. Goal (DESIGN.md section 4): f+b within 1.1x
+   of dense at M >= 4096.
+3. QLoRA layer with autograd at M = 512..2048 vs real bitsandbytes Linear4bit + PEFT LoRA when bitsandbytes
+   runs here (gpu_check.sh installs the carried wheel), else vs the stand-in dequantize_nf4 + cuBLAS, labelled
+   "STAND-IN" in every row. Goal: >= 1.2x faster.
+4. One optimizer step with the state resident: PagedAdamW / PagedAdamW8bit vs torch.optim.AdamW(fused=True).
+   Goal: PagedAdamW within 1.2x.
+The kernel columns name the CUDA kernels that ran (from the profiler), so a silent fallback is visible.
+--budget-s stops starting rows after that many seconds (the rows left out say so); --out is rewritten
+after every table.
 
-usage: python bench/bench_gpu.py [--out results.md] [--quick]
+usage: python bench/bench_gpu.py [--out results.md] [--quick] [--budget-s S]
 """
 
 from __future__ import annotations
@@ -202,7 +208,7 @@ def train_row(
     ]
 
 
-def training_table(shapes, ms, r: int = 16) -> tuple[list[str], list[list]]:
+def training_table(shapes, ms, r: int = 16, deadline: float = float("inf")) -> tuple[list[str], list[list]]:
     header = [
         "N x K",
         "M",
@@ -225,9 +231,111 @@ def training_table(shapes, ms, r: int = 16) -> tuple[list[str], list[list]]:
         A = torch.randn(r, K, device="cuda", dtype=dt) / K**0.5
         B = torch.randn(N, r, device="cuda", dtype=dt) / r**0.5
         for M in ms:
+            if time.time() > deadline:
+                rows.append([f"{N}x{K}", M, "skipped: time budget", "", *[float("nan")] * 8])
+                continue
             rows.append(train_row(N, K, M, w, A, B, s))
         del w
         torch.cuda.empty_cache()
+    return header, rows
+
+
+def bnb_peft_baseline(r: int):
+    """A factory of real bitsandbytes Linear4bit + PEFT LoRA layers, or (None, why not)."""
+    try:
+        import bitsandbytes as bnb
+        import peft
+    except Exception as e:  # noqa: BLE001 - any failure means "use the labelled stand-in"
+        return None, f"{type(e).__name__}: {e}"
+
+    def make(w_dense: torch.Tensor, alpha: float):
+        N, K = w_dense.shape
+        lin = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                quant_type="nf4")
+        lin.weight = bnb.nn.Params4bit(w_dense.cpu(), requires_grad=False, quant_type="nf4",
+                                       compress_statistics=True, blocksize=64)
+        model = torch.nn.Sequential()
+        model.add_module("proj", lin.cuda())  # .cuda() quantizes with bitsandbytes' CUDA kernel
+        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], lora_dropout=0.0)
+        pm = peft.get_peft_model(model, cfg)
+        for name, prm in pm.named_parameters():
+            if "lora_" in name:
+                prm.data = prm.data.to(torch.bfloat16)  # bf16 adapters, as ours
+        return pm
+
+    try:  # a smoke test: the CUDA library of bitsandbytes loads and runs here
+        make(torch.randn(64, 64, dtype=torch.bfloat16), 2.0 * r)(torch.randn(2, 64, device="cuda", dtype=torch.bfloat16))
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return make, f"bitsandbytes {bnb.__version__} + peft {peft.__version__}"
+
+
+def peft_table(shapes, ms, r: int = 16, deadline: float = float("inf")) -> tuple[list[str], list[list], str]:
+    """Training step (forward + backward, autograd) of one QLoRA layer: ours vs bitsandbytes + PEFT.
+    Without bitsandbytes the baseline is the stand-in dequantize_nf4 + cuBLAS + separate LoRA GEMMs,
+    labelled as such in every row."""
+    make, why = bnb_peft_baseline(r)
+    label = why if make is not None else f"STAND-IN deq+cuBLAS (no bitsandbytes: {why})"
+    header = ["N x K", "M", "baseline", "ours f+b ms", "baseline f+b ms", "baseline/ours"]
+    rows = []
+    dt = torch.bfloat16
+    s, alpha = 2.0, 2.0 * r
+    for N, K in shapes:
+        wd = torch.randn(N, K, device="cuda", dtype=dt) / K**0.5
+        w = lowrank_ext.quantize_nf4(wd, 64, True)
+        A = (torch.randn(r, K, device="cuda", dtype=dt) / K**0.5).requires_grad_()
+        B = (torch.randn(N, r, device="cuda", dtype=dt) / r**0.5).requires_grad_()
+        base = make(wd, alpha) if make is not None else None
+        for M in ms:
+            if time.time() > deadline:
+                rows.append([f"{N}x{K}", M, "skipped: time budget", float("nan"), float("nan"), float("nan")])
+                continue
+            x = torch.randn(M, K, device="cuda", dtype=dt, requires_grad=True)
+            gy = torch.randn(M, N, device="cuda", dtype=dt)
+
+            def ours(x=x, gy=gy, w=w, A=A, B=B):
+                lowrank_ext.ops.nf4_lora_linear(x, w, A, B, s).backward(gy)
+
+            def baseline(x=x, gy=gy, w=w, A=A, B=B, base=base):
+                if base is not None:
+                    base(x).backward(gy)
+                else:  # the stand-in: what bitsandbytes + PEFT do, with our dequantize
+                    y = F.linear(x, w.dequantize(dt)) + s * F.linear(F.linear(x, A), B)
+                    y.backward(gy)
+
+            t_o, t_b = event_time(ours, 10), event_time(baseline, 10)
+            rows.append([f"{N}x{K}", M, "bnb+PEFT" if base is not None else "STAND-IN", t_o * 1e3, t_b * 1e3,
+                         t_b / t_o])
+        torch.cuda.empty_cache()
+    return header, rows, label
+
+
+def optimizer_table(n_params: int, deadline: float = float("inf")) -> tuple[list[str], list[list]]:
+    """One optimizer step, state resident on the GPU: PagedAdamW / PagedAdamW8bit vs AdamW(fused=True)."""
+    from lowrank_ext.optim import PagedAdamW, PagedAdamW8bit
+
+    header = ["params", "optimizer", "step ms", "torch fused ms", "ours/fused"]
+    shape = (n_params // 4096, 4096)
+    hyper = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2}
+    rows = []
+
+    def step_time(opt_cls, **kw):
+        p = torch.nn.Parameter(torch.randn(shape, device="cuda") * 0.02)
+        p.grad = torch.randn_like(p) * 1e-3
+        opt = opt_cls([p], **hyper, **kw)
+        opt.step()  # creates (and pages in) the state
+        t = event_time(opt.step, 10)
+        del opt, p
+        torch.cuda.empty_cache()
+        return t
+
+    t_ref = step_time(torch.optim.AdamW, fused=True)
+    for cls in (PagedAdamW, PagedAdamW8bit):
+        if time.time() > deadline:
+            rows.append([f"{n_params / 1e6:.0f}M", cls.__name__, "skipped: time budget", t_ref * 1e3, float("nan")])
+            continue
+        t = step_time(cls)
+        rows.append([f"{n_params / 1e6:.0f}M", cls.__name__, t * 1e3, t_ref * 1e3, t / t_ref])
     return header, rows
 
 
@@ -244,11 +352,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None, help="write the tables as markdown here")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
+    ap.add_argument("--budget-s", type=float, default=float("inf"),
+                    help="stop starting new rows after this many seconds (rows left out say so)")
     args = ap.parse_args()
     if not torch.cuda.is_available() or not lowrank_ext.has_cuda_kernels():
         print("bench_gpu: needs a CUDA GPU and a CUDA build of lowrank_ext")
         return 1
     t0 = time.time()
+    deadline = t0 + args.budget_s
     prop = torch.cuda.get_device_properties(0)
     free, total = torch.cuda.mem_get_info()
     print(
@@ -259,35 +370,56 @@ def main() -> int:
     bw = copy_bandwidth()
     print(f"device-to-device copy: {bw / 1e12:.2f} TB/s (read + write)", flush=True)
     gemv_shapes = [(4096, 4096), (4096, 14336), (14336, 4096)]
-    train_shapes = [(4096, 4096), (14336, 4096), (4096, 14336)]
-    ms = list(range(1, 17))
-    train_ms = [2048, 4096, 8192]
+    ms = [1, 2, 4, 8, 16]
+    train_shapes, train_ms = [(4096, 4096), (14336, 4096)], [4096, 8192]
+    peft_shapes, peft_ms = [(4096, 4096), (14336, 4096)], [512, 1024, 2048]
+    n_opt = 64 * 2**20
     if args.quick:
-        gemv_shapes, ms, train_shapes, train_ms = gemv_shapes[:1], [1, 4, 16], train_shapes[:1], [2048]
+        gemv_shapes, ms, train_shapes, train_ms = gemv_shapes[:1], [1, 16], train_shapes[:1], [4096]
+        peft_shapes, peft_ms, n_opt = peft_shapes[:1], [512], 16 * 2**20
+    sections = []
+
+    def write() -> None:  # after every table: a killed run keeps what it measured
+        if not args.out:
+            return
+        head = (f"{prop.name}, {prop.multi_processor_count} SMs, torch {torch.__version__}, CUDA {torch.version.cuda}. "
+                f"Device-to-device copy bandwidth (read + write), measured in this run: {bw / 1e12:.2f} TB/s. "
+                f"Command: `python bench/bench_gpu.py` (from bench/gpu_check.sh).\n\n")
+        with open(args.out, "w") as f:
+            f.write(head + "\n\n".join(sections) + "\n")
+
     gh, gr = gemv_table(gemv_shapes, ms, bw)
-    print_table(
-        "small-M NF4 GEMV (bf16, blocksize 64, double quant; CUDA-graph replays over > 240 MB)", gh, gr
-    )
+    print_table("small-M NF4 GEMV (bf16, blocksize 64, double quant; CUDA-graph replays over > 240 MB)", gh, gr)
+    sections.append("### Small-M GEMV (nf4_linear, bf16, blocksize 64 + double quant)\n\n"
+                    "Goal (DESIGN.md section 4): >= 75% of copy bandwidth at M = 1..16, weights rotated beyond L2 "
+                    f"(> 240 MB), CUDA-graph replays.\n\n{md_table(gh, gr)}")
+    write()
     print(f"[{time.time() - t0:.0f} s]", flush=True)
-    th, tr = training_table(train_shapes, train_ms)
-    print_table(
-        "training layer (bf16, r = 16): ours vs dense bf16 cuBLAS LoRA vs dequantize-then-cuBLAS", th, tr
-    )
+    th, tr = training_table(train_shapes, train_ms, deadline=deadline)
+    print_table("training layer (bf16, r = 16): ours vs dense bf16 cuBLAS LoRA vs dequantize-then-cuBLAS", th, tr)
+    sections.append("### Training layer vs dense bf16 cuBLAS + LoRA (raw ops, bf16, r = 16)\n\n"
+                    "Goal: forward + backward within 1.1x of dense (f+b ours/dense <= 1.1) at M >= 4096; never a "
+                    "dense W in memory. (mma.sync kernels; wgmma on Hopper is the follow-up.)\n\n"
+                    f"{md_table(th, tr)}")
+    write()
+    print(f"[{time.time() - t0:.0f} s]", flush=True)
+    ph, pr, label = peft_table(peft_shapes, peft_ms, deadline=deadline)
+    print_table(f"QLoRA layer f+b with autograd: ours vs {label}", ph, pr)
+    sections.append("### QLoRA layer forward + backward (autograd) vs bitsandbytes + PEFT\n\n"
+                    f"Baseline: {label}. Goal: >= 1.2x faster (baseline/ours >= 1.2) at M = 512-2048.\n\n"
+                    f"{md_table(ph, pr)}")
+    write()
+    print(f"[{time.time() - t0:.0f} s]", flush=True)
+    if time.time() < deadline:
+        oh, orows = optimizer_table(n_opt, deadline=deadline)
+        print_table("optimizer step, state resident: ours vs torch.optim.AdamW(fused=True)", oh, orows)
+        sections.append("### Paged optimizer step (state resident) vs torch.optim.AdamW(fused=True)\n\n"
+                        f"Goal: PagedAdamW within 1.2x (ours/fused <= 1.2).\n\n{md_table(oh, orows)}")
+    else:
+        sections.append("### Paged optimizer step\n\nskipped: time budget")
+    write()
     print(f"[{time.time() - t0:.0f} s]", flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(
-                f"# lowrank_ext GPU results\n\n{prop.name}, {prop.multi_processor_count} SMs, torch "
-                f"{torch.__version__}, CUDA {torch.version.cuda}\n\n"
-                f"Device-to-device copy bandwidth (read + write), measured in this run: {bw / 1e12:.2f} TB/s\n\n"
-                f"Command: `python bench/bench_gpu.py` (from bench/gpu_check.sh)\n\n"
-                "## Small-M GEMV (nf4_linear, bf16, blocksize 64 + double quant)\n\n"
-                "Goal: >= 75% of copy bandwidth. Rotating > 240 MB of distinct weights, CUDA-graph replays.\n\n"
-                f"{md_table(gh, gr)}\n\n"
-                "## Training layer (bf16, r = 16, forward and forward+backward)\n\n"
-                "Goals: fwd ours/dense <= 1.25; f+b deq/ours >= 1.5.\n\n"
-                f"{md_table(th, tr)}\n"
-            )
         print(f"wrote {args.out}")
     return 0
 

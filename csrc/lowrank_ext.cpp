@@ -13,8 +13,13 @@
 
 #include <string>
 
+#include "lowrank_ext/kernel_path.h"
+
 #ifdef LRX_WITH_CUDA
 #include <cuda_runtime_api.h>
+namespace lowrank_ext {
+bool paged_prefetch_supported(int64_t device);  // csrc/cuda/paged.cu
+}  // namespace lowrank_ext
 #endif
 
 extern "C" {
@@ -55,10 +60,18 @@ std::string build_flags() {
   return s;
 }
 
+#ifndef LRX_WITH_CUDA
+bool paged_prefetch_supported_cpu_build(int64_t) { return false; }  // no CUDA kernels: nothing to prefetch
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY(lowrank_ext, m) {
   m.def("build_flags() -> str", &build_flags);
+  // The kernel the last call of `product` ran on this thread (csrc/include/lowrank_ext/kernel_path.h):
+  // "nt" (x · deq(W)ᵀ), "nn" (gy · deq(W)), "dequantize", "quantize" or "adamw"; "" before any call on this
+  // thread. For python -m lowrank_ext doctor and the tests.
+  m.def("last_kernel_path(str product) -> str", &lowrank_ext::last_kernel_path_op);
 
   // ---------------------------------------------------------------------------------------------
   // NF4 format (csrc/cpu/nf4.cpp, csrc/cuda/nf4.cu; Python: lowrank_ext/ops/nf4.py)
@@ -142,6 +155,13 @@ TORCH_LIBRARY(lowrank_ext, m) {
   m.def("paged_is_managed(Tensor t) -> bool");
   // Where the pages were last prefetched: device ordinal, -1 host, -2 never prefetched / unknown.
   m.def("paged_last_prefetch_location(Tensor t) -> int");
+  // Whether GPU `device` can prefetch managed memory (cudaDevAttrConcurrentManagedAccess; absent under
+  // WDDM and on some vGPU / container setups, where paged_prefetch is a no-op). False without CUDA kernels.
+#ifdef LRX_WITH_CUDA
+  m.def("paged_prefetch_supported(int device) -> bool", &lowrank_ext::paged_prefetch_supported);
+#else
+  m.def("paged_prefetch_supported(int device) -> bool", &paged_prefetch_supported_cpu_build);
+#endif
 
 
 }

@@ -13,7 +13,7 @@ matplotlib or safetensors (they are imported where they are used).
 """
 
 from lowrank_ext import nn, ops, optim
-from lowrank_ext._extension import build_info, has_cuda_kernels  # first: loads _C or fails loudly
+from lowrank_ext._extension import build_info, has_cuda_kernels, last_kernel_path  # first: loads _C or fails loudly
 from lowrank_ext.adapters import *
 from lowrank_ext.adapters import __all__ as _adapters_all
 from lowrank_ext.finetune.rank_allocation import allocate_ranks
@@ -45,5 +45,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lowrank_ext' has no attribute {name!r}")
 
 
-__all__ = ["NF4Weight", "allocate_ranks", "build_info", "has_cuda_kernels", "nn", "ops", "optim", "quantize_nf4",
-           *_adapters_all]
+__all__ = ["NF4Weight", "allocate_ranks", "build_info", "has_cuda_kernels", "last_kernel_path", "nn", "ops", "optim",
+           "quantize_nf4", *_adapters_all]

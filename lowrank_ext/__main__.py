@@ -1,4 +1,4 @@
-"""`python -m lowrank_ext finetune|bench ...` (see lowrank_ext/finetune/cli.py)."""
+"""`python -m lowrank_ext finetune|bench|doctor ...` (see lowrank_ext/finetune/cli.py)."""
 
 import sys
 

@@ -10,7 +10,7 @@ import importlib
 
 import torch
 
-__all__ = ["build_info", "has_cuda_kernels"]
+__all__ = ["build_info", "has_cuda_kernels", "last_kernel_path"]
 
 _REBUILD = "rebuild it with: pip install --no-build-isolation --force-reinstall --no-deps ."
 
@@ -63,3 +63,23 @@ def build_info() -> dict[str, object]:
         "openmp": compiled["openmp"] == "1",
         "cuda_available_now": torch.cuda.is_available(),
     }
+
+
+KERNEL_PRODUCTS = ("nt", "nn", "dequantize", "quantize", "adamw")
+
+
+def last_kernel_path(product: str) -> str:
+    """The kernel the last call of `product` ran on this thread, as recorded by the C++ dispatchers
+    (csrc/include/lowrank_ext/kernel_path.h); "" before any call. Products and names:
+
+    - "nt" (x · deq(W)ᵀ: nf4_linear, nf4_lora_linear): CPU gemv-avx512 | gemv-avx2 | gemv-scalar | panel;
+      CUDA gemv | mma | simt
+    - "nn" (gy · deq(W): the grad-input products): CPU panel; CUDA mma | simt
+    - "dequantize": CPU avx2 | avx2-stream | scalar; CUDA vec16 | scalar-store
+    - "quantize": CPU avx2 | scalar; CUDA warp-per-block
+    - "adamw" (both AdamW steps): CPU avx2 | scalar; CUDA adamw32 | adamw8bit
+    """
+    if product not in KERNEL_PRODUCTS:
+        raise ValueError(f"lowrank_ext::last_kernel_path: product must be one of {', '.join(KERNEL_PRODUCTS)}, "
+                         f"got {product!r}")
+    return torch.ops.lowrank_ext.last_kernel_path(product)

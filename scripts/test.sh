@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] && source .venv/bin/activate
-python -m pytest tests -q -p no:cacheprovider --benchmark-disable "$@"
+python -m pytest tests -q -p no:cacheprovider -p no:benchmark "$@"  # -p no:benchmark: with or without pytest-benchmark

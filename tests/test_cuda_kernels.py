@@ -529,3 +529,166 @@ def test_cubins_for_every_arch():
         [tool, "--dump-sass", "--function", gemv, so[0]], capture_output=True, text=True, check=True
     ).stdout
     assert "HMMA" in sass, "the small-M kernel must run on tensor cores (no HMMA in its SASS)"
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU readiness (issue 13): alignment, subnormal clamp, workspace, paths, autocast — and static checks
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shift", [1, 2, 3, 7])
+@pytest.mark.parametrize("numel", [16 * 64, 4096 + 33, 70001])
+def test_dequantize_out_misaligned_buffer(dtype, shift, numel):
+    """An out= view that is not 16-byte aligned takes scalar stores (a vector store would raise
+    "misaligned address" and kill the context); the values equal the CPU's, and CUDA still works after."""
+    w = lowrank_ext.quantize_nf4(_weight_input(numel, torch.float32, 64), 64).to("cuda")
+    base = torch.full((numel + shift,), float("nan"), dtype=dtype, device="cuda")
+    out = base[shift:]
+    assert out.data_ptr() % 16 != 0
+    ops.dequantize_nf4_out(*_bundle(w), numel, out)
+    assert lowrank_ext.last_kernel_path("dequantize") == "scalar-store"
+    assert torch.equal(out.cpu(), ops.dequantize_nf4(*_bundle(w.to("cpu")), numel, dtype))
+    aligned = torch.empty(numel, dtype=dtype, device="cuda")
+    ops.dequantize_nf4_out(*_bundle(w), numel, aligned)
+    assert lowrank_ext.last_kernel_path("dequantize") == "vec16"
+    torch.cuda.synchronize()  # a sticky error would surface here
+    assert torch.equal(aligned, out)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_subnormal_blocks_match_cpu(dtype):
+    """absmax below 1e-38: the reciprocal uses max(absmax, 1e-38) as on the CPU and in bitsandbytes (an
+    infinite reciprocal gave codes 0/15); absmax itself is stored unclamped."""
+    x = torch.randn(64 * 5 + 6) * 1e-40
+    x[64:128] = torch.randn(64)  # a normal block between subnormal ones; the partial tail is subnormal too
+    x = x.to(dtype)
+    p_gpu, a_gpu = ops.quantize_nf4(x.cuda(), 64)
+    p_cpu, a_cpu = ops.quantize_nf4(x, 64)
+    assert lowrank_ext.last_kernel_path("quantize") in ("avx2", "scalar")
+    assert torch.equal(p_gpu.cpu(), p_cpu) and torch.equal(a_gpu.cpu(), a_cpu)
+    assert float(a_cpu[0]) < 1e-38  # stored as is
+
+
+@needs_cuda
+def test_gemv_workspace_is_persistent():
+    """Split-K GEMV calls allocate only their output once the (device, stream) workspace exists; a call
+    that needs a larger workspace regrows it; results stay exact and deterministic."""
+    w, _, x, _, _, b = _make_case(16, 256, 4096, 8, torch.bfloat16)  # 2 row groups: many K splits
+    with force_kernel("gemv"):
+        ref = ops.nf4_linear(x, *_bundle(w), 256, b).clone()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        for _ in range(5):
+            y = ops.nf4_linear(x, *_bundle(w), 256, b)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] - before == 5  # y only, no scratch
+        assert torch.equal(y, ref)
+        w2, _, x2, _, _, _ = _make_case(16, 1024, 8192, 8, torch.bfloat16, seed=1)  # more partials: regrow
+        y2 = ops.nf4_linear(x2, *_bundle(w2), 1024, None)
+        assert torch.equal(ops.nf4_linear(x, *_bundle(w), 256, b), ref)
+        assert torch.equal(ops.nf4_linear(x2, *_bundle(w2), 1024, None), y2)
+
+
+@needs_cuda
+def test_gemv_workspace_per_stream():
+    """Two streams running split-K GEMVs at once use two workspaces: both results exact."""
+    w, _, x, _, _, b = _make_case(8, 384, 4096, 8, torch.bfloat16)
+    with force_kernel("gemv"):
+        ref = ops.nf4_linear(x, *_bundle(w), 384, b).clone()
+        streams = [torch.cuda.Stream() for _ in range(2)]
+        outs = [[], []]
+        for s in streams:
+            s.wait_stream(torch.cuda.current_stream())
+        for _ in range(20):
+            for i, s in enumerate(streams):
+                with torch.cuda.stream(s):
+                    outs[i].append(ops.nf4_linear(x, *_bundle(w), 384, b))
+        torch.cuda.synchronize()
+    assert all(torch.equal(y, ref) for ys in outs for y in ys)
+
+
+def _ulp(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mant = {torch.float16: 10, torch.bfloat16: 7}[dtype]
+    tiny = {torch.float16: 2.0**-14, torch.bfloat16: 2.0**-126}[dtype]
+    return torch.pow(2.0, torch.floor(torch.log2(t.abs().clamp_min(tiny))) - mant)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K,r", [(1, 320, 512, 16), (8, 1000, 576, 8), (16, 256, 4096, 64)])
+def test_paths_agree_within_the_documented_bound(dtype, M, N, K, r):
+    """docs/kernels.md, "Results across paths": gemv, mma and simt multiply the same rounded operands
+    (deq(W) and s·u rounded once to the dtype), so for every pair of paths
+        |y_p - y_q| <= ulp(max(|y_p|, |y_q|)) + 2^-20 · S,   S = Σ |x·deq(W)| + Σ |T(s·u)·B| + |bias|,
+    and at most 10% of the outputs differ at all (the fp32 order alone changes ~0.3% in fp16, ~0% in bf16 on
+    a CPU emulation; a path keeping W in fp32 changes ~42%)."""
+    w, deq64, x, A, B, b = _make_case(M, N, K, r, dtype)
+    ys = {}
+    for path in ("gemv", "mma", "simt"):
+        with force_kernel(path):
+            ys[path] = ops.nf4_lora_linear(x, x, *_bundle(w), N, A, B, 1.5, b)[0].double()
+            assert lowrank_ext.last_kernel_path("nt") == path
+    su = (1.5 * (x.float() @ A.float().T)).to(dtype).double()
+    s_abs = x.double().abs() @ deq64.abs().T + su.abs() @ B.double().abs().T + b.double().abs()
+    names = list(ys)
+    for i, p in enumerate(names):
+        for q in names[i + 1:]:
+            diff = (ys[p] - ys[q]).abs()
+            bound = _ulp(torch.maximum(ys[p].abs(), ys[q].abs()), dtype) + 2.0**-20 * s_abs
+            assert bool((diff <= bound).all()), f"{p} vs {q}: worst {(diff / bound).max().item():.2f} x the bound"
+            assert (diff > 0).float().mean().item() <= 0.10, f"{p} vs {q}: too many outputs differ"
+
+
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 64])
+def test_autocast_cuda_takes_the_half_precision_kernels(M):
+    """fp32 activations under torch.autocast("cuda") run the bf16 kernels (GEMV / mma), not fp32 SIMT."""
+    w, _, x, A, B, b = _make_case(M, 512, 1024, 8, torch.float32)
+    xs, As, Bs = (t.clone().requires_grad_(True) for t in (x, A, B))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = lowrank_ext.ops.nf4_lora_linear(xs, w, As, Bs, 2.0, b)
+        assert lowrank_ext.last_kernel_path("nt") == ("gemv" if M <= 16 else "mma")
+        y_aten = torch.nn.functional.linear(xs, w.dequantize(torch.float32), b)
+    assert y.dtype == y_aten.dtype == torch.bfloat16
+    y_explicit = lowrank_ext.ops.nf4_lora_linear(x.bfloat16(), w, A.bfloat16(), B.bfloat16(), 2.0, b.bfloat16())
+    assert torch.equal(y, y_explicit)
+    y.float().sum().backward()
+    assert xs.grad.dtype == torch.float32 and As.grad is not None and Bs.grad is not None
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_adamw_ptx_has_only_explicitly_rounded_float_math(tmp_path):
+    """Static (no GPU): the AdamW kernels' PTX has no mul/add/sub/div/sqrt without .rn (which ptxas could
+    fuse) and exactly one fma per update — the first moment's lerp, as the CPU's std::fma — so one fma per
+    sqrt. That is what makes CUDA and the CPU (-ffp-contract=off) agree bit for bit."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = tmp_path / "adamw_ptx.cu"
+    src.write_text(
+        '#include "adamw_kernel.cuh"\n'
+        "namespace o = lowrank_ext::optim_cuda;\n"
+        "template __global__ void o::adamw32_kernel<float>(float*, const float*, float*, float*, int64_t,"
+        " o::AdamWKernelScalars);\n"
+        "template __global__ void o::adamw32_kernel<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*, float*,"
+        " float*, int64_t, o::AdamWKernelScalars);\n"
+        "template __global__ void o::adamw8bit_kernel<float>(float*, const float*, uint8_t*, uint8_t*, float*,"
+        " float*, const float*, const float*, int64_t, o::AdamWKernelScalars);\n"
+    )
+    cmd = ["nvcc", "-std=c++20", "-O3", "-arch=sm_80", "-ptx", f"-I{root}/csrc/cuda", f"-I{root}/csrc/include",
+           str(src), "-o", str(tmp_path / "k.ptx")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr
+    ptx = (tmp_path / "k.ptx").read_text()
+    bodies = re.split(r"\.visible \.entry\s+", ptx)[1:]
+    assert len(bodies) == 3
+    for body in bodies:
+        name = body.split("(", 1)[0]
+        fmas = re.findall(r"\bfma\.\S*f32\b", body)
+        assert set(fmas) <= {"fma.rn.f32"}, f"{name}: {sorted(set(fmas))}"
+        assert len(fmas) == body.count("sqrt.rn.f32") > 0, f"{name}: a contracted multiply-add beside the lerp's"
+        loose = re.findall(r"\b(?:mul|add|sub|div|sqrt)\.(?:approx\.|full\.)?(?:ftz\.)?f32\b", body)
+        assert not loose, f"{name}: float ops without explicit rounding: {sorted(set(loose))}"
+        assert "mul.rn.f32" in body and "add.rn.f32" in body
+    assert "div.rn.f32" in ptx and "sqrt.rn.f32" in ptx

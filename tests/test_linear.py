@@ -517,6 +517,111 @@ def test_fake_kernels_refuse_what_the_ops_refuse():
         ops.nf4_linear(x, *w.tensors(), w.blocksize, _N, None)
     with pytest.raises(ValueError, match=re.escape("lowrank_ext::nf4_linear_grad_input: grad_y must be 2-D")):
         ops.nf4_linear_grad_input(torch.empty(_N, device="meta"), *w.tensors(), w.blocksize, _K)
+    a, b = torch.empty(4, _K, device="meta"), torch.empty(_N, 4, device="meta")
+    with pytest.raises(ValueError, match=re.escape("lowrank_ext::nf4_lora_linear: x must be 2-D, got 3-D")):
+        ops.nf4_lora_linear(x, x, *w.tensors(), w.blocksize, _N, a, b, 1.0, None)
+    with pytest.raises(ValueError, match=re.escape("lowrank_ext::nf4_lora_linear: lora_A must be 2-D, got 1-D")):
+        x2 = torch.empty(3, _K, device="meta")
+        ops.nf4_lora_linear(x2, x2, *w.tensors(), w.blocksize, _N, a[0], b, 1.0, None)
+    gy, u = torch.empty(1, 3, _N, device="meta"), torch.empty(3, 4, device="meta")
+    with pytest.raises(ValueError, match=re.escape("lowrank_ext::nf4_lora_linear_backward: grad_y must be 2-D")):
+        ops.nf4_lora_linear_backward(gy, x2, u, *w.tensors(), w.blocksize, _K, a, b, 1.0, True)
+
+
+@pytest.mark.parametrize("case", ["x3d", "lora_A1d", "grad_y3d"])
+def test_real_ops_refuse_what_the_fakes_refuse(case):
+    """The same inputs on CPU: the real ops raise the fakes' message (one shared check, nf4_linear_args.h)."""
+    w = make_weight(_N, _K)
+    a, b = make_lora(_N, _K, 4, torch.float32, "cpu")
+    x2 = torch.randn(3, _K)
+    calls = {
+        "x3d": (lambda: ops.nf4_lora_linear(x2[None], x2[None], *w.tensors(), w.blocksize, _N, a, b, 1.0, None),
+                "nf4_lora_linear: x must be 2-D, got 3-D"),
+        "lora_A1d": (lambda: ops.nf4_lora_linear(x2, x2, *w.tensors(), w.blocksize, _N, a[0], b, 1.0, None),
+                     "nf4_lora_linear: lora_A must be 2-D, got 1-D"),
+        "grad_y3d": (lambda: ops.nf4_lora_linear_backward(torch.randn(1, 3, _N), x2, torch.randn(3, 4), *w.tensors(),
+                                                          w.blocksize, _K, a, b, 1.0, True),
+                     "nf4_lora_linear_backward: grad_y must be 2-D"),
+    }
+    call, msg = calls[case]
+    with pytest.raises(ValueError, match=re.escape("lowrank_ext::" + msg)):
+        call()
+
+
+# ---- which kernel ran (lowrank_ext.last_kernel_path: the doctor's "path" column) ------------------------
+def test_last_kernel_path_records_the_cpu_dispatch(monkeypatch):
+    from lowrank_ext import last_kernel_path
+
+    w = make_weight(96, 256)
+    gemv_isa = "gemv-avx2" if lowrank_ext.build_info()["avx2"] else "gemv-scalar"
+    monkeypatch.setenv("LOWRANK_EXT_CPU_ISA", "avx2")
+    nf4_linear(torch.randn(8, 256), w)
+    assert last_kernel_path("nt") == gemv_isa  # M <= 8, fp32 compute: the streaming GEMV
+    monkeypatch.delenv("LOWRANK_EXT_CPU_ISA")
+    nf4_linear(torch.randn(1, 256).bfloat16(), w)  # bf16 is computed in fp32 on the CPU: GEMV too
+    assert last_kernel_path("nt") in ("gemv-avx512", gemv_isa)
+    nf4_linear(torch.randn(9, 256), w)
+    assert last_kernel_path("nt") == "panel"
+    nf4_linear(torch.randn(2, 256, dtype=torch.float64), w)
+    assert last_kernel_path("nt") == "panel"  # float64: the simple path
+    ops.nf4_linear_grad_input(torch.randn(3, 96), *w.tensors(), w.blocksize, 256)
+    assert last_kernel_path("nn") == "panel"
+    with pytest.raises(ValueError, match=r"lowrank_ext::last_kernel_path: product must be one of nt, nn"):
+        last_kernel_path("mm")
+    with pytest.raises(ValueError, match=r"lowrank_ext::last_kernel_path: product must be nt, nn, dequantize"):
+        ops.last_kernel_path("mm")
+
+
+# ---- autocast: cast to the region's dtype as aten's linear does ----------------------------------------
+@pytest.mark.parametrize("m", [1, 33])
+def test_autocast_cpu_runs_in_bf16_and_matches(m):
+    n, k, r = 192, 256, 8
+    w = make_weight(n, k)
+    a, b = make_lora(n, k, r, torch.float32, "cpu")
+    bias = torch.randn(n) * 0.1
+    x = torch.randn(m, k)
+    xs, as_, bs, biass = leaf(x), leaf(a), leaf(b), leaf(bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nf4_lora_linear(xs, w, as_, bs, 0.5, biass)
+        y1 = nf4_linear(xs, w, biass)
+        y_aten = F.linear(xs, w.dequantize(torch.float32), biass)
+    assert y.dtype == y1.dtype == y_aten.dtype == torch.bfloat16
+    y.float().sum().backward()
+    # the same call with the casts written out
+    xe, ae, be, biase = leaf(x.bfloat16()), leaf(a.bfloat16()), leaf(b.bfloat16()), leaf(bias.bfloat16())
+    ye = nf4_lora_linear(xe, w, ae, be, 0.5, biase)
+    ye.float().sum().backward()
+    assert torch.equal(y, ye)
+    assert torch.equal(y1, nf4_linear(x.bfloat16(), w, bias.bfloat16()))
+    for ours, explicit in ((xs, xe), (as_, ae), (bs, be), (biass, biase)):
+        assert ours.grad.dtype == torch.float32  # the gradient flows back through the cast to the fp32 leaf
+        assert torch.equal(ours.grad, explicit.grad.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left alone, as by aten
+        assert nf4_linear(x.double(), w).dtype == torch.float64
+
+
+def test_autocast_keeps_the_fused_lora_backward():
+    """Without dropout x_lora is x: the autocast kernel keeps that identity, so the backward still adds
+    gu · A into grad_x inside one op (no separate grad_x_lora)."""
+    n, k = 96, 128
+    w = make_weight(n, k)
+    a, b = make_lora(n, k, 4, torch.float32, "cpu")
+    a.requires_grad_()
+    calls = []
+    real = ops.nf4_lora_linear_backward
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is real.default:
+                calls.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(5, k, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = nf4_lora_linear(x, w, a, b, 1.0)
+    with Spy():
+        y.float().sum().backward()
+    assert calls == [True]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mix needs a second device (CUDA)")

@@ -31,6 +31,7 @@
 #include <memory>
 
 #include "lowrank_ext/adamw_args.h"
+#include "lowrank_ext/kernel_path.h"
 
 namespace lowrank_ext {
 namespace {
@@ -50,6 +51,12 @@ struct MomentLerp {
     return at::vec::fmadd(Vec(coeff), g - m, from_end ? g : m);
   }
 };
+
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr const char* kPath = "avx2";  // Vectorized<float> is 8 AVX2 lanes
+#else
+constexpr const char* kPath = "scalar";  // Vectorized<float>'s scalar fallback
+#endif
 
 // One AdamW update of n fp32 elements, in place (the formula above, in torch's operation order:
 // lerp for m, mul+addcmul for v, (sqrt(v)/bc2_sqrt)+eps, p + (-step_size)·(m/denom)).
@@ -88,6 +95,7 @@ void adamw_step_cpu(const at::Tensor& param, const at::Tensor& grad_in, const at
                     const at::Tensor& exp_avg_sq, double lr, double beta1, double beta2, double eps, double wd,
                     int64_t step) {
   check_adamw_args(param, grad_in, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, wd, step);
+  record_kernel_path(KernelProduct::kAdamW, kPath);
   const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, wd, step);
   const float bc2_sqrt = 1.0f / s.inv_bc2_sqrt;
   const at::Tensor grad = grad_in.contiguous();
@@ -201,6 +209,7 @@ void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad_in, cons
                         double eps, double wd, int64_t step) {
   check_adamw8bit_args(param, grad_in, state1, state2, absmax1, absmax2, qmap1, qmap2, lr, beta1, beta2, eps, wd,
                        step);
+  record_kernel_path(KernelProduct::kAdamW, kPath);
   const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, wd, step);
   const float bc2_sqrt = 1.0f / s.inv_bc2_sqrt;
   const at::Tensor grad = grad_in.contiguous();

@@ -24,6 +24,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "lowrank_ext/kernel_path.h"
 #include "lowrank_ext/nf4_args.h"
 #include "nf4_avx2.h"
 
@@ -112,6 +113,11 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& x_in, int6
   at::Tensor absmax = at::empty({nblocks}, x.options().dtype(at::kFloat));
   uint8_t* out = packed.data_ptr<uint8_t>();
   float* amax = absmax.data_ptr<float>();
+#ifdef LRX_NF4_AVX2
+  record_kernel_path(KernelProduct::kQuantize, "avx2");
+#else
+  record_kernel_path(KernelProduct::kQuantize, "scalar");
+#endif
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     const scalar_t* src = x.const_data_ptr<scalar_t>();
@@ -235,6 +241,11 @@ void dequantize_into(const NF4Scales& scales, const at::Tensor& packed, int64_t 
     scalar_t* dst = out.data_ptr<scalar_t>();
     const bool stream = allow_stream && numel * int64_t(sizeof(scalar_t)) >= kStreamMinBytes &&
                         reinterpret_cast<uintptr_t>(dst) % 32 == 0;
+#ifdef LRX_NF4_AVX2
+    record_kernel_path(KernelProduct::kDequantize, stream ? "avx2-stream" : "avx2");
+#else
+    record_kernel_path(KernelProduct::kDequantize, "scalar");
+#endif
     at::parallel_for(0, nblocks, grain_blocks(blocksize), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t i0 = b * blocksize, i1 = std::min(numel, i0 + blocksize);

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 
+#include "lowrank_ext/kernel_path.h"
 #include "lowrank_ext/nf4_linear_args.h"
 #include "nf4_linear_kernels.h"
 
@@ -73,9 +74,11 @@ at::Tensor matmul_nt(const at::Tensor& xa, const NF4Matrix& w) {
   at::Tensor y = at::empty({M, N}, xa.options());
   if (M == 0) return y;
   if (xa.scalar_type() == at::kFloat && M <= cpu::kGemvMaxM) {
-    cpu::nf4_gemv_nt(w, xa.const_data_ptr<float>(), M, K, y.data_ptr<float>(), N);
+    const char* path = cpu::nf4_gemv_nt(w, xa.const_data_ptr<float>(), M, K, y.data_ptr<float>(), N);
+    record_kernel_path(KernelProduct::kNT, path);
     return y;
   }
+  record_kernel_path(KernelProduct::kNT, "panel");
   AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "nf4_matmul_nt_cpu", [&] {
     const int64_t nb = panel_len(N, K, sizeof(scalar_t));
     const int64_t panels = ceil_div(N, nb);
@@ -99,6 +102,7 @@ at::Tensor matmul_nn(const at::Tensor& g, const NF4Matrix& w) {
   const int64_t M = g.size(0), N = w.N, K = w.K;
   at::Tensor gx = at::empty({M, K}, g.options());
   if (M == 0) return gx;
+  record_kernel_path(KernelProduct::kNN, "panel");
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "nf4_matmul_nn_cpu", [&] {
     const int64_t kb = panel_len(K, N, sizeof(scalar_t));
     const int64_t panels = ceil_div(K, kb);

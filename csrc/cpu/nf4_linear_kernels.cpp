@@ -174,7 +174,7 @@ bool use_avx512() {
   return has;
 }
 
-void nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
+const char* nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
   // Rows of W are independent: split them over threads (at least ~64K weights per task: below
   // that an OpenMP region costs more than it saves).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, w.K));
@@ -196,6 +196,11 @@ void nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, flo
       }
     }
   });
+#if LRX_CPU_AVX2
+  return avx512 ? "gemv-avx512" : "gemv-avx2";
+#else
+  return avx512 ? "gemv-avx512" : "gemv-scalar";
+#endif
 }
 
 void nf4_row_sqnorm(const NF4Matrix& w, float* out) {

@@ -58,8 +58,9 @@ void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int
 void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, double* out, int64_t ld);
 
 // y[m * ldy + n] = Σ_k x[m * ldx + k] · deq(W)[n, k]   for m < M (M small), all n. fp32 accumulate.
-// Streams the packed bytes once per 4 rows of x; parallel over rows of W.
-void nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy);
+// Streams the packed bytes once per 4 rows of x; parallel over rows of W. Returns the rows kernel that ran
+// ("gemv-avx512", "gemv-avx2" or "gemv-scalar": kernel_path.h).
+const char* nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy);
 
 // The AVX-512 variant of the GEMV rows kernel (csrc/cpu/nf4_linear_avx512.cpp; MB = 1..4 rows of x),
 // and whether this CPU can run it.

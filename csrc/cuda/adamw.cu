@@ -13,6 +13,7 @@
 
 #include "adamw_kernel.cuh"
 #include "lowrank_ext/adamw_args.h"
+#include "lowrank_ext/kernel_path.h"
 
 namespace lowrank_ext {
 namespace {
@@ -48,6 +49,7 @@ void adamw_step_cuda(const at::Tensor& param, const at::Tensor& grad_in, const a
   // grid-stride: at most ~8 CTAs per SM worth of blocks is enough to saturate bandwidth
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, int64_t(sms) * 8);
+  record_kernel_path(KernelProduct::kAdamW, "adamw32");
   dispatch_param(param.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     optim_cuda::adamw32_kernel<T><<<blocks, threads, 0, stream>>>(
@@ -70,6 +72,7 @@ void adamw8bit_step_cuda(const at::Tensor& param, const at::Tensor& grad_in, con
   const AdamWKernelScalars s = kernel_scalars(lr, beta1, beta2, eps, wd, step);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = ceil_div(n, kOptimBlocksize);  // one CTA per state block (grid.x limit 2^31-1)
+  record_kernel_path(KernelProduct::kAdamW, "adamw8bit");
   dispatch_param(param.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     optim_cuda::adamw8bit_kernel<T><<<blocks, optim_cuda::kStateBlock, 0, stream>>>(

@@ -7,6 +7,8 @@
 //                             p <- p - lr/(1-β1^t) · m / (sqrt(v)/sqrt(1-β2^t) + eps)
 // 8-bit: decode m = qmap1[c1]·absmax1[b] (v likewise), update in fp32 (the param uses the unrounded m, v),
 // absmax' = max|m| over the block (NaN if any NaN), code = #midpoints of qmap strictly below m/absmax'.
+// Every fp32 operation is an explicitly rounded intrinsic in csrc/cpu/adamw.cpp's order, so CPU and CUDA
+// states agree bit for bit (tests/test_optim_cuda.py::test_fused_kernels_match_cpu_exactly).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -33,15 +35,22 @@ __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2hal
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-// One element: updates p (fp32 copy), m, v in place; same operation order as the CPU kernel. The first
-// moment is torch's lerp(m, g, w), w = 1 - β1: m + w·(g - m) for w < 0.5, else g + (w - 1)·(g - m)
-// (anchored at g: exactly g when β1 = 0), each one FMA, as csrc/cpu/adamw.cpp's MomentLerp.
+// One element: updates p (fp32 copy), m, v in place. Bit-exact with csrc/cpu/adamw.cpp: the same
+// operations in the same order, each rounded on its own. nvcc contracts a*b+c into an FMA (one rounding)
+// by default and the CPU build does not (-ffp-contract=off), so every operation is an explicitly rounded
+// intrinsic, which nvcc never fuses; __fdiv_rn / __fsqrt_rn are IEEE division and square root, as
+// _mm256_div_ps / _mm256_sqrt_ps and std::sqrt on the CPU. The one FMA is the first moment, torch's
+// lerp(m, g, w) with w = 1 - β1, which the CPU computes with std::fma / Vectorized fmadd (MomentLerp):
+//   m = fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g)  (anchored at g: exactly g when β1 = 0)
+//   p = p·decay;  v = v·β2 + w2·(g·g);  p = p + (-step)·(m / (sqrt(v)/bc2 + eps))
 __device__ __forceinline__ void adamw_update(float& p, float g, float& m, float& v, const AdamWKernelScalars& s) {
-  p = p * s.decay;
+  p = __fmul_rn(p, s.decay);
   const bool from_end = !(s.one_minus_beta1 < 0.5f);
-  m = fmaf(from_end ? s.one_minus_beta1 - 1.0f : s.one_minus_beta1, g - m, from_end ? g : m);
-  v = v * s.beta2 + s.one_minus_beta2 * (g * g);
-  p = p + s.neg_step_size * (m / (sqrtf(v) / s.bc2_sqrt + s.eps));
+  const float coeff = from_end ? __fsub_rn(s.one_minus_beta1, 1.0f) : s.one_minus_beta1;  // exact
+  m = __fmaf_rn(coeff, __fsub_rn(g, m), from_end ? g : m);
+  v = __fadd_rn(__fmul_rn(v, s.beta2), __fmul_rn(s.one_minus_beta2, __fmul_rn(g, g)));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bc2_sqrt), s.eps);
+  p = __fadd_rn(p, __fmul_rn(s.neg_step_size, __fdiv_rn(m, denom)));
 }
 
 template <typename T>
@@ -88,13 +97,13 @@ __global__ void __launch_bounds__(kStateBlock)
   map1[t] = qmap1[t];
   map2[t] = qmap2[t];
   __syncthreads();
-  mid1[t] = t < 255 ? (map1[t] + map1[t + 1]) * 0.5f : INFINITY;
-  mid2[t] = t < 255 ? (map2[t] + map2[t + 1]) * 0.5f : INFINITY;
+  mid1[t] = t < 255 ? __fmul_rn(__fadd_rn(map1[t], map1[t + 1]), 0.5f) : INFINITY;  // as cpu midpoints()
+  mid2[t] = t < 255 ? __fmul_rn(__fadd_rn(map2[t], map2[t + 1]), 0.5f) : INFINITY;
   const bool valid = i < n;
   float m = 0.f, v = 0.f;
   if (valid) {
-    m = map1[c1[i]] * absmax1[b];
-    v = map2[c2[i]] * absmax2[b];
+    m = __fmul_rn(map1[c1[i]], absmax1[b]);  // decode, as the CPU: qmap[code] · absmax
+    v = __fmul_rn(map2[c2[i]], absmax2[b]);
     float pf = to_f32(p[i]);
     adamw_update(pf, to_f32(g[i]), m, v, s);
     p[i] = from_f32<T>(pf);
@@ -104,8 +113,9 @@ __global__ void __launch_bounds__(kStateBlock)
   const float a1 = nan1 ? NAN : cta_max(fabsf(m), partial);
   const float a2 = nan2 ? NAN : cta_max(fabsf(v), partial);
   if (valid) {
-    c1[i] = nearest_code(mid1, m * (a1 > 0.f ? 1.0f / a1 : 0.f));
-    c2[i] = nearest_code(mid2, v * (a2 > 0.f ? 1.0f / a2 : 0.f));
+    // requantize, as the CPU's requantize(): x · (1/absmax'), 0 for an all-zero (or NaN) block
+    c1[i] = nearest_code(mid1, __fmul_rn(m, a1 > 0.f ? __fdiv_rn(1.0f, a1) : 0.f));
+    c2[i] = nearest_code(mid2, __fmul_rn(v, a2 > 0.f ? __fdiv_rn(1.0f, a2) : 0.f));
   }
   if (t == 0) {
     absmax1[b] = a1;

@@ -6,6 +6,9 @@
 // Argument checks: nf4_args.h (check_<op>_args, shared with the CPU); same bytes as the CPU kernels.
 // double_quant's offset is torch's CUDA mean of absmax (a reduction in another order than the CPU's:
 // it can differ from the CPU offset in the last bit; everything downstream of the offset is exact).
+// Quantize clamps absmax to 1e-38 for the reciprocal, as the CPU and bitsandbytes do (the stored absmax
+// is the true maximum). Dequantize stores 16-byte vectors only into a 16-byte aligned output; any other
+// contiguous buffer gets scalar stores (last_kernel_path("dequantize") says which ran).
 // The checks copy nested_map (256 floats) to the host to test that it is sorted, as on the CPU (whose
 // nearest-code search needs it; the kernel here scans all 256 entries).
 
@@ -19,6 +22,7 @@
 
 #include <limits>
 
+#include "lowrank_ext/kernel_path.h"
 #include "lowrank_ext/nf4_args.h"
 #include "nf4_kernel.cuh"
 
@@ -49,6 +53,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& x_in, int
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr int kThreads = 256;  // 8 warps = 8 NF4 blocks per CTA
   const int64_t grid = ceil_div(nblocks, kThreads / 32);
+  record_kernel_path(KernelProduct::kQuantize, "warp-per-block");
   dispatch_float(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     cuda::nf4_quantize_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
@@ -89,13 +94,17 @@ void dequantize_into(const NF4Scales& scales, const at::Tensor& packed, int64_t 
   const c10::cuda::CUDAGuard guard(packed.device());
   const uint8_t* src = packed.const_data_ptr<uint8_t>();
   const bool aligned8 = reinterpret_cast<uintptr_t>(src) % 8 == 0;
+  // out may be any contiguous buffer (a view offset by one element, say): vector stores only when aligned
+  const bool out_aligned16 = reinterpret_cast<uintptr_t>(out.const_data_ptr()) % 16 == 0;
+  record_kernel_path(KernelProduct::kDequantize, out_aligned16 ? "vec16" : "scalar-store");
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   constexpr int kThreads = 256;
   const int64_t grid = ceil_div(ceil_div(numel, 16), kThreads);  // 16 elements per thread
   dispatch_float(out.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     cuda::nf4_dequantize_kernel<T><<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(
-        src, scales, static_cast<int>(blocksize), numel, aligned8, reinterpret_cast<T*>(out.mutable_data_ptr()));
+        src, scales, static_cast<int>(blocksize), numel, aligned8, out_aligned16,
+        reinterpret_cast<T*>(out.mutable_data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

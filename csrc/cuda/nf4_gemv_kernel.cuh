@@ -47,7 +47,8 @@ struct GemvArgs {
   int kslice;         // k per split: multiple of kGemvChunk, <= kGemvMaxKSlice
   int splits;         // ceil(K / kslice)
   float* partial;     // [splits, M, N] fp32 (splits > 1)
-  int* counters;      // [ceil(N / 128)] zeros (splits > 1); left at zero afterwards
+  int* counters;      // [ceil(N / 128)] zeros (splits > 1); left at zero afterwards (the workspace relies
+                      // on it: gemv_workspace.h zeroes them only when it allocates them)
 };
 
 // Shared-memory column of element kk of a staged x row: 16-byte chunks j = kk / 8 are XOR-swizzled
@@ -94,15 +95,17 @@ __device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a
 #endif
 }
 
-// y[m, n] = acc + scaling · Σ_r u[m, r] · lora_B[n, r] + bias[n], rounded once to T.
+// y[m, n] = acc + Σ_r T(scaling · u[m, r]) · lora_B[n, r] + bias[n], rounded once to T. The low-rank
+// input s·u is rounded once to T as in the mma kernel's rank steps (the products are then exact in fp32),
+// so the GEMV and mma paths differ only in the fp32 summation order.
 template <typename T>
 __device__ __forceinline__ void gemv_store(const NF4MatmulParams& p, int64_t m, int64_t n, float acc) {
   if (p.lowrank != nullptr) {
     const T* u = static_cast<const T*>(p.lowrank) + m * p.ld_lowrank;
     const T* b = static_cast<const T*>(p.lowrank_w) + n * p.ld_lowrank_w;
     float lr = 0.f;
-    for (int j = 0; j < p.r; ++j) lr = fmaf(to_float<T>(u[j]), to_float<T>(b[j]), lr);
-    acc = fmaf(p.scaling, lr, acc);
+    for (int j = 0; j < p.r; ++j) lr = fmaf(round_to<T>(p.scaling * to_float<T>(u[j])), to_float<T>(b[j]), lr);
+    acc += lr;
   }
   if (p.bias != nullptr) acc += to_float<T>(static_cast<const T*>(p.bias)[n]);
   static_cast<T*>(p.out)[m * p.ld_out + n] = from_float<T>(acc);

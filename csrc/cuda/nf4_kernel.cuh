@@ -1,7 +1,7 @@
 // nf4_kernel.cuh — CUDA kernels of the NF4 format ops (quantize, double quant, dequantize). Torch-free.
 //
 // Bit-exact with the CPU implementation (csrc/cpu/nf4.cpp) and bitsandbytes' quant_type="nf4":
-//   absmax[b]  = max |x| over block b;  s = x * (1/absmax[b])  (x / absmax[b] in a partial last block)
+//   absmax[b]  = max |x| over block b;  m = max(absmax[b], 1e-38);  s = x * (1/m)  (x / m in a partial last block)
 //   code       = #{NF4 midpoints < s}; all-zero block -> code 7;  byte j = code[2j] << 4 | code[2j+1]
 //   qabsmax[b] = argmin_c |map[c] - (absmax[b]-offset) * (1/absmax2[b/256])|  (first minimum: ties low)
 //   out[i]     = NF4[code[i]] * absmax_hat[i / blocksize]  (fp32, rounded once to the output type)
@@ -18,6 +18,9 @@
 
 namespace lowrank_ext {
 namespace cuda {
+
+// bitsandbytes' clamp of absmax before the reciprocal (an fp32 subnormal: 0x006CE3EE), as cpu/nf4.cpp.
+constexpr float kMinAbsmax = 1e-38f;
 
 // The NF4 levels in constant memory (read once per thread into shared memory or a register).
 static __constant__ float kNF4CodebookDev[16] = LRX_NF4_CODEBOOK;
@@ -40,6 +43,12 @@ template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// v rounded once to T and widened back (identity for fp32): the operand value a tensor-core path sees.
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return to_float<T>(from_float<T>(v));
+}
 
 // ------------------------------------------------------------------------------------------------
 // quantize: one warp per NF4 block. Lane l reads elements i0 + l, i0 + l + 32, ... for the absmax,
@@ -72,7 +81,11 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, int64_t n, int bloc
     if (!finite) atomicMin(bad_block, static_cast<unsigned long long>(b));
   }
   const bool partial = (i1 - i0) < blocksize;
-  const float inv = __frcp_rn(m);  // IEEE 1/m, as the CPU's 1.0f / m
+  // The reciprocal / divisor uses max(absmax, 1e-38) as bitsandbytes and the CPU do: a block of
+  // subnormals (absmax < 1e-38) would otherwise get an infinite reciprocal and codes 0/15. The stored
+  // absmax above stays unclamped. (No -ftz in this build: fmaxf and __frcp_rn keep subnormals.)
+  const float mc = fmaxf(m, kMinAbsmax);
+  const float inv = __frcp_rn(mc);  // IEEE 1/mc, as the CPU's 1.0f / m
   for (int64_t i = i0 + 2 * lane; i < i1; i += 64) {
     uint8_t c[2] = {kNF4ZeroCode, kNF4ZeroCode};
     if (m != 0.f) {  // all-zero block: code 7 (exact 0), as bitsandbytes' CPU path
@@ -81,7 +94,7 @@ __global__ void nf4_quantize_kernel(const T* __restrict__ x, int64_t n, int bloc
         if (i + k < i1) {
           const float v = to_float<T>(x[i + k]);
           // bitsandbytes divides in a partial last block and multiplies by the reciprocal elsewhere
-          c[k] = nf4_encode(partial ? __fdiv_rn(v, m) : __fmul_rn(v, inv));
+          c[k] = nf4_encode(partial ? __fdiv_rn(v, mc) : __fmul_rn(v, inv));
         }
       }
     }
@@ -129,10 +142,15 @@ static __global__ void __launch_bounds__(256) nf4_double_quant_kernel(const floa
 // dequantize: thread t expands 8 packed bytes (16 codes, flat elements 16t .. 16t+15). blocksize >= 32
 // is a multiple of 16, so all 16 share one block scale. Full groups use one 8-byte load when `packed`
 // is 8-byte aligned; the last partial group (numel not a multiple of 16) goes element by element.
+// The 16 results go out as 16-byte vector stores when `out` is 16-byte aligned (i0 % 16 == 0 keeps every
+// thread's group aligned then); any other buffer (dequantize_nf4_out accepts any contiguous one, e.g. a
+// view offset by one element) takes scalar stores — a misaligned vector store would fault and kill the
+// CUDA context.
 // ------------------------------------------------------------------------------------------------
 template <typename T>
 __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Scales scales, int blocksize,
-                                      int64_t numel, bool packed_aligned8, T* __restrict__ out) {
+                                      int64_t numel, bool packed_aligned8, bool out_aligned16,
+                                      T* __restrict__ out) {
   // The codebook in shared memory: 16 distinct words in 16 banks, so a warp's lookups never conflict
   // (a local constexpr array indexed at run time would live in local memory).
   __shared__ float kCode[16];
@@ -151,17 +169,21 @@ __global__ void nf4_dequantize_kernel(const uint8_t* __restrict__ packed, NF4Sca
 #pragma unroll
       for (int j = 0; j < 8; ++j) bytes[j] = packed[(i0 >> 1) + j];
     }
-    T vals[16];
+    alignas(16) T vals[16];
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       vals[2 * j] = from_float<T>(__fmul_rn(kCode[nf4_high(bytes[j])], scale));
       vals[2 * j + 1] = from_float<T>(__fmul_rn(kCode[nf4_low(bytes[j])], scale));
     }
-    // 16 * sizeof(T) bytes at out + i0: 16-byte aligned (i0 % 16 == 0, out from the allocator)
-    constexpr int kVec = 16 / sizeof(T);
+    if (out_aligned16) {  // 16 * sizeof(T) bytes at out + i0, 16-byte aligned (i0 % 16 == 0)
+      constexpr int kVec = 16 / sizeof(T);
 #pragma unroll
-    for (int j = 0; j < 16; j += kVec) {
-      *reinterpret_cast<uint4*>(out + i0 + j) = *reinterpret_cast<const uint4*>(vals + j);
+      for (int j = 0; j < 16; j += kVec) {
+        *reinterpret_cast<uint4*>(out + i0 + j) = *reinterpret_cast<const uint4*>(vals + j);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) out[i0 + j] = vals[j];
     }
   } else {
     for (int64_t i = i0; i < numel; ++i) {

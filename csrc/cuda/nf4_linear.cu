@@ -14,13 +14,16 @@
 //   fp16/bf16 otherwise                          -> launch_nf4_mma_nt / _nn (tensor cores; false = unsupported)
 //   anything left (fp32, or what mma refuses)    -> nf4_simt_kernel (fp32 FMA)
 // LOWRANK_EXT_FORCE_KERNEL=gemv|mma|simt forces one path (tests, benchmarks); an unsupported forced path is
-// an error, never a silent fallback.
+// an error, never a silent fallback. The path that ran is recorded (last_kernel_path("nt" | "nn")).
+// fp16/bf16: every path multiplies the same operands — deq(W) rounded once to the activation dtype, the
+// LoRA input s·u rounded once to it — with exact products and fp32 sums, so paths differ only by the fp32
+// summation order (docs/kernels.md, "Results across paths"). The split-K GEMV's scratch is a persistent
+// per-(device, stream) workspace (gemv_workspace.h).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -28,6 +31,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "gemv_workspace.h"
+#include "lowrank_ext/kernel_path.h"
 #include "lowrank_ext/nf4_linear_args.h"
 #include "nf4_gemv_kernel.cuh"
 #include "nf4_mma.h"
@@ -87,21 +92,23 @@ void launch_gemv(const NF4MatmulParams& p, const at::Tensor& like, cudaStream_t 
   kslice = std::min<int64_t>(std::max<int64_t>(kslice, cuda::kGemvChunk), cuda::kGemvMaxKSlice);
   const int64_t splits = ceil_div(p.w.K, kslice);
   cuda::GemvArgs args{p, static_cast<int>(kslice), static_cast<int>(splits), nullptr, nullptr};
-  at::Tensor partial, counters;
-  if (splits > 1) {
-    partial = at::empty({splits, p.M, p.w.N}, like.options().dtype(at::kFloat));
-    counters = at::zeros({row_groups}, like.options().dtype(at::kInt));
-    args.partial = partial.mutable_data_ptr<float>();
-    args.counters = counters.mutable_data_ptr<int>();
-  }
   const dim3 grid(static_cast<unsigned>(row_groups), static_cast<unsigned>(splits));
-  dispatch_float(p.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if constexpr (!std::is_same_v<T, float>) {
-      cuda::nf4_gemv_kernel<T><<<grid, cuda::kGemvThreads, 0, stream>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
+  auto launch = [&] {
+    dispatch_float(p.dtype, [&](auto tag) {
+      using T = decltype(tag);
+      if constexpr (!std::is_same_v<T, float>) {
+        cuda::nf4_gemv_kernel<T><<<grid, cuda::kGemvThreads, 0, stream>>>(args);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+  };
+  if (splits == 1) return launch();
+  // Split-K scratch from the persistent per-(device, stream) workspace (gemv_workspace.h): no allocation
+  // or memset per call. The lease's lock is held until the kernel is launched.
+  const GemvWorkspaceLease ws(row_groups, splits * p.M * p.w.N, like.device(), stream);
+  args.partial = ws.partial();
+  args.counters = ws.counters();
+  launch();
 }
 
 template <bool kNN>
@@ -128,14 +135,16 @@ void run_nt(const NF4MatmulParams& p, const at::Tensor& like) {
               "be used with fp16/bf16, M <= 16, K % 32 == 0, an aligned weight and sm80+", "M = ", p.M,
               ", K = ", p.w.K);
     launch_gemv(p, like, stream);
+    record_kernel_path(KernelProduct::kNT, "gemv");
     return;
   }
   if (path == Path::kMma || (path == Path::kAuto && half)) {
-    if (launch_nf4_mma_nt(p, stream)) return;
+    if (launch_nf4_mma_nt(p, stream)) return record_kernel_path(KernelProduct::kNT, "mma");
     LRX_CHECK(path != Path::kMma, "nf4_linear", "LOWRANK_EXT_FORCE_KERNEL=mma", "be used with a supported shape",
               "M = ", p.M, ", N = ", p.w.N, ", K = ", p.w.K);
   }
   launch_simt<false>(p, stream);
+  record_kernel_path(KernelProduct::kNT, "simt");
 }
 
 // gx = gy · deq(W) (+ gu · lora_A) into p.out.
@@ -146,11 +155,12 @@ void run_nn(const NF4MatmulParams& p) {
   LRX_CHECK(path != Path::kGemv, "nf4_linear_grad_input", "LOWRANK_EXT_FORCE_KERNEL",
             "not be gemv for the grad-input (NN) product", "gemv");
   if (path == Path::kMma || (path == Path::kAuto && p.dtype != ActDType::kFloat32)) {
-    if (launch_nf4_mma_nn(p, stream)) return;
+    if (launch_nf4_mma_nn(p, stream)) return record_kernel_path(KernelProduct::kNN, "mma");
     LRX_CHECK(path != Path::kMma, "nf4_linear_grad_input", "LOWRANK_EXT_FORCE_KERNEL=mma",
               "be used with a supported shape", "M = ", p.M, ", N = ", p.w.N, ", K = ", p.w.K);
   }
   launch_simt<true>(p, stream);
+  record_kernel_path(KernelProduct::kNN, "simt");
 }
 
 NF4MatmulParams make_params(const NF4WeightView& w, const at::Tensor& a2d, at::Tensor& out2d) {

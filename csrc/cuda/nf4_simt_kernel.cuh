@@ -9,6 +9,10 @@
 // is decoded tile by tile into shared memory (any K: codes are addressed by nibble), never to global.
 // Tiles: 64 x 64 outputs per CTA of 256 threads (4 x 4 per thread, rows ty + 16i, cols tx + 16j),
 // reduction steps of 16, fp32 in shared memory, fp32 accumulation, one rounding at the store.
+// Operands for fp16/bf16 (T != float): deq(W) and the NT low-rank input s·u are rounded once to T before
+// they enter the tile — the values the mma and GEMV kernels multiply — so every path computes the same
+// exact products and differs from the others only in the fp32 summation order (docs/kernels.md,
+// "Results across paths"). For fp32, round_to is the identity.
 #pragma once
 
 #include "nf4_kernel.cuh"
@@ -69,7 +73,7 @@ __global__ void __launch_bounds__(kSimtThreads) nf4_simt_kernel(NF4MatmulParams 
           v = to_float<T>(a[m * p.lda + j]);
         } else if (j < J + R) {
           v = to_float<T>(a2[m * p.ld_lowrank + (j - J)]);
-          if (!kNN) v *= p.scaling;  // NT: the low-rank rows are scaling · u
+          if (!kNN) v = round_to<T>(p.scaling * v);  // NT: the low-rank rows are s · u, rounded once to T
         }
       }
       s_a[jj][mm] = v;
@@ -85,7 +89,7 @@ __global__ void __launch_bounds__(kSimtThreads) nf4_simt_kernel(NF4MatmulParams 
       float v = 0.f;
       if (col < P) {
         if (j < J) {
-          v = kNN ? nf4_element(w, s_code, bs_shift, j, col) : nf4_element(w, s_code, bs_shift, col, j);
+          v = round_to<T>(kNN ? nf4_element(w, s_code, bs_shift, j, col) : nf4_element(w, s_code, bs_shift, col, j));
         } else if (j < J + R) {
           v = kNN ? to_float<T>(b2[(j - J) * p.ld_lowrank_w + col]) : to_float<T>(b2[col * p.ld_lowrank_w + (j - J)]);
         }

@@ -10,22 +10,87 @@
 // CUDA 13 takes a cudaMemLocation in cudaMemPrefetchAsync (12.2+: cudaMemPrefetchAsync_v2); older
 // runtimes take a device ordinal (cudaCpuDeviceId for the host).
 // paged_prefetch's argument check: adamw_args.h, shared with the CPU (csrc/cpu/adamw.cpp).
+//
+// Where the runtime cannot prefetch. Without cudaDevAttrConcurrentManagedAccess (Windows WDDM, some vGPU
+// and container setups) cudaMemPrefetchAsync fails; paged_prefetch is then a no-op (the pages still
+// migrate on demand) and paged_prefetch_supported(device) says so.
+// CUDA graphs. cudaMallocManaged / cudaFree are not allowed while a stream captures (a cudaFree there
+// invalidates the capture). paged_zeros_like refuses during capture with a clear error; a tensor whose
+// storage dies while the current stream captures is not freed then but queued, and the queue is freed
+// by the next paged op or deleter that runs outside capture. paged_prefetch is skipped during capture
+// (it is a performance hint; a replay migrates pages on demand).
+// A failed cudaFree's error is cleared (cudaGetLastError) so that it is not reported by the next op.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
+
+#include <mutex>
+#include <string>
+#include <vector>
 
 #include "lowrank_ext/adamw_args.h"
 
 namespace lowrank_ext {
 namespace {
 
+// Whether the calling thread's current stream is capturing a CUDA graph.
+bool capturing() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &status);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// cudaFree that never leaves a sticky "last error" behind for the next op to report.
+void free_managed(void* p) {
+  if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
+}
+
+// Frees that arrived while a capture was running: freed by the next call outside capture.
+std::mutex& deferred_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+std::vector<void*>& deferred() {
+  static auto* v = new std::vector<void*>();  // leaked: safe to use from deleters at interpreter exit
+  return *v;
+}
+void free_deferred() {
+  std::vector<void*> todo;
+  {
+    const std::lock_guard<std::mutex> lock(deferred_mutex());
+    todo.swap(deferred());
+  }
+  for (void* p : todo) free_managed(p);
+}
+
+// The storage deleter. cudaFree synchronizes the device, so no kernel still uses the pages when they go.
+// A deleter must not throw: an error here (e.g. at interpreter exit) is cleared and dropped.
+void delete_managed(void* p) {
+  if (capturing()) {
+    const std::lock_guard<std::mutex> lock(deferred_mutex());
+    deferred().push_back(p);
+    return;
+  }
+  free_deferred();
+  free_managed(p);
+}
+
 at::Tensor paged_zeros_like_cuda(const at::Tensor& like, at::ScalarType dtype) {
   const c10::cuda::CUDAGuard guard(like.device());
+  LRX_CHECK(!capturing(), "paged_zeros_like", "the current stream",
+            "not be capturing a CUDA graph (cudaMallocManaged is not capturable: create the state before capture)",
+            "a capturing stream");
+  free_deferred();
   const size_t bytes = static_cast<size_t>(like.numel()) * c10::elementSize(dtype);
   const auto options = like.options().dtype(dtype);
   if (bytes == 0) return at::empty(like.sizes(), options);
@@ -33,14 +98,34 @@ at::Tensor paged_zeros_like_cuda(const at::Tensor& like, at::ScalarType dtype) {
   C10_CUDA_CHECK(cudaMallocManaged(&ptr, bytes, cudaMemAttachGlobal));
   const cudaError_t err = cudaMemsetAsync(ptr, 0, bytes, at::cuda::getCurrentCUDAStream());
   if (err != cudaSuccess) {
-    cudaFree(ptr);
+    (void)cudaGetLastError();  // report the memset's error below, not a later one
+    free_managed(ptr);
     C10_CUDA_CHECK(err);
   }
-  // cudaFree synchronizes the device, so no kernel still uses the pages when they go.
-  // A deleter must not throw: an error here (e.g. at interpreter exit) is dropped.
-  return at::from_blob(
-      ptr, like.sizes(), [](void* p) { (void)cudaFree(p); }, options);
+  return at::from_blob(ptr, like.sizes(), &delete_managed, options);
 }
+
+}  // namespace
+
+// cudaDevAttrConcurrentManagedAccess of `device`, cached per device (also the op paged_prefetch_supported).
+bool paged_prefetch_supported(int64_t device) {
+  LRX_CHECK(device >= 0, "paged_prefetch_supported", "device", "be a GPU ordinal >= 0", device);
+  static std::mutex mu;
+  static std::vector<int> cache;  // -1 unknown, 0 / 1
+  const std::lock_guard<std::mutex> lock(mu);
+  if (cache.empty()) cache.assign(static_cast<size_t>(c10::cuda::device_count()), -1);
+  LRX_CHECK(device < static_cast<int64_t>(cache.size()), "paged_prefetch_supported", "device",
+            "be < the number of GPUs (" + std::to_string(cache.size()) + ")", device);
+  int& c = cache[static_cast<size_t>(device)];
+  if (c < 0) {
+    int value = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrConcurrentManagedAccess, static_cast<int>(device)));
+    c = value != 0;
+  }
+  return c == 1;
+}
+
+namespace {
 
 bool is_managed_ptr(const void* ptr) {
   if (ptr == nullptr) return false;
@@ -53,10 +138,14 @@ bool paged_is_managed_cuda(const at::Tensor& t) { return is_managed_ptr(t.storag
 
 void paged_prefetch_cuda(const at::Tensor& t, int64_t device) {
   check_paged_prefetch_args(device);
+  const c10::cuda::CUDAGuard guard(t.device());
+  if (capturing()) return;  // a hint only: not issued into a graph
+  free_deferred();
   const void* ptr = t.storage().data();
   const size_t bytes = t.storage().nbytes();
   if (bytes == 0 || !is_managed_ptr(ptr)) return;
-  const c10::cuda::CUDAGuard guard(t.device());
+  // Without concurrent managed access the runtime refuses prefetches: run without (on-demand migration).
+  if (!paged_prefetch_supported(device >= 0 ? device : t.device().index())) return;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 #if CUDART_VERSION >= 12020
   cudaMemLocation loc{};

@@ -75,9 +75,10 @@ def quantize_nf4_ref(x: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     padded[:n] = flat
     blocks = padded.view(nb, blocksize)
     absmax = blocks.abs().amax(dim=1)
-    scaled = blocks * (1.0 / absmax)[:, None]
+    m = absmax.clamp_min(1e-38)  # bitsandbytes' clamp before the reciprocal (subnormal blocks); absmax is stored as is
+    scaled = blocks * (1.0 / m)[:, None]
     if n % blocksize:  # bitsandbytes divides in the partial last block
-        scaled[-1] = blocks[-1] / absmax[-1]
+        scaled[-1] = blocks[-1] / m[-1]
     mids = (NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2
     codes = (scaled.unsqueeze(-1) > mids).sum(-1).to(torch.uint8)
     codes[absmax == 0] = 7

@@ -20,11 +20,12 @@ def optim_maps() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def adamw_step_ref(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step) -> None:
-    """In place, fp32 math; p may be fp16/bf16 (rounded once at the end)."""
+    """In place, in the state's dtype: fp32 math for fp32 state (p may be fp16/bf16, rounded once at the
+    end), float64 math when m and v are float64 (the doctor's oracle)."""
     bc1 = 1 - beta1**step
     bc2_sqrt = math.sqrt(1 - beta2**step)
-    pf = p.float() * (1 - lr * weight_decay)
-    gf = g.float()
+    pf = p.to(m.dtype) * (1 - lr * weight_decay)
+    gf = g.to(m.dtype)
     m.lerp_(gf, 1 - beta1)
     v.mul_(beta2).addcmul_(gf, gf, value=1 - beta2)
     pf.addcdiv_(m, v.sqrt() / bc2_sqrt + eps, value=-lr / bc1)

