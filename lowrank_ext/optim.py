@@ -80,7 +80,10 @@ class _FusedAdamW(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)  # may be a generator
         param_group["params"] = params
         for p in params:
-            if isinstance(p, torch.Tensor) and p.dtype not in _FLOAT_DTYPES:
+            # A frozen non-float nn.Parameter (NF4 storage bytes of a QLoRA model) is accepted and never stepped,
+            # as torch.optim.AdamW does, so `Optimizer(model.parameters())` keeps working.
+            frozen_storage = isinstance(p, torch.nn.Parameter) and not p.requires_grad
+            if isinstance(p, torch.Tensor) and p.dtype not in _FLOAT_DTYPES and not frozen_storage:
                 raise TypeError(f"{self._name()}: params must be float32, float16 or bfloat16, got {p.dtype}")
         if param_group.get("amsgrad", False):
             raise ValueError(f"{self._name()}: amsgrad must be False (AMSGrad is not supported), got True")
