@@ -41,8 +41,8 @@ from lowrank_ext.nn import functional as LF
 from lowrank_ext.nn.linear4bit import NF4_PARAMS, NF4WeightHolder, is_sharded
 from lowrank_ext.ops import nf4_row_sqnorm
 
-__all__ = ["load_checkpoint", "materialize", "nf4_bytes", "save_checkpoint", "shard_model", "transformer_blocks",
-           "wrap_ddp"]
+__all__ = ["embedding_units", "load_checkpoint", "materialize", "nf4_bytes", "save_checkpoint", "shard_model",
+           "transformer_blocks", "wrap_ddp"]
 
 _CONSTS = ("weight_nested_absmax", "weight_nested_map", "weight_offset")
 
@@ -80,6 +80,24 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
+def embedding_units(model: nn.Module) -> list[nn.Module]:
+    """The input and output embeddings (get_input_embeddings / get_output_embeddings of a transformers model)
+    when they share no parameter: shard_model wraps each on its own, so the large vocabulary matrices are
+    gathered only around their own use instead of for the whole forward with the root. Tied ones stay with
+    the root (a shared parameter belongs to one unit)."""
+    units = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        m = fn() if callable(fn) else None
+        if isinstance(m, nn.Module) and m is not model:
+            units.append(m)
+    if len(units) == 2:
+        a, b = ({id(p) for p in u.parameters()} for u in units)
+        if a & b:
+            return []
+    return units
+
+
 def default_mesh(model: nn.Module | None = None):
     """A 1-D DeviceMesh over every rank, on CUDA when the process group is NCCL, else on the CPU."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -90,17 +108,19 @@ def default_mesh(model: nn.Module | None = None):
 
 def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True, mp_policy=None, *,
                 blocks: Iterable[nn.Module] | None = None) -> nn.Module:
-    """FSDP2: `fully_shard` each transformer block (transformer_blocks(model), or `blocks`), then the root,
-    with the same mesh / reshard_after_forward / mp_policy (a torch MixedPrecisionPolicy; None: none). The NF4
-    bytes, LoRA parameters, norms and embeddings are then sharded on dim 0 across the mesh; each block's are
-    gathered for its forward and backward and freed after. Returns the model (its class becomes FSDP<cls>)."""
+    """FSDP2: `fully_shard` each transformer block and each untied embedding (transformer_blocks(model) +
+    embedding_units(model), or `blocks`), then the root, with the same mesh / reshard_after_forward / mp_policy
+    (a torch MixedPrecisionPolicy; None: none). The NF4 bytes, LoRA parameters, norms and embeddings are then
+    sharded on dim 0 across the mesh; each unit's are gathered for its forward and backward and freed after.
+    mesh: a 1-D DeviceMesh (FSDP), a 2-D one (HSDP: replicate across its first dimension, shard across the
+    second), or None for every rank. Returns the model (its class becomes FSDP<cls>)."""
     _require_dist("shard_model")
     _refuse_fsdp1(model, "shard_model")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kw = {"mesh": mesh if mesh is not None else default_mesh(model), "reshard_after_forward": reshard_after_forward,
           "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
-    for block in (transformer_blocks(model) if blocks is None else list(blocks)):
+    for block in (transformer_blocks(model) + embedding_units(model) if blocks is None else list(blocks)):
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model

@@ -522,9 +522,43 @@ def trainer_resume(rank: int, world: int, tmp: str) -> dict:
     return out
 
 
+def hsdp(rank: int, world: int, tmp: str) -> dict:
+    """shard_model on a 2-D mesh (HSDP: replicate x shard). On (2, 1) every rank holds whole tensors and FSDP2
+    all-reduces gradients across the replicate dimension: equal to the averaged-gradient reference, 8-bit state
+    included (one shard: the blocks of an unsharded tensor)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    m, ref = toy(), toy()
+    LD.shard_model(m, mesh=mesh)
+    opt = L.optim.AdamW8bit(trainable(m), lr=1e-2, min_8bit_size=1)
+    ropt = L.optim.AdamW8bit(trainable(ref), lr=1e-2, min_8bit_size=1)
+    losses, refs = [], []
+    for s in range(STEPS):
+        x = toy_batch(s, rank, world)
+        loss = toy_loss(m, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        refs.append(ref_step(ref, ropt, toy_loss(ref, x)))
+    p = trainable(m)[0]
+    return {"equal": losses == refs, "lora_equal": lora_equal(m, ref), "placements": str(tuple(p.placements)),
+            "absmax_shape": list(opt.state[p]["absmax1"].shape), "blocks": len(LD.transformer_blocks(m)),
+            "embedding_units": len(LD.embedding_units(tiny())), "tied_units": len(LD.embedding_units(_tied()))}
+
+
+def _tied() -> nn.Module:
+    from _tiny_models import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.LlamaForCausalLM(cfg)
+
+
 SCENARIOS = {"fsdp_parity": fsdp_parity, "memory": memory, "mixed_precision": mixed_precision,
              "negatives": negatives, "ddp": ddp, "checkpoint_resume": checkpoint_resume, "export": export,
-             "materialize": materialize, "trainer_resume": trainer_resume}
+             "materialize": materialize, "trainer_resume": trainer_resume, "hsdp": hsdp}
 
 
 def run_all(rank: int, world: int, port: int, tmp: str, names: list[str]) -> None:

@@ -73,6 +73,14 @@ def test_fsdp2_parity_with_averaged_gradient_reference(runs, case):
         assert r["concat_close"], (r["mean"], r["concat"])  # and one process on the concatenated batch
 
 
+def test_hsdp_2d_mesh_parity(runs):
+    for r in _get(runs, "hsdp"):
+        assert r["equal"] and r["lora_equal"]
+        assert r["placements"] == "(Replicate(), Shard(dim=0))" and r["absmax_shape"] == [1, 1]
+        assert r["blocks"] == 2  # the toy's two blocks; a tiny Llama's untied embeddings get their own units
+        assert (r["embedding_units"], r["tied_units"]) == (2, 0)
+
+
 @pytest.mark.parametrize("cls", ["AdamW8bit", "PagedAdamW8bit"])
 def test_fsdp2_8bit_optimizers_step_each_local_shard(runs, cls):
     for res in _get(runs, "fsdp_parity"):
