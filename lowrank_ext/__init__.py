@@ -13,11 +13,10 @@ This module only re-exports; `import lowrank_ext` loads none of transformers, pe
 matplotlib or safetensors (they are imported where they are used).
 """
 
-from lowrank_ext import nn, ops, optim
+from lowrank_ext import distributed, nn, ops, optim  # distributed: torch.distributed is imported lazily
 from lowrank_ext._extension import build_info, has_cuda_kernels  # first: loads _C or fails loudly
 from lowrank_ext.adapters import *
 from lowrank_ext.adapters import __all__ as _adapters_all
-from lowrank_ext import distributed  # lowrank_ext.distributed.shard_model, ... (torch.distributed: lazily)
 from lowrank_ext.finetune.rank_allocation import allocate_ranks
 from lowrank_ext.nf4 import NF4Weight, quantize_nf4
 

@@ -41,8 +41,8 @@ from lowrank_ext.nn import functional as LF
 from lowrank_ext.nn.linear4bit import NF4_PARAMS, NF4WeightHolder, is_sharded
 from lowrank_ext.ops import nf4_row_sqnorm
 
-__all__ = ["embedding_units", "load_checkpoint", "materialize", "nf4_bytes", "save_checkpoint", "shard_model",
-           "transformer_blocks", "wrap_ddp"]
+__all__ = ["embedding_units", "is_sharded", "load_checkpoint", "materialize", "nf4_bytes", "save_checkpoint",
+           "shard_model", "transformer_blocks", "wrap_ddp"]
 
 _CONSTS = ("weight_nested_absmax", "weight_nested_map", "weight_offset")
 

@@ -249,14 +249,47 @@ def mixed_precision(rank: int, world: int, tmp: str) -> dict:
         layer.register_forward_pre_hook(hook)
         LD.shard_model(m, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
         opt = L.optim.PagedAdamW(trainable(m), lr=1e-2)
+        calls = _OpCounter()
         for s in range(2):
             ids = llama_batch(s, rank, world)
-            llama_loss(m, ids).backward()
+            with calls if s == 0 else _nothing():
+                llama_loss(m, ids).backward()
             opt.step()
             opt.zero_grad()
+        seen["op_calls"] = dict(calls.counts)  # the fused ops ran, once per layer, on the gathered weight
+        seen["resharded_after"] = LD.is_sharded(layer.weight_packed)
         after = all(torch.equal(full(getattr(layer, n).detach()), t) for n, t in want.items())
-        out["dq" if dq else "plain"] = {**seen, "unchanged_after_training": after}
+        # a sharded model's state_dict(): bitsandbytes' keys, the bytes as DTensor shards of the global tensors
+        sd = m.state_dict()
+        pre = "model.layers.0.self_attn.q_proj."
+        w, a = sd[pre + "weight"], sd[pre + "weight.absmax"]
+        sd_ok = (type(w).__name__ == "DTensor" and tuple(w.shape) == tuple(want_w.packed.shape)
+                 and torch.equal(w.full_tensor(), want_w.packed) and a.dtype == want_w.absmax.dtype
+                 and torch.equal(a.full_tensor(), want_w.absmax) and pre + "weight_packed" not in sd)
+        out["dq" if dq else "plain"] = {**seen, "unchanged_after_training": after, "state_dict_ok": sd_ok}
     return out
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the lowrank_ext ops dispatched inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith("lowrank_ext."):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def negatives(rank: int, world: int, tmp: str) -> dict:
@@ -365,7 +398,7 @@ def checkpoint_resume(rank: int, world: int, tmp: str) -> dict:
                 losses.append(loss.item())
             return losses
 
-        def fresh(mesh=None):
+        def fresh(mesh=None, cls=cls):
             m = tiny(dropout=0.1)
             m.train()
             LD.shard_model(m, mesh=mesh)
@@ -432,10 +465,9 @@ def materialize(rank: int, world: int, tmp: str) -> dict:
     """A model built on the meta device, sharded, then materialized: from the dense checkpoint each rank
     quantizes whole tensors and keeps its rows (bytes equal to sharding the fully built model); from a 4-bit
     safetensors file (bitsandbytes' layout) each rank reads its rows only; losses equal."""
+    from _tiny_models import tiny_llama
     from safetensors.torch import save_file
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    from _tiny_models import tiny_llama
 
     dense = tiny_llama(0)
     dense_path, q_path = os.path.join(tmp, "dense.safetensors"), os.path.join(tmp, "qlora.safetensors")
@@ -454,8 +486,8 @@ def materialize(rank: int, world: int, tmp: str) -> dict:
         LD.shard_model(m)
         whole, part = [], []  # what materialize reads: whole tensors, and row ranges
         get, rows = LD._Source.get, LD._Source.rows
-        LD._Source.get = lambda self, k: whole.append(k) or get(self, k)
-        LD._Source.rows = lambda self, k, a, b: part.append((k, b - a)) or rows(self, k, a, b)
+        LD._Source.get = lambda self, k, whole=whole, get=get: whole.append(k) or get(self, k)
+        LD._Source.rows = lambda self, k, a, b, part=part, rows=rows: part.append((k, b - a)) or rows(self, k, a, b)
         try:
             LD.materialize(m, dense_path if src == "dense" else q_path, "cpu", buffers=rotary, seed=0)
         finally:
@@ -498,7 +530,7 @@ def trainer_resume(rank: int, world: int, tmp: str) -> dict:
         cfg = TrainConfig(steps=4, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=2, progress=False)
         evals = [llama_batch(99, 0, 1)]
 
-        def trainer(d):
+        def trainer(d, ctx=ctx, cfg=cfg, evals=evals):
             m = tiny(dropout=0.1)
             m.train()
             torch.manual_seed(77 + rank)

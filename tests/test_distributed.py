@@ -28,7 +28,7 @@ pytest.importorskip("transformers")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available in this torch build", allow_module_level=True)
 
-from _dist_scenarios import SCENARIOS, run_all  # noqa: E402  (needs transformers)
+from _dist_scenarios import SCENARIOS, run_all
 
 WORLD = 2
 
@@ -110,8 +110,11 @@ def test_bf16_mixed_precision_keeps_nf4_bytes_identical(runs, fmt):
     for res in _get(runs, "mixed_precision"):
         r = res[fmt]
         assert r["dtypes"] == ["torch.uint8", "torch.uint8"]
-        assert r["bytes_equal"] and r["absmax_equal"] and r["unchanged_after_training"]
+        assert r["bytes_equal"] and r["absmax_equal"] and r["unchanged_after_training"] and r["state_dict_ok"]
         assert r["lora_dtype"] == r["x_dtype"] == "torch.bfloat16"  # the policy did apply to the float params
+        # the fused op ran once per layer forward and backward (on the gathered weight), then FSDP2 resharded
+        assert r["op_calls"] == {"lowrank_ext.nf4_lora_linear": 14, "lowrank_ext.nf4_lora_linear_backward": 14}
+        assert r["resharded_after"]
 
 
 def test_sharded_layer_outside_fsdp_hooks_is_a_clear_error(runs):
@@ -178,9 +181,8 @@ def test_dist_trainer_resume_is_identical(runs, parallel):
 # ------------------------------------------------------------------------------------------ export
 def test_exported_adapter_equals_single_process_and_loads_in_peft(runs):
     peft = pytest.importorskip("peft")
-    from safetensors.torch import load_file
-
     from _tiny_models import tiny_llama
+    from safetensors.torch import load_file
 
     _get(runs, "export")
     d = Path(runs["_tmp"])
@@ -301,14 +303,22 @@ def _finetune(*argv: str) -> subprocess.CompletedProcess:
                           env=env, timeout=600, cwd=Path(__file__).resolve().parent.parent, check=False)
 
 
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "lowrank_ext", "finetune", *argv], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=Path(__file__).resolve().parent.parent, check=False)
+
+
 @needs_model
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
-def test_finetune_nproc_2_end_to_end(tmp_path, tiny_model_dir, parallel):
+@pytest.mark.parametrize("parallel,launcher", [("fsdp", "--nproc"), ("ddp", "torchrun")])
+def test_finetune_nproc_2_end_to_end(tmp_path, tiny_model_dir, parallel, launcher):
+    """`finetune --nproc 2` launches its own processes; under torchrun the same command joins torchrun's."""
     out = tmp_path / "out"
     base = ["--model", str(tiny_model_dir), "--output", str(out), *TINY, "--parallel", parallel]
-    argv = [*base, "--nproc", "2"]
-    r = _finetune(*argv)
+    argv, run = ([*base, "--nproc", "2"], _finetune) if launcher == "--nproc" else (base, _torchrun)
+    r = run(*argv)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("summary") == 1 and "reloaded adapter loss" in r.stdout and "(matches)" in r.stdout
     assert r.stdout.count("sample after:") == 1  # rank 0 alone prints
@@ -317,12 +327,24 @@ def test_finetune_nproc_2_end_to_end(tmp_path, tiny_model_dir, parallel):
     before, after = (float(x) for x in r.stdout.split("held-out loss (nats)")[1].split("(")[0].split("->"))
     assert after != before and math.isfinite(after)
     # resuming the finished run restores the sharded checkpoint and adds no step
-    r2 = _finetune(*argv, "--resume")
+    r2 = run(*argv, "--resume")
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert f"{after:.4f} -> {after:.4f}" in r2.stdout
     # the checkpoint belongs to a 2-process run: one process refuses it (a sharded checkpoint)
     r3 = _finetune(*base, "--resume")
     assert r3.returncode == 2 and "lowrank_ext.train: checkpoint must have format" in r3.stderr
+
+
+def test_setup_refuses_nproc_other_than_torchruns(monkeypatch):
+    from lowrank_ext.finetune import parallel
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert parallel.launched()
+    with pytest.raises(ValueError, match=r"lowrank_ext finetune: --nproc must match the processes torchrun started "
+                                         r"on this node \(2\), got 3"):
+        parallel.setup("fsdp", "cpu", 3)
 
 
 def test_finetune_nproc_argument_errors(tmp_path, capsys):
