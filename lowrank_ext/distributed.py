@@ -241,7 +241,7 @@ def _fill(p: torch.Tensor, full_or_rows: torch.Tensor, rows_given: bool = False)
 
 @torch.no_grad()
 def materialize(model: nn.Module, source: Mapping[str, torch.Tensor] | str | os.PathLike | Iterable,
-                device: torch.device | str | None = None, *, buffers: Mapping[str, torch.Tensor] | None = None,
+                device: torch.device | str | None = None, *, extra: Mapping[str, torch.Tensor] | None = None,
                 seed: int = 0) -> nn.Module:
     """Allocate and fill a model built on the meta device (inject()-ed, usually shard_model()-ed), each rank
     only its shard, without ever holding the whole model.
@@ -254,10 +254,11 @@ def materialize(model: nn.Module, source: Mapping[str, torch.Tensor] | str | os.
     safetensors file only this rank's rows of `weight` and `weight.absmax` are read. Adapter parameters found
     in source are loaded; others are initialized as inject() does (LoRA A: kaiming-uniform from a generator
     seeded with `seed`, the same on every rank; B: zeros; DoRA magnitude: row norms of the weight).
-    buffers: tensors for meta buffers that are neither in source nor NF4 constants (e.g. a transformers model's
-    rotary `inv_freq`, non-persistent); every meta tensor must end up filled, or a ValueError names them."""
+    extra: tensors by the model's names for what source does not hold: a transformers model's non-persistent
+    buffers (rotary `inv_freq`), or adapter tensors to start from. Every meta tensor must end up filled, or a
+    ValueError names the missing ones."""
     src = _Source(source)
-    extra = dict(buffers or {})
+    extra = dict(extra or {})
     if device is None:
         device = "cuda" if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl" else "cpu"
     device = torch.device(device)
@@ -288,7 +289,7 @@ def materialize(model: nn.Module, source: Mapping[str, torch.Tensor] | str | os.
     whole.clear()
     if todo:
         raise ValueError(f"lowrank_ext::materialize: source must hold every tensor of the model, got "
-                         f"{len(todo)} missing, e.g. {sorted(todo)[:6]} (buffers= takes the non-persistent ones)")
+                         f"{len(todo)} missing, e.g. {sorted(todo)[:6]} (extra= takes the non-persistent buffers)")
     return model
 
 

@@ -489,7 +489,7 @@ def materialize(rank: int, world: int, tmp: str) -> dict:
         LD._Source.get = lambda self, k, whole=whole, get=get: whole.append(k) or get(self, k)
         LD._Source.rows = lambda self, k, a, b, part=part, rows=rows: part.append((k, b - a)) or rows(self, k, a, b)
         try:
-            LD.materialize(m, dense_path if src == "dense" else q_path, "cpu", buffers=rotary, seed=0)
+            LD.materialize(m, dense_path if src == "dense" else q_path, "cpu", extra=rotary, seed=0)
         finally:
             LD._Source.get, LD._Source.rows = get, rows
         mine, theirs = dict(m.named_parameters()), dict(ref.named_parameters())

@@ -189,7 +189,8 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     backend = fb.get_backend(a.backend, a.optimizer)
 
     t0 = time.perf_counter()
-    lm = load_causal_lm(a.model)
+    sharded_load = parallel.loads_sharded(a, dctx)  # FSDP: built on the meta device, each rank reads its shard
+    lm = load_causal_lm(a.model, meta=sharded_load)
     print(f"model: {lm.source} ({'cached' if lm.from_cache else 'loaded'}) in {time.perf_counter() - t0:.1f}s",
           flush=True)
     micro = a.batch_size
@@ -201,7 +202,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
           flush=True)
     prompt = _prompt(split_documents(docs).heldout[0])
     targets = _targets(a.targets)
-    model = lm.model.to(device)
+    model = lm.model if sharded_load else lm.model.to(device)
     total_params = sum(p.numel() for p in model.parameters())
 
     rank_pattern = None
@@ -221,11 +222,19 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                        if n in set(fb.target_names(model, targets)))
     model = backend.inject(model, spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sample_before = _generate(model, lm.tokenizer, prompt, a.gen_tokens, device)
     if dctx is not None:
         model = dctx.wrap(model)  # FSDP2: the NF4 bytes, LoRA and optimizer state sharded; or DDP
-        if rank:
-            torch.manual_seed(a.seed + rank)  # the same weights everywhere, each rank its own dropout masks
+        if sharded_load:
+            parallel.materialize_from_dir(model, Path(lm.source), device, a.seed)
+        from lowrank_ext.distributed import nf4_bytes
+
+        local, whole = nf4_bytes(model)
+        print(f"{world} processes, {dctx.parallel}: NF4 bytes on rank 0 {local:,} of {whole:,}"
+              + (" (built on the meta device; each rank read only its shard)" if sharded_load else ""), flush=True)
+    sample_before = _generate(model if dctx is None else dctx.unwrap(model), lm.tokenizer, prompt, a.gen_tokens,
+                              device)
+    if rank:
+        torch.manual_seed(a.seed + rank)  # the same weights everywhere, each rank its own dropout masks
 
     cfg = TrainConfig(steps=a.steps, batch_size=micro, grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup,
                       max_grad_norm=a.max_grad_norm or None, checkpoint_every=a.checkpoint_every,
@@ -253,12 +262,16 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         if dctx.parallel == "fsdp" or dctx.is_main:
             backend.save(dctx.unwrap(model), out)
         dctx.barrier()
-        if not dctx.is_main:  # rank 0 alone reloads, checks and reports
+        if sharded_load:  # every rank: a fresh sharded model filled from the base weights and the adapter file
+            reload_loss = parallel.reload_sharded(
+                a, lambda: backend.inject(load_causal_lm(a.model, meta=True).model, spec), out, eval_batches, dctx)
+        if not dctx.is_main:  # rank 0 alone checks and reports
             return {"eval_before": result.eval_before, "eval_after": result.eval_after, "rank": rank}
     adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    fresh = load_causal_lm(a.model).model.to(device)
-    reloaded = backend.load(fresh, out, spec)
-    reload_loss = evaluate(reloaded, eval_batches, device)
+    if not sharded_load:
+        fresh = load_causal_lm(a.model).model.to(device)
+        reloaded = backend.load(fresh, out, spec)
+        reload_loss = evaluate(reloaded, eval_batches, device)
     reload_ok = abs(reload_loss - result.eval_after) <= 1e-3 * max(1.0, abs(result.eval_after))
 
     fp32_bytes = 4 * target_numel

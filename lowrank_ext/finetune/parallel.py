@@ -125,6 +125,69 @@ def setup(parallel: str, device: str, nproc: int | None) -> DistContext:
     return DistContext(rank, world, local, dev, parallel)
 
 
+# ---------------------------------------------------------------- loading without a whole copy per rank
+def model_dir(model: str, dctx: DistContext) -> Path:
+    """The directory the run's weights come from (the packaged model: its cached conversion, made by rank 0
+    while the others wait, so no two processes convert it at once)."""
+    from lowrank_ext.finetune.models import DEFAULT_MODEL, _cached_smollm2, check_model_dir
+
+    if model != DEFAULT_MODEL:
+        return check_model_dir(model)
+    if dctx.is_main:
+        _cached_smollm2()
+    dctx.barrier()
+    return _cached_smollm2()[0]
+
+
+def loads_sharded(a, dctx: DistContext | None) -> bool:
+    """Whether this run builds the model on the meta device and each rank reads only its shard: FSDP with our
+    layers, weights in safetensors files, and nothing that needs the whole dense model first (--rank-budget
+    takes dense gradients; VeRA's shared matrices are not in the checkpoint)."""
+    if dctx is None:
+        return False
+    directory = model_dir(a.model, dctx)  # every rank: rank 0 converts the packaged model first
+    if dctx.parallel != "fsdp" or a.backend != "lowrank_ext" or a.rank_budget or a.variant == "vera":
+        return False
+    return any(directory.glob("*.safetensors"))
+
+
+def config_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Non-persistent buffers a checkpoint does not hold (a transformers model's rotary `inv_freq`), computed by
+    building each module that has meta buffers once more from its `config`, on the CPU (small modules)."""
+    out = {}
+    for name, m in model.named_modules():
+        metas = [n for n, b in m.named_buffers(recurse=False) if b.is_meta and n in m._non_persistent_buffers_set]
+        if metas and hasattr(m, "config"):
+            fresh = type(m)(m.config)
+            out.update({f"{name}.{n}" if name else n: getattr(fresh, n) for n in metas})
+    return out
+
+
+def materialize_from_dir(model: torch.nn.Module, directory: Path, device: torch.device, seed: int,
+                         adapter: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    from lowrank_ext import distributed as LD
+
+    return LD.materialize(model, directory, device, extra={**config_buffers(model), **(adapter or {})}, seed=seed)
+
+
+def reload_sharded(a, build, out: Path, eval_batches, dctx: DistContext) -> float:
+    """The held-out loss of the adapter just written, reloaded into a fresh sharded model (every rank: a
+    meta model, injected, sharded, then filled from the base weights and the adapter file)."""
+    from safetensors.torch import load_file
+
+    from lowrank_ext import distributed as LD
+    from lowrank_ext.adapters import adapter_state_dict
+    from lowrank_ext.finetune.trainer import evaluate
+
+    fresh = build()
+    LD.shard_model(fresh)
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    names = {id(p): n for n, p in fresh.named_parameters()}
+    adapter = {names[id(t)]: saved[k] for k, t in adapter_state_dict(fresh).items() if id(t) in names}
+    materialize_from_dir(fresh, model_dir(a.model, dctx), dctx.device, a.seed, adapter)
+    return evaluate(fresh, eval_batches, dctx.device)
+
+
 def _rng_state() -> dict[str, torch.Tensor]:
     """This rank's RNG streams as tensors only (a checkpoint unpickles nothing): torch CPU (and CUDA when
     initialised), Python's random, numpy's global generator."""
