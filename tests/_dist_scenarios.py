@@ -547,7 +547,26 @@ def trainer_resume(rank: int, world: int, tmp: str) -> dict:
         c = trainer(d2)
         torch.manual_seed(5)  # the resumed RNG comes from the checkpoint
         rc = c.train(resume=True)
-        out[parallel] = {"straight": [h["loss"] for h in ra.history], "resumed": [h["loss"] for h in rc.history],
+        errors = {}
+        if parallel == "fsdp":  # a checkpoint from one process, none at all, a different run: clear refusals
+            from lowrank_ext.finetune.trainer import Trainer
+
+            single_dir = os.path.join(tmp, f"single_rank{rank}")
+            plain = tiny()
+            Trainer(plain, lambda i: llama_batch(i, 0, 1), evals, cfg, checkpoint_dir=single_dir).save_checkpoint()
+            for key, d in (("single", single_dir), ("missing", os.path.join(tmp, "nothing_here"))):
+                try:
+                    trainer(d).load_checkpoint()
+                except (ValueError, FileNotFoundError) as e:
+                    errors[key] = f"{type(e).__name__}: {e}"
+            other = trainer(d2)
+            other.fingerprint["seq_len"] = 99
+            try:
+                other.load_checkpoint()
+            except ValueError as e:
+                errors["other_run"] = str(e)
+        out[parallel] = {"errors": errors,
+                         "straight": [h["loss"] for h in ra.history], "resumed": [h["loss"] for h in rc.history],
                          "equal": [h["loss"] for h in ra.history] == [h["loss"] for h in rc.history],
                          "lora_equal": lora_equal(a.model, c.model), "eval_equal": ra.eval_after == rc.eval_after,
                          "files": sorted(os.listdir(d2))}

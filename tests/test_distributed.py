@@ -188,6 +188,16 @@ def test_dist_trainer_resume_is_identical(runs, parallel):
         r = res[parallel]
         assert r["equal"] and r["lora_equal"] and r["eval_equal"], (r["straight"], r["resumed"])
         assert r["files"] == ["shards-step4", "trainer_state.pt"]  # older shards removed
+    if parallel == "fsdp":
+        for res in runs["trainer_resume"]:
+            e = res["fsdp"]["errors"]
+            assert e["single"].startswith("ValueError: lowrank_ext.train: checkpoint must have format "
+                                          "'lowrank_ext.train.sharded/1' (a sharded checkpoint; resume a "
+                                          "single-process run without --nproc), got 'lowrank_ext.train/1'")
+            assert e["missing"].startswith("FileNotFoundError: lowrank_ext.train: resume must point at a directory "
+                                           "holding trainer_state.pt")
+            assert e["other_run"].startswith("lowrank_ext.train: checkpoint must match this run, got differences: "
+                                             "seq_len in this run but not in the checkpoint")
 
 
 # ------------------------------------------------------------------------------------------ export
