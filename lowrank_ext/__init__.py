@@ -4,15 +4,16 @@ NF4 4-bit quantization in bitsandbytes' format, fused dequantize+matmul+LoRA ops
 CPU and CUDA), paged 8-bit optimizers, LoRA/QLoRA/DoRA/VeRA layers and PEFT-format adapter files. All
 kernels are `torch.ops.lowrank_ext.*` custom ops.
 
-Three layers, each importing only from the ones below it (docs/architecture.md):
+Layers, each importing only from the ones below it (docs/architecture.md):
     core          _extension, nf4, ops/, nn/, optim        kernels' Python side and layers; torch only
     adapters/     the PEFT-compatible layer                 configs, injector, management, files, bnb import
+    distributed   several processes                         FSDP2 sharding of the NF4 base, DDP, sharded checkpoints
     finetune/     the application                           command line, trainer, data, models, benches
 This module only re-exports; `import lowrank_ext` loads none of transformers, peft, bitsandbytes,
 matplotlib or safetensors (they are imported where they are used).
 """
 
-from lowrank_ext import nn, ops, optim
+from lowrank_ext import distributed, nn, ops, optim  # distributed: torch.distributed is imported lazily
 from lowrank_ext._extension import build_info, has_cuda_kernels, last_kernel_path  # first: loads _C or fails loudly
 from lowrank_ext.adapters import *
 from lowrank_ext.adapters import __all__ as _adapters_all
@@ -45,5 +46,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lowrank_ext' has no attribute {name!r}")
 
 
-__all__ = ["NF4Weight", "allocate_ranks", "build_info", "has_cuda_kernels", "last_kernel_path", "nn", "ops", "optim",
-           "quantize_nf4", *_adapters_all]
+__all__ = ["NF4Weight", "allocate_ranks", "build_info", "distributed", "has_cuda_kernels", "last_kernel_path", "nn",
+           "ops", "optim", "quantize_nf4", *_adapters_all]

@@ -21,7 +21,7 @@ from lowrank_ext._reference.nf4 import NESTED_BLOCKSIZE, NF4_CODEBOOK, VALID_BLO
 # with ops/linear.py above this module: ops/linear.py takes NF4Weight arguments).
 _lib = torch.ops.lowrank_ext
 
-__all__ = ["NF4Weight", "quantize_nf4"]
+__all__ = ["NF4Weight", "bnb_state_dict", "quantize_nf4"]
 
 _FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
@@ -157,24 +157,8 @@ class NF4Weight:
     # ---- bitsandbytes / Hugging Face state dicts --------------------------------------------
     def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """Exactly the keys and tensors bitsandbytes' Linear4bit writes for its weight."""
-        meta = {
-            "quant_type": "nf4",
-            "blocksize": self.blocksize,
-            "dtype": _FLOAT_DTYPES[self.dtype],
-            "shape": tuple(self.shape),
-        }
-        sd = {
-            prefix + "weight": self.packed,
-            prefix + "weight.absmax": self.absmax,
-            prefix + "weight.quant_map": NF4_CODEBOOK.to(self.device),
-        }
-        if self.double_quant:
-            sd[prefix + "weight.nested_absmax"] = self.nested_absmax
-            sd[prefix + "weight.nested_quant_map"] = self.nested_map.clone()
-            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32",
-                        nested_offset=self.offset.item())
-        sd[prefix + _QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
-        return sd
+        return bnb_state_dict(prefix, self.packed, self.absmax, self.nested_absmax, self.nested_map, self.offset,
+                              self.shape, self.dtype, self.blocksize)
 
     @classmethod
     def from_bnb_state_dict(cls, sd: Mapping[str, torch.Tensor], prefix: str = "") -> NF4Weight:
@@ -282,6 +266,25 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     qabsmax, nested_absmax, offset = _lib.double_quant(absmax, nested_map)
     return NF4Weight(packed, qabsmax, w.shape, w.dtype, blocksize, nested_absmax, nested_map, offset)
 
+
+def bnb_state_dict(prefix: str, packed: torch.Tensor, absmax: torch.Tensor, nested_absmax: torch.Tensor | None,
+                   nested_map: torch.Tensor | None, offset: torch.Tensor | None, shape: tuple[int, ...] | torch.Size,
+                   dtype: torch.dtype, blocksize: int) -> dict[str, torch.Tensor]:
+    """bitsandbytes' Linear4bit weight keys from the NF4 bundle (NF4Weight.to_bnb_state_dict). The packed and
+    absmax tensors are passed through as they are, so a layer whose bytes are sharded (FSDP2 DTensors) writes
+    its shards under the same keys; the double-quant constants (replicated, tiny) are plain tensors."""
+    meta = {"quant_type": "nf4", "blocksize": int(blocksize), "dtype": _FLOAT_DTYPES[dtype], "shape": tuple(shape)}
+    sd = {
+        prefix + "weight": packed,
+        prefix + "weight.absmax": absmax,
+        prefix + "weight.quant_map": NF4_CODEBOOK.to(packed.device),
+    }
+    if absmax.dtype == torch.uint8:
+        sd[prefix + "weight.nested_absmax"] = nested_absmax
+        sd[prefix + "weight.nested_quant_map"] = nested_map.clone()
+        meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset.item())
+    sd[prefix + _QS_KEY] = torch.tensor(list(json.dumps(meta).encode("utf-8")), dtype=torch.uint8)
+    return sd
 
 
 def _sd_finite_nonneg(t: torch.Tensor, key: str) -> None:

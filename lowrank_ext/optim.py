@@ -15,6 +15,14 @@ Paged (CUDA only): state tensors of >= `min_8bit_size` elements live in CUDA man
 (cudaMallocManaged) that the driver can evict to host RAM under memory pressure; they are prefetched to
 the GPU before each update and `page_out()` sends them to the host on request. On CPU the same classes
 run with ordinary memory.
+
+Sharded parameters (DTensors, e.g. under FSDP2's `fully_shard`): each rank steps its local shard
+(`p.to_local()`, `g.to_local()`) with state sized per shard; the state tensors are DTensors with the
+param's placements, so `torch.distributed.checkpoint` saves and reshards the 32-bit state like torch's own
+AdamW. The 8-bit state is blockwise over each rank's *local* flat shard, so its absmax is a DTensor
+[n_shards, max blocks per shard] (one row per shard) and it loads only into the same sharding: another
+world size is refused with a clear error (lowrank_ext.distributed.load_checkpoint checks before reading).
+Whether a tensor gets 8-bit state is decided on its global size, the same answer on every rank.
 """
 
 from __future__ import annotations
@@ -30,6 +38,45 @@ from lowrank_ext import ops
 __all__ = ["AdamW8bit", "PagedAdamW", "PagedAdamW8bit"]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _is_dtensor(t: object) -> bool:
+    if not isinstance(t, torch.Tensor) or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the same storage: in-place updates reach the parameter); other tensors as is."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _like_param(local: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`local` (the state of p's local shard, p's local shape) as a DTensor placed like p; as is for plain p."""
+    if not _is_dtensor(p):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _shard_rows(p: torch.Tensor) -> tuple[int, int]:
+    """(n_shards, the largest local numel) of a DTensor sharded on at most one mesh dimension (torch.chunk
+    sizes: the first shards are the largest)."""
+    from torch.distributed.tensor import Shard
+
+    shards = [(i, pl.dim) for i, pl in enumerate(p.placements) if isinstance(pl, Shard)]
+    if len(shards) > 1:
+        raise ValueError(f"lowrank_ext::optim: params with 8-bit state must be sharded on at most one mesh "
+                         f"dimension, got placements {tuple(p.placements)}")
+    size = list(p.shape)
+    n = 1
+    for i, d in shards:
+        n = p.device_mesh.size(i)
+        size[d] = -(-size[d] // n)
+    return n, torch.Size(size).numel()
 
 
 class _FusedAdamW(torch.optim.Optimizer):
@@ -80,7 +127,10 @@ class _FusedAdamW(torch.optim.Optimizer):
         params = [params] if isinstance(params, torch.Tensor) else list(params)  # may be a generator
         param_group["params"] = params
         for p in params:
-            if isinstance(p, torch.Tensor) and p.dtype not in _FLOAT_DTYPES:
+            # A frozen non-float nn.Parameter (NF4 storage bytes of a QLoRA model) is accepted and never stepped,
+            # as torch.optim.AdamW does, so `Optimizer(model.parameters())` keeps working.
+            frozen_storage = isinstance(p, torch.nn.Parameter) and not p.requires_grad
+            if isinstance(p, torch.Tensor) and p.dtype not in _FLOAT_DTYPES and not frozen_storage:
                 raise TypeError(f"{self._name()}: params must be float32, float16 or bfloat16, got {p.dtype}")
         if param_group.get("amsgrad", False):
             raise ValueError(f"{self._name()}: amsgrad must be False (AMSGrad is not supported), got True")
@@ -109,15 +159,30 @@ class _FusedAdamW(torch.optim.Optimizer):
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any]) -> None:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        pl = _local(p)  # a DTensor's state is sized by its local shard
         if self._uses_8bit(p):
-            nb = -(-p.numel() // ops.OPTIM_BLOCKSIZE)
-            state["state1"] = self._zeros(p, p.shape, torch.uint8)
-            state["state2"] = self._zeros(p, p.shape, torch.uint8)
-            state["absmax1"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
-            state["absmax2"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
+            state["state1"] = _like_param(self._zeros(pl, pl.shape, torch.uint8), p)
+            state["state2"] = _like_param(self._zeros(pl, pl.shape, torch.uint8), p)
+            state["absmax1"] = self._absmax_zeros(p)
+            state["absmax2"] = self._absmax_zeros(p)
         else:
-            state["exp_avg"] = self._zeros(p, p.shape, torch.float32)
-            state["exp_avg_sq"] = self._zeros(p, p.shape, torch.float32)
+            state["exp_avg"] = _like_param(self._zeros(pl, pl.shape, torch.float32), p)
+            state["exp_avg_sq"] = _like_param(self._zeros(pl, pl.shape, torch.float32), p)
+
+    @staticmethod
+    def _absmax_zeros(p: torch.Tensor) -> torch.Tensor:
+        """fp32 absmax, one per OPTIM_BLOCKSIZE flat elements: [nblocks] for a plain param; for a DTensor a
+        DTensor [n_shards, max nblocks per shard], one row per shard (blocks never cross a shard boundary)."""
+        if not _is_dtensor(p):
+            return torch.zeros(-(-p.numel() // ops.OPTIM_BLOCKSIZE), dtype=torch.float32, device=p.device)
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        n, max_local = _shard_rows(p)
+        nb = -(-max_local // ops.OPTIM_BLOCKSIZE)
+        local = torch.zeros(1, nb, dtype=torch.float32, device=_local(p).device)
+        placements = tuple(Shard(0) if isinstance(pl, Shard) else Replicate() for pl in p.placements)
+        return DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=torch.Size([n, nb]),
+                                  stride=(nb, 1))
 
     def _paged_tensors(self) -> Iterable[torch.Tensor]:
         for state in self.state.values():
@@ -160,27 +225,32 @@ class _FusedAdamW(torch.optim.Optimizer):
                     self._init_state(p, state)
                 state["step"] += 1
                 step = int(state["step"].item())
+                # A DTensor (sharded) param is stepped through its local shard: the kernels have no
+                # DTensor rule, and each rank owns the update of its own elements.
+                pl, gl = _local(p), _local(g)
+                if pl.numel() == 0:  # a rank whose shard is empty (fewer rows than ranks)
+                    continue
                 # The kernels read and write flat contiguous buffers. A strided param (a transposed or
                 # sliced view, as torch.optim.AdamW accepts) is stepped as a contiguous copy and written
                 # back; the state is kept contiguous in the param's logical (row-major) element order.
-                pc = p if p.is_contiguous() else p.contiguous()
-                gc = g.contiguous()
+                pc = pl if pl.is_contiguous() else pl.contiguous()
+                gc = gl.contiguous()
                 for key in ("exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2"):
-                    if key in state and not state[key].is_contiguous():
+                    if key in state and not _is_dtensor(state[key]) and not state[key].is_contiguous():
                         state[key] = state[key].contiguous()
                 if "state1" in state:
-                    tensors = (state["state1"], state["state2"])
-                    self._prefetch(p, tensors)
-                    q1, q2 = self._maps(p.device)
-                    ops.adamw8bit_step(
-                        pc, gc, *tensors, state["absmax1"], state["absmax2"], q1, q2, step=step, **hyper
-                    )
+                    tensors = (_local(state["state1"]), _local(state["state2"]))
+                    self._prefetch(pl, tensors)
+                    q1, q2 = self._maps(pl.device)
+                    nb = -(-pl.numel() // ops.OPTIM_BLOCKSIZE)  # this shard's blocks (its absmax row, unpadded)
+                    a1, a2 = (_local(state[k]).view(-1)[:nb] for k in ("absmax1", "absmax2"))
+                    ops.adamw8bit_step(pc, gc, *tensors, a1, a2, q1, q2, step=step, **hyper)
                 else:
-                    tensors = (state["exp_avg"], state["exp_avg_sq"])
-                    self._prefetch(p, tensors)
+                    tensors = (_local(state["exp_avg"]), _local(state["exp_avg_sq"]))
+                    self._prefetch(pl, tensors)
                     ops.adamw_step(pc, gc, *tensors, step=step, **hyper)
-                if pc is not p:
-                    p.copy_(pc)
+                if pc is not pl:
+                    pl.copy_(pc)
         return loss
 
     def _prefetch(self, p: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> None:
@@ -208,20 +278,39 @@ class _FusedAdamW(torch.optim.Optimizer):
             new: dict[str, Any] = {}
             for key, value in saved_state[pid].items():
                 if key == "step":
-                    new[key] = torch.as_tensor(value, dtype=torch.float32).detach().clone().cpu()
+                    new[key] = torch.as_tensor(_local(value), dtype=torch.float32).detach().clone().cpu()
                 elif isinstance(value, torch.Tensor):
-                    t = self._zeros(p, value.shape, value.dtype)
-                    t.copy_(value)
-                    new[key] = t
+                    new[key] = self._copy_state(p, key, value)
                 else:
                     new[key] = value
-            for key in ("exp_avg", "exp_avg_sq", "state1", "state2"):
-                if key in new and new[key].numel() != p.numel():
+            for key in ("exp_avg", "exp_avg_sq", "state1", "state2"):  # local sizes for a sharded param
+                if key in new and _local(new[key]).numel() != _local(p).numel():
                     raise ValueError(
-                        f"{self._name()}: state_dict {key} must have {p.numel()} elements (the param's), "
-                        f"got {new[key].numel()}"
+                        f"{self._name()}: state_dict {key} must have {_local(p).numel()} elements (the param's"
+                        f"{' local shard' if _is_dtensor(p) else ''}), got {_local(new[key]).numel()}"
                     )
             self.state[p] = new
+
+    def _copy_state(self, p: torch.Tensor, key: str, value: torch.Tensor) -> torch.Tensor:
+        """A copy of saved state tensor `value` for param p: on p's device, paged where this optimizer pages,
+        placed like `value` when it is a DTensor. 8-bit state of a sharded param must come from the same
+        sharding (its blocks are per shard)."""
+        if key in ("absmax1", "absmax2") and _is_dtensor(p):
+            want = tuple(self._absmax_zeros(p).shape)
+            if not _is_dtensor(value) or tuple(value.shape) != want:
+                raise ValueError(
+                    f"{self._name()}: state_dict {key} must come from the same sharding ({want[0]} shards of "
+                    f"{want[1]} blocks: 8-bit state is blockwise per shard and cannot move to another world size), "
+                    f"got {'a DTensor' if _is_dtensor(value) else 'an unsharded tensor'} of shape {tuple(value.shape)}")
+        local = _local(value)
+        t = self._zeros(_local(p), local.shape, local.dtype)
+        t.copy_(local)
+        if not _is_dtensor(value):
+            return t
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(t, value.device_mesh, value.placements, run_check=False, shape=value.shape,
+                                  stride=value.stride())
 
 
 class PagedAdamW(_FusedAdamW):

@@ -1,4 +1,5 @@
-"""The package's layers (docs/architecture.md): core < adapters/ < finetune/, no import cycles, a light import.
+"""The package's layers (docs/architecture.md): core < adapters/ < distributed < finetune/, no import cycles, a
+light import.
 
 The import graph is read from the source with `ast` (every `import` / `from ... import`, at module level or
 inside a function: a deferred import is still a dependency). Edges follow Python's own rules: importing
@@ -19,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "lowrank_ext"
 PKG = "lowrank_ext"
 CORE = ("_extension", "_build_config", "_atomic", "nf4", "ops", "nn", "optim", "_reference")
-UPPER = ("adapters", "finetune")  # in this order: adapters may import core, finetune may import both
+UPPER = ("adapters", "distributed", "finetune")  # in this order: each may import core and the ones before it
 HEAVY = ("transformers", "peft", "bitsandbytes", "matplotlib", "safetensors")
 
 
@@ -118,7 +119,8 @@ def test_graph_sees_the_package():
     assert "lowrank_ext.nf4" in graph["lowrank_ext.ops.linear"]
     assert "lowrank_ext.adapters.injector" in graph["lowrank_ext.adapters.management"]
     assert "lowrank_ext.ops" in graph["lowrank_ext.nn.lora"]
-    assert {"lowrank_ext.adapters", "lowrank_ext.finetune"} <= set(graph)
+    assert {"lowrank_ext.adapters", "lowrank_ext.distributed", "lowrank_ext.finetune"} <= set(graph)
+    assert "lowrank_ext.distributed" in graph["lowrank_ext.finetune.parallel"]
 
 
 def test_no_import_cycles():
@@ -137,8 +139,10 @@ def test_find_cycle_catches_a_cycle_through_a_package_init():
 
 
 def test_layers_import_only_downwards():
-    allowed = {"core": {"core"}, "adapters": {"core", "adapters"}, "finetune": {"core", "adapters", "finetune"},
-               "entry": {"finetune"}, "facade": {"core", "adapters", "finetune"}}
+    allowed = {"core": {"core"}, "adapters": {"core", "adapters"},
+               "distributed": {"core", "adapters", "distributed"},
+               "finetune": {"core", "adapters", "distributed", "finetune"},
+               "entry": {"finetune"}, "facade": {"core", "adapters", "distributed", "finetune"}}
     bad = []
     for mod, deps in import_graph().items():
         for dep in deps:

@@ -145,6 +145,45 @@ def test_qlora_only_lora_trainable_and_weight_is_nf4():
         "default"].scaling == pytest.approx(4.0)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_storage_is_frozen_uint8_parameters(double_quant):
+    """The packed codes and absmax bytes are frozen uint8 Parameters (what FSDP2 shards), the fp32 constants
+    buffers; no cast reaches them, `weight` is rebuilt from the live tensors, counts and optimizers skip them."""
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_linear(torch.nn.Linear(64, 48), r=4, double_quant=double_quant)
+    ref = layer.weight
+    params = dict(layer.named_parameters())
+    assert {n: (p.dtype, p.requires_grad) for n, p in params.items() if n.startswith("weight_")} == {
+        "weight_packed": (torch.uint8, False), "weight_absmax": (torch.uint8, False)}
+    assert params["weight_packed"].shape == (64 * 48 // 2, 1)
+    assert params["weight_absmax"].shape == ((48,) if double_quant else (48, 4))  # fp32 absmax kept as its bytes
+    assert {n for n, b in layer.named_buffers() if n.startswith("weight_")} == (
+        {"weight_nested_absmax", "weight_nested_map", "weight_offset"} if double_quant else set())
+    assert not any(k.startswith("weight_") for k in layer.state_dict())  # bitsandbytes' keys only
+    assert layer.weight is not layer.weight  # rebuilt at each access, nothing cached
+    for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.type(torch.float16),
+                 lambda m: m.double()):
+        moved = cast(copy.deepcopy(layer))
+        w = moved.weight
+        assert moved.weight_packed.dtype == moved.weight_absmax.dtype == torch.uint8
+        assert torch.equal(w.packed, ref.packed) and torch.equal(w.absmax, ref.absmax)
+        assert w.absmax.dtype == ref.absmax.dtype and (not double_quant or w.offset.dtype == torch.float32)
+    with torch.no_grad():  # the weight reads the current bytes
+        layer.weight_packed.zero_()
+    assert torch.equal(layer.weight.packed, torch.zeros_like(ref.packed))
+    # a meta-device layer is allocated (not copied) by to_empty, dtypes kept
+    meta = copy.deepcopy(layer).to("meta").to_empty(device="cpu")
+    assert meta.weight_packed.device.type == "cpu" and meta.weight_packed.dtype == torch.uint8
+    # an optimizer given model.parameters() accepts and never steps the frozen bytes
+    before = layer.weight_packed.detach().clone()
+    opt = L.optim.PagedAdamW(layer.parameters(), lr=0.1)
+    layer(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    assert torch.equal(layer.weight_packed, before) and layer.weight_packed not in opt.state
+    net = torch.nn.Sequential(layer)
+    assert L.count_parameters(net) == (4 * (64 + 48), 64 * 48 + 4 * (64 + 48) + 48)  # PEFT's rule, not bytes
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("variant", ["lora", "vera"])
 def test_qlora_forward_backward_vs_float64(dtype, variant, device):

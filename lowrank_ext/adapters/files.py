@@ -9,7 +9,8 @@
     directory/adapter_config.json         LoRAConfig.to_peft_dict()
     directory/README.md                   a short model card (library_name: peft), as PEFT writes one
 
-Saving: each file is written atomically (adapters/_atomic.py: temporary file, fsync, os.replace), so a
+Saving from a sharded (FSDP2) model writes the global tensors (each gathered with full_tensor()), once,
+from rank 0: call save_adapter on every rank. Saving: each file is written atomically (adapters/_atomic.py: temporary file, fsync, os.replace), so a
 crash never leaves a half-written file under its final name; nothing already there is replaced without
 overwrite=True. The files are replaced one after the other, not as one unit: a crash between two of them
 (with overwrite=True) can leave a new weights file next to the old config.
@@ -37,6 +38,7 @@ from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.injector import InjectPlan, apply_inject, in_out, plan_inject, target_names
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, get_state
 from lowrank_ext.nn import ADAPTER_LAYERS
+from lowrank_ext.nn.linear4bit import is_sharded
 
 __all__ = ["adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
 
@@ -134,7 +136,23 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     wrote it: a model card the user wrote or edited away from our marker line is kept as it is."""
     from safetensors.torch import save as safetensors_bytes
 
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, adapter_name).items()}
+    live = adapter_state_dict(model, adapter_name)
+    sharded = any(is_sharded(v) for v in live.values())
+    # A sharded (FSDP2) model: every rank calls save_adapter, each tensor is gathered whole (full_tensor, a
+    # collective, the same order everywhere), rank 0 alone writes, and all ranks leave together.
+    tensors = {k: (v.full_tensor() if is_sharded(v) else v).detach().to("cpu").contiguous() for k, v in live.items()}
+    if sharded and torch.distributed.get_rank() != 0:
+        torch.distributed.barrier()
+        return
+    try:
+        _write_adapter(model, tensors, directory, adapter_name, overwrite, base_model_name_or_path, safetensors_bytes)
+    finally:
+        if sharded:
+            torch.distributed.barrier()
+
+
+def _write_adapter(model, tensors, directory, adapter_name, overwrite, base_model_name_or_path,
+                   safetensors_bytes) -> None:
     cfg = get_state(model).configs[adapter_name]
     directory = os.fspath(directory)
     paths = {name: os.path.join(directory, name) for name in (WEIGHTS, CONFIG, README)}

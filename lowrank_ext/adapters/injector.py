@@ -23,6 +23,7 @@ from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, ModulesToSave, get_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, LoRALinear, QLoRALinear
+from lowrank_ext.nn.linear4bit import NF4WeightHolder
 from lowrank_ext.nn.lora import linear_weight
 
 __all__ = ["InjectPlan", "apply_inject", "count_parameters", "in_out", "inject", "inject_summary", "plan_inject",
@@ -226,8 +227,11 @@ def inject_summary(model: nn.Module, adapter_name: str | None = None) -> InjectS
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; an NF4 weight counts as its number of elements (PEFT's rule)."""
+    """(trainable, total) parameter counts; an NF4 weight counts as its number of elements (PEFT's rule), not
+    as the bytes of its uint8 storage parameters. Sharded (FSDP2) parameters count globally."""
+    nf4 = [m for m in model.modules() if isinstance(m, NF4WeightHolder)]
+    storage = {id(p) for m in nf4 for p in m.nf4_parameters()}  # uint8 bytes: counted as the weight's elements
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    total += sum(m.weight.numel for m in model.modules() if isinstance(m, (QLoRALinear, Linear4bit)))
+    total = sum(p.numel() for p in model.parameters() if id(p) not in storage)
+    total += sum(m.nf4_numel for m in nf4)
     return trainable, total

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lowrank_ext.optim.PagedAdamW / PagedAdamW8bit, or torch.optim.AdamW")
     f.add_argument("--gen-tokens", type=int, default=24, help="tokens of the before/after sample (0: skip)")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f.add_argument("--nproc", type=int, default=None,
+                   help="train on N local processes (launched through torch.distributed.run; gloo on CPU, NCCL on "
+                        "CUDA); one optimizer step then sees nproc x batch-size x grad-accum sequences. Under "
+                        "torchrun leave it out: the processes torchrun started are used")
+    f.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp",
+                   help="with several processes: FSDP2 (NF4 base, LoRA and optimizer state sharded) or DDP")
 
     b = sub.add_parser("bench", help="run the package's benchmarks, print tables and write a chart")
     b.add_argument("--quick", action="store_true", help="a quick subset of shapes")
@@ -112,6 +119,11 @@ def _check_args(a: argparse.Namespace) -> None:
         if not a.rank_budget:
             raise CLIError(f"lowrank_ext finetune: --max-rank must come with --rank-budget, got --max-rank "
                            f"{a.max_rank} without it")
+    if a.nproc is not None and a.nproc < 1:
+        raise CLIError(f"lowrank_ext finetune: --nproc must be >= 1, got {a.nproc}")
+    if a.backend == "peft" and ((a.nproc or 1) > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise CLIError("lowrank_ext finetune: --backend peft must run in one process (the multi-process path "
+                       "shards lowrank_ext's layers), got --nproc/torchrun with several processes")
     if a.seq_len < 8:
         raise CLIError(f"lowrank_ext finetune: --seq-len must be >= 8, got {a.seq_len}")
     if not a.lr > 0:
@@ -184,14 +196,32 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def finetune(a: argparse.Namespace) -> dict:
-    """The main job; returns the numbers it printed (tests read them)."""
+    """The main job; returns the numbers it printed (tests read them). Under torchrun (or --nproc) it runs as
+    one rank of a process group (finetune/parallel.py); only rank 0 prints and writes files."""
+    from lowrank_ext.finetune import parallel
+
+    if not parallel.launched():
+        return _finetune(a, None)
+    dctx = parallel.setup(a.parallel, a.device, a.nproc)
+    try:
+        with dctx.quiet():
+            return _finetune(a, dctx)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _finetune(a: argparse.Namespace, dctx) -> dict:
     from lowrank_ext.finetune import backends as fb
+    from lowrank_ext.finetune import parallel
     from lowrank_ext.finetune.data import load_documents, prepare_data, split_documents
     from lowrank_ext.finetune.models import DEFAULT_MODEL, check_model_dir, load_causal_lm, smollm2_gguf_path
     from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, memory_mb, seed_everything
 
     _check_args(a)
-    device = _device(a.device)
+    device = _device(a.device) if dctx is None else dctx.device
+    if dctx is not None:
+        dctx.barrier()  # every rank has checked --output before rank 0 writes into it
+    rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world)
     seed_everything(a.seed)  # torch (CPU, CUDA), random, numpy: a resumed run restores all of them
     t_all = time.perf_counter()
     out = Path(a.output)
@@ -209,11 +239,12 @@ def finetune(a: argparse.Namespace) -> dict:
     backend = fb.get_backend(a.backend, a.optimizer)
 
     t0 = time.perf_counter()
-    lm = load_causal_lm(a.model)
+    sharded_load = parallel.loads_sharded(a, dctx)  # FSDP: built on the meta device, each rank reads its shard
+    lm = load_causal_lm(a.model, meta=sharded_load)
     print(f"model: {lm.source} ({'cached' if lm.from_cache else 'loaded'}) in {time.perf_counter() - t0:.1f}s",
           flush=True)
     micro = a.batch_size
-    train_tokens = (a.steps * a.grad_accum * micro + 64) * a.seq_len  # what training reads, plus a margin
+    train_tokens = (a.steps * a.grad_accum * micro * world + 64) * a.seq_len  # what training reads, plus a margin
     train_blocks, held_blocks = prepare_data(a.dataset, lm.tokenizer, a.seq_len, train_tokens=train_tokens,
                                              eval_blocks=a.eval_blocks, seed=a.seed)
     eval_batches = held_blocks.sequential(micro)
@@ -221,7 +252,7 @@ def finetune(a: argparse.Namespace) -> dict:
           flush=True)
     prompt = _prompt(split_documents(docs).heldout[0])
     targets = _targets(a.targets)
-    model = lm.model.to(device)
+    model = lm.model if sharded_load else lm.model.to(device)
     total_params = sum(p.numel() for p in model.parameters())
 
     rank_pattern = None
@@ -242,29 +273,56 @@ def finetune(a: argparse.Namespace) -> dict:
                        if n in set(fb.target_names(model, targets)))
     model = backend.inject(model, spec)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    sample_before = _generate(model, lm.tokenizer, prompt, a.gen_tokens, device)
+    if dctx is not None:
+        model = dctx.wrap(model)  # FSDP2: the NF4 bytes, LoRA and optimizer state sharded; or DDP
+        if sharded_load:
+            parallel.materialize_from_dir(model, Path(lm.source), device, a.seed)
+        from lowrank_ext.distributed import nf4_bytes
+
+        local, whole = nf4_bytes(model)
+        print(f"{world} processes, {dctx.parallel}: NF4 bytes on rank 0 {local:,} of {whole:,}"
+              + (" (built on the meta device; each rank read only its shard)" if sharded_load else ""), flush=True)
+    sample_before = _generate(model if dctx is None else dctx.unwrap(model), lm.tokenizer, prompt, a.gen_tokens,
+                              device)
+    if rank:
+        torch.manual_seed(a.seed + rank)  # the same weights everywhere, each rank its own dropout masks
 
     cfg = TrainConfig(steps=a.steps, batch_size=micro, grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup,
                       max_grad_norm=a.max_grad_norm or None, checkpoint_every=a.checkpoint_every,
-                      progress=not a.no_progress)
+                      progress=not a.no_progress and rank == 0)
     fingerprint = {"model": str(a.model), "dataset": str(a.dataset), "seq_len": a.seq_len, "seed": a.seed,
                    "adapter": spec.as_dict(), "backend": a.backend,
                    "optimizer": a.optimizer}
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(model, lambda i: train_blocks.batch(i, micro), eval_batches, cfg,
-                      optimizer=backend.optimizer, checkpoint_dir=ckpt_dir if a.resume else out / CHECKPOINT_SUBDIR,
-                      device=device, fingerprint=fingerprint)
+    trainer_cls, kw = (Trainer, {}) if dctx is None else (parallel.DistTrainer, {"dist": dctx})
+    # rank r reads micro-batches r, r + world, ...: distinct data per rank, the same stream for any resume
+    trainer = trainer_cls(model, lambda i: train_blocks.batch(i * world + rank, micro), eval_batches, cfg,
+                          optimizer=backend.optimizer,
+                          checkpoint_dir=ckpt_dir if a.resume else out / CHECKPOINT_SUBDIR,
+                          device=device, fingerprint=fingerprint, **kw)
     try:
         result = trainer.train(resume=bool(a.resume) and have_checkpoint)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
-    sample_after = _generate(model, lm.tokenizer, prompt, a.gen_tokens, device)
+    sample_after = _generate(model if dctx is None else dctx.unwrap(model), lm.tokenizer, prompt, a.gen_tokens,
+                             device)
 
-    backend.save(model, out)
+    if dctx is None:
+        backend.save(model, out)
+    else:  # FSDP: every rank gathers, rank 0 writes the global tensors; DDP: rank 0 writes its copy
+        if dctx.parallel == "fsdp" or dctx.is_main:
+            backend.save(dctx.unwrap(model), out)
+        dctx.barrier()
+        if sharded_load:  # every rank: a fresh sharded model filled from the base weights and the adapter file
+            reload_loss = parallel.reload_sharded(
+                a, lambda: backend.inject(load_causal_lm(a.model, meta=True).model, spec), out, eval_batches, dctx)
+        if not dctx.is_main:  # rank 0 alone checks and reports
+            return {"eval_before": result.eval_before, "eval_after": result.eval_after, "rank": rank}
     adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    fresh = load_causal_lm(a.model).model.to(device)
-    reloaded = backend.load(fresh, out, spec)
-    reload_loss = evaluate(reloaded, eval_batches, device)
+    if not sharded_load:
+        fresh = load_causal_lm(a.model).model.to(device)
+        reloaded = backend.load(fresh, out, spec)
+        reload_loss = evaluate(reloaded, eval_batches, device)
     reload_ok = abs(reload_loss - result.eval_after) <= 1e-3 * max(1.0, abs(result.eval_after))
 
     fp32_bytes = 4 * target_numel
@@ -297,6 +355,12 @@ def finetune(a: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "finetune" and (args.nproc or 1) > 1:
+            from lowrank_ext.finetune import parallel
+
+            if not parallel.launched():  # --nproc N: start N processes running this same command
+                _check_args(args)
+                return parallel.launch(list(sys.argv[1:] if argv is None else argv), args.nproc)
         if args.command == "finetune":
             finetune(args)
         elif args.command == "doctor":

@@ -126,12 +126,14 @@ def check_model_dir(model: str | os.PathLike) -> Path:
 
 
 def load_causal_lm(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-                   refresh_cache: bool = False) -> LoadedModel:
+                   refresh_cache: bool = False, meta: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer, offline.
 
     `model` is None / "smollm2" for the packaged SmolLM2-135M-Instruct (cached after the first
     conversion), or a local directory holding a transformers causal LM (config.json + weights +
-    tokenizer files). Raises FileNotFoundError with a clear message for a missing directory."""
+    tokenizer files). Raises FileNotFoundError with a clear message for a missing directory.
+    meta=True builds the model from its config on the meta device and reads no weight (a sharded run
+    fills it rank by rank: lowrank_ext.distributed.materialize); `source` is the directory to read from."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if model is None or str(model) == DEFAULT_MODEL:
@@ -141,6 +143,13 @@ def load_causal_lm(model: str | os.PathLike | None = None, *, dtype: torch.dtype
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
+    if meta:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     lm.eval()
     return LoadedModel(model=lm, tokenizer=tok, source=str(path), from_cache=from_cache)

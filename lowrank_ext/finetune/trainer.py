@@ -277,6 +277,10 @@ class Trainer:
         return self.step
 
     # ---------------------------------------------------------------- training
+    def reduce_loss(self, value: float) -> float:
+        """The step's loss as logged: this process's (finetune/parallel.py's DistTrainer: the mean over ranks)."""
+        return value
+
     def evaluate(self) -> float:
         return evaluate(self.model, self.eval_batches, self.device, self.loss_fn)
 
@@ -307,6 +311,7 @@ class Trainer:
                 loss.backward()
                 loss_sum += float(loss.detach())
                 step_tokens += batch.numel()
+            loss_sum = self.reduce_loss(loss_sum)
             params = [p for _, p in self.named_params]
             if cfg.max_grad_norm is not None:
                 gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))

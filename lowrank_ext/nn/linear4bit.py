@@ -1,9 +1,22 @@
-"""Linear4bit: an NF4 inference linear layer, and the NF4-buffer plumbing shared with QLoRALinear.
+"""Linear4bit: an NF4 inference linear layer, and the NF4 storage shared with QLoRALinear.
 
-The NF4 tensors live in buffers (so `model.to(device)` moves them) but `state_dict()` writes them in
-bitsandbytes' Linear4bit key layout (`weight`, `weight.absmax`, `weight.quant_map`, `weight.nested_absmax`,
-`weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`), and `load_state_dict` reads that layout.
-`model.to(dtype)` never casts them: the fp32 absmax data must stay fp32 (it is part of the format).
+Storage (NF4WeightHolder):
+    weight_packed   uint8 Parameter [(numel+1)//2, 1]   the packed 4-bit codes (requires_grad=False)
+    weight_absmax   uint8 Parameter [nblocks]           8-bit absmax codes (double quant), or
+                    uint8 Parameter [nblocks, 4]        the bytes of the fp32 absmax (no double quant)
+    weight_nested_absmax, weight_nested_map, weight_offset   fp32 buffers (double quant only): tiny, replicated
+The bytes are frozen uint8 *parameters* so that FSDP2 (`fully_shard`) shards them along dim 0 like any other
+parameter, DDP never synchronizes them after construction (requires_grad=False: not in its reducer), and no
+dtype cast or mixed-precision policy can change them (casts and MixedPrecisionPolicy only touch floating
+point parameters; the fp32 absmax is stored as bytes for exactly that reason). The small fp32 constants are
+buffers: FSDP2 leaves buffers unsharded and uncast, and `_apply` below keeps their dtype under model.half().
+`layer.weight` is an NF4Weight rebuilt from the current tensors at each access (no cached reference, so the
+full-size tensors FSDP2 gathers for a forward are freed after it). A layer whose bytes are sharded (DTensors,
+outside FSDP2's forward/backward hooks) refuses to compute: the op needs the whole weight (docs/distributed.md).
+
+`state_dict()` writes bitsandbytes' Linear4bit key layout (`weight`, `weight.absmax`, `weight.quant_map`,
+`weight.nested_absmax`, `weight.nested_quant_map`, `weight.quant_state.bitsandbytes__nf4`), and
+`load_state_dict` reads that layout.
 
     forward:  y = x · deq(W)ᵀ + bias      (one op: lowrank_ext.ops.nf4_linear, no dense W)
 """
@@ -13,62 +26,119 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowrank_ext.nf4 import NF4Weight, quantize_nf4
+from lowrank_ext.nf4 import NF4Weight, bnb_state_dict, quantize_nf4
 from lowrank_ext.ops import nf4_linear
 
-__all__ = ["Linear4bit", "NF4WeightHolder"]
+__all__ = ["NF4_PARAMS", "Linear4bit", "NF4WeightHolder", "is_sharded"]
 
-_BUFS = ("weight_packed", "weight_absmax", "weight_nested_absmax", "weight_nested_map", "weight_offset")
+NF4_PARAMS = ("weight_packed", "weight_absmax")   # uint8, frozen: what FSDP2 shards
+_BUFS = ("weight_nested_absmax", "weight_nested_map", "weight_offset")  # fp32 double-quant constants
 _BNB_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
                  "weight.quant_state.bitsandbytes__nf4")
 
 
+def is_sharded(t: torch.Tensor | None) -> bool:
+    """True for a DTensor (e.g. an FSDP2-sharded parameter between its all-gathers)."""
+    if t is None or not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 class NF4WeightHolder(nn.Module):
-    """Mixin: keeps an NF4Weight as non-persistent buffers, exposes it as `self.weight`, (de)serializes it
-    in bitsandbytes' layout."""
+    """Mixin: keeps an NF4Weight as frozen uint8 parameters + fp32 buffers, exposes it as `self.weight`,
+    (de)serializes it in bitsandbytes' layout."""
 
     def _set_nf4_weight(self, w: NF4Weight) -> None:
         if not isinstance(w, NF4Weight):
             raise TypeError(f"lowrank_ext::{type(self).__name__}: weight must be an NF4Weight, got {type(w).__name__}")
-        for name, t in zip(_BUFS, w.tensors()):
+        packed, absmax, *consts = w.tensors()
+        if not w.double_quant:
+            absmax = absmax.view(torch.uint8).view(-1, 4)  # the fp32 absmax as bytes: no cast can reach it
+        self.weight_packed = nn.Parameter(packed, requires_grad=False)
+        self.weight_absmax = nn.Parameter(absmax, requires_grad=False)
+        for name, t in zip(_BUFS, consts):
             self.register_buffer(name, t, persistent=False)
-        self._nf4_meta = (w.shape, w.dtype, w.blocksize)
-        self._nf4_cache = (w.tensors(), w)
+        self._nf4_meta = (w.shape, w.dtype, w.blocksize, w.double_quant)
+
+    def nf4_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
+        """The frozen uint8 storage parameters (packed codes, absmax bytes)."""
+        return self.weight_packed, self.weight_absmax
+
+    @property
+    def nf4_numel(self) -> int:
+        """Elements of the quantized weight (what PEFT counts for a 4-bit weight)."""
+        return self._nf4_meta[0].numel()
+
+    @property
+    def nf4_sharded(self) -> bool:
+        """True while the NF4 bytes are sharded across ranks (FSDP2, outside its forward/backward)."""
+        return is_sharded(self._parameters["weight_packed"])
 
     @property
     def weight(self) -> NF4Weight:
-        """The frozen NF4 weight (rebuilt only when the buffers were moved, e.g. by .to())."""
-        ts = tuple(getattr(self, n) for n in _BUFS)
-        cached_ts, w = self._nf4_cache or ((None,) * len(_BUFS), None)
-        if w is None or any(a is not b for a, b in zip(ts, cached_ts)):
-            shape, dtype, blocksize = self._nf4_meta
-            w = NF4Weight(ts[0], ts[1], shape, dtype, blocksize, *ts[2:])
-            self._nf4_cache = (w.tensors(), w)
-        return w
-
-    def __getstate__(self):
-        # NF4Weight itself is immutable (not copyable field by field): copies rebuild it from the buffers
-        return {**super().__getstate__(), "_nf4_cache": None}
+        """The frozen NF4 weight, rebuilt from the current tensors at each access."""
+        packed, absmax = self._parameters["weight_packed"], self._parameters["weight_absmax"]
+        if is_sharded(packed):
+            raise ValueError(
+                f"lowrank_ext::{type(self).__name__}: weight_packed must be the whole (unsharded) NF4 weight to "
+                f"compute with it, got a DTensor shard {tuple(packed.to_local().shape)} of "
+                f"{tuple(packed.shape)} placed {tuple(packed.placements)} (call the fully_shard-ed module that owns "
+                f"this layer, whose hooks gather the bytes, or unshard() it first)")
+        shape, dtype, blocksize, dq = self._nf4_meta
+        if not dq:
+            absmax = absmax.view(torch.float32).view(-1)
+        consts = (getattr(self, n) for n in _BUFS) if dq else ()
+        return NF4Weight(packed, absmax, shape, dtype, blocksize, *consts)
 
     def _apply(self, fn, recurse=True):
-        # Move the NF4 buffers to fn's device but never change their dtypes (model.half() must not touch them).
-        saved = {n: self._buffers.pop(n) for n in _BUFS}
+        # Move the NF4 tensors to fn's device but never change their dtypes (model.half() / .type() must not
+        # touch them); meta tensors (a model built on the meta device) are allocated on the target device.
+        saved = {n: self._parameters.pop(n) for n in NF4_PARAMS if n in self._parameters}
+        saved_bufs = {n: self._buffers.pop(n) for n in _BUFS if n in self._buffers}
         try:
             super()._apply(fn, recurse)
         finally:
             device = fn(torch.empty(0)).device
-            for n, t in saved.items():
-                self._buffers[n] = None if t is None else t.to(device)
+
+            def move(t: torch.Tensor) -> torch.Tensor:
+                if t.device == device:
+                    return t
+                return torch.empty_like(t, device=device) if t.is_meta else t.to(device)
+
+            for n, p in saved.items():
+                moved = move(p.data)
+                if moved is not p.data:  # in place like nn.Module._apply, a new Parameter across tensor types
+                    if torch._has_compatible_shallow_copy_type(p.data, moved):
+                        p.data = moved
+                    else:
+                        p = nn.Parameter(moved, requires_grad=False)
+                self._parameters[n] = p
+            for n, t in saved_bufs.items():
+                self._buffers[n] = None if t is None else move(t)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination.update(self.weight.to_bnb_state_dict(prefix))
+        for n in NF4_PARAMS:  # written below in bitsandbytes' layout instead
+            destination.pop(prefix + n, None)
+        packed, absmax = self._parameters["weight_packed"], self._parameters["weight_absmax"]
+        shape, dtype, blocksize, dq = self._nf4_meta
+        if not keep_vars:
+            packed, absmax = packed.detach(), absmax.detach()
+        if not dq:
+            absmax = _fp32_view(absmax)
+        consts = [getattr(self, n) for n in _BUFS] if dq else [None] * 3
+        destination.update(bnb_state_dict(prefix, packed, absmax, *consts, shape, dtype, blocksize))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         mine = {prefix + s for s in _BNB_SUFFIXES}
-        if prefix + "weight" in state_dict:
+        if self.nf4_sharded and prefix + "weight" in state_dict:
+            error_msgs.append(f"lowrank_ext::{type(self).__name__}: {prefix}weight must be loaded before the model "
+                              f"is sharded (or through lowrank_ext.distributed.materialize), got a sharded layer")
+        elif prefix + "weight" in state_dict:
             try:
                 w = NF4Weight.from_bnb_state_dict(state_dict, prefix)
             except (KeyError, ValueError) as e:
@@ -78,12 +148,27 @@ class NF4WeightHolder(nn.Module):
                     error_msgs.append(f"lowrank_ext::{type(self).__name__}: {prefix}weight must have shape "
                                       f"{tuple(self._nf4_meta[0])}, got {tuple(w.shape)}")
                 else:
-                    self._set_nf4_weight(w.to(self.weight.device))
+                    self._set_nf4_weight(w.to(self.weight_packed.device))
         else:
             missing_keys.append(prefix + "weight")
         rest = {k: v for k, v in state_dict.items() if k not in mine}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        hidden = {n: self._parameters.pop(n) for n in NF4_PARAMS}  # read above, not as `weight_packed` keys
+        try:
+            super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            self._parameters.update(hidden)
+
+
+def _fp32_view(absmax: torch.Tensor) -> torch.Tensor:
+    """The fp32 absmax [nblocks] from its bytes [nblocks, 4] (a DTensor shard stays a DTensor: rows split the same way)."""
+    if not is_sharded(absmax):
+        return absmax.view(torch.float32).view(-1)
+    from torch.distributed.tensor import DTensor
+
+    local = absmax.to_local().view(torch.float32).view(-1)
+    return DTensor.from_local(local, absmax.device_mesh, absmax.placements, run_check=False,
+                              shape=torch.Size([absmax.shape[0]]), stride=(1,))
 
 
 class Linear4bit(NF4WeightHolder):
@@ -112,6 +197,6 @@ class Linear4bit(NF4WeightHolder):
         return nf4_linear(x, self.weight, bias)
 
     def extra_repr(self) -> str:
-        w = self.weight
+        _, _, blocksize, dq = self._nf4_meta  # not self.weight: a sharded layer prints too
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={w.blocksize}, double_quant={w.double_quant}")
+                f"blocksize={blocksize}, double_quant={dq}")

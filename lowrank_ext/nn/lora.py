@@ -396,7 +396,7 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
         return layer
 
     def _device(self) -> torch.device:
-        return self.weight.device
+        return self.weight_packed.device
 
     def _base(self, x):
         if self.merged_weight is not None:
