@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from lowrank_ext._atomic import atomic_write
 from lowrank_ext.finetune.trainer import CHECKPOINT_FILE, Trainer, _diff
 
 __all__ = ["DistContext", "DistTrainer", "launch", "launched", "setup"]
@@ -250,9 +251,8 @@ class DistTrainer(Trainer):
         if self.dist.is_main:
             state = {"format": _FORMAT, "step": self.step, "shards": name, "fingerprint": self.fingerprint,
                      "scheduler": self.scheduler.state_dict(), "history": self.history}
-            tmp = d / (CHECKPOINT_FILE + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, d / CHECKPOINT_FILE)  # from here on the new shards are the checkpoint
+            with atomic_write(d / CHECKPOINT_FILE) as f:  # from its rename on, the new shards are the checkpoint
+                torch.save(state, f)
             for old in d.glob(_SHARDS.format(step="*")):
                 if old.name != name:
                     _rmtree(old)
