@@ -193,7 +193,7 @@ def test_dist_trainer_resume_is_identical(runs, parallel):
             e = res["fsdp"]["errors"]
             assert e["single"].startswith("ValueError: lowrank_ext.train: checkpoint must have format "
                                           "'lowrank_ext.train.sharded/1' (a sharded checkpoint; resume a "
-                                          "single-process run without --nproc), got 'lowrank_ext.train/1'")
+                                          "single-process run without --nproc), got 'lowrank_ext.train/2'")
             assert e["missing"].startswith("FileNotFoundError: lowrank_ext.train: resume must point at a directory "
                                            "holding trainer_state.pt")
             assert e["other_run"].startswith("lowrank_ext.train: checkpoint must match this run, got differences: "
