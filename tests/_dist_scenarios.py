@@ -102,6 +102,21 @@ def ref_step(ref: nn.Module, opt, loss: torch.Tensor) -> float:
     return loss.item()
 
 
+def parity_run(model: nn.Module, ref: nn.Module, opt, ropt, batch, loss_fn, rank: int, world: int):
+    """STEPS steps of the distributed model and of the unsharded reference on the same per-rank batches:
+    (the model's losses, the reference's losses)."""
+    losses, refs = [], []
+    for s in range(STEPS):
+        x = batch(s, rank, world)
+        loss = loss_fn(model, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+        refs.append(ref_step(ref, ropt, loss_fn(ref, x)))
+    return losses, refs
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -357,15 +372,7 @@ def ddp(rank: int, world: int, tmp: str) -> dict:
         at_init = sum(sent)
         sent.clear()
         opt, ropt = L.optim.PagedAdamW(trainable(dm), lr=1e-2), L.optim.PagedAdamW(trainable(ref), lr=1e-2)
-        losses, refs = [], []
-        for s in range(STEPS):
-            ids = llama_batch(s, rank, world)
-            loss = llama_loss(dm, ids)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-            refs.append(ref_step(ref, ropt, llama_loss(ref, ids)))
+        losses, refs = parity_run(dm, ref, opt, ropt, llama_batch, llama_loss, rank, world)
     finally:
         dist._broadcast_coalesced = orig
     nf4_total = LD.nf4_bytes(m)[1]
@@ -448,12 +455,7 @@ def export(rank: int, world: int, tmp: str) -> dict:
     m, ref = tiny(), tiny()
     LD.shard_model(m)
     opt, ropt = L.optim.PagedAdamW(trainable(m), lr=1e-2), L.optim.PagedAdamW(trainable(ref), lr=1e-2)
-    for s in range(STEPS):
-        ids = llama_batch(s, rank, world)
-        llama_loss(m, ids).backward()
-        opt.step()
-        opt.zero_grad()
-        ref_step(ref, ropt, llama_loss(ref, ids))
+    parity_run(m, ref, opt, ropt, llama_batch, llama_loss, rank, world)
     L.save_adapter(m, os.path.join(tmp, "adapter_sharded"))
     if rank == 0:
         L.save_adapter(ref, os.path.join(tmp, "adapter_single"))
@@ -584,15 +586,7 @@ def hsdp(rank: int, world: int, tmp: str) -> dict:
     LD.shard_model(m, mesh=mesh)
     opt = L.optim.AdamW8bit(trainable(m), lr=1e-2, min_8bit_size=1)
     ropt = L.optim.AdamW8bit(trainable(ref), lr=1e-2, min_8bit_size=1)
-    losses, refs = [], []
-    for s in range(STEPS):
-        x = toy_batch(s, rank, world)
-        loss = toy_loss(m, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-        refs.append(ref_step(ref, ropt, toy_loss(ref, x)))
+    losses, refs = parity_run(m, ref, opt, ropt, toy_batch, toy_loss, rank, world)
     p = trainable(m)[0]
     return {"equal": losses == refs, "lora_equal": lora_equal(m, ref), "placements": str(tuple(p.placements)),
             "absmax_shape": list(opt.state[p]["absmax1"].shape), "blocks": len(LD.transformer_blocks(m)),
