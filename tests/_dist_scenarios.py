@@ -145,15 +145,9 @@ def fsdp_parity(rank: int, world: int, tmp: str) -> dict:
             concat = build()  # one process on the concatenated batch of all ranks
             LD.shard_model(m)
             opt, ropt, copt = make(trainable(m)), make(trainable(ref)), make(trainable(concat))
-            losses, refs, concats = [], [], []
+            losses, refs = parity_run(m, ref, opt, ropt, batch, loss_fn, rank, world)
+            concats = []
             for s in range(STEPS):
-                x = batch(s, rank, world)
-                loss = loss_fn(m, x)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
-                refs.append(ref_step(ref, ropt, loss_fn(ref, x)))
                 xs = torch.cat([batch(s, r, world) for r in range(world)])
                 closs = loss_fn(concat, xs)
                 closs.backward()
