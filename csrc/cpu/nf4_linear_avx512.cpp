@@ -96,34 +96,64 @@ void rows512(const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_t 
 // zero-extended bytes index the low nibbles directly and (bytes >> 4) the high ones:
 //   per group:  acc += NF4[byte >> 4] · xp[even half] + NF4[byte & 15] · xp[odd half]
 //   per block:  tot += scale(b) · acc      (two tot chains, even and odd blocks, so the FMA latency overlaps)
-template <int MB>
+// One block of the blocked GEMV for MB rows of x: G groups of 32 codes (G = blocksize / 32; a template
+// constant for the common blocksizes, so the group loop unrolls; 0: read at run time).
+//   acc_e/acc_o: even / odd halves of each group (two FMA chains);  tot[m] += scale · (acc_e + acc_o)
+template <int MB, int G>
+inline void block512(const uint8_t* p, const float* xb, int64_t K, int64_t groups, __m512 lut, float scale,
+                     __m512* tot) {
+  __m512 acc_e[MB], acc_o[MB];
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) acc_e[m] = acc_o[m] = _mm512_setzero_ps();
+  const int64_t ng = G > 0 ? G : groups;
+#pragma GCC unroll 8
+  for (int64_t g = 0; g < ng; ++g) {
+    const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * g)));
+    const __m512 d_odd = _mm512_permutexvar_ps(idx, lut);                         // low nibbles
+    const __m512 d_even = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), lut);  // high nibbles
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) {
+      acc_e[m] = _mm512_fmadd_ps(d_even, _mm512_loadu_ps(xb + m * K + 32 * g), acc_e[m]);
+      acc_o[m] = _mm512_fmadd_ps(d_odd, _mm512_loadu_ps(xb + m * K + 32 * g + 16), acc_o[m]);
+    }
+  }
+  const __m512 sv = _mm512_set1_ps(scale);
+#pragma GCC unroll 4
+  for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(_mm512_add_ps(acc_e[m], acc_o[m]), sv, tot[m]);
+}
+
+// Rows [n0, n1) of W against MB rows of the de-interleaved x. Blocks go two at a time into two tot
+// accumulators (t0, t1), so consecutive blocks' FMA chains overlap.
+template <int MB, int G>
 void rows512_blocked(const NF4Matrix& w, const float* xp, int64_t K, float* y, int64_t ldy, int64_t n0, int64_t n1) {
-  const int64_t bs = w.blocksize, groups = bs / 32, nblk = K / bs;
+  const int64_t bs = w.blocksize, groups = bs / 32, nblk = K / bs, half = bs / 2;
   const __m512 lut = _mm512_loadu_ps(kNF4Codebook);
   for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = w.packed + (n * K >> 1);
-    const int64_t b0 = n * nblk;  // first block of row n
-    __m512 tot[2][MB];
-    for (int m = 0; m < MB; ++m) tot[0][m] = tot[1][m] = _mm512_setzero_ps();
-    for (int64_t kb = 0; kb < nblk; ++kb) {
-      const uint8_t* p = row + kb * (bs >> 1);
+    const uint8_t* p = w.packed + (n * K >> 1);
+    const float* xb = xp;
+    int64_t b = n * nblk;  // first block of row n
+    __m512 t0[MB], t1[MB];
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) t0[m] = t1[m] = _mm512_setzero_ps();
+    int64_t kb = 0;
+    for (; kb + 2 <= nblk; kb += 2, b += 2, p += 2 * half, xb += 2 * bs) {
       _mm_prefetch(reinterpret_cast<const char*>(p) + 1024, _MM_HINT_T0);  // stream ahead of the decode
-      __m512 acc[MB];
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; ++g) {
-        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * g)));
-        const __m512 d_odd = _mm512_permutexvar_ps(idx, lut);                         // low nibbles
-        const __m512 d_even = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), lut);  // high nibbles
-        const float* xg = xp + kb * bs + 32 * g;
-        for (int m = 0; m < MB; ++m) {
-          acc[m] = _mm512_fmadd_ps(d_even, _mm512_loadu_ps(xg + m * K), acc[m]);
-          acc[m] = _mm512_fmadd_ps(d_odd, _mm512_loadu_ps(xg + m * K + 16), acc[m]);
-        }
-      }
-      const __m512 sv = _mm512_set1_ps(block_scale(w.scales, b0 + kb));
-      for (int m = 0; m < MB; ++m) tot[kb & 1][m] = _mm512_fmadd_ps(acc[m], sv, tot[kb & 1][m]);
+      block512<MB, G>(p, xb, K, groups, lut, block_scale(w.scales, b), t0);
+      block512<MB, G>(p + half, xb + bs, K, groups, lut, block_scale(w.scales, b + 1), t1);
     }
-    for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0][m], tot[1][m]));
+    if (kb < nblk) block512<MB, G>(p, xb, K, groups, lut, block_scale(w.scales, b), t0);
+#pragma GCC unroll 4
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(t0[m], t1[m]));
+  }
+}
+
+template <int MB>
+void rows512_blocked_bs(const NF4Matrix& w, const float* xp, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  switch (w.blocksize) {
+    case 32: rows512_blocked<MB, 1>(w, xp, w.K, y, ldy, n0, n1); break;
+    case 64: rows512_blocked<MB, 2>(w, xp, w.K, y, ldy, n0, n1); break;
+    case 128: rows512_blocked<MB, 4>(w, xp, w.K, y, ldy, n0, n1); break;
+    default: rows512_blocked<MB, 0>(w, xp, w.K, y, ldy, n0, n1); break;
   }
 }
 
@@ -166,10 +196,10 @@ void nf4_decode_span_bf16_avx512(const NF4Matrix& w, int64_t i0, int64_t i1, uin
 void nf4_gemv_rows_blocked_avx512(int MB, const NF4Matrix& w, const float* xp, float* y, int64_t ldy, int64_t n0,
                                   int64_t n1) {
   switch (MB) {
-    case 1: rows512_blocked<1>(w, xp, w.K, y, ldy, n0, n1); break;
-    case 2: rows512_blocked<2>(w, xp, w.K, y, ldy, n0, n1); break;
-    case 3: rows512_blocked<3>(w, xp, w.K, y, ldy, n0, n1); break;
-    default: rows512_blocked<4>(w, xp, w.K, y, ldy, n0, n1); break;
+    case 1: rows512_blocked_bs<1>(w, xp, y, ldy, n0, n1); break;
+    case 2: rows512_blocked_bs<2>(w, xp, y, ldy, n0, n1); break;
+    case 3: rows512_blocked_bs<3>(w, xp, y, ldy, n0, n1); break;
+    default: rows512_blocked_bs<4>(w, xp, y, ldy, n0, n1); break;
   }
 }
 
