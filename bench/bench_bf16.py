@@ -8,7 +8,8 @@
   (b) M = 1 decode, weights streamed from memory (distinct 4096x4096 layers, more bytes than the L3):
         ours fp32 vs dense fp32 F.linear (target >= 4x faster); ours bf16 vs dense bf16 (target >= 2.5x)
   (c) one SmolLM2-135M training step (4 x 128 tokens, r = 16 on all seven projections, AdamW), bf16:
-        ours (NF4 base, bf16 autocast) vs PEFT LoRA on the dense bf16 model (target <= 1.1x)
+        ours (NF4 base, bf16 autocast) vs PEFT LoRA on the dense bf16 model (target <= 1.1x),
+        and ours bf16 vs ours fp32: the main job's --dtype bf16 / --dtype fp32 step time (target <= 0.6x)
   (d) accuracy: max |error| against float64 of ours bf16 and of PyTorch's own bf16 (target: <= 2x)
 
 On a CPU without native bf16 matmul (lowrank_ext.native_bf16_matmul() is False: no AVX512-BF16 / AMX)
@@ -159,8 +160,11 @@ def _smollm2_step(native: bool) -> list[list[object]]:
         return run
 
     t_ours, t_peft = _side_by_side(step(ours, opts[0], True), step(dense, opts[1], False), 3)
+    t_bf16, t_fp32 = _side_by_side(step(ours, opts[0], True), step(ours, opts[0], False), 3)
     return [["(c) SmolLM2-135M step bf16, 4x128 tok, r=16 x7", t_ours * 1e3, "PEFT LoRA, dense bf16",
-             t_peft * 1e3, t_ours / t_peft, _verdict(t_ours / t_peft, 1.1, True, native)]]
+             t_peft * 1e3, t_ours / t_peft, _verdict(t_ours / t_peft, 1.1, True, native)],
+            ["(c) the same step, ours --dtype bf16 vs fp32 (main job)", t_bf16 * 1e3, "ours fp32", t_fp32 * 1e3,
+             t_bf16 / t_fp32, _verdict(t_bf16 / t_fp32, 0.6, True, native)]]
 
 
 def _accuracy() -> list[list[object]]:
