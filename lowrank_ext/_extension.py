@@ -99,8 +99,8 @@ def last_kernel_path(product: str) -> str:
     """The kernel the last call of `product` ran on this thread, as recorded by the C++ dispatchers
     (csrc/include/lowrank_ext/kernel_path.h); "" before any call. Products and names:
 
-    - "nt" (x · deq(W)ᵀ: nf4_linear, nf4_lora_linear): CPU gemv-avx512-blocked | gemv-avx512 | gemv-avx2 |
-      gemv-scalar | panel | panel-bf16; CUDA gemv | mma | simt
+    - "nt" (x · deq(W)ᵀ: nf4_linear, nf4_lora_linear): CPU gemv-avx512-blocked | gemv-avx512 | gemv-avx2-blocked |
+      gemv-avx2 | gemv-scalar | panel | panel-bf16; CUDA gemv | mma | simt
     - "nn" (gy · deq(W): the grad-input products): CPU panel | panel-bf16; CUDA mma | simt
     - "dequantize": CPU avx2 | avx2-stream | scalar; CUDA vec16 | scalar-store
     - "quantize": CPU avx2 | scalar; CUDA warp-per-block

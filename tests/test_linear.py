@@ -567,14 +567,17 @@ def test_last_kernel_path_records_the_cpu_dispatch(monkeypatch):
 
     w = make_weight(96, 256)
     gemv_isa = "gemv-avx2" if lowrank_ext.build_info()["avx2"] else "gemv-scalar"
+    blocked_isa = "gemv-avx2-blocked" if lowrank_ext.build_info()["avx2"] else "gemv-scalar"
     monkeypatch.setenv("LOWRANK_EXT_CPU_ISA", "avx2")
     nf4_linear(torch.randn(8, 256), w)
-    assert last_kernel_path("nt") == gemv_isa  # M <= 8, fp32 compute: the streaming GEMV
+    assert last_kernel_path("nt") == blocked_isa  # M <= 8, fp32 compute: the streaming GEMV (K % 64 == 0: blocked)
+    nf4_linear(torch.randn(8, 200), make_weight(96, 200))
+    assert last_kernel_path("nt") == gemv_isa
     monkeypatch.delenv("LOWRANK_EXT_CPU_ISA")
     nf4_linear(torch.randn(1, 256).bfloat16(), w)  # bf16 at M <= 8 is computed in fp32: GEMV too
     # the AVX-512 GEMV must run wherever the CPU has it (a silent fallback to AVX2 fails here): the blocked
     # kernel when every row starts on a block (K % blocksize == 0), the general one otherwise
-    assert last_kernel_path("nt") == ("gemv-avx512-blocked" if _cpu_has_avx512f() else gemv_isa)
+    assert last_kernel_path("nt") == ("gemv-avx512-blocked" if _cpu_has_avx512f() else blocked_isa)
     nf4_linear(torch.randn(2, 200), make_weight(96, 200))
     assert last_kernel_path("nt") == ("gemv-avx512" if _cpu_has_avx512f() else gemv_isa)
     nf4_linear(torch.randn(9, 256), w)

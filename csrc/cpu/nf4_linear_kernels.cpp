@@ -159,6 +159,77 @@ void gemv_rows(const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_
   }
 }
 
+#if LRX_CPU_AVX2
+// The blocked GEMV on AVX2 (same layout and math as rows512_blocked in nf4_linear_avx512.cpp: rows of W start on
+// block boundaries, x de-interleaved per 32-element group). Per 8 bytes of a group: the zero-extended bytes
+// index the low nibbles (lut16 uses bits 0..3 of each index: permute by bits 0..2, blend by bit 3), bytes >> 4
+// the high ones; G = blocksize / 32 (0: read at run time).
+template <int MB, int G>
+inline void block_avx2(const uint8_t* p, const float* xb, int64_t K, int64_t groups, __m256 lo, __m256 hi, float scale,
+                       __m256* tot) {
+  __m256 acc_e[MB], acc_o[MB];
+  for (int m = 0; m < MB; ++m) acc_e[m] = acc_o[m] = _mm256_setzero_ps();
+  const int64_t ng = G > 0 ? G : groups;
+#pragma GCC unroll 4
+  for (int64_t g = 0; g < ng; ++g) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {  // bytes 8h..8h+7 of the group: elements 16h + 2e (even), 16h + 2e + 1 (odd)
+      const __m256i idx =
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 16 * g + 8 * h)));
+      const __m256 d_odd = lut16(idx, lo, hi);
+      const __m256 d_even = lut16(_mm256_srli_epi32(idx, 4), lo, hi);
+      const float* xg = xb + 32 * g + 8 * h;
+      for (int m = 0; m < MB; ++m) {
+        acc_e[m] = _mm256_fmadd_ps(d_even, _mm256_loadu_ps(xg + m * K), acc_e[m]);
+        acc_o[m] = _mm256_fmadd_ps(d_odd, _mm256_loadu_ps(xg + m * K + 16), acc_o[m]);
+      }
+    }
+  }
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(_mm256_add_ps(acc_e[m], acc_o[m]), sv, tot[m]);
+}
+
+template <int MB, int G>
+void gemv_rows_blocked(const NF4Matrix& w, const float* xp, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  const int64_t K = w.K, bs = w.blocksize, groups = bs / 32, nblk = K / bs, half = bs / 2;
+  const __m256 lo = _mm256_loadu_ps(kNF4Codebook), hi = _mm256_loadu_ps(kNF4Codebook + 8);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* p = w.packed + (n * K >> 1);
+    const float* xb = xp;
+    int64_t b = n * nblk;
+    __m256 t0[MB], t1[MB];
+    for (int m = 0; m < MB; ++m) t0[m] = t1[m] = _mm256_setzero_ps();
+    int64_t kb = 0;
+    for (; kb + 2 <= nblk; kb += 2, b += 2, p += 2 * half, xb += 2 * bs) {
+      _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0);
+      block_avx2<MB, G>(p, xb, K, groups, lo, hi, block_scale(w.scales, b), t0);
+      block_avx2<MB, G>(p + half, xb + bs, K, groups, lo, hi, block_scale(w.scales, b + 1), t1);
+    }
+    if (kb < nblk) block_avx2<MB, G>(p, xb, K, groups, lo, hi, block_scale(w.scales, b), t0);
+    for (int m = 0; m < MB; ++m) y[m * ldy + n] = hsum(_mm256_add_ps(t0[m], t1[m]));
+  }
+}
+
+template <int MB>
+void gemv_rows_blocked_bs(const NF4Matrix& w, const float* xp, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  switch (w.blocksize) {
+    case 32: gemv_rows_blocked<MB, 1>(w, xp, y, ldy, n0, n1); break;
+    case 64: gemv_rows_blocked<MB, 2>(w, xp, y, ldy, n0, n1); break;
+    case 128: gemv_rows_blocked<MB, 4>(w, xp, y, ldy, n0, n1); break;
+    default: gemv_rows_blocked<MB, 0>(w, xp, y, ldy, n0, n1); break;
+  }
+}
+
+void gemv_blocked_avx2(int MB, const NF4Matrix& w, const float* xp, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  switch (MB) {
+    case 1: gemv_rows_blocked_bs<1>(w, xp, y, ldy, n0, n1); break;
+    case 2: gemv_rows_blocked_bs<2>(w, xp, y, ldy, n0, n1); break;
+    case 3: gemv_rows_blocked_bs<3>(w, xp, y, ldy, n0, n1); break;
+    default: gemv_rows_blocked_bs<4>(w, xp, y, ldy, n0, n1); break;
+  }
+}
+#endif
+
 }  // namespace
 
 void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out, int64_t ld) {
@@ -179,16 +250,23 @@ const char* nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t l
   // that an OpenMP region costs more than it saves).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, w.K));
   const bool avx512 = cpu_isa() >= CpuIsa::kAvx512;
-  if (avx512 && w.K % w.blocksize == 0) {  // every row starts on a block: the blocked kernel
+#if LRX_CPU_AVX2
+  if (w.K % w.blocksize == 0) {  // every row starts on a block: the blocked kernels
     std::vector<float> xp(static_cast<size_t>(M * w.K));
     nf4_deinterleave_x(x, M, ldx, w.K, xp.data());
     at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t m0 = 0; m0 < M; m0 += 4)
-        nf4_gemv_rows_blocked_avx512(static_cast<int>(std::min<int64_t>(4, M - m0)), w, xp.data() + m0 * w.K,
-                                     y + m0 * ldy, ldy, n0, n1);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
+        if (avx512) {
+          nf4_gemv_rows_blocked_avx512(mb, w, xp.data() + m0 * w.K, y + m0 * ldy, ldy, n0, n1);
+        } else {
+          gemv_blocked_avx2(mb, w, xp.data() + m0 * w.K, y + m0 * ldy, ldy, n0, n1);
+        }
+      }
     });
-    return "gemv-avx512-blocked";
+    return avx512 ? "gemv-avx512-blocked" : "gemv-avx2-blocked";
   }
+#endif
   at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       if (avx512) {

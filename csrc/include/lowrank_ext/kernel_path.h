@@ -4,7 +4,7 @@
 //
 //   product      names recorded (CPU | CUDA)
 //   nt           gemv-avx512-blocked, gemv-avx512, gemv-avx2,  | gemv, mma, simt   (x · deq(W)ᵀ)
-//                gemv-scalar, panel, panel-bf16
+//                gemv-avx2-blocked, gemv-scalar, panel, panel-bf16
 //   nn           panel, panel-bf16                             | mma, simt         (gy · deq(W))
 //   dequantize   avx2, avx2-stream, scalar                     | vec16, scalar-store
 //   quantize     avx2, scalar                                  | warp-per-block
