@@ -21,7 +21,8 @@ PKG_ROOT = str(Path(lowrank_ext.__file__).resolve().parents[1])
 def test_build_info_keys_and_values():
     info = lowrank_ext.build_info()
     assert set(info) == {"torch_built_with", "torch_installed", "cuda", "cuda_runtime", "cuda_archs", "cpu_flags",
-                         "avx2", "fma", "openmp", "cuda_available_now"}
+                         "avx2", "fma", "openmp", "cuda_available_now", "cpu_isa", "cpu_isa_detected"}
+    assert info["cpu_isa_detected"] in ("avx2", "avx512", "avx512bf16", "amx")  # tests/test_cpu_isa.py checks which
     assert info["torch_installed"] == torch.__version__
     assert torch.__version__.split("+")[0] == info["torch_built_with"]  # compiled against this torch
     assert info["cuda"] is lowrank_ext.has_cuda_kernels() is bool(_build_config.WITH_CUDA)
