@@ -26,7 +26,7 @@ from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.injector import apply_inject, inject, plan_inject
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, require_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
-from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, QLoRALinear
+from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, Linear4bit, QIA3Linear, QLoRALinear
 from lowrank_ext.nn.lora import merge_warning
 
 __all__ = [
@@ -91,7 +91,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes with its base weights only."""
     require_state(model, "disable_adapters")
-    mods = [m for m in model.modules() if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))]
+    mods = [m for m in model.modules() if isinstance(m, (*ADAPTER_LAYERS, *IA3_LAYERS, ModulesToSave))]
     before = [m.disabled for m in mods]
     for m in mods:
         m.disabled = True
@@ -240,6 +240,20 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: boo
     """Merge the active adapters and put plain layers back: nn.Linear (dense; the default for NF4 bases too),
     or lowrank_ext.nn.Linear4bit holding NF4(merged) for NF4 bases when requantize=True (lossy, opt-in)."""
     require_state(model, "merge_and_unload")
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, IA3_LAYERS)]:
+        # IA3: W ⊙ l into an nn.Linear (NF4 bases: into deq(W), or NF4(deq(W) ⊙ l) with requantize=True)
+        if isinstance(layer, QIA3Linear) and not requantize:
+            w, bias = layer.dense_merged()
+            new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=w.device,
+                            dtype=layer.weight.dtype)
+            new.weight.copy_(w.to(new.weight.dtype))
+            if bias is not None:
+                new.bias.copy_(bias.to(new.bias.dtype))
+        else:
+            layer.merge(safe_merge=safe_merge, requantize=requantize and isinstance(layer, QIA3Linear))
+            new = layer.unload()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     for name, layer in list(adapter_layers(model)):
         layer.merge(safe_merge=safe_merge, warn=False)  # merging what is left is the point: no warning
         w = layer.dense_weight()
