@@ -6,7 +6,9 @@
     forward(input_ids, attention_mask, labels):  E = [P; embed(input_ids)]   P: [n, hidden] trainable
         attention_mask ← [1…1 (n); attention_mask],  labels ← [-100…-100 (n); labels]   (PEFT's forward)
     generate(input_ids, ...): the base model's generate on inputs_embeds = [P; embed(input_ids)] with the
-        extended mask; returns input_ids followed by the new tokens (what PEFT's generate returns).
+        extended mask; returns input_ids followed by the new tokens (what PEFT's generate returns). It equals
+        greedy decoding by full forwards; PEFT 0.21.2's own generate (transformers 5.25) drifts after the first
+        new token (its cache positions skip the virtual tokens) — tests/test_prompt_tuning.py shows both.
 
 Initialisation (PEFT's prompt_tuning_init): "RANDOM" (nn.Embedding's N(0, 1)) without init_text; "TEXT" with
 it: the text's token ids (tokenizer(init_text)["input_ids"], special tokens included, as PEFT), cut or repeated
@@ -59,11 +61,15 @@ class PromptTuningConfig:
 
     def to_peft_dict(self, base_model_name_or_path: str | None = None, model: nn.Module | None = None
                      ) -> dict[str, Any]:
+        """PEFT's fields. "TEXT" init needs a tokenizer name in PEFT's config (it re-checks it on load): with a
+        tokenizer object that has no name_or_path the file says "RANDOM" — the init is history, the trained
+        virtual tokens are in the weights file either way."""
+        tok_name = self.tokenizer_name_or_path or getattr(self.tokenizer, "name_or_path", None) or None
         return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": self.num_virtual_tokens,
                 "token_dim": self.token_dim, "num_transformer_submodules": 1,
                 "num_attention_heads": _cfg(model, "num_attention_heads"), "num_layers": _cfg(model, "num_hidden_layers"),
-                "prompt_tuning_init": "TEXT" if self.init_text else "RANDOM", "prompt_tuning_init_text": self.init_text,
-                "tokenizer_name_or_path": self.tokenizer_name_or_path, "tokenizer_kwargs": None,
+                "prompt_tuning_init": "TEXT" if self.init_text and tok_name else "RANDOM",
+                "prompt_tuning_init_text": self.init_text, "tokenizer_name_or_path": tok_name, "tokenizer_kwargs": None,
                 "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "modules_to_save": None}
 
     @classmethod
