@@ -244,6 +244,34 @@ def test_finetune_local_model_dir(capsys, tmp_path, tiny_model_dir, argv):
 
 
 @needs_model
+@pytest.mark.parametrize("variant, argv, min_drop", [
+    ("ia3", ["--lr", "1"], 0.02),  # 192 scaling values on a random model: measured 0.036
+    ("prompt", ["--lr", "3e-1", "--num-virtual-tokens", "4"], 0.02),  # 4 x 32 values: measured 0.036
+    ("bitfit", ["--lr", "1e-1"], 0.05),
+])
+def test_finetune_other_methods(capsys, tmp_path, tiny_model_dir, variant, argv, min_drop):
+    out = tmp_path / "out"
+    a = cli.build_parser().parse_args(["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY,
+                                       "--variant", variant, *argv])
+    res = cli.finetune(a)  # raises if the reloaded adapter does not reproduce the held-out loss
+    printed = capsys.readouterr().out
+    assert abs(res["reload_loss"] - res["eval_after"]) < 1e-3
+    assert res["eval_after"] < res["eval_before"] - min_drop, (res["eval_before"], res["eval_after"])
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == {"ia3": "IA3", "prompt": "PROMPT_TUNING", "bitfit": "BITFIT"}[variant]
+    if variant == "bitfit":  # the tiny Llama has no biases: 7 linear layers x 2 get zero biases, and the summary says so
+        assert len(cfg["added_biases"]) == 14 and res["trainable"] == 2 * (32 + 16 + 16 + 32 + 64 + 64 + 32)
+        assert "zero-initialised biases added to 14 linear layers" in printed
+    elif variant == "ia3":
+        assert cfg["feedforward_modules"] == ["down_proj"] and res["trainable"] == 2 * (16 + 16 + 64)
+    else:
+        assert cfg["num_virtual_tokens"] == 4 and res["trainable"] == 4 * 32
+    rc = cli.main(["finetune", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o2"), *TINY,
+                   "--variant", variant, "--rank-budget", "100"])
+    assert rc == 2 and f"--variant {variant} must run in one process without --rank-budget" in capsys.readouterr().err
+
+
+@needs_model
 def test_finetune_rank_budget_and_resume(capsys, tmp_path, tiny_model_dir):
     out = tmp_path / "out"
     budget = 6000  # uniform r=16 would cost 16 * 1024 = 16384 on this model's 14 projections
