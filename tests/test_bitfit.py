@@ -167,3 +167,12 @@ def test_errors(tmp_path):
     L.save_adapter(model, tmp_path)
     with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: quantize must be None for a BITFIT adapter"):
         L.load_adapter(tiny_gpt2(), tmp_path, quantize="nf4")
+
+
+def test_bitfit_cannot_be_disabled_or_deleted():
+    model = L.inject(tiny_gpt2(), L.BitFitConfig())
+    with pytest.raises(ValueError, match=r"lowrank_ext::disable_adapters: model must not hold a BitFit adapter"), \
+            L.disable_adapters(model):
+        pass
+    with pytest.raises(ValueError, match=r"lowrank_ext::delete_adapter: name must not be a BitFit adapter"):
+        L.delete_adapter(model, "default")

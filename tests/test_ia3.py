@@ -456,3 +456,38 @@ def test_layer_errors():
     with pytest.raises(ValueError, match=r"lowrank_ext::IA3Linear.merge: the merged weight must be finite, got "
                                          r"NaN/Inf after adapter 'a'"):
         layer.merge(safe_merge=True)
+
+
+# ---- model-level management and compile ------------------------------------------------------------------------
+def test_management_delete_disable_merge_unmerge():
+    model = L.inject(tiny_llama(), L.IA3Config())
+    _randomize(model)
+    ids = tokens()
+    base = logits(tiny_llama(), ids)
+    y = logits(model, ids)
+    with L.disable_adapters(model):
+        torch.testing.assert_close(logits(model, ids), base)
+    torch.testing.assert_close(logits(model, ids), y)
+    L.merge_adapter(model)
+    torch.testing.assert_close(logits(model, ids), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"lowrank_ext::delete_adapter: name must not be merged"):
+        L.delete_adapter(model, "default")
+    L.unmerge_adapter(model)
+    torch.testing.assert_close(logits(model, ids), y, rtol=1e-5, atol=1e-5)
+    L.delete_adapter(model, "default")
+    assert not any(len(m.ia3_l) for m in model.modules() if isinstance(m, IA3Linear))
+    torch.testing.assert_close(logits(model, ids), base, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_adapter_on_nf4_refuses():
+    model = L.inject(tiny_llama(), L.IA3Config(quantize="nf4"))
+    with pytest.raises(ValueError, match=r"lowrank_ext::QIA3Linear.merge: requantize must be True"):
+        L.merge_adapter(model)
+
+
+def test_compiles_fullgraph():
+    layer = QIA3Linear(L.quantize_nf4(torch.randn(32, 48)), torch.randn(32), is_feedforward=True)
+    layer.add_adapter("default")
+    layer.set_adapter("default")
+    x = torch.randn(4, 48)
+    torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), layer(x))

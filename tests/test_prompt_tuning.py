@@ -226,3 +226,17 @@ def test_wrapper_reads_base_attributes_and_unwraps():
     assert w.config is base.config and w.unwrap() is base
     assert w.get_input_embeddings() is base.get_input_embeddings()
     assert copy.deepcopy(w).num_virtual_tokens == 2
+
+
+def test_disable_and_delete():
+    base = tiny_llama()
+    ids = tokens()
+    want = base(input_ids=ids).logits
+    w = L.inject(base, L.PromptTuningConfig(3))
+    with L.disable_adapters(w):
+        torch.testing.assert_close(w(input_ids=ids).logits, want)
+        assert w.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (3, 9)
+    assert w(input_ids=ids).logits.shape == (3, 10, 96)
+    L.delete_adapter(w, "default")
+    assert len(w.prompt_embeddings) == 0
+    torch.testing.assert_close(w(input_ids=ids).logits, want)

@@ -116,6 +116,7 @@ class PromptTuningModel(nn.Module):
         self.base_model = base_model
         self.prompt_embeddings = nn.ParameterDict()
         self.lowrank_ext_state = AdapterState()
+        self.disabled = False  # lowrank_ext.disable_adapters: the base model alone
 
     def __getattr__(self, name: str):
         try:
@@ -158,6 +159,9 @@ class PromptTuningModel(nn.Module):
         if kwargs.get("past_key_values") is not None:
             raise ValueError("lowrank_ext::PromptTuningModel.forward: past_key_values must be None (the virtual tokens "
                              "go in front of the whole input; use generate), got a cache")
+        if self.disabled or not self.lowrank_ext_state.active:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   labels=labels, **kwargs)
         inputs_embeds, attention_mask, labels = self._extend(input_ids, attention_mask, inputs_embeds, labels)
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
@@ -166,6 +170,8 @@ class PromptTuningModel(nn.Module):
         """The base model's generate with the virtual tokens in front; returns [input_ids, new tokens]."""
         if input_ids is None:
             raise ValueError("lowrank_ext::PromptTuningModel.generate: input_ids must be given, got None")
+        if self.disabled or not self.lowrank_ext_state.active:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         inputs_embeds, attention_mask, _ = self._extend(input_ids, attention_mask, None, None)
