@@ -400,7 +400,10 @@ def _config_differences(model: nn.Module, name: str, have: LoRAConfig, want: LoR
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                  quantize: str | None = None) -> nn.Module:
-    """Load a PEFT (or save_adapter) LoRA / DoRA / VeRA adapter directory into `model` as `adapter_name`.
+    """Load a PEFT (or save_adapter) adapter directory into `model` as `adapter_name`; returns the model to use.
+
+    The file's peft_type decides: LORA / VERA (below), IA3, PROMPT_TUNING (returns a PromptTuningModel wrapping
+    `model`) or BITFIT (ours); the last three load into a new adapter name only (see the module docstring).
 
     A new adapter name is injected from the file's config (with `quantize`: None keeps dense bases, "nf4"
     quantizes them). An adapter name the model already has is loaded into only when its config equals the
