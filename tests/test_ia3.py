@@ -491,3 +491,33 @@ def test_compiles_fullgraph():
     layer.set_adapter("default")
     x = torch.randn(4, 48)
     torch.testing.assert_close(torch.compile(layer, backend="aot_eager", fullgraph=True)(x), layer(x))
+
+
+def test_on_a_bitsandbytes_4bit_model():
+    """IA3 on bitsandbytes Linear4bit layers: ours imports the same NF4 bytes (no requantizing) into QIA3Linear.
+    Reference: PEFT's IA3 on a dense model holding the dequantized bytes. (Not PEFT's bnb IA3 layer itself:
+    bitsandbytes 0.50.2's CPU dequantize_4bit is wrong when in_features is not a multiple of the blocksize —
+    down_proj here has 96 — see tests/test_layers.py.)"""
+    bnb = require("bitsandbytes", "0.50.2")
+    a = tiny_llama()
+    dense = copy.deepcopy(a)
+    for name, m in list(a.named_modules()):
+        if isinstance(m, torch.nn.Linear) and name != "lm_head":
+            q = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=False, quant_type="nf4",
+                                  compute_dtype=torch.float32)
+            q.weight = bnb.nn.Params4bit(m.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            parent, _, child = name.rpartition(".")
+            setattr(a.get_submodule(parent), child, q.to("cpu"))
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # no bnb layer left
+    L.inject(a, L.IA3Config(target_modules=every, feedforward_modules=["down_proj"]))
+    assert not any(type(m).__name__ == "Linear4bit" for m in a.modules())
+    assert isinstance(a.model.layers[0].mlp.down_proj, QIA3Linear)
+    with torch.no_grad():
+        for name, m in a.named_modules():
+            if isinstance(m, QIA3Linear):
+                dense.get_submodule(name).weight.copy_(m.weight.dequantize(torch.float32))
+    pm = _peft_ia3(dense, target_modules=every, feedforward_modules=["down_proj"])
+    _randomize(pm)
+    assert _copy_from_peft(pm, a) == 14
+    ids = tokens()
+    torch.testing.assert_close(logits(a, ids), logits(pm, ids), rtol=1e-5, atol=1e-5)
