@@ -176,3 +176,25 @@ def test_bitfit_cannot_be_disabled_or_deleted():
         pass
     with pytest.raises(ValueError, match=r"lowrank_ext::delete_adapter: name must not be a BitFit adapter"):
         L.delete_adapter(model, "default")
+
+
+def test_more_errors(tmp_path):
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match=r"lowrank_ext::inject: adapter_name must be a non-empty str without '.', "
+                                         r"got ''"):
+        L.inject(model, L.BitFitConfig(), "")
+    L.save_adapter(L.inject(tiny_llama(), L.BitFitConfig(add_bias_to=["q_proj"])), tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    d = json.loads(cfg_path.read_text())
+    already = L.inject(tiny_llama(), L.BitFitConfig(add_bias_to=["q_proj"]))  # q_proj has a bias now
+    del already.lowrank_ext_state
+    before = snapshot(already)
+    with pytest.raises(ValueError, match=r"added_biases must name linear modules without a bias, got "
+                                         r"'model.layers.0.self_attn.q_proj' \(it already has a bias\)"):
+        L.load_adapter(already, tmp_path)
+    assert_unchanged(before, snapshot(already))
+    d["bias_patterns"] = 5
+    cfg_path.write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"field 'bias_patterns' must be null, a list of module names or a regex "
+                                         r"string, got 5"):
+        L.load_adapter(tiny_llama(), tmp_path)

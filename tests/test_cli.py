@@ -75,6 +75,16 @@ def test_unreadable_dataset(capsys, tmp_path, name, content, match):
     assert "--dataset must be kjv, lee, or a readable .txt/.jsonl file" in err and match in err
 
 
+@pytest.mark.parametrize("argv, match", [
+    (["--variant", "prompt", "--num-virtual-tokens", "0"], "--num-virtual-tokens must be >= 1, got 0"),
+    (["--variant", "ia3", "--backend", "peft", "--no-quantize"], "--backend peft must come with --no-quantize"),
+    (["--variant", "bitfit", "--nproc", "2"], "--variant bitfit must run in one process without --rank-budget"),
+])
+def test_other_method_argument_errors(capsys, tmp_path, argv, match):
+    rc, _, err = run_main(capsys, "finetune", "--output", str(tmp_path / "o"), *argv)
+    assert rc == 2 and match in err
+
+
 def test_existing_output_is_refused_unless_overwrite(capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -521,3 +521,15 @@ def test_on_a_bitsandbytes_4bit_model():
     assert _copy_from_peft(pm, a) == 14
     ids = tokens()
     torch.testing.assert_close(logits(a, ids), logits(pm, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_name_errors():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"lowrank_ext::inject: adapter_name must be a non-empty str without '.', "
+                                         r"got 'a.b'"):
+        L.inject(model, L.IA3Config(), "a.b")
+    with pytest.raises(ValueError, match=r"lowrank_ext::IA3Config.from_peft_dict: field 'peft_type' must be 'IA3', "
+                                         r"got 'LORA'"):
+        L.IA3Config.from_peft_dict({"peft_type": "LORA"})
+    with pytest.raises(ValueError, match=r"field 'fan_in_fan_out' must be true or false, got 1"):
+        L.IA3Config.from_peft_dict({"peft_type": "IA3", "target_modules": ["k_proj"], "fan_in_fan_out": 1})

@@ -240,3 +240,26 @@ def test_disable_and_delete():
     L.delete_adapter(w, "default")
     assert len(w.prompt_embeddings) == 0
     torch.testing.assert_close(w(input_ids=ids).logits, want)
+
+
+def test_more_errors(tmp_path):
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"lowrank_ext::inject: adapter_name must be a non-empty str without '.', "
+                                         r"got 'a.b'"):
+        L.inject(model, L.PromptTuningConfig(2), "a.b")
+
+    class Empty:
+        def __call__(self, text):
+            return {"input_ids": []}
+
+    with pytest.raises(ValueError, match=r"lowrank_ext::inject: PromptTuningConfig.init_text must give at least one "
+                                         r"token, got 'x' -> \[\]"):
+        L.inject(model, L.PromptTuningConfig(2, init_text="x", tokenizer=Empty()))
+    assert_unchanged(before, snapshot(model))
+    L.save_adapter(L.inject(tiny_llama(), L.PromptTuningConfig(2)), tmp_path)
+    d = json.loads((tmp_path / "adapter_config.json").read_text())
+    d["modules_to_save"] = ["lm_head"]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match=r"field 'modules_to_save' must be null for prompt tuning"):
+        L.load_adapter(model, tmp_path)
