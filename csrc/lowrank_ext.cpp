@@ -13,6 +13,7 @@
 
 #include <string>
 
+#include "cpu/cpu_isa.h"
 #include "lowrank_ext/kernel_path.h"
 
 #ifdef LRX_WITH_CUDA
@@ -72,6 +73,9 @@ TORCH_LIBRARY(lowrank_ext, m) {
   // "nt" (x · deq(W)ᵀ), "nn" (gy · deq(W)), "dequantize", "quantize" or "adamw"; "" before any call on this
   // thread. For python -m lowrank_ext doctor and the tests.
   m.def("last_kernel_path(str product) -> str", &lowrank_ext::last_kernel_path_op);
+  // The CPU kernel family the NF4 matmuls take (csrc/cpu/cpu_isa.h): "avx2", "avx512", "avx512bf16" or "amx";
+  // LOWRANK_EXT_CPU_ISA may force a lower one. detected=True: the best this CPU supports.
+  m.def("cpu_isa(bool detected=False) -> str", &lowrank_ext::cpu::cpu_isa_op);
 
   // ---------------------------------------------------------------------------------------------
   // NF4 format (csrc/cpu/nf4.cpp, csrc/cuda/nf4.cu; Python: lowrank_ext/ops/nf4.py)

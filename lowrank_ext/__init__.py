@@ -15,7 +15,13 @@ matplotlib or safetensors (they are imported where they are used).
 """
 
 from lowrank_ext import distributed, nn, ops, optim  # distributed: torch.distributed is imported lazily
-from lowrank_ext._extension import build_info, has_cuda_kernels, last_kernel_path  # first: loads _C or fails loudly
+from lowrank_ext._extension import (  # first: loads _C or fails loudly
+    build_info,
+    cpu_isa,
+    has_cuda_kernels,
+    last_kernel_path,
+    native_bf16_matmul,
+)
 from lowrank_ext.adapters import *
 from lowrank_ext.adapters import __all__ as _adapters_all
 from lowrank_ext.finetune.rank_allocation import allocate_ranks
@@ -47,5 +53,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lowrank_ext' has no attribute {name!r}")
 
 
-__all__ = ["NF4Weight", "allocate_ranks", "build_info", "distributed", "has_cuda_kernels", "last_kernel_path", "nn",
-           "ops", "optim", "quantize_nf4", *_adapters_all]
+__all__ = ["NF4Weight", "allocate_ranks", "build_info", "cpu_isa", "distributed", "has_cuda_kernels",
+           "last_kernel_path", "native_bf16_matmul", "nn", "ops", "optim", "quantize_nf4", *_adapters_all]

@@ -304,6 +304,32 @@ def test_finetune_rank_budget_and_resume(capsys, tmp_path, tiny_model_dir):
     capsys.readouterr()
 
 
+@needs_model
+def test_finetune_dtype_flag(capsys, tmp_path, tiny_model_dir):
+    """--dtype bf16 trains under bf16 autocast (our NF4 ops take the bf16 kernels: panel-bf16 on a CPU with
+    native bf16 matmul), keeps LoRA parameters fp32, learns like fp32, says so in the summary; auto picks bf16
+    exactly where lowrank_ext.native_bf16_matmul(); a bf16 checkpoint does not resume as fp32."""
+    base = ["finetune", "--model", str(tiny_model_dir), *TINY]
+    res = {}
+    for dt in ("fp32", "bf16", "auto"):
+        out = tmp_path / dt
+        res[dt] = cli.finetune(cli.build_parser().parse_args([*base, "--output", str(out), "--dtype", dt]))
+        text = capsys.readouterr().out
+        assert res[dt]["eval_after"] < res[dt]["eval_before"] - MIN_DROP, (dt, res[dt])
+        want = "bf16 (autocast; LoRA + optimizer state fp32)" if res[dt]["dtype"] == "torch.bfloat16" else "fp32,"
+        assert "compute" in text and want in text, text
+        assert f"--dtype {dt}, on CPU kernels {lowrank_ext.cpu_isa()}" in text
+        if dt == "bf16":
+            # the reload evaluation ran last on this thread: our op, under autocast, in bf16
+            assert lowrank_ext.last_kernel_path("nt") == ("panel-bf16" if lowrank_ext.native_bf16_matmul() else "panel")
+    assert res["fp32"]["dtype"] == "torch.float32" and res["bf16"]["dtype"] == "torch.bfloat16"
+    assert res["auto"]["dtype"] == ("torch.bfloat16" if lowrank_ext.native_bf16_matmul() else "torch.float32")
+    assert abs(res["bf16"]["eval_after"] - res["fp32"]["eval_after"]) < 0.1  # the same training, rounded to bf16
+    rc = cli.main([*base, "--output", str(tmp_path / "bf16"), "--dtype", "fp32", "--resume"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "checkpoint must match this run" in err and "dtype" in err, err
+
+
 # ------------------------------------------------------------------ bench
 def test_bench_command_tables_and_chart(capsys, tmp_path):
     bench = tmp_path / "bench"

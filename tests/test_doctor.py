@@ -54,10 +54,13 @@ def test_cpu_report_passes_and_covers_every_op_family_and_dtype(cpu_report):
 
 def test_paths_are_the_kernels_that_ran(cpu_report):
     rows = {(c["op"], c["dtype"], c["note"].split()[0]): c["path"] for c in cpu_report["checks"]}
-    avx512 = "avx512f" in doctor._cpu_features() and os.environ.get("LOWRANK_EXT_CPU_ISA") != "avx2"
-    gemv = "gemv-avx512" if avx512 else ("gemv-avx2" if lowrank_ext.build_info()["avx2"] else "gemv-scalar")
+    feats = doctor._cpu_features()
+    avx512 = {"avx512f", "avx512bw"} <= set(feats) and os.environ.get("LOWRANK_EXT_CPU_ISA") != "avx2"
+    # K = 256, a multiple of the blocksize: the blocked AVX-512 GEMV where the CPU has AVX-512
+    gemv = "gemv-avx512-blocked" if avx512 else ("gemv-avx2" if lowrank_ext.build_info()["avx2"] else "gemv-scalar")
     assert rows[("nf4_lora_linear", "fp32", "M=1")] == gemv  # M <= 8 fp32 compute: the streaming GEMV
-    assert rows[("nf4_lora_linear", "bf16", "M=33")] == "panel"
+    bf16 = "panel-bf16" if lowrank_ext.native_bf16_matmul() else "panel"  # bf16 panels on bf16 hardware
+    assert rows[("nf4_lora_linear", "bf16", "M=33")] == bf16
     assert rows[("nf4_lora_linear_backward", "fp16", "M=33:")] == "panel"
     isa = "avx2" if lowrank_ext.build_info()["avx2"] else "scalar"
     assert {c["path"] for c in cpu_report["checks"] if c["op"] in ("quantize_nf4", "adamw_step")} == {isa}

@@ -151,11 +151,15 @@ def test_gemv_and_panel_paths_agree():
     torch.testing.assert_close(y1, y9, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("isa", ["avx2", "auto"])
-@pytest.mark.parametrize("n,k,blocksize", [(130, 97, 32), (192, 320, 64), (72, 1000, 128), (40, 4096, 4096)])
+@pytest.mark.parametrize("isa", ["avx2", "avx512", "auto"])
+@pytest.mark.parametrize("n,k,blocksize", [(130, 97, 32), (192, 320, 64), (72, 1000, 128), (40, 4096, 4096),
+                                           (24, 2048, 256)])
 def test_gemv_isa_paths(monkeypatch, isa, n, k, blocksize):
-    """The streaming GEMV (M <= 8) on each CPU ISA path (AVX-512 where the CPU has it, AVX2 forced by
-    LOWRANK_EXT_CPU_ISA=avx2) against float64, with odd K, blocks straddling rows and partial groups."""
+    """The streaming GEMV (M <= 8) on each CPU ISA path (AVX-512 where the CPU has it — blocked when
+    K % blocksize == 0 — AVX2 forced by LOWRANK_EXT_CPU_ISA=avx2) against float64, with odd K, blocks
+    straddling rows and partial groups."""
+    if isa == "avx512" and not _cpu_has_avx512f():
+        pytest.skip("no AVX-512 on this CPU")
     monkeypatch.setenv("LOWRANK_EXT_CPU_ISA", isa)
     w = make_weight(n, k, blocksize=blocksize, double_quant=blocksize != 128)
     for m in (1, 2, 3, 4, 5, 8):
@@ -550,10 +554,10 @@ def test_real_ops_refuse_what_the_fakes_refuse(case):
 
 # ---- which kernel ran (lowrank_ext.last_kernel_path: the doctor's "path" column) ------------------------
 def _cpu_has_avx512f() -> bool:
-    """From the OS, independently of the library's own CPU detection (Linux /proc/cpuinfo)."""
+    """From the OS, independently of the library's own CPU detection (Linux /proc/cpuinfo): AVX-512 F + BW."""
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " avx512f" in line for line in f)
+            return any(line.startswith("flags") and {"avx512f", "avx512bw"} <= set(line.split()) for line in f)
     except OSError:
         return False
 
@@ -567,11 +571,16 @@ def test_last_kernel_path_records_the_cpu_dispatch(monkeypatch):
     nf4_linear(torch.randn(8, 256), w)
     assert last_kernel_path("nt") == gemv_isa  # M <= 8, fp32 compute: the streaming GEMV
     monkeypatch.delenv("LOWRANK_EXT_CPU_ISA")
-    nf4_linear(torch.randn(1, 256).bfloat16(), w)  # bf16 is computed in fp32 on the CPU: GEMV too
-    # the AVX-512 GEMV must run wherever the CPU has it (a silent fallback to AVX2 fails here)
+    nf4_linear(torch.randn(1, 256).bfloat16(), w)  # bf16 at M <= 8 is computed in fp32: GEMV too
+    # the AVX-512 GEMV must run wherever the CPU has it (a silent fallback to AVX2 fails here): the blocked
+    # kernel when every row starts on a block (K % blocksize == 0), the general one otherwise
+    assert last_kernel_path("nt") == ("gemv-avx512-blocked" if _cpu_has_avx512f() else gemv_isa)
+    nf4_linear(torch.randn(2, 200), make_weight(96, 200))
     assert last_kernel_path("nt") == ("gemv-avx512" if _cpu_has_avx512f() else gemv_isa)
     nf4_linear(torch.randn(9, 256), w)
     assert last_kernel_path("nt") == "panel"
+    nf4_linear(torch.randn(9, 256).bfloat16(), w)  # bf16 panels where the CPU multiplies bf16 natively
+    assert last_kernel_path("nt") == ("panel-bf16" if lowrank_ext.native_bf16_matmul() else "panel")
     nf4_linear(torch.randn(2, 256, dtype=torch.float64), w)
     assert last_kernel_path("nt") == "panel"  # float64: the simple path
     ops.nf4_linear_grad_input(torch.randn(3, 96), *w.tensors(), w.blocksize, 256)

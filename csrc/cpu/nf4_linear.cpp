@@ -7,11 +7,15 @@
 //   nf4_row_sqnorm:           sq[n] = ||deq(W)[n, :]||²
 // Layouts: x [M, K], W NF4 [N, K] (flat row-major), lora_A [r, K], lora_B [N, r], bias [N].
 // Argument checks: lowrank_ext/nf4_linear_args.h, shared with the CUDA implementation.
-// Compute type: fp32 for fp32/fp16/bf16 inputs (converted on load, outputs rounded once), fp64 for
-// float64 (the gradcheck path). Never a dense deq(W): two paths by M —
-//   M <= kGemvMaxM (fp32): streaming GEMV, each packed byte decoded in registers (nf4_linear_kernels.cpp);
+// Compute type (compute_type below), always with fp32 (or fp64) accumulation:
+//   bf16 activations on a CPU with native bf16 matmul (cpu_isa() >= avx512bf16, csrc/cpu/cpu_isa.h), M > kGemvMaxM:
+//     bf16 — W decoded to bf16 panels (each fp32 value rounded once), x, A, B as given, oneDNN's bf16 GEMM
+//     (AMX tiles or vdpbf16ps, fp32 accumulation, one rounding of each GEMM's output): PyTorch's own bf16 numerics;
+//   float64: fp64 (the gradcheck path); everything else: fp32 (fp16/bf16 converted on load, outputs rounded once).
+// Never a dense deq(W): two paths by M —
+//   M <= kGemvMaxM: streaming GEMV in fp32, each packed byte decoded in registers (nf4_linear_kernels.cpp);
 //   otherwise: panels of W (~8 MB; those alive at once hold at most a quarter of W) decoded to the
-//   compute type once and multiplied with at::mm (MKL) for all M rows — the NT panel is rows of W,
+//   compute type once and multiplied with at::mm (MKL / oneDNN) for all M rows — the NT panel is rows of W,
 //   the NN panel columns of W; threads split the panels.
 // The LoRA parts are small GEMMs (at::mm in the compute type).
 
@@ -21,7 +25,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 
+#include "cpu_isa.h"
 #include "lowrank_ext/kernel_path.h"
 #include "lowrank_ext/nf4_linear_args.h"
 #include "nf4_linear_kernels.h"
@@ -42,11 +48,32 @@ NF4Matrix nf4_matrix(const at::Tensor& packed, const NF4LinearArgs& a, int64_t b
   return NF4Matrix{packed.const_data_ptr<uint8_t>(), a.scales, blocksize, a.N, a.K};
 }
 
-// fp32 for fp32/fp16/bf16, fp64 for float64; contiguous (a no-op when it already is).
-at::Tensor to_compute(const at::Tensor& t) {
-  const auto ct = t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  return t.to(ct).contiguous();
+// The type the products of an op run in, fixed by its activation `act` (x, or grad_y in the backward):
+// bf16 panels where the CPU multiplies bf16 natively and the GEMV does not take the product; fp64 for
+// float64; fp32 otherwise.
+// Reads LOWRANK_EXT_CPU_ISA on every call, so a bad value raises from any op, not only a bf16 one.
+at::ScalarType compute_type(const at::Tensor& act) {
+  const cpu::CpuIsa isa = cpu::cpu_isa();
+  if (act.scalar_type() == at::kDouble) return at::kDouble;
+  if (act.scalar_type() == at::kBFloat16 && act.size(0) > cpu::kGemvMaxM && cpu::native_bf16_matmul(isa))
+    return at::kBFloat16;
+  return at::kFloat;
 }
+
+// t in the compute type, contiguous (a no-op when it already is).
+at::Tensor to_compute(const at::Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+
+// deq(W)[n0:n1, k0:k1] into a panel of T (bf16: c10::BFloat16 has the bit layout the decoder writes).
+template <typename T>
+void decode_panel(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, T* out, int64_t ld) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    cpu::nf4_decode_tile(w, n0, n1, k0, k1, reinterpret_cast<uint16_t*>(out), ld);
+  } else {
+    cpu::nf4_decode_tile(w, n0, n1, k0, k1, out, ld);
+  }
+}
+
+const char* panel_path(at::ScalarType ct) { return ct == at::kBFloat16 ? "panel-bf16" : "panel"; }
 
 // Panel length along `dim_len` (a multiple of 8) when the other panel dimension is `other`: about
 // kPanelBytes, at least 8 panels (one panel <= 1/8 of W in fp32, i.e. < N·K bytes) and at least 4 per
@@ -78,8 +105,8 @@ at::Tensor matmul_nt(const at::Tensor& xa, const NF4Matrix& w) {
     record_kernel_path(KernelProduct::kNT, path);
     return y;
   }
-  record_kernel_path(KernelProduct::kNT, "panel");
-  AT_DISPATCH_FLOATING_TYPES(xa.scalar_type(), "nf4_matmul_nt_cpu", [&] {
+  record_kernel_path(KernelProduct::kNT, panel_path(xa.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xa.scalar_type(), "nf4_matmul_nt_cpu", [&] {
     const int64_t nb = panel_len(N, K, sizeof(scalar_t));
     const int64_t panels = ceil_div(N, nb);
     at::parallel_for(0, panels, panel_grain(panels, M * N * K), [&](int64_t p0, int64_t p1) {
@@ -87,7 +114,7 @@ at::Tensor matmul_nt(const at::Tensor& xa, const NF4Matrix& w) {
       at::Tensor panel = at::empty({nb, K}, xa.options());  // rows n0..n0+len of deq(W)
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * nb, len = std::min(nb, N - n0);
-        cpu::nf4_decode_tile(w, n0, n0 + len, 0, K, panel.data_ptr<scalar_t>(), K);
+        decode_panel(w, n0, n0 + len, 0, K, panel.data_ptr<scalar_t>(), K);
         at::Tensor out = y.narrow(1, n0, len);  // strided view, ld = N: MKL writes it in place
         at::mm_out(out, xa, panel.narrow(0, 0, len).t());
       }
@@ -102,8 +129,8 @@ at::Tensor matmul_nn(const at::Tensor& g, const NF4Matrix& w) {
   const int64_t M = g.size(0), N = w.N, K = w.K;
   at::Tensor gx = at::empty({M, K}, g.options());
   if (M == 0) return gx;
-  record_kernel_path(KernelProduct::kNN, "panel");
-  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "nf4_matmul_nn_cpu", [&] {
+  record_kernel_path(KernelProduct::kNN, panel_path(g.scalar_type()));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "nf4_matmul_nn_cpu", [&] {
     const int64_t kb = panel_len(K, N, sizeof(scalar_t));
     const int64_t panels = ceil_div(K, kb);
     at::parallel_for(0, panels, panel_grain(panels, M * N * K), [&](int64_t p0, int64_t p1) {
@@ -111,7 +138,7 @@ at::Tensor matmul_nn(const at::Tensor& g, const NF4Matrix& w) {
       at::Tensor panel = at::empty({N, kb}, g.options());  // columns k0..k0+len of deq(W)
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t k0 = p * kb, len = std::min(kb, K - k0);
-        cpu::nf4_decode_tile(w, 0, N, k0, k0 + len, panel.data_ptr<scalar_t>(), kb);
+        decode_panel(w, 0, N, k0, k0 + len, panel.data_ptr<scalar_t>(), kb);
         at::Tensor out = gx.narrow(1, k0, len);
         at::mm_out(out, g, panel.narrow(1, 0, len));
       }
@@ -127,8 +154,9 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
   const NF4LinearArgs a = check_nf4_linear_args(x, packed, absmax, nested_absmax, nested_map, offset, blocksize,
                                                 out_features, bias, kAllowDouble);
-  at::Tensor y = matmul_nt(to_compute(x), nf4_matrix(packed, a, blocksize));
-  if (bias.has_value()) y.add_(to_compute(*bias));
+  const auto ct = compute_type(x);
+  at::Tensor y = matmul_nt(to_compute(x, ct), nf4_matrix(packed, a, blocksize));
+  if (bias.has_value()) y.add_(to_compute(*bias, ct));
   return y.to(x.scalar_type());
 }
 
@@ -140,7 +168,7 @@ at::Tensor nf4_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor&
   const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
   const NF4LinearArgs a = check_nf4_linear_grad_input_args(grad_y, packed, absmax, nested_absmax, nested_map, offset,
                                                            blocksize, in_features, kAllowDouble);
-  return matmul_nn(to_compute(grad_y), nf4_matrix(packed, a, blocksize)).to(grad_y.scalar_type());
+  return matmul_nn(to_compute(grad_y, compute_type(grad_y)), nf4_matrix(packed, a, blocksize)).to(grad_y.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> nf4_lora_linear_cpu(
@@ -154,12 +182,13 @@ std::tuple<at::Tensor, at::Tensor> nf4_lora_linear_cpu(
                                                      kAllowDouble);
   const NF4Matrix w = nf4_matrix(packed, a, blocksize);
 
-  const at::Tensor xa = to_compute(x);
-  const at::Tensor xl = x_lora.is_same(x) ? xa : to_compute(x_lora);
-  at::Tensor y = matmul_nt(xa, w);                                   // x · deq(W)ᵀ
-  const at::Tensor u = at::mm(xl, to_compute(lora_A).t());            // u = x_lora · Aᵀ   [M, r]
-  y.addmm_(u, to_compute(lora_B).t(), /*beta=*/1, /*alpha=*/scaling);  // + s · u · Bᵀ
-  if (bias.has_value()) y.add_(to_compute(*bias));
+  const auto ct = compute_type(x);
+  const at::Tensor xa = to_compute(x, ct);
+  const at::Tensor xl = x_lora.is_same(x) ? xa : to_compute(x_lora, ct);
+  at::Tensor y = matmul_nt(xa, w);                                       // x · deq(W)ᵀ
+  const at::Tensor u = at::mm(xl, to_compute(lora_A, ct).t());            // u = x_lora · Aᵀ   [M, r]
+  y.addmm_(u, to_compute(lora_B, ct).t(), /*beta=*/1, /*alpha=*/scaling);  // + s · u · Bᵀ
+  if (bias.has_value()) y.add_(to_compute(*bias, ct));
   return {y.to(x.scalar_type()), u.to(x.scalar_type())};
 }
 
@@ -176,11 +205,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backw
   const NF4Matrix w = nf4_matrix(packed, a, blocksize);
 
   const auto dt = grad_y.scalar_type();
-  const at::Tensor g = to_compute(grad_y);
-  const at::Tensor A = to_compute(lora_A);
-  const at::Tensor gB = at::mm(g.t(), to_compute(u)).mul_(scaling);  // gB = s · gyᵀ · u      [N, r]
-  const at::Tensor gu = at::mm(g, to_compute(lora_B)).mul_(scaling);  // gu = s · gy · B       [M, r]
-  const at::Tensor gA = at::mm(gu.t(), to_compute(x_lora));           // gA = guᵀ · x_lora     [r, K]
+  const auto ct = compute_type(grad_y);
+  const at::Tensor g = to_compute(grad_y, ct);
+  const at::Tensor A = to_compute(lora_A, ct);
+  const at::Tensor gB = at::mm(g.t(), to_compute(u, ct)).mul_(scaling);  // gB = s · gyᵀ · u      [N, r]
+  const at::Tensor gu = at::mm(g, to_compute(lora_B, ct)).mul_(scaling);  // gu = s · gy · B       [M, r]
+  const at::Tensor gA = at::mm(gu.t(), to_compute(x_lora, ct));           // gA = guᵀ · x_lora     [r, K]
   at::Tensor gx = matmul_nn(g, w);                                     // gx = gy · deq(W)      [M, K]
   at::Tensor gxl;
   if (lora_grad_into_x) {

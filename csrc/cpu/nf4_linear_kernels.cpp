@@ -12,9 +12,12 @@
 
 #include <ATen/Parallel.h>
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -79,11 +82,12 @@ void decode_span(const NF4Matrix& w, int64_t i0, int64_t i1, T* out) {
   }
 }
 
-template <typename T>
-void decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, T* out, int64_t ld) {
+template <typename T, typename Span>
+void decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, T* out, int64_t ld,
+                 Span span) {
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(1, k1 - k0));
   at::parallel_for(n0, n1, grain, [&](int64_t a, int64_t b) {
-    for (int64_t n = a; n < b; ++n) decode_span(w, n * w.K + k0, n * w.K + k1, out + (n - n0) * ld);
+    for (int64_t n = a; n < b; ++n) span(w, n * w.K + k0, n * w.K + k1, out + (n - n0) * ld);
   });
 }
 
@@ -158,27 +162,33 @@ void gemv_rows(const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_
 }  // namespace
 
 void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out, int64_t ld) {
-  decode_tile(w, n0, n1, k0, k1, out, ld);
+  decode_tile(w, n0, n1, k0, k1, out, ld, decode_span<float>);
 }
 
 void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, double* out, int64_t ld) {
-  decode_tile(w, n0, n1, k0, k1, out, ld);
+  decode_tile(w, n0, n1, k0, k1, out, ld, decode_span<double>);
 }
 
-// AVX-512 is used when the CPU has it, unless LOWRANK_EXT_CPU_ISA=avx2 (read per call, so tests can
-// exercise both paths in one process).
-bool use_avx512() {
-  const char* isa = std::getenv("LOWRANK_EXT_CPU_ISA");
-  if (isa != nullptr && std::strcmp(isa, "avx2") == 0) return false;
-  static const bool has = nf4_cpu_has_avx512();
-  return has;
+// bf16 panels are only taken where cpu_isa() >= avx512bf16 (nf4_linear.cpp), so the AVX-512 decoder is the only one.
+void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* out, int64_t ld) {
+  decode_tile(w, n0, n1, k0, k1, out, ld, nf4_decode_span_bf16_avx512);
 }
 
 const char* nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy) {
   // Rows of W are independent: split them over threads (at least ~64K weights per task: below
   // that an OpenMP region costs more than it saves).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, w.K));
-  const bool avx512 = use_avx512();
+  const bool avx512 = cpu_isa() >= CpuIsa::kAvx512;
+  if (avx512 && w.K % w.blocksize == 0) {  // every row starts on a block: the blocked kernel
+    std::vector<float> xp(static_cast<size_t>(M * w.K));
+    nf4_deinterleave_x(x, M, ldx, w.K, xp.data());
+    at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
+      for (int64_t m0 = 0; m0 < M; m0 += 4)
+        nf4_gemv_rows_blocked_avx512(static_cast<int>(std::min<int64_t>(4, M - m0)), w, xp.data() + m0 * w.K,
+                                     y + m0 * ldy, ldy, n0, n1);
+    });
+    return "gemv-avx512-blocked";
+  }
   at::parallel_for(0, w.N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       if (avx512) {

@@ -56,17 +56,34 @@ constexpr int64_t kGemvMaxM = 8;
 // The double version rounds the fp32 value exactly once more (to double: exact), for the gradcheck path.
 void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, float* out, int64_t ld);
 void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, double* out, int64_t ld);
+// bf16 tile (the bits of c10::BFloat16): each fp32 value deq(W)[n, k] rounded to bf16 once (nearest even).
+// AVX-512 only: call it only where cpu_isa() >= avx512 (the bf16 panels need avx512bf16).
+void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int64_t k1, uint16_t* out, int64_t ld);
 
 // y[m * ldy + n] = Σ_k x[m * ldx + k] · deq(W)[n, k]   for m < M (M small), all n. fp32 accumulate.
 // Streams the packed bytes once per 4 rows of x; parallel over rows of W. Returns the rows kernel that ran
-// ("gemv-avx512", "gemv-avx2" or "gemv-scalar": kernel_path.h).
+// ("gemv-avx512", "gemv-avx512-blocked", "gemv-avx2" or "gemv-scalar": kernel_path.h).
 const char* nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy);
 
-// The AVX-512 variant of the GEMV rows kernel (csrc/cpu/nf4_linear_avx512.cpp; MB = 1..4 rows of x),
-// and whether this CPU can run it.
+// The AVX-512 kernels (csrc/cpu/nf4_linear_avx512.cpp; run only where cpu_isa() >= avx512): the GEMV rows
+// kernel (MB = 1..4 rows of x), and the bf16 decode of flat elements [i0, i1) into out[0, i1 - i0).
 void nf4_gemv_rows_avx512(int MB, const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_t ldy,
                           int64_t n0, int64_t n1);
-bool nf4_cpu_has_avx512();
+void nf4_decode_span_bf16_avx512(const NF4Matrix& w, int64_t i0, int64_t i1, uint16_t* out);
+// The blocked GEMV rows kernel (rows of W start on block boundaries: K % blocksize == 0), x de-interleaved
+// by nf4_deinterleave_x (MB rows of K floats, ld K).
+void nf4_gemv_rows_blocked_avx512(int MB, const NF4Matrix& w, const float* xp, float* y, int64_t ldy, int64_t n0,
+                                  int64_t n1);
+
+// xp[m*K + 32g + e] = x[m*ldx + 32g + 2e], xp[m*K + 32g + 16 + e] = x[m*ldx + 32g + 2e + 1] (K % 32 == 0).
+inline void nf4_deinterleave_x(const float* x, int64_t M, int64_t ldx, int64_t K, float* xp) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K; g += 32)
+      for (int e = 0; e < 16; ++e) {
+        xp[m * K + g + e] = x[m * ldx + g + 2 * e];
+        xp[m * K + g + 16 + e] = x[m * ldx + g + 2 * e + 1];
+      }
+}
 
 // out[n] = Σ_k deq(W)[n, k]²   (accumulated in double, stored as fp32)
 void nf4_row_sqnorm(const NF4Matrix& w, float* out);

@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lowrank_ext.nn.linear4bit import check_compute_dtype
+
 __all__ = ["LoRAConfig"]
 
 _VARIANTS = ("lora", "dora", "vera")
@@ -39,6 +41,10 @@ class LoRAConfig:
         name equals it or ends with "." + it, or as a full-match regex), as in PEFT.
     variant: "lora" | "dora" | "vera"; use_dora=True means variant="dora" (a conflicting pair is an error).
     quantize: None (dense base) or "nf4" (QLoRA: the base weight is quantized with blocksize / double_quant).
+    compute_dtype: the dtype NF4 base products run in (bitsandbytes' bnb_4bit_compute_dtype; torch.bfloat16,
+        torch.float16, torch.float32 or a name such as "bf16"); None: the activations' dtype. Applies to every
+        NF4 base the injector builds or finds (quantize="nf4", our or bitsandbytes' Linear4bit); the adapter
+        branch always runs in the activations' dtype. Not part of adapter files (PEFT has no such field).
     bias: "none" | "all" (every bias in the model trains) | "lora_only" (biases of adapted layers train).
     modules_to_save: modules (same matching as target_modules lists) trained in full, as a copy per adapter.
     init: "kaiming" (A kaiming-uniform(a=sqrt 5), B = 0, PEFT's default) | "gaussian" (A ~ N(0, 1/r), B = 0).
@@ -58,6 +64,7 @@ class LoRAConfig:
     use_dora: bool = False
     variant: str = "lora"
     quantize: str | None = None
+    compute_dtype: Any = None
     blocksize: int = 64
     double_quant: bool = True
     bias: str = "none"
@@ -81,6 +88,11 @@ class LoRAConfig:
             raise _err("dropout", "be in [0, 1)", self.dropout)
         if self.quantize not in _QUANT:
             raise _err("quantize", f"be one of {_QUANT}", self.quantize)
+        try:
+            self.compute_dtype = check_compute_dtype("LoRAConfig", self.compute_dtype)
+        except TypeError as e:
+            raise _err("compute_dtype", "be None, torch.float32, torch.bfloat16, torch.float16 or one of their names",
+                       self.compute_dtype) from e
         if self.blocksize not in _BLOCKSIZES:
             raise _err("blocksize", f"be one of {_BLOCKSIZES}", self.blocksize)
         if self.bias not in _BIAS:

@@ -101,14 +101,16 @@ def in_out(m: nn.Module) -> tuple[int, int]:
 
 def _new_layer(m: nn.Module, config: LoRAConfig) -> nn.Module:
     """The adapter layer (no adapter yet) for module m."""
-    if is_bnb_4bit(m):
-        return QLoRALinear(*nf4_from_bnb_linear(m))
+    cd = config.compute_dtype
+    if is_bnb_4bit(m):  # bitsandbytes' own compute_dtype when the config sets none
+        bnb_cd = getattr(m, "compute_dtype", None)
+        return QLoRALinear(*nf4_from_bnb_linear(m), cd if cd is not None else bnb_cd)
     if isinstance(m, Linear4bit):
-        return QLoRALinear(m.weight, m.bias)
+        return QLoRALinear(m.weight, m.bias, cd if cd is not None else m.compute_dtype)
     fifo = True if type(m).__name__ == "Conv1D" else config.fan_in_fan_out
     weight, bias = linear_weight(m, fifo)
     if config.quantize == "nf4":
-        return QLoRALinear(quantize_nf4(weight, config.blocksize, config.double_quant), bias)
+        return QLoRALinear(quantize_nf4(weight, config.blocksize, config.double_quant), bias, cd)
     return LoRALinear(weight, bias)
 
 

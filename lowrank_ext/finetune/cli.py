@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--checkpoint-every", type=int, default=10, help="write a checkpoint every N steps (0: end only)")
     f.add_argument("--eval-blocks", type=int, default=16, help="held-out sequences to evaluate on")
     f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    f.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="matmul precision: bf16 runs the matmuls under torch.autocast (LoRA parameters and optimizer "
+                        "state stay fp32, the master weights); auto: bf16 where the CPU (AVX512-BF16 / AMX) or GPU "
+                        "multiplies bf16 natively, fp32 elsewhere")
     f.add_argument("--seed", type=int, default=0, help="seeds torch (CPU and CUDA), Python's random and numpy")
     f.add_argument("--backend", choices=("lowrank_ext", "peft"), default="lowrank_ext",
                    help="layers/optimizer to train with: ours, or PEFT + torch AdamW as a baseline (dense only)")
@@ -181,6 +185,29 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _train_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """--dtype: auto takes bf16 where bf16 matmuls run on bf16 hardware (lowrank_ext.native_bf16_matmul)."""
+    from lowrank_ext._extension import native_bf16_matmul
+
+    if choice == "fp32":
+        return torch.float32
+    if choice == "bf16":
+        if not native_bf16_matmul(device):
+            print(f"note: --dtype bf16 on a {device.type} without native bf16 matmul: our NF4 ops compute it through "
+                  "fp32, PyTorch's own bf16 matmuls are slow here (--dtype fp32 is faster)", flush=True)
+        return torch.bfloat16
+    return torch.bfloat16 if native_bf16_matmul(device) else torch.float32
+
+
+def _dtype_row(dtype: torch.dtype, choice: str, device: torch.device) -> str:
+    """The summary's compute row: the dtype, how it was chosen, and the kernel family it ran on."""
+    from lowrank_ext._extension import cpu_isa
+
+    name = "bf16 (autocast; LoRA + optimizer state fp32)" if dtype == torch.bfloat16 else "fp32"
+    where = f"CPU kernels {cpu_isa()}" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    return f"{name}, --dtype {choice}, on {where}"
+
+
 def _targets(spec: str | None, variant: str = "lora") -> str | list[str] | None:
     """--targets as a list (or "all-linear"); unset: the seven projections, ia3: None (PEFT's defaults),
     bitfit: "all-linear" (every linear layer but the output head gets a bias)."""
@@ -194,13 +221,14 @@ def _prompt(doc: str, words: int = 8) -> str:
 
 
 @torch.no_grad()
-def _generate(model, tok, prompt: str, n: int, device: torch.device) -> str:
+def _generate(model, tok, prompt: str, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     if n <= 0:
         return ""
     was = model.training
     model.eval()
     ids = tok(prompt, return_tensors="pt").input_ids.to(device)
-    out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
     model.train(was)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")
 
@@ -237,13 +265,15 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     from lowrank_ext.finetune import parallel
     from lowrank_ext.finetune.data import load_documents, prepare_data, split_documents
     from lowrank_ext.finetune.models import DEFAULT_MODEL, check_model_dir, load_causal_lm, smollm2_gguf_path
-    from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, memory_mb, seed_everything
+    from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, lm_loss_in, memory_mb, seed_everything
 
     _check_args(a)
     device = _device(a.device) if dctx is None else dctx.device
     if dctx is not None:
         dctx.barrier()  # every rank has checked --output before rank 0 writes into it
     rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world)
+    dtype = _train_dtype(a.dtype, device)
+    loss_fn = lm_loss_in(dtype)
     seed_everything(a.seed)  # torch (CPU, CUDA), random, numpy: a resumed run restores all of them
     t_all = time.perf_counter()
     out = Path(a.output)
@@ -309,7 +339,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         print(f"{world} processes, {dctx.parallel}: NF4 bytes on rank 0 {local:,} of {whole:,}"
               + (" (built on the meta device; each rank read only its shard)" if sharded_load else ""), flush=True)
     sample_before = _generate(model if dctx is None else dctx.unwrap(model), lm.tokenizer, prompt, a.gen_tokens,
-                              device)
+                              device, dtype)
     if rank:
         torch.manual_seed(a.seed + rank)  # the same weights everywhere, each rank its own dropout masks
 
@@ -319,19 +349,21 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     fingerprint = {"model": str(a.model), "dataset": str(a.dataset), "seq_len": a.seq_len, "seed": a.seed,
                    "adapter": spec.as_dict(), "backend": a.backend,
                    "optimizer": a.optimizer}
+    if dtype != torch.float32:  # (fp32 runs keep the fingerprint of checkpoints written before --dtype existed)
+        fingerprint["dtype"] = str(dtype)
     out.mkdir(parents=True, exist_ok=True)
     trainer_cls, kw = (Trainer, {}) if dctx is None else (parallel.DistTrainer, {"dist": dctx})
     # rank r reads micro-batches r, r + world, ...: distinct data per rank, the same stream for any resume
     trainer = trainer_cls(model, lambda i: train_blocks.batch(i * world + rank, micro), eval_batches, cfg,
                           optimizer=backend.optimizer,
                           checkpoint_dir=ckpt_dir if a.resume else out / CHECKPOINT_SUBDIR,
-                          device=device, fingerprint=fingerprint, **kw)
+                          device=device, fingerprint=fingerprint, loss_fn=loss_fn, **kw)
     try:
         result = trainer.train(resume=bool(a.resume) and have_checkpoint)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     sample_after = _generate(model if dctx is None else dctx.unwrap(model), lm.tokenizer, prompt, a.gen_tokens,
-                             device)
+                             device, dtype)
 
     if dctx is None:
         backend.save(model, out)
@@ -342,14 +374,14 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         if sharded_load:  # every rank: a fresh sharded model filled from the base weights and the adapter file
             reload_loss = parallel.reload_sharded(
                 a, lambda: backend.inject(load_causal_lm(a.model, meta=True).model, spec, tokenizer=lm.tokenizer), out,
-                eval_batches, dctx)
+                eval_batches, dctx, loss_fn)
         if not dctx.is_main:  # rank 0 alone checks and reports
             return {"eval_before": result.eval_before, "eval_after": result.eval_after, "rank": rank}
     adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     if not sharded_load:
         fresh = load_causal_lm(a.model).model.to(device)
         reloaded = backend.load(fresh, out, spec)
-        reload_loss = evaluate(reloaded, eval_batches, device)
+        reload_loss = evaluate(reloaded, eval_batches, device, loss_fn)
     reload_ok = abs(reload_loss - result.eval_after) <= 1e-3 * max(1.0, abs(result.eval_after))
 
     fp32_bytes = 4 * target_numel
@@ -366,6 +398,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         ("target weights", (f"{fp32_bytes / 2**20:.1f} MiB fp32 -> {nf4_bytes / 2**20:.1f} MiB "
                             f"{'NF4+DQ' if quantized else 'fp32 (--no-quantize)' if a.no_quantize else 'fp32'}")),
         ("adapter files", f"{adapter_bytes / 2**20:.2f} MiB in {out}"),
+        ("compute", _dtype_row(dtype, a.dtype, device)),
         ("peak memory", f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"),
         ("time", (f"{result.seconds_per_step:.2f} s/step, {result.tokens_per_second:.0f} tokens/s, "
                   f"{time.perf_counter() - t_all:.0f} s in all")),
@@ -377,8 +410,8 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     return {"eval_before": result.eval_before, "eval_after": result.eval_after, "reload_loss": reload_loss,
             "trainable": trainable, "total": total_params, "seconds_per_step": result.seconds_per_step,
             "peak_memory_mb": result.peak_memory_mb, "seconds": time.perf_counter() - t_all,
-            "rank_pattern": rank_pattern, "memory_now_mb": memory_mb(device)[0], "adapter_bytes": adapter_bytes,
-            "method": method_note}
+            "rank_pattern": rank_pattern, "memory_now_mb": memory_mb(device)[0], "dtype": str(dtype),
+            "adapter_bytes": adapter_bytes, "method": method_note}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -171,14 +171,14 @@ def materialize_from_dir(model: torch.nn.Module, directory: Path, device: torch.
     return LD.materialize(model, directory, device, extra={**config_buffers(model), **(adapter or {})}, seed=seed)
 
 
-def reload_sharded(a, build, out: Path, eval_batches, dctx: DistContext) -> float:
+def reload_sharded(a, build, out: Path, eval_batches, dctx: DistContext, loss_fn=None) -> float:
     """The held-out loss of the adapter just written, reloaded into a fresh sharded model (every rank: a
     meta model, injected, sharded, then filled from the base weights and the adapter file)."""
     from safetensors.torch import load_file
 
     from lowrank_ext import distributed as LD
     from lowrank_ext.adapters import adapter_state_dict
-    from lowrank_ext.finetune.trainer import evaluate
+    from lowrank_ext.finetune.trainer import evaluate, lm_loss
 
     fresh = build()
     LD.shard_model(fresh)
@@ -186,7 +186,7 @@ def reload_sharded(a, build, out: Path, eval_batches, dctx: DistContext) -> floa
     names = {id(p): n for n, p in fresh.named_parameters()}
     adapter = {names[id(t)]: saved[k] for k, t in adapter_state_dict(fresh).items() if id(t) in names}
     materialize_from_dir(fresh, model_dir(a.model, dctx), dctx.device, a.seed, adapter)
-    return evaluate(fresh, eval_batches, dctx.device)
+    return evaluate(fresh, eval_batches, dctx.device, loss_fn or lm_loss)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

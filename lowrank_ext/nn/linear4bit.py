@@ -19,6 +19,9 @@ outside FSDP2's forward/backward hooks) refuses to compute: the op needs the who
 `load_state_dict` reads that layout.
 
     forward:  y = x · deq(W)ᵀ + bias      (one op: lowrank_ext.ops.nf4_linear, no dense W)
+
+`compute_dtype` (bitsandbytes' name and meaning): the matmul runs in it and the output comes back in x's dtype
+(fp32 activations with compute_dtype=torch.bfloat16 take the bf16 kernels); None computes in x's dtype.
 """
 
 from __future__ import annotations
@@ -29,12 +32,26 @@ from torch import nn
 from lowrank_ext.nf4 import NF4Weight, bnb_state_dict, quantize_nf4
 from lowrank_ext.ops import nf4_linear
 
-__all__ = ["NF4_PARAMS", "Linear4bit", "NF4WeightHolder", "is_sharded"]
+__all__ = ["NF4_PARAMS", "Linear4bit", "NF4WeightHolder", "check_compute_dtype", "is_sharded"]
 
 NF4_PARAMS = ("weight_packed", "weight_absmax")   # uint8, frozen: what FSDP2 shards
 _BUFS = ("weight_nested_absmax", "weight_nested_map", "weight_offset")  # fp32 double-quant constants
 _BNB_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
                  "weight.quant_state.bitsandbytes__nf4")
+
+
+_COMPUTE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                   "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def check_compute_dtype(where: str, compute_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """compute_dtype as a torch.dtype (None, torch.float32/bfloat16/float16, or their names "bf16", "bfloat16"...)."""
+    if compute_dtype is None or compute_dtype in _COMPUTE_DTYPES.values():
+        return compute_dtype
+    if isinstance(compute_dtype, str) and compute_dtype in _COMPUTE_DTYPES:
+        return _COMPUTE_DTYPES[compute_dtype]
+    raise TypeError(f"lowrank_ext::{where}: compute_dtype must be None, torch.float32, torch.bfloat16 or torch.float16 "
+                    f"(or one of {sorted(_COMPUTE_DTYPES)}), got {compute_dtype!r}")
 
 
 def is_sharded(t: torch.Tensor | None) -> bool:
@@ -174,10 +191,12 @@ def _fp32_view(absmax: torch.Tensor) -> torch.Tensor:
 class Linear4bit(NF4WeightHolder):
     """NF4 inference layer: y = x · deq(W)ᵀ + bias, one fused op, W never dequantized to memory."""
 
-    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | str | None = None) -> None:
         super().__init__()
         if len(weight.shape) != 2:
             raise ValueError(f"lowrank_ext::Linear4bit: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        self.compute_dtype = check_compute_dtype("Linear4bit", compute_dtype)
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self._set_nf4_weight(weight)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
@@ -186,17 +205,19 @@ class Linear4bit(NF4WeightHolder):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True) -> Linear4bit:
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | str | None = None) -> Linear4bit:
         """Quantize an nn.Linear's weight to NF4 (bitsandbytes' format); the bias stays dense."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"lowrank_ext::Linear4bit: linear must be an nn.Linear, got {type(linear).__name__}")
-        return cls(quantize_nf4(linear.weight.detach(), blocksize, double_quant), linear.bias)
+        return cls(quantize_nf4(linear.weight.detach(), blocksize, double_quant), linear.bias, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return nf4_linear(x, self.weight, bias)
+        return nf4_linear(x, self.weight, bias, self.compute_dtype)
 
     def extra_repr(self) -> str:
         _, _, blocksize, dq = self._nf4_meta  # not self.weight: a sharded layer prints too
+        cd = "" if self.compute_dtype is None else f", compute_dtype={self.compute_dtype}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={blocksize}, double_quant={dq}")
+                f"blocksize={blocksize}, double_quant={dq}{cd}")

@@ -23,7 +23,7 @@ from torch import nn
 
 from lowrank_ext.nf4 import NF4Weight, quantize_nf4
 from lowrank_ext.nn import functional as LF
-from lowrank_ext.nn.linear4bit import Linear4bit, NF4WeightHolder
+from lowrank_ext.nn.linear4bit import Linear4bit, NF4WeightHolder, check_compute_dtype
 from lowrank_ext.ops import nf4_linear, nf4_lora_linear, nf4_row_sqnorm
 
 __all__ = ["AdapterSpec", "LoRALinear", "QLoRALinear", "merge_warning"]
@@ -367,12 +367,17 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
 
     merge() keeps the NF4 weight and adds a dense merged copy used by forward (the default: no silent
     requantization); merge(requantize=True) replaces the NF4 weight by NF4(merged) — lossy, cannot unmerge.
+    compute_dtype (bitsandbytes' meaning): the NF4 base product runs in it (fp32 x with torch.bfloat16: the
+    bf16 kernels, result back in fp32); the adapter branch stays in x's dtype, as PEFT runs it on a
+    bitsandbytes layer. None: everything in x's dtype (one fused op).
     """
 
-    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | str | None = None) -> None:
         super().__init__()
         if len(weight.shape) != 2:
             raise _err("QLoRALinear", "weight", "be a 2-D NF4Weight [out, in]", tuple(weight.shape))
+        self.compute_dtype = check_compute_dtype("QLoRALinear", compute_dtype)
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self._set_nf4_weight(weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
@@ -383,14 +388,17 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, blocksize: int = 64,
                     double_quant: bool = True, use_rslora: bool = False, variant: str = "lora",
-                    fan_in_fan_out: bool | None = None, adapter_name: str = "default", **kw) -> QLoRALinear:
-        """Quantize an nn.Linear / Conv1D (or take a Linear4bit's NF4 weight as is) and add one active adapter."""
+                    fan_in_fan_out: bool | None = None, adapter_name: str = "default",
+                    compute_dtype: torch.dtype | str | None = None, **kw) -> QLoRALinear:
+        """Quantize an nn.Linear / Conv1D (or take a Linear4bit's NF4 weight as is) and add one active adapter.
+        compute_dtype: None keeps a Linear4bit's own (x's dtype otherwise)."""
         if isinstance(linear, Linear4bit):
             weight, bias = linear.weight, linear.bias
+            compute_dtype = linear.compute_dtype if compute_dtype is None else compute_dtype
         else:
             dense, bias = linear_weight(linear, fan_in_fan_out)
             weight = quantize_nf4(dense, blocksize, double_quant)
-        layer = cls(weight, bias)
+        layer = cls(weight, bias, compute_dtype)
         layer.add_adapter(adapter_name, r, alpha, dropout, use_rslora, variant, **kw)
         layer.set_adapter(adapter_name)
         return layer
@@ -401,15 +409,16 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
     def _base(self, x):
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight.to(x.dtype))
-        return nf4_linear(x, self.weight)
+        return nf4_linear(x, self.weight, None, self.compute_dtype)
 
     def _base_plus_bias(self, x, bias):
         if self.merged_weight is not None:
             return F.linear(x, self.merged_weight.to(x.dtype), bias)
-        return nf4_linear(x, self.weight, bias)
+        return nf4_linear(x, self.weight, bias, self.compute_dtype)
 
     def _fused(self, x, a, b, scaling, bias, p):
-        return nf4_lora_linear(x, self.weight, a, b, scaling, bias, p)
+        # compute_dtype: the NF4 base product in it, the LoRA branch in x's dtype (ops.nf4_lora_linear)
+        return nf4_lora_linear(x, self.weight, a, b, scaling, bias, p, self.compute_dtype)
 
     def _dora_norm_of(self, a, b, scaling, dtype):
         if self._row_sqnorm is None or self._row_sqnorm.device != self.weight.device:

@@ -43,16 +43,33 @@ def _flatten_x(op: str, x: torch.Tensor, in_features: int) -> torch.Tensor:
     return x.reshape(-1, in_features)  # leading dims flattened (a view when the strides allow)
 
 
-def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+_COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_compute_dtype(op: str, compute_dtype: object) -> None:
+    if compute_dtype is not None and compute_dtype not in _COMPUTE_DTYPES:
+        raise TypeError(f"lowrank_ext::{op}: compute_dtype must be None, torch.float32, torch.bfloat16 or "
+                        f"torch.float16, got {compute_dtype!r}")
+
+
+def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = None,
+               compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """y = x · deq(weight)ᵀ + bias.
 
     x: [..., K] fp32/fp16/bf16 (float64 on CPU), any strides; weight: NF4Weight [N, K];
     bias: [N] or None, x's dtype. Returns [..., N] in x's dtype (fp32 accumulation).
-    Differentiable in x and bias.
+    compute_dtype (bitsandbytes' meaning): the matmul runs on x and bias cast to it and the result comes
+    back in x's dtype — e.g. fp32 activations with compute_dtype=torch.bfloat16 take the bf16 kernels.
+    None: x's dtype. Differentiable in x and bias.
     """
     n, k = _check_weight("nf4_linear", weight)
+    _check_compute_dtype("nf4_linear", compute_dtype)
     x2 = _flatten_x("nf4_linear", x, k)
-    y = _lib.nf4_linear(x2, *weight.tensors(), weight.blocksize, n, bias)
+    if compute_dtype is not None and compute_dtype != x.dtype:
+        cast_bias = None if bias is None else bias.to(compute_dtype)
+        y = _lib.nf4_linear(x2.to(compute_dtype), *weight.tensors(), weight.blocksize, n, cast_bias).to(x.dtype)
+    else:
+        y = _lib.nf4_linear(x2, *weight.tensors(), weight.blocksize, n, bias)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -64,18 +81,26 @@ def nf4_lora_linear(
     scaling: float,
     bias: torch.Tensor | None = None,
     dropout: float = 0.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """y = x · deq(weight)ᵀ + scaling · (dropout(x) · lora_Aᵀ) · lora_Bᵀ + bias.
 
     x: [..., K]; weight: NF4Weight [N, K]; lora_A: [r, K]; lora_B: [N, r]; bias: [N] or None; all in
     x's dtype. `dropout` is the probability p of F.dropout on the LoRA branch input (always applied
     when p > 0: pass 0.0 in eval mode). Returns [..., N]. Differentiable in x, lora_A, lora_B, bias.
+    compute_dtype (None: x's dtype): the base product x · deq(W)ᵀ (+ bias) runs in it, as nf4_linear's
+    compute_dtype; the LoRA branch stays in x's dtype (PEFT on a bitsandbytes layer: the adapter runs in
+    its own dtype, the 4-bit base in compute_dtype). Then it is two ops (the base, the LoRA GEMMs), not one.
     """
     n, k = _check_weight("nf4_lora_linear", weight)
+    _check_compute_dtype("nf4_lora_linear", compute_dtype)
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"lowrank_ext::nf4_lora_linear: dropout must be in [0, 1), got {dropout}")
     x2 = _flatten_x("nf4_lora_linear", x, k)
     x_lora = F.dropout(x2, p=float(dropout), training=True) if dropout > 0 else x2
+    if compute_dtype is not None and compute_dtype != x.dtype:
+        y = nf4_linear(x2, weight, bias, compute_dtype) + float(scaling) * F.linear(F.linear(x_lora, lora_A), lora_B)
+        return y.reshape(*x.shape[:-1], n)
     y, _ = _lib.nf4_lora_linear(x2, x_lora, *weight.tensors(), weight.blocksize, n, lora_A, lora_B,
                                 float(scaling), bias)
     return y.reshape(*x.shape[:-1], n)

@@ -3,8 +3,9 @@
 // Torch-free. The record is the kernel that really ran, not a mirror of the dispatch rule.
 //
 //   product      names recorded (CPU | CUDA)
-//   nt           gemv-avx512, gemv-avx2, gemv-scalar, panel    | gemv, mma, simt   (x · deq(W)ᵀ)
-//   nn           panel                                         | mma, simt         (gy · deq(W))
+//   nt           gemv-avx512-blocked, gemv-avx512, gemv-avx2,  | gemv, mma, simt   (x · deq(W)ᵀ)
+//                gemv-scalar, panel, panel-bf16
+//   nn           panel, panel-bf16                             | mma, simt         (gy · deq(W))
 //   dequantize   avx2, avx2-stream, scalar                     | vec16, scalar-store
 //   quantize     avx2, scalar                                  | warp-per-block
 //   adamw        avx2, scalar (both steps)                     | adamw32, adamw8bit
