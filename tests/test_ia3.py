@@ -533,3 +533,20 @@ def test_adapter_name_errors():
         L.IA3Config.from_peft_dict({"peft_type": "LORA"})
     with pytest.raises(ValueError, match=r"field 'fan_in_fan_out' must be true or false, got 1"):
         L.IA3Config.from_peft_dict({"peft_type": "IA3", "target_modules": ["k_proj"], "fan_in_fan_out": 1})
+
+
+def test_compute_dtype_rides_on_the_nf4_op():
+    """IA3Config(compute_dtype=...) as LoRAConfig's: the NF4 product runs in it, the output comes back in x's dtype."""
+    model = L.inject(tiny_llama(), L.IA3Config(quantize="nf4", compute_dtype="bf16"))
+    layer = model.model.layers[0].self_attn.k_proj
+    assert isinstance(layer, QIA3Linear) and layer.compute_dtype == torch.bfloat16
+    _randomize(model)
+    x = torch.randn(3, layer.in_features)
+    want = L.ops.nf4_linear(x, layer.weight, None, torch.bfloat16) * layer.ia3_l["default"].flatten()
+    y = layer(x)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, want)
+    assert isinstance(L.merge_and_unload(model, requantize=True).model.layers[0].mlp.down_proj, Linear4bit)
+    with pytest.raises(ValueError, match=r"lowrank_ext::IA3Config: compute_dtype must be None, torch.float32, "
+                                         r"torch.bfloat16, torch.float16 or one of their names, got 'int8'"):
+        L.IA3Config(compute_dtype="int8")

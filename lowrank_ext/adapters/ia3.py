@@ -33,6 +33,7 @@ from lowrank_ext.adapters.injector import (
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, get_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, IA3Linear, Linear4bit, QIA3Linear
+from lowrank_ext.nn.linear4bit import check_compute_dtype
 from lowrank_ext.nn.lora import linear_weight
 
 __all__ = ["IA3Config", "IA3Plan", "apply_ia3", "ia3_layers", "ia3_planned_shapes", "ia3_state_dict", "plan_ia3"]
@@ -64,6 +65,8 @@ class IA3Config:
         targets: PEFT's default; None with explicit targets: none (all output scaling).
     init_ia3_weights: True: l = 1 (the adapter starts as the identity, PEFT's default); False: N(0, 1).
     quantize: None (dense base) or "nf4" (the base weights are quantized, blocksize / double_quant).
+    compute_dtype: the dtype NF4 base products run in (LoRAConfig's field, bitsandbytes' bnb_4bit_compute_dtype);
+        None: the activations' dtype (a bitsandbytes base keeps its own). Not part of adapter files.
     """
 
     target_modules: list[str] | str | None = None
@@ -72,6 +75,7 @@ class IA3Config:
     exclude_modules: list[str] | str | None = None
     fan_in_fan_out: bool = False
     quantize: str | None = None
+    compute_dtype: Any = None
     blocksize: int = 64
     double_quant: bool = True
 
@@ -89,6 +93,11 @@ class IA3Config:
             raise _err("init_ia3_weights", "be True or False", self.init_ia3_weights)
         if self.quantize not in _QUANT:
             raise _err("quantize", f"be one of {_QUANT}", self.quantize)
+        try:
+            self.compute_dtype = check_compute_dtype("IA3Config", self.compute_dtype)
+        except TypeError as e:
+            raise _err("compute_dtype", "be None, torch.float32, torch.bfloat16, torch.float16 or one of their names",
+                       self.compute_dtype) from e
         if self.blocksize not in _BLOCKSIZES:
             raise _err("blocksize", f"be one of {_BLOCKSIZES}", self.blocksize)
         if self.feedforward_modules is not None and self.target_modules is None:
@@ -199,14 +208,17 @@ def plan_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default")
 
 
 def _new_layer(m: nn.Module, config: IA3Config, is_ff: bool) -> nn.Module:
-    if is_bnb_4bit(m):
-        return QIA3Linear(*nf4_from_bnb_linear(m), is_feedforward=is_ff)
+    cd = config.compute_dtype
+    if is_bnb_4bit(m):  # bitsandbytes' own compute_dtype when the config sets none
+        bnb_cd = getattr(m, "compute_dtype", None)
+        return QIA3Linear(*nf4_from_bnb_linear(m), is_feedforward=is_ff, compute_dtype=cd if cd is not None else bnb_cd)
     if isinstance(m, Linear4bit):
-        return QIA3Linear(m.weight, m.bias, is_feedforward=is_ff)
+        return QIA3Linear(m.weight, m.bias, is_feedforward=is_ff, compute_dtype=cd if cd is not None else m.compute_dtype)
     fifo = True if type(m).__name__ == "Conv1D" else config.fan_in_fan_out
     weight, bias = linear_weight(m, fifo)
     if config.quantize == "nf4":
-        return QIA3Linear(quantize_nf4(weight, config.blocksize, config.double_quant), bias, is_feedforward=is_ff)
+        return QIA3Linear(quantize_nf4(weight, config.blocksize, config.double_quant), bias, is_feedforward=is_ff,
+                          compute_dtype=cd)
     return IA3Linear(weight, bias, is_feedforward=is_ff)
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_ext.nf4 import NF4Weight, quantize_nf4
-from lowrank_ext.nn.linear4bit import Linear4bit, NF4WeightHolder
+from lowrank_ext.nn.linear4bit import Linear4bit, NF4WeightHolder, check_compute_dtype
 from lowrank_ext.ops import nf4_linear
 
 __all__ = ["IA3_LAYERS", "IA3Linear", "QIA3Linear"]
@@ -188,10 +188,13 @@ class IA3Linear(_IA3Layer):
 
 class QIA3Linear(NF4WeightHolder, _IA3Layer):
     """NF4-base IA3 layer: `weight` is the frozen NF4Weight; forward is one nf4_linear op + one elementwise
-    multiply (no dense W). merge() needs requantize=True (NF4(deq(W) ⊙ l), lossy, permanent)."""
+    multiply (no dense W). merge() needs requantize=True (NF4(deq(W) ⊙ l), lossy, permanent).
+    compute_dtype (bitsandbytes' meaning, as Linear4bit / QLoRALinear): the NF4 product runs in it; None: x's dtype."""
 
-    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None, is_feedforward: bool = False) -> None:
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None, is_feedforward: bool = False,
+                 compute_dtype: torch.dtype | str | None = None) -> None:
         super().__init__()
+        self.compute_dtype = check_compute_dtype("QIA3Linear", compute_dtype)
         if len(weight.shape) != 2:
             raise _err("QIA3Linear", "weight", "be a 2-D NF4Weight [out, in]", tuple(weight.shape))
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
@@ -203,7 +206,7 @@ class QIA3Linear(NF4WeightHolder, _IA3Layer):
         return self.weight_packed.device
 
     def _base(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return nf4_linear(x, self.weight, bias)
+        return nf4_linear(x, self.weight, bias, self.compute_dtype)
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False, requantize: bool = False) -> None:
@@ -235,7 +238,7 @@ class QIA3Linear(NF4WeightHolder, _IA3Layer):
 
     def unload(self) -> Linear4bit:
         """A Linear4bit with the current NF4 weight and bias (after merge(requantize=True))."""
-        return Linear4bit(self.weight, self.bias)
+        return Linear4bit(self.weight, self.bias, self.compute_dtype)
 
 
 IA3_LAYERS = (IA3Linear, QIA3Linear)
