@@ -5,6 +5,9 @@
    same LoRA config: all linear layers except lm_head, r=16).
 2. Mixed-batch inference with 4 LoRA adapters (each row of the batch uses its own adapter):
    lowrank_ext.mixed_batch vs PEFT's `adapter_names=` path.
+3. (IA)³ on an NF4 base: QIA3Linear (nf4_linear + one elementwise scaling of the output, or of the input for a
+   feed-forward layer) vs the bare nf4_linear op (Linear4bit), forward + backward to x and l, at SmolLM2 shapes.
+   The ratio is the scaling's overhead (1.0 = free).
 
 Run: python bench/bench_layers.py [--quick]     (or import and call run(quick=True))
 """
@@ -144,10 +147,38 @@ def bench_mixed(quick: bool) -> list[list[object]]:
              t_peft / t_ours]]
 
 
+def bench_ia3(quick: bool) -> list[list[object]]:
+    from lowrank_ext.nn import Linear4bit, QIA3Linear
+
+    rows = []
+    m = 128 if quick else 512  # a 4 x 128 training batch
+    for name, (n, k, ff) in {"k_proj 576->192": (192, 576, False), "down_proj 1536->576": (576, 1536, True)}.items():
+        torch.manual_seed(0)
+        w = L.quantize_nf4(torch.randn(n, k))
+        base = Linear4bit(w)
+        layer = QIA3Linear(w, is_feedforward=ff)
+        layer.add_adapter("default")
+        layer.set_adapter("default")
+        with torch.no_grad():
+            layer.ia3_l["default"].uniform_(0.5, 1.5)
+        x = torch.randn(m, k, requires_grad=True)
+
+        def step(mod, x=x):
+            mod(x).sum().backward()
+
+        t_ia3, t_base = _side_by_side(lambda layer=layer: step(layer), lambda base=base: step(base),
+                                      rounds=5 if quick else 15)
+        rows.append([f"ia3 NF4 {name} ({'input' if ff else 'output'} scaling), {m} rows fwd+bwd", t_ia3 * 1e3,
+                     t_base * 1e3, t_ia3 / t_base])
+    return rows
+
+
 def run(quick: bool = False) -> str:
     rows = bench_training(quick) + bench_mixed(quick)
-    return print_table("bench_layers (CPU; ratio = PEFT time / ours, > 1 means we are faster)",
+    text = print_table("bench_layers (CPU; ratio = PEFT time / ours, > 1 means we are faster)",
                        ["case", "ours ms", "PEFT ms", "ratio"], rows)
+    return text + print_table("bench_layers: (IA)³ scaling overhead on the NF4 op (ratio = ours / bare op)",
+                              ["case", "ours ms", "nf4_linear ms", "overhead"], bench_ia3(quick))
 
 
 if __name__ == "__main__":

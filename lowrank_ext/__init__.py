@@ -1,8 +1,9 @@
 """lowrank_ext — fast QLoRA kernels for PyTorch.
 
 NF4 4-bit quantization in bitsandbytes' format, fused dequantize+matmul+LoRA ops (forward and backward,
-CPU and CUDA), paged 8-bit optimizers, LoRA/QLoRA/DoRA/VeRA layers and PEFT-format adapter files. All
-kernels are `torch.ops.lowrank_ext.*` custom ops.
+CPU and CUDA), paged 8-bit optimizers, LoRA/QLoRA/DoRA/VeRA layers, (IA)³ / prompt tuning / BitFit through the
+same injector (IA3Config, PromptTuningConfig, BitFitConfig) and PEFT-format adapter files. All kernels are
+`torch.ops.lowrank_ext.*` custom ops.
 
 Layers, each importing only from the ones below it (docs/architecture.md):
     core          _extension, nf4, ops/, nn/, optim        kernels' Python side and layers; torch only

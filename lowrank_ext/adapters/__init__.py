@@ -1,6 +1,8 @@
 """The PEFT-compatible layer: configs, the injector, adapter management, adapter files, bitsandbytes import.
 
     config.py      LoRAConfig (PEFT's LoraConfig fields and defaults; to/from adapter_config.json)
+    ia3.py         IA3Config and (IA)³ injection; prompt_tuning.py: PromptTuningConfig, PromptTuningModel;
+    bitfit.py      BitFitConfig (only biases train); methods.py: inject(model, config) for every family
     state.py       the adapter state a model carries; ModulesToSave; set_adapter (which adapters train)
     injector.py    inject(model, config): adapter layers swapped in by plain recursion; inject_summary
     management.py  add / delete / disable / merge / mixed-batch / weighted adapters; LoRA+ param groups
@@ -10,10 +12,12 @@
 Built on the core (lowrank_ext.nf4, .ops, .nn) and imported by lowrank_ext.finetune; never the reverse.
 """
 
+from lowrank_ext.adapters.bitfit import BitFitConfig
 from lowrank_ext.adapters.bnb_import import from_bnb, linear4bit_from_state_dict, nf4_from_bnb_linear
 from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.files import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
-from lowrank_ext.adapters.injector import count_parameters, inject, inject_summary
+from lowrank_ext.adapters.ia3 import IA3Config
+from lowrank_ext.adapters.injector import count_parameters, inject_summary
 from lowrank_ext.adapters.management import (
     add_adapter,
     add_weighted_adapter,
@@ -25,13 +29,19 @@ from lowrank_ext.adapters.management import (
     mixed_batch,
     unmerge_adapter,
 )
+from lowrank_ext.adapters.methods import inject
+from lowrank_ext.adapters.prompt_tuning import PromptTuningConfig, PromptTuningModel
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, ModulesToSave, get_state, set_adapter
 
 __all__ = [
     "AdapterState",
+    "BitFitConfig",
+    "IA3Config",
     "InjectSummary",
     "LoRAConfig",
     "ModulesToSave",
+    "PromptTuningConfig",
+    "PromptTuningModel",
     "adapter_state_dict",
     "add_adapter",
     "add_weighted_adapter",

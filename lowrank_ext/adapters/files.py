@@ -22,6 +22,13 @@ float. Any failure is one ValueError naming the file, the key or field, what was
 found, and leaves the model exactly as it was. The file's config defines the adapter (PEFT's contract):
 loading into an adapter name the model already has refuses, listing every differing field, unless the
 configs agree (PEFT would keep the model's config silently). safetensors only: nothing is ever unpickled.
+
+Other method families, chosen by the file's `peft_type` (save_adapter by the model's adapter config):
+    "IA3"            base_model.model.<module>.ia3_l  [out, 1] / [1, in] (feed-forward)      (PEFT's format)
+    "PROMPT_TUNING"  prompt_embeddings [num_virtual_tokens, hidden]                           (PEFT's format)
+    "BITFIT"         base_model.model.<module>.bias [out]  (ours: adapters/bitfit.py documents the file)
+They load into a new adapter name only (a name the model already has refuses), with the same checks; prompt
+tuning returns a PromptTuningModel wrapping the given model: always use what load_adapter returns.
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ import torch
 from torch import nn
 
 from lowrank_ext._atomic import atomic_write
+from lowrank_ext.adapters import bitfit, ia3, prompt_tuning
 from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.injector import InjectPlan, apply_inject, in_out, plan_inject, target_names
+from lowrank_ext.adapters.methods import check_family
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, get_state
 from lowrank_ext.nn import ADAPTER_LAYERS
 from lowrank_ext.nn.linear4bit import is_sharded
@@ -79,6 +88,12 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         raise ValueError(f"lowrank_ext::save_adapter: adapter_name must be one of the model's adapters {have}, "
                          f"got {adapter_name!r}")
     cfg = state.configs[adapter_name]
+    if isinstance(cfg, ia3.IA3Config):
+        return ia3.ia3_state_dict(model, adapter_name)
+    if isinstance(cfg, bitfit.BitFitConfig):
+        return bitfit.bitfit_state_dict(model, adapter_name)
+    if isinstance(cfg, prompt_tuning.PromptTuningConfig):
+        return {prompt_tuning.KEY: model.prompt_embeddings[adapter_name]}
     out: dict[str, torch.Tensor] = {}
     for mod, m in model.named_modules():
         if isinstance(m, ADAPTER_LAYERS) and adapter_name in m.specs:
@@ -165,8 +180,10 @@ def _write_adapter(model, tensors, directory, adapter_name, overwrite, base_mode
     data = safetensors_bytes(tensors, metadata={"format": "pt"})
     with atomic_write(paths[WEIGHTS]) as f:
         f.write(data)
+    peft_dict = (cfg.to_peft_dict(base_model_name_or_path) if isinstance(cfg, LoRAConfig)
+                 else cfg.to_peft_dict(base_model_name_or_path, model=model))
     with atomic_write(paths[CONFIG], "w") as f:
-        json.dump(cfg.to_peft_dict(base_model_name_or_path), f, indent=2, sort_keys=True)
+        json.dump(peft_dict, f, indent=2, sort_keys=True)
     if _card_is_ours(paths[README]) is not False and (overwrite or not os.path.exists(paths[README])):
         with atomic_write(paths[README], "w") as f:
             f.write(_model_card(cfg, adapter_name, base_model_name_or_path))
@@ -187,6 +204,8 @@ def _model_card(cfg: LoRAConfig, adapter_name: str, base: str | None) -> str:
     meta = ["---", "library_name: peft"]
     if base:
         meta.append(f"base_model: {json.dumps(base)}")
+    if not isinstance(cfg, LoRAConfig):
+        return _other_model_card(cfg, adapter_name, base, meta)
     meta += ["tags:", "- lowrank_ext", f"- {cfg.variant}"]
     if base:
         meta.append(f"- {json.dumps('base_model:adapter:' + base)}")
@@ -214,9 +233,27 @@ def _model_card(cfg: LoRAConfig, adapter_name: str, base: str | None) -> str:
     return "\n".join(meta + body)
 
 
+def _other_model_card(cfg, adapter_name: str, base: str | None, meta: list[str]) -> str:
+    method = {"IA3": "(IA)³", "PROMPT_TUNING": "prompt tuning", "BITFIT": "BitFit"}[cfg.peft_type]
+    meta += ["tags:", "- lowrank_ext", f"- {cfg.peft_type.lower()}"]
+    if base:
+        meta.append(f"- {json.dumps('base_model:adapter:' + base)}")
+    meta.append("---")
+    how = ("Load it with lowrank_ext (`lowrank_ext.load_adapter(base_model, path)`); PEFT does not know BitFit "
+           "files (lowrank_ext/adapters/bitfit.py documents the format)." if cfg.peft_type == "BITFIT" else
+           "Load it with PEFT (`PeftModel.from_pretrained(base_model, path)`) or with lowrank_ext "
+           "(`model = lowrank_ext.load_adapter(base_model, path)`).")
+    body = [_CARD_MARK, "", f"# {adapter_name}: a {method} adapter", "",
+            (f"Adapter weights for {('`' + base + '`') if base else 'a base model'}, saved by lowrank_ext. The base "
+             "model's own weights are not in this directory."), "", how,
+            "adapter_config.json holds the full configuration.", ""]
+    return "\n".join(meta + body)
+
+
 # ---- reading -----------------------------------------------------------------------------------------------
-def read_adapter_config(directory: str | os.PathLike, **overrides: Any) -> LoRAConfig:
-    """The LoRAConfig in `directory`/adapter_config.json; every problem is a ValueError naming the file and field."""
+def read_adapter_config(directory: str | os.PathLike, **overrides: Any):
+    """The config in `directory`/adapter_config.json — a LoRAConfig, IA3Config, PromptTuningConfig or BitFitConfig,
+    as its peft_type says; every problem is a ValueError naming the file and field."""
     path = os.path.join(os.fspath(directory), CONFIG)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"lowrank_ext::load_adapter: directory must contain {CONFIG}, got {str(directory)!r}")
@@ -232,7 +269,21 @@ def read_adapter_config(directory: str | os.PathLike, **overrides: Any) -> LoRAC
     if not isinstance(d, dict):  # a file of the wrong shape is a bad value (ValueError), not a wrong argument type
         got = type(d).__name__
         raise ValueError(f"lowrank_ext::load_adapter: {path} must hold a JSON object, got {got}")  # noqa: TRY004
-    return LoRAConfig.from_peft_dict(d, _where=f"lowrank_ext::load_adapter: {path} field", **overrides)
+    where = f"lowrank_ext::load_adapter: {path} field"
+    peft_type = d.get("peft_type")
+    if peft_type == "IA3":
+        return ia3.IA3Config.from_peft_dict(d, _where=where, **overrides)
+    if peft_type in ("PROMPT_TUNING", "BITFIT"):
+        if overrides.get("quantize") is not None:
+            raise ValueError(f"lowrank_ext::load_adapter: quantize must be None for a {peft_type} adapter (it has no "
+                             f"base layers to quantize), got {overrides['quantize']!r}")
+        cls = prompt_tuning.PromptTuningConfig if peft_type == "PROMPT_TUNING" else bitfit.BitFitConfig
+        return cls.from_peft_dict(d, _where=where)
+    if peft_type not in ("LORA", "VERA"):
+        got = repr(peft_type) if "peft_type" in d else f"no such field (fields: {sorted(d)})"
+        raise ValueError(f"{where} 'peft_type' must be one of 'LORA', 'VERA', 'IA3', 'PROMPT_TUNING', 'BITFIT', "
+                         f"got {got}")
+    return LoRAConfig.from_peft_dict(d, _where=where, **overrides)
 
 
 # safetensors dtype names and their widths in bytes (the format's spec)
@@ -349,7 +400,10 @@ def _config_differences(model: nn.Module, name: str, have: LoRAConfig, want: LoR
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                  quantize: str | None = None) -> nn.Module:
-    """Load a PEFT (or save_adapter) LoRA / DoRA / VeRA adapter directory into `model` as `adapter_name`.
+    """Load a PEFT (or save_adapter) adapter directory into `model` as `adapter_name`; returns the model to use.
+
+    The file's peft_type decides: LORA / VERA (below), IA3, PROMPT_TUNING (returns a PromptTuningModel wrapping
+    `model`) or BITFIT (ours); the last three load into a new adapter name only (see the module docstring).
 
     A new adapter name is injected from the file's config (with `quantize`: None keeps dense bases, "nf4"
     quantizes them). An adapter name the model already has is loaded into only when its config equals the
@@ -363,6 +417,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                                 f"got {directory!r}")
     config = read_adapter_config(directory, quantize=quantize)
     file = _read_safetensors(weights_path)
+    if not isinstance(config, LoRAConfig):
+        return _load_other(model, config, file, weights_path, config_path, adapter_name)
     state = get_state(model)
     plan = None
     if state is not None and adapter_name in state.configs:
@@ -403,3 +459,41 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                 getattr(m, f"vera_A_{adapter_name}").copy_(a[: m.specs[adapter_name].r, : m.in_features])
                 getattr(m, f"vera_B_{adapter_name}").copy_(b[: m.out_features, : m.specs[adapter_name].r])
     return model
+
+
+def _load_other(model: nn.Module, config, file: dict[str, torch.Tensor], weights_path: str, config_path: str,
+                adapter_name: str) -> nn.Module:
+    """IA3 / prompt tuning / BitFit: check everything against the plan, then inject and copy (all or nothing)."""
+    state = get_state(model)
+    if state is not None and adapter_name in state.configs:
+        raise ValueError(f"lowrank_ext::load_adapter: adapter_name must be new for a {config.peft_type} adapter (loading "
+                         f"into an existing one is not supported), got {adapter_name!r}; pass another adapter_name or "
+                         f"call delete_adapter(model, {adapter_name!r}) first")
+    try:
+        if isinstance(config, ia3.IA3Config):
+            check_family(model, ia3.IA3Config)
+            plan = ia3.plan_ia3(model, config, adapter_name)
+            expected = ia3.ia3_planned_shapes(model, plan)
+            run = lambda: ia3.apply_ia3(model, plan)
+        elif isinstance(config, bitfit.BitFitConfig):
+            plan = bitfit.plan_bitfit(model, config, adapter_name, add=config.added_biases)
+            expected = bitfit.bitfit_planned_shapes(model, plan)
+            run = lambda: bitfit.apply_bitfit(model, plan)
+        else:
+            prompt_tuning.check_prompt_tuning(model, config, adapter_name)
+            expected = {prompt_tuning.KEY: (config.num_virtual_tokens, config.token_dim)}
+            run = lambda: prompt_tuning.inject_prompt_tuning(model, config, adapter_name)
+    except ValueError as e:
+        raise ValueError(f"lowrank_ext::load_adapter: {config_path} must describe an adapter this model can hold, "
+                         f"got: {e}") from e
+    _check_tensors(file, expected, weights_path)
+    # ---- everything checked: change the model ----
+    out = run()
+    live = adapter_state_dict(out, adapter_name)
+    if {k: tuple(t.shape) for k, t in live.items()} != expected:  # plan and injection disagree: a bug here
+        raise RuntimeError(f"lowrank_ext::load_adapter: internal error: the injected adapter's keys differ from "
+                           f"the planned ones ({sorted(set(live) ^ set(expected))[:3]})")
+    with torch.no_grad():
+        for key, t in live.items():
+            t.copy_(file[key])
+    return out

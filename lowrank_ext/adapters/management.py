@@ -22,11 +22,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from lowrank_ext.adapters.bitfit import BitFitConfig
 from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.injector import apply_inject, inject, plan_inject
+from lowrank_ext.adapters.prompt_tuning import PromptTuningModel
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, require_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
-from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, QLoRALinear
+from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, Linear4bit, QIA3Linear, QLoRALinear
 from lowrank_ext.nn.lora import merge_warning
 
 __all__ = [
@@ -43,6 +45,15 @@ __all__ = [
 ]
 
 BASE = "__base__"  # in mixed_batch: this row uses no adapter
+
+
+def _ia3(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, IA3_LAYERS)]
+
+
+def _all_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """LoRA-family and IA3 layers: what delete / unmerge walk."""
+    return [*adapter_layers(model), *_ia3(model)]
 
 
 def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> nn.Module:
@@ -65,13 +76,18 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if name not in state.configs:
         raise ValueError(f"lowrank_ext::delete_adapter: name must be an existing adapter {sorted(state.configs)}, "
                          f"got {name!r}")
-    merged_in = [n for n, layer in adapter_layers(model) if name in layer.merged_adapters]
+    if isinstance(state.configs[name], BitFitConfig):
+        raise ValueError(f"lowrank_ext::delete_adapter: name must not be a BitFit adapter (its biases are the model's "  # noqa: TRY004
+                         f"own parameters; load the base model again instead), got {name!r}")
+    merged_in = [n for n, layer in _all_layers(model) if name in layer.merged_adapters]
     if merged_in:
         raise ValueError(f"lowrank_ext::delete_adapter: name must not be merged (call unmerge_adapter first), got "
                          f"{name!r} merged in {len(merged_in)} layers ({merged_in[0]}, ...)")
-    for _, layer in adapter_layers(model):
+    for _, layer in _all_layers(model):
         if name in layer.specs:
             layer.delete_adapter(name)
+    if isinstance(model, PromptTuningModel):
+        del model.prompt_embeddings[name]
     for m in model.modules():
         if isinstance(m, ModulesToSave) and name in m.modules_to_save:
             del m.modules_to_save[name]
@@ -90,8 +106,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes with its base weights only."""
-    require_state(model, "disable_adapters")
-    mods = [m for m in model.modules() if isinstance(m, (*ADAPTER_LAYERS, ModulesToSave))]
+    state = require_state(model, "disable_adapters")
+    if any(isinstance(c, BitFitConfig) for c in state.configs.values()):
+        raise ValueError("lowrank_ext::disable_adapters: model must not hold a BitFit adapter (its trained biases "
+                         "are the model's own parameters: there is no base to fall back to), got one")
+    mods = [m for m in model.modules() if isinstance(m, (*ADAPTER_LAYERS, *IA3_LAYERS, ModulesToSave,
+                                                         PromptTuningModel))]
     before = [m.disabled for m in mods]
     for m in mods:
         m.disabled = True
@@ -218,6 +238,9 @@ def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, 
     Adapters already merged are skipped with one UserWarning, as PEFT warns ("already merged, nothing to do" /
     "now additionally merging"); PEFT warns once per layer, here once per call."""
     state = require_state(model, "merge_adapter")
+    for _, layer in _ia3(model):  # IA3: W ⊙ l in place (dense bases; NF4 bases refuse: see QIA3Linear.merge)
+        layer.merge(None if adapter_names is None else [n for n in adapter_names if n in layer.specs],
+                    safe_merge=safe_merge)
     layers = [layer for _, layer in adapter_layers(model)]
     merged = sorted({n for layer in layers for n in layer.merged_adapters})
     if merged:
@@ -231,7 +254,7 @@ def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, 
 
 def unmerge_adapter(model: nn.Module) -> None:
     require_state(model, "unmerge_adapter")
-    for _, layer in adapter_layers(model):
+    for _, layer in _all_layers(model):
         layer.unmerge()
 
 
@@ -240,6 +263,20 @@ def merge_and_unload(model: nn.Module, safe_merge: bool = False, requantize: boo
     """Merge the active adapters and put plain layers back: nn.Linear (dense; the default for NF4 bases too),
     or lowrank_ext.nn.Linear4bit holding NF4(merged) for NF4 bases when requantize=True (lossy, opt-in)."""
     require_state(model, "merge_and_unload")
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, IA3_LAYERS)]:
+        # IA3: W ⊙ l into an nn.Linear (NF4 bases: into deq(W), or NF4(deq(W) ⊙ l) with requantize=True)
+        if isinstance(layer, QIA3Linear) and not requantize:
+            w, bias = layer.dense_merged()
+            new = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device=w.device,
+                            dtype=layer.weight.dtype)
+            new.weight.copy_(w.to(new.weight.dtype))
+            if bias is not None:
+                new.bias.copy_(bias.to(new.bias.dtype))
+        else:
+            layer.merge(safe_merge=safe_merge, requantize=requantize and isinstance(layer, QIA3Linear))
+            new = layer.unload()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     for name, layer in list(adapter_layers(model)):
         layer.merge(safe_merge=safe_merge, warn=False)  # merging what is left is the point: no warning
         w = layer.dense_weight()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from lowrank_ext.adapters.config import LoRAConfig
-from lowrank_ext.nn import ADAPTER_LAYERS
+from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS
 
 __all__ = ["AdapterState", "InjectSummary", "ModulesToSave", "adapter_layers", "get_state", "require_state",
            "set_adapter"]
@@ -45,7 +45,7 @@ class InjectSummary:
 class AdapterState:
     """Kept on the model as `model.lowrank_ext_state` (a plain attribute, not a submodule)."""
 
-    configs: dict[str, LoRAConfig] = dataclasses.field(default_factory=dict)
+    configs: dict[str, LoRAConfig] = dataclasses.field(default_factory=dict)  # or IA3Config / BitFitConfig / ...
     active: list[str] = dataclasses.field(default_factory=list)
     vera_shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
     summaries: dict[str, InjectSummary] = dataclasses.field(default_factory=dict)
@@ -100,11 +100,13 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     for _, layer in adapter_layers(model):
         layer.set_adapter([n for n in names if n in layer.specs])
     for m in model.modules():
-        if isinstance(m, ModulesToSave):
+        if isinstance(m, IA3_LAYERS):
+            m.set_adapter([n for n in names if n in m.ia3_l])
+        elif isinstance(m, ModulesToSave):
             m.active = next((n for n in names if n in m.modules_to_save), None)
             for n, copy_ in m.modules_to_save.items():
                 copy_.requires_grad_(n == m.active)
-    biases = {state.configs[n].bias for n in names}
+    biases = {getattr(state.configs[n], "bias", "none") for n in names}  # IA3 / prompt tuning: none
     if "all" in biases:
         for pname, p in model.named_parameters():
             if pname.endswith("bias") and ".modules_to_save." not in pname and "original_module" not in pname:

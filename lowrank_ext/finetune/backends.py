@@ -15,7 +15,16 @@ from pathlib import Path
 import torch
 
 from lowrank_ext import optim
-from lowrank_ext.adapters import LoRAConfig, inject, load_adapter, save_adapter
+from lowrank_ext.adapters import (
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    PromptTuningConfig,
+    get_state,
+    inject,
+    load_adapter,
+    save_adapter,
+)
 from lowrank_ext.finetune.rank_allocation import match_targets
 
 __all__ = ["AdapterSpec", "get_backend", "make_optimizer", "target_names"]
@@ -30,13 +39,33 @@ class AdapterSpec:
     variant: str = "lora"
     quantize: bool = True
     rank_pattern: dict[str, int] | None = None
+    num_virtual_tokens: int | None = None  # --variant prompt
+    init_text: str | None = None           # --variant prompt
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for k in ("num_virtual_tokens", "init_text"):  # unset: left out, so older checkpoints' fingerprints match
+            if d[k] is None:
+                del d[k]
+        return d
 
 
 def target_names(model: torch.nn.Module, targets: str | list[str]) -> list[str]:
     return match_targets(model, targets)
+
+
+def method_note(model: torch.nn.Module, spec: AdapterSpec) -> str:
+    """One line for the summary: what the method trains (BitFit: which zero biases it added)."""
+    if spec.variant == "bitfit":
+        added = get_state(model).configs["default"].added_biases
+        return (f"bitfit: only biases train; zero-initialised biases added to {len(added)} linear layers "
+                f"(the model has none of its own)" if added else "bitfit: only the model's biases train")
+    if spec.variant == "prompt":
+        return f"prompt tuning: {spec.num_virtual_tokens} virtual tokens, initialised from {spec.init_text!r}"
+    if spec.variant == "ia3":
+        n = sum(1 for _, m in model.named_modules() if hasattr(m, "ia3_l"))
+        return f"ia3: scaling vectors on {n} layers (k/v: output, down_proj: input)"
+    return f"{spec.variant}: r={spec.rank}, alpha={spec.alpha}"
 
 
 _OPTIMIZERS = {"paged-adamw": "PagedAdamW", "paged-adamw8bit": "PagedAdamW8bit", "adamw": None}
@@ -57,13 +86,22 @@ class LowrankBackend:
     def __init__(self, optimizer: str = "paged-adamw") -> None:
         self.optimizer_kind = optimizer
 
-    def config(self, spec: AdapterSpec):
+    def config(self, spec: AdapterSpec, tokenizer=None):
+        if spec.variant == "ia3":
+            targets = spec.targets
+            return IA3Config(target_modules=targets, feedforward_modules=None if targets is None else [
+                t for t in ([targets] if isinstance(targets, str) else targets) if t.endswith("down_proj")] or None,
+                quantize="nf4" if spec.quantize else None)
+        if spec.variant == "prompt":
+            return PromptTuningConfig(spec.num_virtual_tokens, init_text=spec.init_text, tokenizer=tokenizer)
+        if spec.variant == "bitfit":
+            return BitFitConfig(add_bias_to=spec.targets)
         return LoRAConfig(r=spec.rank, alpha=spec.alpha, dropout=spec.dropout, target_modules=spec.targets,
                              variant=spec.variant, quantize="nf4" if spec.quantize else None, double_quant=True,
                              rank_pattern=dict(spec.rank_pattern or {}))
 
-    def inject(self, model: torch.nn.Module, spec: AdapterSpec) -> torch.nn.Module:
-        return inject(model, self.config(spec))
+    def inject(self, model: torch.nn.Module, spec: AdapterSpec, tokenizer=None) -> torch.nn.Module:
+        return inject(model, self.config(spec, tokenizer))
 
     def optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         return make_optimizer(self.optimizer_kind, params, lr)
@@ -72,6 +110,8 @@ class LowrankBackend:
         save_adapter(model, str(directory), overwrite=True)  # the output dir was checked by the CLI
 
     def load(self, fresh: torch.nn.Module, directory: Path, spec: AdapterSpec) -> torch.nn.Module:
+        if spec.variant in ("ia3", "prompt", "bitfit"):  # the file's config decides (prompt: a wrapper comes back)
+            return load_adapter(fresh, str(directory), quantize="nf4" if spec.quantize else None)
         model = inject(fresh, self.config(spec))
         load_adapter(model, str(directory))
         return model
@@ -83,7 +123,7 @@ class PeftBackend:
     def __init__(self, optimizer: str = "adamw") -> None:
         self.optimizer_kind = optimizer
 
-    def inject(self, model: torch.nn.Module, spec: AdapterSpec) -> torch.nn.Module:
+    def inject(self, model: torch.nn.Module, spec: AdapterSpec, tokenizer=None) -> torch.nn.Module:
         import peft
 
         cfg = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,

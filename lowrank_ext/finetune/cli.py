@@ -6,6 +6,11 @@ checkpoint after the first run), all seven projections of every layer quantized 
 quant and wrapped with LoRA r=16 alpha=32, trained on held-in KJV text with PagedAdamW (warm-up +
 cosine, accumulation, clipping), evaluated on held-out text before and after, saved in PEFT's format,
 reloaded into a fresh model and checked, and summarized in a table. See `--help` for the flags.
+
+`--variant` picks the method: lora | dora | vera (the LoRA family), ia3 ((IA)³ vectors on k/v/down_proj, on the
+NF4 base), prompt (20 trainable virtual tokens initialised from PROMPT_INIT_TEXT; the base stays dense) or bitfit
+(only biases train; SmolLM2 has none, so zero-initialised biases are added to every linear layer but the output
+head; the base stays dense).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from lowrank_ext.finetune.trainer import CHECKPOINT_FILE
 __all__ = ["build_parser", "main"]
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+VARIANTS = ("lora", "dora", "vera", "ia3", "prompt", "bitfit")
+LORA_FAMILY = ("lora", "dora", "vera")
+PROMPT_INIT_TEXT = "Continue the text in the same style:"
 CHECKPOINT_SUBDIR = "checkpoint"
 
 
@@ -50,8 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--rank", type=int, default=16, help="LoRA rank r")
     f.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale alpha/r)")
     f.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    f.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated module names, or all-linear")
-    f.add_argument("--variant", choices=("lora", "dora", "vera"), default="lora")
+    f.add_argument("--targets", default=None,
+                   help=f"comma-separated module names, or all-linear (default: {DEFAULT_TARGETS}; ia3: PEFT's "
+                        "k_proj,v_proj,down_proj with down_proj feed-forward; bitfit: the linear layers that get a bias)")
+    f.add_argument("--variant", choices=VARIANTS, default="lora",
+                   help="lora | dora | vera | ia3 | prompt (prompt tuning) | bitfit (see the module docstring)")
+    f.add_argument("--num-virtual-tokens", type=int, default=20, help="--variant prompt: virtual tokens")
     f.add_argument("--no-quantize", action="store_true", help="keep the base weights dense (plain LoRA)")
     f.add_argument("--rank-budget", type=int, default=None,
                    help="allocate per-module ranks by gradient sensitivity within this many trainable parameters")
@@ -134,7 +146,13 @@ def _check_args(a: argparse.Namespace) -> None:
         raise CLIError(f"lowrank_ext finetune: --lr must be > 0, got {a.lr}")
     if not 0 <= a.dropout < 1:
         raise CLIError(f"lowrank_ext finetune: --dropout must be in [0, 1), got {a.dropout}")
-    if a.backend == "peft" and (not a.no_quantize or a.variant == "vera" or a.rank_budget):
+    if a.variant not in LORA_FAMILY and (a.rank_budget or (a.nproc or 1) > 1
+                                         or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise CLIError(f"lowrank_ext finetune: --variant {a.variant} must run in one process without --rank-budget "
+                       f"(those are for the LoRA family), got rank_budget={a.rank_budget}, nproc={a.nproc}")
+    if a.num_virtual_tokens < 1:
+        raise CLIError(f"lowrank_ext finetune: --num-virtual-tokens must be >= 1, got {a.num_virtual_tokens}")
+    if a.backend == "peft" and (not a.no_quantize or a.variant not in ("lora", "dora") or a.rank_budget):
         raise CLIError("lowrank_ext finetune: --backend peft must come with --no-quantize and lora/dora "
                        "without --rank-budget (it is the dense baseline), got "
                        f"quantize={not a.no_quantize}, variant={a.variant}, rank_budget={a.rank_budget}")
@@ -190,7 +208,11 @@ def _dtype_row(dtype: torch.dtype, choice: str, device: torch.device) -> str:
     return f"{name}, --dtype {choice}, on {where}"
 
 
-def _targets(spec: str) -> str | list[str]:
+def _targets(spec: str | None, variant: str = "lora") -> str | list[str] | None:
+    """--targets as a list (or "all-linear"); unset: the seven projections, ia3: None (PEFT's defaults),
+    bitfit: "all-linear" (every linear layer but the output head gets a bias)."""
+    if spec is None:
+        return None if variant == "ia3" else "all-linear" if variant == "bitfit" else _targets(DEFAULT_TARGETS)
     return "all-linear" if spec.strip() == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
 
 
@@ -281,7 +303,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     print(f"data: {a.dataset}: {len(train_blocks)} train / {len(held_blocks)} held-out blocks of {a.seq_len} tokens",
           flush=True)
     prompt = _prompt(split_documents(docs).heldout[0])
-    targets = _targets(a.targets)
+    targets = _targets(a.targets, a.variant)
     model = lm.model if sharded_load else lm.model.to(device)
     total_params = sum(p.numel() for p in model.parameters())
 
@@ -297,12 +319,16 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         print(f"rank allocation: {len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]} "
               f"(median {ranks[len(ranks) // 2]}, max_rank {max_rank}) within {a.rank_budget} parameters", flush=True)
 
+    quantized = not a.no_quantize and a.variant not in ("prompt", "bitfit")  # those two keep the base dense
     spec = fb.AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=targets, variant=a.variant,
-                          quantize=not a.no_quantize, rank_pattern=rank_pattern)
-    target_numel = sum(m.weight.numel() for n, m in model.named_modules()
-                       if n in set(fb.target_names(model, targets)))
-    model = backend.inject(model, spec)
+                          quantize=quantized, rank_pattern=rank_pattern,
+                          num_virtual_tokens=a.num_virtual_tokens if a.variant == "prompt" else None,
+                          init_text=PROMPT_INIT_TEXT if a.variant == "prompt" else None)
+    named = set(fb.target_names(model, targets if targets is not None else ["k_proj", "v_proj", "down_proj"]))
+    target_numel = 0 if a.variant == "prompt" else sum(m.weight.numel() for n, m in model.named_modules() if n in named)
+    model = backend.inject(model, spec, tokenizer=lm.tokenizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    method_note = fb.method_note(model, spec)
     if dctx is not None:
         model = dctx.wrap(model)  # FSDP2: the NF4 bytes, LoRA and optimizer state sharded; or DDP
         if sharded_load:
@@ -347,8 +373,8 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         dctx.barrier()
         if sharded_load:  # every rank: a fresh sharded model filled from the base weights and the adapter file
             reload_loss = parallel.reload_sharded(
-                a, lambda: backend.inject(load_causal_lm(a.model, meta=True).model, spec), out, eval_batches, dctx,
-                loss_fn)
+                a, lambda: backend.inject(load_causal_lm(a.model, meta=True).model, spec, tokenizer=lm.tokenizer), out,
+                eval_batches, dctx, loss_fn)
         if not dctx.is_main:  # rank 0 alone checks and reports
             return {"eval_before": result.eval_before, "eval_after": result.eval_after, "rank": rank}
     adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -359,7 +385,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     reload_ok = abs(reload_loss - result.eval_after) <= 1e-3 * max(1.0, abs(result.eval_after))
 
     fp32_bytes = 4 * target_numel
-    nf4_bytes = _nf4_bytes(target_numel) if not a.no_quantize else fp32_bytes
+    nf4_bytes = _nf4_bytes(target_numel) if quantized else fp32_bytes
     print(f"\nsample before: {prompt} | {sample_before}")
     print(f"sample after:  {prompt} | {sample_after}\n")
     rows = [
@@ -368,8 +394,9 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         ("held-out perplexity", f"{math.exp(result.eval_before):.2f} -> {math.exp(result.eval_after):.2f}"),
         ("reloaded adapter loss", f"{reload_loss:.4f} ({'matches' if reload_ok else 'MISMATCH'})"),
         ("parameters", f"{total_params:,} total, {trainable:,} trainable ({100 * trainable / total_params:.2f}%)"),
+        ("method", method_note),
         ("target weights", (f"{fp32_bytes / 2**20:.1f} MiB fp32 -> {nf4_bytes / 2**20:.1f} MiB "
-                            f"{'NF4+DQ' if not a.no_quantize else 'fp32 (--no-quantize)'}")),
+                            f"{'NF4+DQ' if quantized else 'fp32 (--no-quantize)' if a.no_quantize else 'fp32'}")),
         ("adapter files", f"{adapter_bytes / 2**20:.2f} MiB in {out}"),
         ("compute", _dtype_row(dtype, a.dtype, device)),
         ("peak memory", f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"),
@@ -383,7 +410,8 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     return {"eval_before": result.eval_before, "eval_after": result.eval_after, "reload_loss": reload_loss,
             "trainable": trainable, "total": total_params, "seconds_per_step": result.seconds_per_step,
             "peak_memory_mb": result.peak_memory_mb, "seconds": time.perf_counter() - t_all,
-            "rank_pattern": rank_pattern, "memory_now_mb": memory_mb(device)[0], "dtype": str(dtype)}
+            "rank_pattern": rank_pattern, "memory_now_mb": memory_mb(device)[0], "dtype": str(dtype),
+            "adapter_bytes": adapter_bytes, "method": method_note}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,173 @@
+"""BitFit: only biases train (Ben Zaken et al., 2022); everything else is frozen.
+
+    BitFitConfig(bias_patterns=None, add_bias_to=None)
+        bias_patterns: which biases train, matched against the name of the module owning the bias (PEFT's rule:
+            a str is a full-match regex, a list entry matches a module named that or ending in "." + entry);
+            None: every bias in the model.
+        add_bias_to: None, "all-linear" (every nn.Linear / Linear4bit but the output head) or a list of module
+            names: those linear modules without a bias get a zero-initialised one first (the output is unchanged
+            until it trains). Models without biases (Llama, SmolLM2) need it: without it inject refuses, saying so.
+    inject_bitfit(model, config): the biases' requires_grad is the only change (plus the added zero biases).
+
+File (ours; PEFT has no BitFit): adapter_model.safetensors with metadata {"format": "pt"} and one key per trained
+bias, `base_model.model.<module>.bias` [out] (the same prefix as PEFT's files); adapter_config.json:
+    {"peft_type": "BITFIT", "bias_patterns": ..., "add_bias_to": ..., "added_biases": [modules that got a
+     zero bias], "base_model_name_or_path": ..., "format_version": 1}
+load_adapter adds the zero biases the file lists, checks every key and shape, then copies (all or nothing).
+PEFT refuses the file (unknown peft_type "BITFIT"): loud, never a silent half-load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_ext.adapters.config import _is_names, _match
+from lowrank_ext.adapters.injector import _output_head_name, count_parameters
+from lowrank_ext.adapters.state import AdapterState, InjectSummary, get_state
+from lowrank_ext.nn import Linear4bit
+
+__all__ = ["BitFitConfig", "BitFitPlan", "apply_bitfit", "bitfit_planned_shapes", "bitfit_state_dict", "plan_bitfit"]
+
+PREFIX = "base_model.model."
+
+
+def _matches(patterns: list[str] | str, name: str) -> bool:
+    return re.fullmatch(patterns, name) is not None if isinstance(patterns, str) else _match(patterns, name)
+
+
+@dataclasses.dataclass
+class BitFitConfig:
+    bias_patterns: list[str] | str | None = None
+    add_bias_to: list[str] | str | None = None
+    added_biases: list[str] = dataclasses.field(default_factory=list)  # filled in by inject (saved in the file)
+
+    peft_type = "BITFIT"
+
+    def __post_init__(self) -> None:
+        for name in ("bias_patterns", "add_bias_to"):
+            v = getattr(self, name)
+            if isinstance(v, (set, tuple)):
+                v = sorted(v)
+                setattr(self, name, v)
+            if v is not None and not _is_names(v):
+                raise ValueError(f"lowrank_ext::BitFitConfig: {name} must be None, a list of str or a str, got {v!r}")
+
+    def to_peft_dict(self, base_model_name_or_path: str | None = None, model: nn.Module | None = None
+                     ) -> dict[str, Any]:
+        return {"peft_type": "BITFIT", "bias_patterns": self.bias_patterns, "add_bias_to": self.add_bias_to,
+                "added_biases": list(self.added_biases), "base_model_name_or_path": base_model_name_or_path,
+                "format_version": 1}
+
+    @classmethod
+    def from_peft_dict(cls, d: Mapping[str, Any],
+                       _where: str = "lowrank_ext::BitFitConfig.from_peft_dict: field") -> BitFitConfig:
+        def bad(key: str, expected: str) -> ValueError:
+            got = repr(d[key]) if key in d else f"no such field (fields: {sorted(d)})"
+            return ValueError(f"{_where} {key!r} must {expected}, got {got}")
+
+        if d.get("peft_type") != "BITFIT":
+            raise bad("peft_type", "be 'BITFIT'")
+        if d.get("format_version") != 1:
+            raise bad("format_version", "be 1")
+        for key in ("bias_patterns", "add_bias_to"):
+            if d.get(key) is not None and not _is_names(d[key]):
+                raise bad(key, "be null, a list of module names or a regex string")
+        added = d.get("added_biases")
+        if not isinstance(added, list) or not all(isinstance(x, str) for x in added):
+            raise bad("added_biases", "be a list of module names")
+        return cls(bias_patterns=d.get("bias_patterns"), add_bias_to=d.get("add_bias_to"), added_biases=list(added))
+
+
+@dataclasses.dataclass
+class BitFitPlan:
+    adapter_name: str
+    config: BitFitConfig
+    add: list[str]      # linear modules that get a zero bias
+    train: list[str]    # modules whose bias trains (after adding)
+
+
+def _linears(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, Linear4bit))]
+
+
+def plan_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str = "default",
+                add: list[str] | None = None) -> BitFitPlan:
+    """Validate inject(model, BitFitConfig); `add` (load_adapter: the file's added_biases) overrides add_bias_to."""
+    state = get_state(model)
+    if state is not None and state.configs:
+        raise ValueError(f"lowrank_ext::inject: model must have no other adapters for BitFit (it trains the model's "
+                         f"own biases), got adapters {sorted(state.configs)}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"lowrank_ext::inject: adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    linears = _linears(model)
+    if add is None:
+        add = []
+        if config.add_bias_to is not None:
+            if isinstance(config.add_bias_to, str) and config.add_bias_to.lower() == "all-linear":
+                head = _output_head_name(model)
+                picked = [n for n in linears if n != head]
+            else:
+                picked = [n for n in linears if _matches(config.add_bias_to, n)]
+            if not picked:
+                raise ValueError(f"lowrank_ext::inject: BitFitConfig.add_bias_to must match at least one linear "
+                                 f"module, got {config.add_bias_to!r}")
+            add = [n for n in picked if model.get_submodule(n).bias is None]
+    else:
+        for n in add:
+            m = model.get_submodule(n) if n in set(linears) else None
+            if m is None or m.bias is not None:
+                what = "no such linear module" if m is None else "it already has a bias"
+                raise ValueError(f"lowrank_ext::load_adapter: added_biases must name linear modules without a bias, "
+                                 f"got {n!r} ({what})")
+    added = set(add)
+    owners = [n for n, m in model.named_modules()
+              if n in added or isinstance(getattr(m, "bias", None), nn.Parameter)]
+    train = [n for n in owners if config.bias_patterns is None or _matches(config.bias_patterns, n)]
+    if not train:
+        if not owners:
+            raise ValueError("lowrank_ext::inject: the model must have bias parameters for BitFit, got none (e.g. Llama "
+                             "has no biases); pass BitFitConfig(add_bias_to='all-linear') to add zero-initialised "
+                             "biases and train those")
+        raise ValueError(f"lowrank_ext::inject: BitFitConfig.bias_patterns must match a module with a bias, got "
+                         f"{config.bias_patterns!r} ({len(owners)} modules have biases, e.g. {owners[0]!r})")
+    return BitFitPlan(adapter_name, config, add, train)
+
+
+def apply_bitfit(model: nn.Module, plan: BitFitPlan) -> nn.Module:
+    for n in plan.add:
+        m = model.get_submodule(n)
+        ref = m.weight_packed if isinstance(m, Linear4bit) else m.weight
+        dtype = ref.dtype if ref.is_floating_point() else torch.float32
+        m.bias = nn.Parameter(torch.zeros(m.out_features, device=ref.device, dtype=dtype))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in plan.train:
+        model.get_submodule(n).bias.requires_grad_(True)
+    config = dataclasses.replace(plan.config, added_biases=list(plan.add))
+    state = AdapterState(configs={plan.adapter_name: config}, active=[plan.adapter_name])
+    model.lowrank_ext_state = state
+    trainable, total = count_parameters(model)
+    replaced = [(n, "no bias", "zero bias") for n in plan.add]
+    state.summaries[plan.adapter_name] = InjectSummary(plan.adapter_name, replaced, trainable, total)
+    return model
+
+
+def bitfit_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """{file key: live bias} of the biases BitFit trains (the config's bias_patterns, resolved again)."""
+    patterns = get_state(model).configs[adapter_name].bias_patterns
+    return {PREFIX + n + ".bias": m.bias for n, m in model.named_modules()
+            if isinstance(getattr(m, "bias", None), nn.Parameter) and (patterns is None or _matches(patterns, n))}
+
+
+def bitfit_planned_shapes(model: nn.Module, plan: BitFitPlan) -> dict[str, tuple]:
+    out = {}
+    for n in plan.train:
+        m = model.get_submodule(n)
+        out[PREFIX + n + ".bias"] = (m.out_features,) if n in plan.add else tuple(m.bias.shape)
+    return out
