@@ -24,6 +24,7 @@ from lowrank_ext.finetune.trainer import CHECKPOINT_FILE
 __all__ = ["build_parser", "main"]
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+GRADIENT_CHECKPOINTING = False  # the default of --gradient-checkpointing (README "Memory": measured both ways)
 CHECKPOINT_SUBDIR = "checkpoint"
 
 
@@ -78,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun leave it out: the processes torchrun started are used")
     f.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp",
                    help="with several processes: FSDP2 (NF4 base, LoRA and optimizer state sharded) or DDP")
+    f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=GRADIENT_CHECKPOINTING,
+                   help="recompute each transformer block's forward in backward (torch.utils.checkpoint, "
+                        "non-reentrant) instead of keeping its activations")
+    _memory_parser(sub)
 
     b = sub.add_parser("bench", help="run the package's benchmarks, print tables and write a chart")
     b.add_argument("--quick", action="store_true", help="a quick subset of shapes")
@@ -106,6 +111,46 @@ def _doctor(args: argparse.Namespace) -> int:
                            f"got cuda available={torch.cuda.is_available()}, CUDA kernels={has_cuda_kernels()}")
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return doctor.main(as_json=args.json, devices=devices)
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _memory_parser(sub) -> None:
+    m = sub.add_parser("memory", help="estimate the memory of fine-tuning a model from its config.json (no weights "
+                                      "read): full fine-tuning vs LoRA vs QLoRA",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--model", default="smollm2", help="'smollm2' or a model directory (config.json is enough)")
+    m.add_argument("--rank", type=int, default=16, help="LoRA rank r")
+    m.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    m.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
+    m.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated projection names")
+    m.add_argument("--variant", choices=("lora", "dora", "vera"), default="lora")
+    m.add_argument("--optimizer", choices=("paged-adamw", "paged-adamw8bit", "adamw"), default="paged-adamw")
+    m.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (> 0 keeps a dropped input per layer)")
+
+
+def _memory(a: argparse.Namespace) -> int:
+    from lowrank_ext.finetune.memory import estimate, format_estimate
+
+    for name in ("rank", "seq_len", "batch_size"):
+        if getattr(a, name) < 1:
+            raise CLIError(f"lowrank_ext memory: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.model == "smollm2":
+        from lowrank_ext.finetune.models import _cached_smollm2
+
+        model_dir = _cached_smollm2()[0]
+    else:
+        model_dir = Path(a.model)
+    from lowrank_ext.finetune.memory import import_model_code
+
+    if not (model_dir / "config.json").is_file():
+        raise CLIError(f"lowrank_ext memory: --model must be a model directory with config.json, got {str(a.model)!r}")
+    import_model_code(model_dir)  # the runtime an actual run has before its first weight (the measured floor)
+    est = estimate(model_dir, rank=a.rank, seq_len=a.seq_len, batch_size=a.batch_size,
+                   targets=_targets(a.targets) if a.targets != "all-linear" else None, variant=a.variant,
+                   optimizer=a.optimizer, dropout=a.dropout > 0)
+    print(f"memory estimate: {model_dir}, r={a.rank}, {a.batch_size} x {a.seq_len} tokens, {a.variant}, "
+          f"{a.optimizer}, fp32 compute (no weights read)\n" + format_estimate(est))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ finetune
@@ -195,6 +240,40 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
 
 
+def _streams(a: argparse.Namespace, sharded_load: bool) -> bool:
+    """Whether the model loads through lowrank_ext.load_pretrained (the NF4 base quantized as the safetensors
+    shards stream in, never the whole fp32 model): our layers, no FSDP meta load, and nothing that needs the
+    dense model first (--rank-budget takes dense gradients)."""
+    return a.backend == "lowrank_ext" and not a.rank_budget and not sharded_load
+
+
+def _memory_rows(a: argparse.Namespace, source: str, trainer, peak_mb: float, runtime_mb: float,
+                 device: torch.device) -> list[tuple[str, str]]:
+    """The summary's split of the measured peak, and the estimate `python -m lowrank_ext memory` prints for
+    this run, side by side."""
+    from lowrank_ext.finetune.memory import estimate, measured_split
+
+    split = measured_split(trainer.model, trainer.optimizer)
+    nf4, other, adapter = (split[k] / 2**20 for k in ("nf4", "other", "adapter"))
+    rest = peak_mb - (runtime_mb if device.type == "cpu" else 0) - nf4 - other - adapter
+    rows = [("peak split", f"NF4 base {nf4:.0f} MiB, other weights {other:.0f} MiB, adapter + grads + optimizer "
+                           f"{adapter:.0f} MiB, activations (the rest) {rest:.0f} MiB"
+                           + (f", runtime {runtime_mb:.0f} MiB" if device.type == "cpu" else ""))]
+    try:
+        targets = _targets(a.targets)
+        est = {e.method: e for e in estimate(source, rank=a.rank, seq_len=a.seq_len, batch_size=a.batch_size,
+                                             targets=None if targets == "all-linear" else targets, variant=a.variant,
+                                             optimizer=a.optimizer, dropout=a.dropout > 0,
+                                             runtime=int(runtime_mb * 2**20) if device.type == "cpu" else 0)}
+    except (ValueError, FileNotFoundError, KeyError) as e:  # a model the estimate does not describe
+        return rows + [("memory estimate", f"n/a ({e})")]
+    e = est["lora" if a.no_quantize else "qlora"]
+    total = e.total(a.gradient_checkpointing) / 2**20
+    rows.append(("memory estimate", f"{total:.0f} MiB (python -m lowrank_ext memory), measured {peak_mb:.0f} MiB "
+                                    f"({100 * (peak_mb / total - 1):+.0f}%)"))
+    return rows
+
+
 def finetune(a: argparse.Namespace) -> dict:
     """The main job; returns the numbers it printed (tests read them). Under torchrun (or --nproc) it runs as
     one rank of a process group (finetune/parallel.py); only rank 0 prints and writes files."""
@@ -240,7 +319,11 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
 
     t0 = time.perf_counter()
     sharded_load = parallel.loads_sharded(a, dctx)  # FSDP: built on the meta device, each rank reads its shard
-    lm = load_causal_lm(a.model, meta=sharded_load)
+    streamed = _streams(a, sharded_load)  # load_pretrained: NF4 quantized as the shards stream in
+    runtime = memory_mb(device)[0]  # MiB resident before any weight (the estimate's floor); streamed: updated below
+    lm = load_causal_lm(a.model, meta=sharded_load or streamed)
+    if streamed:  # the model code and tokenizer are loaded now, no weight yet
+        runtime = memory_mb(device)[0]
     print(f"model: {lm.source} ({'cached' if lm.from_cache else 'loaded'}) in {time.perf_counter() - t0:.1f}s",
           flush=True)
     micro = a.batch_size
@@ -252,7 +335,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
           flush=True)
     prompt = _prompt(split_documents(docs).heldout[0])
     targets = _targets(a.targets)
-    model = lm.model if sharded_load else lm.model.to(device)
+    model = lm.model if sharded_load or streamed else lm.model.to(device)
     total_params = sum(p.numel() for p in model.parameters())
 
     rank_pattern = None
@@ -271,7 +354,11 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                           quantize=not a.no_quantize, rank_pattern=rank_pattern)
     target_numel = sum(m.weight.numel() for n, m in model.named_modules()
                        if n in set(fb.target_names(model, targets)))
-    model = backend.inject(model, spec)
+    model = backend.load_pretrained(Path(lm.source), spec, device) if streamed else backend.inject(model, spec)
+    if a.gradient_checkpointing:
+        from lowrank_ext.finetune.memory import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if dctx is not None:
         model = dctx.wrap(model)  # FSDP2: the NF4 bytes, LoRA and optimizer state sharded; or DDP
@@ -295,6 +382,11 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                    "optimizer": a.optimizer}
     out.mkdir(parents=True, exist_ok=True)
     trainer_cls, kw = (Trainer, {}) if dctx is None else (parallel.DistTrainer, {"dist": dctx})
+    if a.gradient_checkpointing and dctx is None:  # one process: the output head + loss checkpointed in chunks too
+        from lowrank_ext.finetune.memory import chunked_lm_loss, supports_chunked_loss
+
+        if supports_chunked_loss(model):
+            kw["loss_fn"] = chunked_lm_loss
     # rank r reads micro-batches r, r + world, ...: distinct data per rank, the same stream for any resume
     trainer = trainer_cls(model, lambda i: train_blocks.batch(i * world + rank, micro), eval_batches, cfg,
                           optimizer=backend.optimizer,
@@ -319,7 +411,14 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         if not dctx.is_main:  # rank 0 alone checks and reports
             return {"eval_before": result.eval_before, "eval_after": result.eval_after, "rank": rank}
     adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    if not sharded_load:
+    memory_rows = _memory_rows(a, lm.source, trainer, result.peak_memory_mb, runtime, device)
+    if streamed:  # the trained model is saved: free it before the fresh one is built, and score it the same way
+        loss_fn = trainer.loss_fn
+        trainer.optimizer.state.clear()
+        del trainer, model
+        reloaded = backend.load_streamed(Path(lm.source), out, spec, device)
+        reload_loss = evaluate(reloaded, eval_batches, device, loss_fn)
+    elif not sharded_load:
         fresh = load_causal_lm(a.model).model.to(device)
         reloaded = backend.load(fresh, out, spec)
         reload_loss = evaluate(reloaded, eval_batches, device)
@@ -338,7 +437,9 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         ("target weights", (f"{fp32_bytes / 2**20:.1f} MiB fp32 -> {nf4_bytes / 2**20:.1f} MiB "
                             f"{'NF4+DQ' if not a.no_quantize else 'fp32 (--no-quantize)'}")),
         ("adapter files", f"{adapter_bytes / 2**20:.2f} MiB in {out}"),
-        ("peak memory", f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"),
+        ("peak memory", f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"
+                        f"{', gradient checkpointing' if a.gradient_checkpointing else ''}"),
+        *memory_rows,
         ("time", (f"{result.seconds_per_step:.2f} s/step, {result.tokens_per_second:.0f} tokens/s, "
                   f"{time.perf_counter() - t_all:.0f} s in all")),
     ]
@@ -349,7 +450,8 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     return {"eval_before": result.eval_before, "eval_after": result.eval_after, "reload_loss": reload_loss,
             "trainable": trainable, "total": total_params, "seconds_per_step": result.seconds_per_step,
             "peak_memory_mb": result.peak_memory_mb, "seconds": time.perf_counter() - t_all,
-            "rank_pattern": rank_pattern, "memory_now_mb": memory_mb(device)[0]}
+            "rank_pattern": rank_pattern, "memory_now_mb": memory_mb(device)[0],
+            "memory_runtime_mb": runtime}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -365,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
             finetune(args)
         elif args.command == "doctor":
             return _doctor(args)
+        elif args.command == "memory":
+            return _memory(args)
         else:
             from lowrank_ext.finetune.bench_command import run_bench
 
