@@ -270,8 +270,8 @@ def _memory_rows(a: argparse.Namespace, source: str, trainer, peak_mb: float, ru
         return rows + [("memory estimate", f"n/a ({e})")]
     e = est["lora" if a.no_quantize else "qlora"]
     total = e.total(a.gradient_checkpointing) / 2**20
-    rows.append(("memory estimate", f"{total:.0f} MiB (python -m lowrank_ext memory), measured {peak_mb:.0f} MiB "
-                                    f"({100 * (peak_mb / total - 1):+.0f}%)"))
+    rows.append(("memory estimate", (f"{total:.0f} MiB (python -m lowrank_ext memory), measured {peak_mb:.0f} MiB "
+                                     f"({100 * (peak_mb / total - 1):+.0f}%)")))
     return rows
 
 

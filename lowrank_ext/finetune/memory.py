@@ -28,13 +28,38 @@ __all__ = ["Estimate", "chunked_lm_loss", "enable_gradient_checkpointing", "esti
 
 
 # ------------------------------------------------------------------------------------- checkpointing
+def _save_contracting(ctx, op, *args, **kwargs):
+    """Selective checkpointing policy: keep the output of every fused NF4 + LoRA projection that maps more
+    features to fewer (a Llama block's down_proj, and k_proj / v_proj under GQA), recompute everything else.
+    Recomputing a projection costs in x out multiply-adds per token and keeping its output costs `out` values,
+    so the projections with the most inputs per output are the cheapest to keep. On SmolLM2 (k, v: 576 -> 192,
+    down: 1536 -> 576) that is 960 values per token and block — 2 MiB a block for 4 x 128 tokens — for 31% of
+    the block's projection FLOPs not recomputed. (With a frozen NF4 base the backward computes no weight
+    gradient, so a full recompute would add ~50% to a step, not the textbook ~33%.)"""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if op is torch.ops.lowrank_ext.nf4_lora_linear.default and args[0].shape[-1] > args[8]:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _checkpoint_kwargs() -> dict:
+    import functools
+
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return {"use_reentrant": False,
+            "context_fn": functools.partial(create_selective_checkpoint_contexts, _save_contracting)}
+
+
 def enable_gradient_checkpointing(model: nn.Module) -> nn.Module:
-    """Keep only each transformer block's input for backward and recompute the block's forward there
-    (torch.utils.checkpoint, use_reentrant=False): our custom ops run again in the recompute, and the dropout
-    masks are the same (checkpoint restores the RNG state). A transformers model uses its own switch
+    """Keep only each transformer block's input (and the output of its contracting projections: _save_contracting)
+    for backward and recompute the rest of the block's forward there (torch.utils.checkpoint,
+    use_reentrant=False, a selective policy): our custom ops run again in the recompute, and the dropout masks are
+    the same (checkpoint restores the RNG state). A transformers model uses its own switch
     (`activation_checkpointing_enable` / `gradient_checkpointing_enable`, which also turns the KV cache off in
     training); any other module gets each block of lowrank_ext.distributed.transformer_blocks wrapped."""
-    kwargs = {"use_reentrant": False}
+    kwargs = _checkpoint_kwargs()
     for name in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
         fn = getattr(model, name, None)
         if callable(fn) and getattr(model, "supports_gradient_checkpointing", False):
@@ -63,7 +88,7 @@ def _checkpoint_forward(block: nn.Module) -> None:
 
     def checkpointed(*args, **kwargs):
         if block.training and torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+            return checkpoint(forward, *args, **_checkpoint_kwargs(), **kwargs)
         return forward(*args, **kwargs)
 
     block.forward = checkpointed
@@ -84,10 +109,43 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     return isinstance(getattr(model, "model", None), nn.Module) and model.get_output_embeddings() is not None
 
 
+class _FrozenHeadCE(torch.autograd.Function):
+    """Σ_t CE(h_t · Wᵀ, y_t) / n over chunks of rows, for a frozen head W [V, H]; the gradient with respect to h is
+    computed in forward, chunk by chunk, and is all that is kept (the [rows, V] logits never outlive their chunk):
+
+        p = softmax(h_c · Wᵀ)      g_c = (p - onehot(y_c)) · W / n      loss += Σ (logsumexp - logit[y])
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, rows: int, n: int) -> torch.Tensor:
+        need = h.requires_grad and torch.is_grad_enabled() or ctx.needs_input_grad[0]
+        grad = torch.empty_like(h) if need else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.shape[0], rows):
+            logits = (h[i:i + rows] @ weight.t()).float()
+            yc = y[i:i + rows]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                p = logits.sub_(lse[:, None]).exp_()
+                p[torch.arange(p.shape[0], device=p.device), yc] -= 1.0
+                grad[i:i + rows] = (p.div_(n).to(weight.dtype) @ weight).to(h.dtype)
+            del logits
+        ctx.save_for_backward(grad if grad is not None else h.new_empty(0))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None, None
+
+
 def chunked_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """The mean next-token cross-entropy of `model(batch, labels=batch).loss`, without ever holding the
-    [tokens, vocab] logits: the output head and the loss run on chunks of ~16 MiB of logits, each under
-    torch.utils.checkpoint (non-reentrant), so backward recomputes a chunk's logits instead of keeping them.
+    [tokens, vocab] logits: the output head and the loss run on chunks of ~16 MiB of logits. A frozen bias-free
+    head (the usual case: QLoRA, tied embeddings) computes each chunk's gradient with respect to the hidden
+    states in forward (_FrozenHeadCE: nothing recomputed); any other head runs each chunk under
+    torch.utils.checkpoint (non-reentrant), so backward recomputes the chunk's logits instead of keeping them.
 
         loss = Σ_chunks Σ_t CE(lm_head(h_t), y_t) / N        h = decoder(x)[:, :-1], y = x[:, 1:], N = B·(T-1)
     """
@@ -99,6 +157,8 @@ def chunked_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = batch[:, 1:].reshape(-1)
     rows = max(1, _LOSS_CHUNK // head.out_features)
+    if type(head) is nn.Linear and head.bias is None and not head.weight.requires_grad:
+        return _FrozenHeadCE.apply(h, head.weight, y, rows, y.numel())
 
     def part(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(head(hc).float(), yc, reduction="sum")
@@ -248,7 +308,8 @@ def _activations(s: _Shape, tokens: int, targets: set[str], r: int, dtype_bytes:
       each adapted projection: u = x_d·Aᵀ                                    r
         with dropout also the dropped input x_d and its mask (1 byte)       in + in/4 (+ o_proj's own input, q)
     The loss over the vocabulary keeps the log-softmax and, in backward, two more tensors of its size: 3 x tokens x
-    vocab fp32 at the peak. With checkpointing a block keeps only its input (h per token), one block is recomputed
+    vocab fp32 at the peak. With checkpointing a block keeps only its input (h per token) and the outputs of its
+    contracting adapted projections (_save_contracting: k, v, down for a GQA Llama), one block is recomputed
     at a time (its activations and their gradients: 2 x one block), and the output head + loss run in chunks of
     ~16 MiB of logits (chunked_lm_loss) when `chunked_loss`."""
     h, q, kv, i = s.hidden, s.heads * s.head_dim, s.kv_heads * s.head_dim, s.inter
@@ -261,7 +322,8 @@ def _activations(s: _Shape, tokens: int, targets: set[str], r: int, dtype_bytes:
     loss_ckpt = 3 * min(tokens * s.vocab, _LOSS_CHUNK) * 4 + tokens * h * 4 if chunked_loss else loss
     embed = tokens * h * dtype_bytes  # the embedding output (the first block's input)
     without = s.layers * block_bytes + loss + embed
-    with_ckpt = s.layers * tokens * h * dtype_bytes + 2 * block_bytes + loss_ckpt + embed
+    kept = sum(fout for n, (fin, fout) in s.projections().items() if fin > fout and n in targets and method != "full")
+    with_ckpt = s.layers * tokens * (h + kept) * dtype_bytes + 2 * block_bytes + loss_ckpt + embed
     return without, with_ckpt, {"per_block": block_bytes, "loss": loss, "loss_ckpt": loss_ckpt}
 
 
