@@ -299,9 +299,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
 
     _check_args(a)
     device = _device(a.device) if dctx is None else dctx.device
-    from lowrank_ext.finetune.memory import return_freed_memory
-
-    return_freed_memory()  # freed activation memory goes back to the OS (glibc's heap would keep ~0.45 GB of it)
+    from lowrank_ext.finetune.memory import trim_freed_memory
     if dctx is not None:
         dctx.barrier()  # every rank has checked --output before rank 0 writes into it
     rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world)
@@ -397,7 +395,8 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                           checkpoint_dir=ckpt_dir if a.resume else out / CHECKPOINT_SUBDIR,
                           device=device, fingerprint=fingerprint, **kw)
     try:
-        result = trainer.train(resume=bool(a.resume) and have_checkpoint)
+        trim_freed_memory()  # what loading freed goes back to the OS before the first step; then after each step
+        result = trainer.train(resume=bool(a.resume) and have_checkpoint, on_step=lambda rec: trim_freed_memory())
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     sample_after = _generate(model if dctx is None else dctx.unwrap(model), lm.tokenizer, prompt, a.gen_tokens,
