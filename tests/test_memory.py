@@ -54,16 +54,20 @@ def _lm_loss(model, ids):
     return model(input_ids=ids, labels=ids).loss
 
 
-@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("chunked", [False, True, "trainable-head"])
 def test_checkpointing_same_loss_and_grads(chunked, monkeypatch):
+    """The chunked loss takes two paths: a frozen head (_FrozenHeadCE, the input gradient computed in forward),
+    and a trainable one (each chunk under checkpoint): both equal the model's own loss and gradients."""
     ref = _qlora(_llama())
+    if chunked == "trainable-head":
+        ref.lm_head.weight.requires_grad_(True)  # tied: the embedding trains too
     got = copy.deepcopy(ref)
     M.enable_gradient_checkpointing(got)
     monkeypatch.setattr(M, "_LOSS_CHUNK", 96 * 7)  # several chunks of 7 rows (and a ragged last one)
     ids = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(2))
     l0, g0 = _step(ref, ids, _lm_loss)
     l1, g1 = _step(got, ids, M.chunked_lm_loss if chunked else _lm_loss)
-    assert sorted(g0) == sorted(g1) and len(g0) == 2 * 7 * 2
+    assert sorted(g0) == sorted(g1) and len(g0) == 2 * 7 * 2 + (chunked == "trainable-head")
     torch.testing.assert_close(l1, l0, rtol=1e-6, atol=1e-6)
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
