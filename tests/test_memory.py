@@ -152,6 +152,9 @@ def test_generic_module_checkpointing():
 def test_chunked_loss_support():
     assert M.supports_chunked_loss(_llama())
     assert not M.supports_chunked_loss(nn.Linear(2, 2))
+    peft = require("peft")
+    wrapped = peft.get_peft_model(_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not M.supports_chunked_loss(wrapped)  # its .model is a whole causal LM, not the bare decoder
     gemma = transformers.Gemma2Config(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     with torch.device("meta"):

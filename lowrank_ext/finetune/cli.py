@@ -384,7 +384,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                    "optimizer": a.optimizer}
     out.mkdir(parents=True, exist_ok=True)
     trainer_cls, kw = (Trainer, {}) if dctx is None else (parallel.DistTrainer, {"dist": dctx})
-    if a.gradient_checkpointing and dctx is None:  # one process: the output head + loss checkpointed in chunks too
+    if a.gradient_checkpointing and dctx is None and a.backend == "lowrank_ext":  # the head + loss in chunks too
         from lowrank_ext.finetune.memory import chunked_lm_loss, supports_chunked_loss
 
         if supports_chunked_loss(model):

@@ -106,7 +106,12 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     if any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale",
                                                               "logits_scaling", "output_multiplier_scale")):
         return False
-    return isinstance(getattr(model, "model", None), nn.Module) and model.get_output_embeddings() is not None
+    decoder = getattr(model, "model", None)
+    if not isinstance(decoder, nn.Module) or model.get_output_embeddings() is None:
+        return False
+    # the decoder must be the bare model (hidden states out), not a wrapped causal LM (a PEFT model's .model)
+    inner_head = getattr(decoder, "get_output_embeddings", None)
+    return not (callable(inner_head) and inner_head() is not None)
 
 
 class _FrozenHeadCE(torch.autograd.Function):
