@@ -101,13 +101,13 @@ def test_checkpointing_keeps_only_block_inputs_and_recomputes_through_our_ops():
     ckpt = _saved_bytes(model, ids, M.chunked_lm_loss)
     assert ckpt < 0.25 * full, (ckpt, full)
 
-    class Count(TorchDispatchMode):
-        calls: dict = {}
+    calls: dict[str, int] = {}
 
+    class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func)
             if name.startswith("lowrank_ext."):
-                Count.calls[name] = Count.calls.get(name, 0) + 1
+                calls[name] = calls.get(name, 0) + 1
             return func(*args, **(kwargs or {}))
 
     loss = M.chunked_lm_loss(model, ids)
@@ -115,8 +115,8 @@ def test_checkpointing_keeps_only_block_inputs_and_recomputes_through_our_ops():
         loss.backward()
     # backward re-ran each block's fused NF4 + LoRA projections but the contracting ones, whose outputs the
     # selective policy keeps (k_proj, v_proj 64 -> 32 under GQA, down_proj 96 -> 64), and ran all seven backwards
-    assert Count.calls == {"lowrank_ext.nf4_lora_linear.default": 4 * 4,
-                           "lowrank_ext.nf4_lora_linear_backward.default": 4 * 7}, Count.calls
+    assert calls == {"lowrank_ext.nf4_lora_linear.default": 4 * 4,
+                     "lowrank_ext.nf4_lora_linear_backward.default": 4 * 7}, calls
 
 
 def test_generic_module_checkpointing():
