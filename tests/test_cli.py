@@ -373,3 +373,41 @@ def test_collect_rows_ignores_malformed():
     assert collect_rows([{"shape": "a"}, {"ours": 1.0, "baselines": {}}, "x"]) == []
     assert collect_rows([{"shape": 3, "ours": 1, "baselines": {"b": 2, "nan": float("nan")}}]) == [
         {"shape": "3", "ours": 1.0, "baselines": {"b": 2.0}}]
+
+
+# ------------------------------------------------------------------ memory: streamed load, checkpointing, summary
+@needs_model
+def test_finetune_gradient_checkpointing_same_run(capsys, tmp_path, tiny_model_dir):
+    """--gradient-checkpointing (blocks recomputed, output head + loss chunked) trains the same run as without it
+    (same dropout masks: checkpoint restores the RNG), and the summary splits the peak and prints the estimate."""
+    res = {}
+    for flag in ("--gradient-checkpointing", "--no-gradient-checkpointing"):
+        a = cli.build_parser().parse_args(["finetune", "--model", str(tiny_model_dir), "--output",
+                                           str(tmp_path / flag), *TINY, "--dropout", "0.1", flag])
+        res[flag] = cli.finetune(a)
+        out = capsys.readouterr().out
+        assert "peak split" in out and "NF4 base" in out and "activations (the rest)" in out
+        assert "memory estimate" in out and "measured" in out
+    on, off = res["--gradient-checkpointing"], res["--no-gradient-checkpointing"]
+    assert on["eval_before"] == pytest.approx(off["eval_before"], abs=1e-5)
+    assert on["eval_after"] == pytest.approx(off["eval_after"], abs=1e-4)
+    assert cli.build_parser().parse_args(["finetune"]).gradient_checkpointing is cli.GRADIENT_CHECKPOINTING
+
+
+@needs_model
+def test_finetune_loads_through_load_pretrained(tmp_path, tiny_model_dir, monkeypatch):
+    """The default path never builds the dense model: load_causal_lm is only asked for the meta model."""
+    from lowrank_ext.finetune import models
+
+    real = models.load_causal_lm
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(kw.get("meta", False))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(models, "load_causal_lm", spy)
+    a = cli.build_parser().parse_args(["finetune", "--model", str(tiny_model_dir), "--output", str(tmp_path / "o"),
+                                       *TINY])
+    cli.finetune(a)
+    assert calls == [True]

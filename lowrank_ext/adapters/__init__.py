@@ -8,6 +8,7 @@
     management.py  add / delete / disable / merge / mixed-batch / weighted adapters; LoRA+ param groups
     files.py       save_adapter / load_adapter in PEFT's adapter directory format
     bnb_import.py  from_bnb: bitsandbytes Linear4bit models reuse their NF4 bytes (never requantized)
+    loading.py     load_pretrained: a transformers checkpoint quantized as its safetensors shards stream in
 
 Built on the core (lowrank_ext.nf4, .ops, .nn) and imported by lowrank_ext.finetune; never the reverse.
 """
@@ -18,6 +19,7 @@ from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.files import adapter_state_dict, load_adapter, read_adapter_config, save_adapter
 from lowrank_ext.adapters.ia3 import IA3Config
 from lowrank_ext.adapters.injector import count_parameters, inject_summary
+from lowrank_ext.adapters.loading import load_pretrained
 from lowrank_ext.adapters.management import (
     add_adapter,
     add_weighted_adapter,
@@ -54,6 +56,7 @@ __all__ = [
     "inject_summary",
     "linear4bit_from_state_dict",
     "load_adapter",
+    "load_pretrained",
     "loraplus_param_groups",
     "merge_adapter",
     "merge_and_unload",

@@ -23,6 +23,7 @@ from lowrank_ext.adapters import (
     get_state,
     inject,
     load_adapter,
+    load_pretrained,
     save_adapter,
 )
 from lowrank_ext.finetune.rank_allocation import match_targets
@@ -102,6 +103,17 @@ class LowrankBackend:
 
     def inject(self, model: torch.nn.Module, spec: AdapterSpec, tokenizer=None) -> torch.nn.Module:
         return inject(model, self.config(spec, tokenizer))
+
+    def load_pretrained(self, source: Path, spec: AdapterSpec, device: torch.device) -> torch.nn.Module:
+        """The model in `source` with the adapters injected, NF4 quantized as the shards stream in (equal to
+        inject(load_causal_lm(source).model.to(device), config))."""
+        return load_pretrained(source, self.config(spec), device=device)
+
+    def load_streamed(self, source: Path, directory: Path, spec: AdapterSpec, device: torch.device) -> torch.nn.Module:
+        """A fresh load_pretrained model with the adapter in `directory` loaded into it."""
+        model = self.load_pretrained(source, spec, device)
+        load_adapter(model, str(directory))
+        return model
 
     def optimizer(self, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
         return make_optimizer(self.optimizer_kind, params, lr)

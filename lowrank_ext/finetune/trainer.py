@@ -131,18 +131,21 @@ def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, labels=batch).loss
 
 
-def _lm_loss_autocast(model: torch.nn.Module, batch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+LossFn = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _loss_autocast(model: torch.nn.Module, batch: torch.Tensor, dtype: torch.dtype, loss: LossFn) -> torch.Tensor:
     with torch.autocast(batch.device.type, dtype=dtype):
-        return lm_loss(model, batch)
+        return loss(model, batch)
 
 
-def lm_loss_in(dtype: torch.dtype | None) -> Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]:
-    """The loss function for training in `dtype`: lm_loss (fp32: None or torch.float32), or lm_loss under
+def lm_loss_in(dtype: torch.dtype | None, loss: LossFn = lm_loss) -> LossFn:
+    """The loss function for training in `dtype`: `loss` itself (fp32: None or torch.float32), or `loss` under
     torch.autocast(dtype=bf16/fp16) — the matmuls (our NF4 ops included: they have autocast kernels) run in
     it, while the parameters (LoRA: the master weights) and the optimizer state stay fp32."""
     if dtype is None or dtype == torch.float32:
-        return lm_loss
-    return functools.partial(_lm_loss_autocast, dtype=dtype)
+        return loss
+    return functools.partial(_loss_autocast, dtype=dtype, loss=loss)
 
 
 @torch.no_grad()
