@@ -106,7 +106,7 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     if any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale",
                                                               "logits_scaling", "output_multiplier_scale")):
         return False
-    decoder = getattr(model, "model", None)
+    decoder = model._modules.get("model")  # a direct child: not one a wrapper forwards (prompt tuning's prepends)
     if not isinstance(decoder, nn.Module) or model.get_output_embeddings() is None:
         return False
     # the decoder must be the bare model (hidden states out), not a wrapped causal LM (a PEFT model's .model)
