@@ -29,7 +29,7 @@ from torch import nn
 
 from lowrank_ext.adapters.config import _is_names, _match
 from lowrank_ext.adapters.injector import _output_head_name, count_parameters
-from lowrank_ext.adapters.state import AdapterState, InjectSummary, get_state
+from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_adapter_name, get_state
 from lowrank_ext.nn import Linear4bit
 
 __all__ = ["BitFitConfig", "BitFitPlan", "apply_bitfit", "bitfit_planned_shapes", "bitfit_state_dict", "plan_bitfit"]
@@ -103,8 +103,7 @@ def plan_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str = "def
     if state is not None and state.configs:
         raise ValueError(f"lowrank_ext::inject: model must have no other adapters for BitFit (it trains the model's "
                          f"own biases), got adapters {sorted(state.configs)}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"lowrank_ext::inject: adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    check_adapter_name(adapter_name)
     linears = _linears(model)
     if add is None:
         add = []

@@ -30,7 +30,7 @@ from lowrank_ext.adapters.injector import (
     count_parameters,
     in_out,
 )
-from lowrank_ext.adapters.state import AdapterState, InjectSummary, get_state, set_adapter
+from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_new_adapter_name, get_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, IA3Linear, Linear4bit, QIA3Linear
 from lowrank_ext.nn.linear4bit import check_compute_dtype
@@ -179,12 +179,7 @@ class IA3Plan:
 
 def plan_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default") -> IA3Plan:
     """Validate inject(model, IA3Config) and resolve its targets; the model is not touched."""
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"lowrank_ext::inject: adapter_name must be a non-empty str without '.', got {adapter_name!r}")
-    state = get_state(model)
-    if state is not None and adapter_name in state.configs:
-        raise ValueError(f"lowrank_ext::inject: adapter_name must be a new adapter name, got {adapter_name!r} "
-                         f"(existing: {sorted(state.configs)})")
+    check_new_adapter_name(model, adapter_name)
     targets_spec, ff_spec = config.resolved(model)
     cands = [n for n in _candidates(model) if not isinstance(model.get_submodule(n), ADAPTER_LAYERS)]
     cands += [n for n, _ in ia3_layers(model)]

@@ -20,7 +20,14 @@ from torch import nn
 
 from lowrank_ext.adapters.bnb_import import is_bnb_4bit, nf4_from_bnb_linear
 from lowrank_ext.adapters.config import LoRAConfig
-from lowrank_ext.adapters.state import AdapterState, InjectSummary, ModulesToSave, get_state, set_adapter
+from lowrank_ext.adapters.state import (
+    AdapterState,
+    InjectSummary,
+    ModulesToSave,
+    check_new_adapter_name,
+    get_state,
+    set_adapter,
+)
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, LoRALinear, QLoRALinear
 from lowrank_ext.nn.linear4bit import NF4WeightHolder
@@ -131,12 +138,7 @@ def plan_inject(model: nn.Module, config: LoRAConfig, adapter_name: str = "defau
     its changes when building a layer fails (e.g. quantizing a weight with NaN/Inf)."""
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"lowrank_ext::inject: config must be a LoRAConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"lowrank_ext::inject: adapter_name must be a non-empty str without '.', got {adapter_name!r}")
-    state = get_state(model)
-    if state is not None and adapter_name in state.configs:
-        raise ValueError(f"lowrank_ext::inject: adapter_name must be a new adapter name, got {adapter_name!r} "
-                         f"(existing: {sorted(state.configs)})")
+    check_new_adapter_name(model, adapter_name)
     targets = target_names(model, config)
     if not targets:
         raise ValueError(f"lowrank_ext::inject: target_modules must match at least one linear module, got "

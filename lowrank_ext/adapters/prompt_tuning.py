@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_ext.adapters.state import AdapterState, InjectSummary, get_state
+from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_adapter_name, get_state
 
 __all__ = ["PromptTuningConfig", "PromptTuningModel", "check_prompt_tuning", "inject_prompt_tuning"]
 
@@ -206,8 +206,7 @@ def check_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_na
     if get_state(model) is not None:
         raise ValueError("lowrank_ext::inject: model must have no adapters of another method to add prompt tuning, "
                          f"got adapters {sorted(get_state(model).configs)}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"lowrank_ext::inject: adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+    check_adapter_name(adapter_name)
     get_emb = getattr(model, "get_input_embeddings", None)
     emb = get_emb() if callable(get_emb) else None
     if not isinstance(emb, nn.Embedding):

@@ -75,6 +75,21 @@ def get_state(model: nn.Module) -> AdapterState | None:
     return getattr(model, "lowrank_ext_state", None)
 
 
+def check_adapter_name(adapter_name: object) -> None:
+    """inject's rule for an adapter name, every method: a non-empty str without '.' (it becomes a key part)."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"lowrank_ext::inject: adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+
+
+def check_new_adapter_name(model: nn.Module, adapter_name: object) -> None:
+    """check_adapter_name, and not a name the model already has."""
+    check_adapter_name(adapter_name)
+    state = get_state(model)
+    if state is not None and adapter_name in state.configs:
+        raise ValueError(f"lowrank_ext::inject: adapter_name must be a new adapter name, got {adapter_name!r} "
+                         f"(existing: {sorted(state.configs)})")
+
+
 def require_state(model: nn.Module, op: str) -> AdapterState:
     """The model's AdapterState, or a ValueError naming `op` when the model has no adapters."""
     state = get_state(model)

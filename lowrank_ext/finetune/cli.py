@@ -345,12 +345,12 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     from lowrank_ext.finetune import backends as fb
     from lowrank_ext.finetune import parallel
     from lowrank_ext.finetune.data import load_documents, prepare_data, split_documents
+    from lowrank_ext.finetune.memory import trim_freed_memory
     from lowrank_ext.finetune.models import DEFAULT_MODEL, check_model_dir, load_causal_lm, smollm2_gguf_path
     from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, lm_loss_in, memory_mb, seed_everything
 
     _check_args(a)
     device = _device(a.device) if dctx is None else dctx.device
-    from lowrank_ext.finetune.memory import trim_freed_memory
     if dctx is not None:
         dctx.barrier()  # every rank has checked --output before rank 0 writes into it
     rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world)
@@ -503,8 +503,8 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                             f"{'NF4+DQ' if quantized else 'fp32 (--no-quantize)' if a.no_quantize else 'fp32'}")),
         ("adapter files", f"{adapter_bytes / 2**20:.2f} MiB in {out}"),
         ("compute", _dtype_row(dtype, a.dtype, device)),
-        ("peak memory", f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"
-                        f"{', gradient checkpointing' if a.gradient_checkpointing else ''}"),
+        ("peak memory", (f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"
+                         f"{', gradient checkpointing' if a.gradient_checkpointing else ''}")),
         *memory_rows,
         ("time", (f"{result.seconds_per_step:.2f} s/step, {result.tokens_per_second:.0f} tokens/s, "
                   f"{time.perf_counter() - t_all:.0f} s in all")),
