@@ -21,14 +21,32 @@ from lowrank_ext._reference.nf4 import NESTED_BLOCKSIZE, NF4_CODEBOOK, VALID_BLO
 # with ops/linear.py above this module: ops/linear.py takes NF4Weight arguments).
 _lib = torch.ops.lowrank_ext
 
-__all__ = ["NF4Weight", "bnb_state_dict", "quantize_nf4"]
+__all__ = ["BNB_QUANT_STATE_SUFFIX", "BNB_WEIGHT_SUFFIXES", "NF4Weight", "bnb_state_dict", "nf4_nbytes", "quantize_nf4"]
 
 _FLOAT_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 _DTYPE_BY_NAME = {v: k for k, v in _FLOAT_DTYPES.items()}
-_QS_KEY = "weight.quant_state.bitsandbytes__nf4"
+# The keys bitsandbytes' Linear4bit writes for its weight, relative to the layer prefix "p.": the one list that
+# state-dict import/export, load_pretrained and the layers' load hooks all read.
+BNB_QUANT_STATE_SUFFIX = "weight.quant_state.bitsandbytes__nf4"
+BNB_WEIGHT_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
+                       BNB_QUANT_STATE_SUFFIX)
+_QS_KEY = BNB_QUANT_STATE_SUFFIX
 # bitsandbytes' quant_storage may be any of these: the packed bytes are read as they are.
 _STORAGE_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
                    torch.float32, torch.float64)
+
+
+def nf4_nbytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes an NF4 weight of `numel` elements occupies (the one place this arithmetic lives).
+
+    packed codes: ceil(numel/2) uint8; absmax: one per block of `blocksize` — uint8 with double quant, plus the
+    fp32 nested absmax per 256 blocks, the 256-entry fp32 map and the fp32 offset; fp32 without. (The 64-byte
+    NF4 codebook a bitsandbytes file stores per layer, `weight.quant_map`, is not counted: it is a constant.)"""
+    nblocks = -(-numel // blocksize)
+    packed = (numel + 1) // 2
+    if not double_quant:
+        return packed + 4 * nblocks
+    return packed + nblocks + 4 * -(-nblocks // NESTED_BLOCKSIZE) + 4 * 256 + 4
 
 
 class NF4Weight:

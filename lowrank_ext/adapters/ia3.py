@@ -34,7 +34,7 @@ from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_new_ad
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, IA3Linear, Linear4bit, QIA3Linear
 from lowrank_ext.nn.linear4bit import check_compute_dtype
-from lowrank_ext.nn.lora import linear_weight
+from lowrank_ext.nn.layout import linear_weight
 
 __all__ = ["IA3Config", "IA3Plan", "apply_ia3", "ia3_layers", "ia3_planned_shapes", "ia3_state_dict", "plan_ia3"]
 
@@ -209,8 +209,7 @@ def _new_layer(m: nn.Module, config: IA3Config, is_ff: bool) -> nn.Module:
         return QIA3Linear(*nf4_from_bnb_linear(m), is_feedforward=is_ff, compute_dtype=cd if cd is not None else bnb_cd)
     if isinstance(m, Linear4bit):
         return QIA3Linear(m.weight, m.bias, is_feedforward=is_ff, compute_dtype=cd if cd is not None else m.compute_dtype)
-    fifo = True if type(m).__name__ == "Conv1D" else config.fan_in_fan_out
-    weight, bias = linear_weight(m, fifo)
+    weight, bias = linear_weight(m, config.fan_in_fan_out)
     if config.quantize == "nf4":
         return QIA3Linear(quantize_nf4(weight, config.blocksize, config.double_quant), bias, is_feedforward=is_ff,
                           compute_dtype=cd)

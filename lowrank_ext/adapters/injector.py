@@ -31,14 +31,14 @@ from lowrank_ext.adapters.state import (
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, LoRALinear, QLoRALinear
 from lowrank_ext.nn.linear4bit import NF4WeightHolder
-from lowrank_ext.nn.lora import linear_weight
+from lowrank_ext.nn.layout import is_conv1d, linear_in_out, linear_weight
 
 __all__ = ["InjectPlan", "apply_inject", "count_parameters", "in_out", "inject", "inject_summary", "plan_inject",
            "target_names"]
 
 
 def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, Linear4bit, *ADAPTER_LAYERS)) or type(m).__name__ == "Conv1D"
+    return isinstance(m, (nn.Linear, Linear4bit, *ADAPTER_LAYERS)) or is_conv1d(m)
 
 
 def _candidates(model: nn.Module) -> list[str]:
@@ -101,9 +101,7 @@ def in_out(m: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like target (Conv1D stores its weight [in, out])."""
     if isinstance(m, (*ADAPTER_LAYERS, Linear4bit)):
         return m.in_features, m.out_features
-    if type(m).__name__ == "Conv1D":
-        return m.weight.shape[0], m.weight.shape[1]
-    return m.in_features, m.out_features
+    return linear_in_out(m)
 
 
 def _new_layer(m: nn.Module, config: LoRAConfig) -> nn.Module:
@@ -114,8 +112,7 @@ def _new_layer(m: nn.Module, config: LoRAConfig) -> nn.Module:
         return QLoRALinear(*nf4_from_bnb_linear(m), cd if cd is not None else bnb_cd)
     if isinstance(m, Linear4bit):
         return QLoRALinear(m.weight, m.bias, cd if cd is not None else m.compute_dtype)
-    fifo = True if type(m).__name__ == "Conv1D" else config.fan_in_fan_out
-    weight, bias = linear_weight(m, fifo)
+    weight, bias = linear_weight(m, config.fan_in_fan_out)
     if config.quantize == "nf4":
         return QLoRALinear(quantize_nf4(weight, config.blocksize, config.double_quant), bias, cd)
     return LoRALinear(weight, bias)

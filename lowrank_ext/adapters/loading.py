@@ -34,17 +34,16 @@ from torch import nn
 from lowrank_ext.adapters.bnb_import import linear4bit_from_state_dict
 from lowrank_ext.adapters.injector import apply_inject, plan_inject
 from lowrank_ext.adapters.state import get_state
-from lowrank_ext.nf4 import quantize_nf4
+from lowrank_ext.nf4 import BNB_QUANT_STATE_SUFFIX, BNB_WEIGHT_SUFFIXES, quantize_nf4
 from lowrank_ext.nn import Linear4bit
+from lowrank_ext.nn.layout import weight_is_transposed
 
 __all__ = ["checkpoint_tensors", "load_pretrained"]
 
 _OP = "lowrank_ext::load_pretrained"
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
-_QS = ".weight.quant_state.bitsandbytes__nf4"
-_BNB_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-                 "weight.quant_state.bitsandbytes__nf4")
+_QS = "." + BNB_QUANT_STATE_SUFFIX
 
 
 def _err(arg: str, expected: str, got) -> ValueError:
@@ -241,16 +240,17 @@ def load_pretrained(model_dir: str | os.PathLike, config, dtype: torch.dtype | N
     plan = plan_inject(model, config, adapter_name)
     targets = set(plan.targets)
     kinds = {n: type(model.get_submodule(n)).__name__ for n in plan.targets}  # for the summary, as inject's
+    transposed = {n: weight_is_transposed(model.get_submodule(n), getattr(config, "fan_in_fan_out", None))
+                  for n in plan.targets}  # Conv1D: [in, out] on disk (nn/layout.py, the injector's rule)
     quantize = getattr(config, "quantize", None) == "nf4"
     blocksize, double_quant = getattr(config, "blocksize", 64), getattr(config, "double_quant", True)
-    fifo_cfg = getattr(config, "fan_in_fan_out", False)
 
     # ---- check every name and shape against the headers before allocating anything
     holders = _aliases(model)
     bnb_modules = {k[: -len(_QS)] for k in tensors if k.endswith(_QS)} if bnb4 else set()
     if bnb4 and not bnb_modules:
         raise _err("a bitsandbytes 4-bit checkpoint", f"hold '<module>{_QS}' tensors", "none")
-    bnb_keys = {f"{m}.{s}" for m in bnb_modules for s in _BNB_SUFFIXES}
+    bnb_keys = {f"{m}.{s}" for m in bnb_modules for s in BNB_WEIGHT_SUFFIXES}
     expected = {k: tuple(getattr(h[0][0], h[0][1]).shape) for k, h in holders.items()}
     wrong = [f"{k} {tensors[k][1]} (model: {s})" for k, s in expected.items()
              if k in tensors and k not in bnb_keys and tensors[k][1] != s]
@@ -276,7 +276,7 @@ def load_pretrained(model_dir: str | os.PathLike, config, dtype: torch.dtype | N
 
     def need(mod_name: str) -> set[str]:
         if mod_name in bnb_modules:
-            return {s for s in _BNB_SUFFIXES if f"{mod_name}.{s}" in tensors} | (
+            return {s for s in BNB_WEIGHT_SUFFIXES if f"{mod_name}.{s}" in tensors} | (
                 {"bias"} if f"{mod_name}.bias" in tensors else set())
         mod = model.get_submodule(mod_name)
         return {n for n, p in mod._parameters.items() if p is not None}
@@ -309,7 +309,7 @@ def load_pretrained(model_dir: str | os.PathLike, config, dtype: torch.dtype | N
             new = Linear4bit(layer.weight.to(device), bias)
             del layer
         else:  # as the injector quantizes a dense target (injector._new_layer, lora.linear_weight)
-            fifo = True if kinds[mod_name] == "Conv1D" else fifo_cfg
+            fifo = transposed[mod_name]
             weight = sd.pop("weight").to(device, dtype)
             bias = sd.pop("bias", None)
             new = Linear4bit(quantize_nf4(weight.t().contiguous() if fifo else weight, blocksize, double_quant),

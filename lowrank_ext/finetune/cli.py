@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from lowrank_ext.finetune.trainer import CHECKPOINT_FILE
+from lowrank_ext.nf4 import nf4_nbytes
 
 __all__ = ["build_parser", "main"]
 
@@ -279,13 +280,6 @@ def _generate(model, tok, prompt: str, n: int, device: torch.device, dtype: torc
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")
 
 
-def _nf4_bytes(numel: int, blocksize: int = 64) -> int:
-    """Bytes of an NF4 + double-quant weight: packed codes (numel/2), uint8 absmax per block, fp32
-    absmax2 per 256 blocks, the 256-entry fp32 map and the fp32 offset."""
-    nblocks = -(-numel // blocksize)
-    return (numel + 1) // 2 + nblocks + 4 * -(-nblocks // 256) + 4 * 256 + 4
-
-
 def _table(rows: list[tuple[str, str]]) -> str:
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
@@ -489,7 +483,7 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     reload_ok = abs(reload_loss - result.eval_after) <= 1e-3 * max(1.0, abs(result.eval_after))
 
     fp32_bytes = 4 * target_numel
-    nf4_bytes = _nf4_bytes(target_numel) if quantized else fp32_bytes
+    nf4_bytes = nf4_nbytes(target_numel) if quantized else fp32_bytes
     print(f"\nsample before: {prompt} | {sample_before}")
     print(f"sample after:  {prompt} | {sample_after}\n")
     rows = [

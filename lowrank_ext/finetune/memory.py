@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowrank_ext.nf4 import nf4_nbytes
+
 __all__ = ["Estimate", "chunked_lm_loss", "enable_gradient_checkpointing", "estimate", "format_estimate", "import_model_code",
            "measured_split", "runtime_bytes", "supports_chunked_loss", "trim_freed_memory"]
 
@@ -194,12 +196,6 @@ def trim_freed_memory() -> bool:
 
 # ------------------------------------------------------------------------------------------- estimate
 _NF4_BLOCK = 64
-
-
-def _nf4_bytes(numel: int, blocksize: int = _NF4_BLOCK) -> int:
-    """NF4 + double quant: packed codes, uint8 absmax per block, fp32 absmax2 per 256 blocks, the map, offset."""
-    nblocks = -(-numel // blocksize)
-    return (numel + 1) // 2 + nblocks + 4 * -(-nblocks // 256) + 4 * 256 + 4
 
 
 @dataclass
@@ -379,7 +375,7 @@ def estimate(model: str | os.PathLike | dict, *, rank: int = 16, seq_len: int = 
             if method == "lora":
                 base = total_params * dtype_bytes
             else:
-                base = dense + s.layers * sum(_nf4_bytes(v) for n, v in per_layer.items() if n in targets)
+                base = dense + s.layers * sum(nf4_nbytes(v, _NF4_BLOCK) for n, v in per_layer.items() if n in targets)
         out.append(Estimate(method, base, adapters, 4 * trainable, opt_bytes(trainable), without, with_ckpt, rt,
                             {**notes, "trainable": trainable, "total_params": total_params, "tokens": tokens}))
     return out

@@ -29,15 +29,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lowrank_ext.nf4 import NF4Weight, bnb_state_dict, quantize_nf4
+from lowrank_ext.nf4 import BNB_WEIGHT_SUFFIXES, NF4Weight, bnb_state_dict, quantize_nf4
 from lowrank_ext.ops import nf4_linear
 
 __all__ = ["NF4_PARAMS", "Linear4bit", "NF4WeightHolder", "check_compute_dtype", "is_sharded"]
 
 NF4_PARAMS = ("weight_packed", "weight_absmax")   # uint8, frozen: what FSDP2 shards
 _BUFS = ("weight_nested_absmax", "weight_nested_map", "weight_offset")  # fp32 double-quant constants
-_BNB_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
-                 "weight.quant_state.bitsandbytes__nf4")
 
 
 _COMPUTE_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
@@ -151,7 +149,7 @@ class NF4WeightHolder(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        mine = {prefix + s for s in _BNB_SUFFIXES}
+        mine = {prefix + s for s in BNB_WEIGHT_SUFFIXES}
         if self.nf4_sharded and prefix + "weight" in state_dict:
             error_msgs.append(f"lowrank_ext::{type(self).__name__}: {prefix}weight must be loaded before the model "
                               f"is sharded (or through lowrank_ext.distributed.materialize), got a sharded layer")

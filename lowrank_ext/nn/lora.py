@@ -23,6 +23,7 @@ from torch import nn
 
 from lowrank_ext.nf4 import NF4Weight, quantize_nf4
 from lowrank_ext.nn import functional as LF
+from lowrank_ext.nn.layout import linear_weight
 from lowrank_ext.nn.linear4bit import Linear4bit, NF4WeightHolder, check_compute_dtype
 from lowrank_ext.ops import nf4_linear, nf4_lora_linear, nf4_row_sqnorm
 
@@ -454,13 +455,3 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
         self.merged_weight = None
         self.merged_adapters.clear()
 
-
-def linear_weight(module: nn.Module, fan_in_fan_out: bool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(weight [out, in], bias) of an nn.Linear or a transformers Conv1D (stored [in, out])."""
-    is_conv1d = type(module).__name__ == "Conv1D"
-    if fan_in_fan_out is None:
-        fan_in_fan_out = is_conv1d
-    if not (isinstance(module, nn.Linear) or is_conv1d):
-        raise TypeError(f"lowrank_ext::from_linear: linear must be an nn.Linear or Conv1D, got {type(module).__name__}")
-    w = module.weight.detach()
-    return (w.t().contiguous() if fan_in_fan_out else w), (None if module.bias is None else module.bias.detach())
