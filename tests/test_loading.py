@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_models import CAUSAL_LMS, tiny_causal_lm
 from conftest import require
 
 import lowrank_ext
@@ -58,15 +59,27 @@ def _ours(path: Path, config: LoRAConfig, dtype=None, seed: int = 123):
     return load_pretrained(path, config, dtype=dtype)
 
 
+def _shared(model) -> list[list[str]]:
+    """Groups of parameter names that are one tensor (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    return sorted(sorted(g) for g in by_id.values() if len(g) > 1)
+
+
 def _assert_same(ref, got, ids):
+    """Every state_dict tensor (the NF4 bytes, absmax, quant maps of every NF4 weight included) equal in dtype and
+    value, every buffer (non-persistent too: rotary inv_freq, NF4 double-quant constants), the same tied weights,
+    the same logits."""
     rs, gs = ref.state_dict(), got.state_dict()
     assert sorted(rs) == sorted(gs)
     for k in rs:
         assert rs[k].dtype == gs[k].dtype and torch.equal(rs[k], gs[k]), k
     rb = {n: b for n, b in ref.named_buffers()}
-    for n, b in got.named_buffers():  # non-persistent too: rotary inv_freq, NF4 double-quant constants
+    assert sorted(rb) == sorted(n for n, _ in got.named_buffers())
+    for n, b in got.named_buffers():
         assert torch.equal(rb[n], b), n
-    assert got.lm_head.weight is got.model.embed_tokens.weight  # still tied
+    assert _shared(got) == _shared(ref)
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, got(ids).logits)
 
@@ -88,6 +101,7 @@ def test_equals_inject_of_full_model(tmp_path, name):
     ref, got = _reference(path, config), _ours(path, config)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     _assert_same(ref, got, ids)
+    assert got.lm_head.weight is got.model.embed_tokens.weight  # still tied
     assert inject_summary(got).replaced == inject_summary(ref).replaced
     assert got.training is False and ref.training is False
     # training works on what load_pretrained built: gradients reach the adapters only
@@ -95,6 +109,64 @@ def test_equals_inject_of_full_model(tmp_path, name):
     got(ids, labels=ids).loss.backward()
     grads = [n for n, p in got.named_parameters() if p.grad is not None]
     assert grads and all("lora_" in n for n in grads)
+
+
+def _nf4_count(model) -> int:
+    from lowrank_ext.nn import Linear4bit
+
+    return sum(isinstance(m, Linear4bit) or isinstance(getattr(m, "weight", None), lowrank_ext.NF4Weight)
+               for m in model.modules())
+
+
+def _ids():
+    return torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", CAUSAL_LMS)
+def test_architectures_equal_inject_of_from_pretrained(tmp_path, kind):
+    """Issue 19 item 7: each family saved with save_pretrained loads as from_pretrained reads it (GPT-NeoX's
+    `embed_out`, Mixtral's per-expert w1/w2/w3 fused by transformers' converter, GPT-2's Conv1D) and equals
+    inject(from_pretrained(dir)) in every NF4 byte, every other tensor and the logits."""
+    model, targets = tiny_causal_lm(kind)
+    model.save_pretrained(str(tmp_path / kind))
+    config = LoRAConfig(r=4, alpha=8, target_modules=targets, quantize="nf4")
+    ref, got = _reference(tmp_path / kind, config), _ours(tmp_path / kind, config)
+    assert _nf4_count(ref) > 0
+    _assert_same(ref, got, _ids())
+    assert inject_summary(got).replaced == inject_summary(ref).replaced
+
+
+def test_gpt2_base_model_weights_without_prefix(tmp_path):
+    """A GPT2Model checkpoint (keys `h.0.attn.c_attn.weight`, no `transformer.`) loaded as the LM head model:
+    transformers adds base_model_prefix and ties lm_head to wte; so must load_pretrained."""
+    model, targets = tiny_causal_lm("gpt2")
+    model.transformer.save_pretrained(str(tmp_path / "base"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "base" / "model.safetensors"), framework="pt") as h:
+        assert "h.0.attn.c_attn.weight" in h.keys()  # really without the prefix
+    config = LoRAConfig(r=4, alpha=8, target_modules=targets, quantize="nf4")
+    ref, got = _reference(tmp_path / "base", config), _ours(tmp_path / "base", config)
+    _assert_same(ref, got, _ids())
+    assert got.lm_head.weight is got.transformer.wte.weight
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["lm_head-equal", "lm_head-different"])
+def test_tied_model_whose_file_also_stores_lm_head(tmp_path, same):
+    """A tied model (tie_word_embeddings) whose file holds lm_head.weight too, as other tools write it:
+    transformers ties the two when they are equal and keeps them apart (with a warning) when not."""
+    from safetensors.torch import load_file, save_file
+
+    path = _save(tmp_path / "m", _tiny_cfg(tie=True))
+    sd = load_file(str(path / "model.safetensors"))
+    assert "lm_head.weight" not in sd
+    emb = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = emb.clone() if same else emb.flip(0).contiguous()
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = CONFIGS["qlora"]
+    ref, got = _reference(path, config), _ours(path, config)
+    assert (ref.lm_head.weight is ref.model.embed_tokens.weight) == same  # transformers' own decision
+    _assert_same(ref, got, _ids())
 
 
 def test_bf16_dtype_and_untied(tmp_path):
