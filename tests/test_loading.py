@@ -22,6 +22,9 @@ from conftest import require
 
 import lowrank_ext
 from lowrank_ext import LoRAConfig, inject, inject_summary, load_pretrained
+from lowrank_ext.adapters.bitfit import BitFitConfig
+from lowrank_ext.adapters.ia3 import IA3Config
+from lowrank_ext.adapters.prompt_tuning import PromptTuningConfig
 
 transformers = require("transformers")
 require("safetensors")
@@ -167,6 +170,68 @@ def test_tied_model_whose_file_also_stores_lm_head(tmp_path, same):
     ref, got = _reference(path, config), _ours(path, config)
     assert (ref.lm_head.weight is ref.model.embed_tokens.weight) == same  # transformers' own decision
     _assert_same(ref, got, _ids())
+
+
+METHODS = {  # every method family inject takes, on (architecture, config)
+    "ia3-nf4-llama": ("llama", IA3Config(target_modules=["q_proj", "v_proj", "down_proj"],
+                                         feedforward_modules=["down_proj"], quantize="nf4")),
+    "ia3-nf4-gpt2": ("gpt2", IA3Config(target_modules=["c_attn", "c_proj", "c_fc"], feedforward_modules=["c_fc"],
+                                       quantize="nf4", blocksize=128, double_quant=False)),
+    "ia3-dense": ("llama", IA3Config(target_modules=["q_proj", "v_proj"])),
+    "bitfit": ("gpt2", BitFitConfig()),
+    "bitfit-add-bias": ("llama", BitFitConfig(add_bias_to=["q_proj", "down_proj"])),
+    "prompt": ("llama", PromptTuningConfig(num_virtual_tokens=4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_equals_inject_of_from_pretrained(tmp_path, name, monkeypatch):
+    """Issue 19 item 8: load_pretrained takes every config inject takes, planned with the same plan/apply pair;
+    IA3 over an NF4 base quantizes its targets as the shards stream in (IA3's own quantize is never reached)."""
+    kind, config = METHODS[name]
+    model, _ = tiny_causal_lm(kind)
+    model.save_pretrained(str(tmp_path / kind))
+    ref = _reference(tmp_path / kind, config)
+    from lowrank_ext.adapters import ia3
+
+    def refuse(*a, **k):
+        raise AssertionError("load_pretrained must hand IA3 weights already in NF4")
+
+    monkeypatch.setattr(ia3, "quantize_nf4", refuse)
+    got = _ours(tmp_path / kind, config)
+    monkeypatch.undo()
+    assert type(got) is type(ref)
+    if getattr(config, "quantize", None) == "nf4":
+        assert _nf4_count(got) == _nf4_count(ref) > 0
+    _assert_same(ref, got, _ids())
+    assert inject_summary(got).replaced == inject_summary(ref).replaced
+    assert sorted(n for n, p in got.named_parameters() if p.requires_grad) == \
+        sorted(n for n, p in ref.named_parameters() if p.requires_grad)
+
+
+def test_truncated_shard_is_named(tmp_path):
+    """Issue 19 item 12: a truncated shard is a ValueError naming the file, not safetensors' bare error."""
+    path = _save(tmp_path / "m", _tiny_cfg(), shard="40KB")
+    shard = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
+    data = (path / shard).read_bytes()
+    (path / shard).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"lowrank_ext::load_pretrained: shard '{shard}' must be a complete "
+                                         rf"safetensors file, got SafetensorError: .*incomplete metadata"):
+        load_pretrained(path, CONFIGS["qlora"])
+    (path / shard).write_bytes(data[:5])  # not even a header length
+    with pytest.raises(ValueError, match=rf"shard '{shard}' must be a complete safetensors file, got "
+                                         rf"SafetensorError: .*header"):
+        load_pretrained(path, CONFIGS["qlora"])
+
+
+def test_errors_are_labelled_load_pretrained(tmp_path):
+    """Issue 19 item 13: load_pretrained's own checks name load_pretrained; a config of no method names it too."""
+    path = _save(tmp_path / "m", _tiny_cfg())
+    with pytest.raises(TypeError, match=r"^lowrank_ext::load_pretrained: config must be a LoRAConfig, IA3Config, "
+                                        r"PromptTuningConfig or BitFitConfig, got dict"):
+        load_pretrained(path, {"r": 4})
+    with pytest.raises(TypeError, match=r"^lowrank_ext::load_pretrained: dtype must be a floating torch.dtype"):
+        load_pretrained(path, CONFIGS["qlora"], dtype=torch.int8)
 
 
 def test_bf16_dtype_and_untied(tmp_path):
