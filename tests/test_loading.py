@@ -499,3 +499,14 @@ def test_peak_rss_smollm2_half_of_load_then_inject():
           f"runtime), from_pretrained + inject {theirs['peak'] / 2**20:.0f} MiB (+{added_ref / 2**20:.0f})")
     assert added <= 0.5 * added_ref
     assert ours["peak"] < theirs["peak"]
+
+
+@pytest.mark.parametrize("variant, streams", [("lora", True), ("ia3", True), ("prompt", False), ("bitfit", False)])
+def test_finetune_streams_every_method_that_quantizes(variant, streams):
+    """`finetune --model DIR --variant ia3` loads through load_pretrained like the LoRA family (its NF4 base
+    quantized as the shards stream in); prompt tuning and BitFit keep the base dense and inject after loading.
+    (tests/test_cli.py::test_finetune_other_methods[ia3] runs the streamed IA3 job end to end and its reload.)"""
+    from lowrank_ext.finetune import cli
+
+    a = cli.build_parser().parse_args(["finetune", "--model", "m", "--output", "o", "--variant", variant])
+    assert cli._streams(a, sharded_load=False) is streams
