@@ -232,6 +232,12 @@ def test_errors_are_labelled_load_pretrained(tmp_path):
         load_pretrained(path, {"r": 4})
     with pytest.raises(TypeError, match=r"^lowrank_ext::load_pretrained: dtype must be a floating torch.dtype"):
         load_pretrained(path, CONFIGS["qlora"], dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"^lowrank_ext::load_pretrained: adapter_name must be a non-empty str "
+                                         r"without '.', got 'a.b'"):
+        load_pretrained(path, CONFIGS["qlora"], adapter_name="a.b")
+    # about the config itself: the injector's planning, under inject's label, before any tensor is read
+    with pytest.raises(ValueError, match=r"^lowrank_ext::inject: target_modules must match"):
+        load_pretrained(path, LoRAConfig(target_modules=["nope"], quantize="nf4"))
 
 
 def test_bf16_dtype_and_untied(tmp_path):

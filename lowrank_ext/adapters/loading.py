@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from lowrank_ext.adapters.bnb_import import linear4bit_from_state_dict
-from lowrank_ext.adapters.state import get_state
+from lowrank_ext.adapters.methods import PLAN_APPLY, method_of
+from lowrank_ext.adapters.state import check_adapter_name, get_state
 from lowrank_ext.nf4 import BNB_QUANT_STATE_SUFFIX, BNB_WEIGHT_SUFFIXES, quantize_nf4
 from lowrank_ext.nn import Linear4bit
 from lowrank_ext.nn.layout import weight_is_transposed
@@ -287,10 +288,7 @@ def _convert(km: _KeyMap, first: str, got: dict[str, torch.Tensor], model: nn.Mo
 def _plan(model: nn.Module, config, adapter_name: str):
     """(plan, apply, quantizes) for `config`'s method: the plan/apply pair `inject` uses (adapters/methods.py),
     planned here on the meta model (every check before any tensor is read), applied to the loaded one."""
-    from lowrank_ext.adapters.methods import PLAN_APPLY, method_of
-
-    cls = method_of(config, op=_OP)
-    plan_fn, apply_fn = PLAN_APPLY[cls]
+    plan_fn, apply_fn = PLAN_APPLY[method_of(config)]
     plan = plan_fn(model, config, adapter_name)
     return plan, apply_fn, getattr(config, "quantize", None) == "nf4"
 
@@ -321,6 +319,8 @@ def load_pretrained(model_dir: str | os.PathLike, config, dtype: torch.dtype | N
                                 f"got {str(model_dir)!r} ({'no config.json' if path.is_dir() else 'no such directory'})")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"{_OP}: dtype must be a floating torch.dtype or None, got {dtype!r}")
+    check_adapter_name(adapter_name, _OP)
+    method_of(config, op=_OP)
     device = torch.device("cpu" if device is None else device)
     cfg, bnb4 = _hf_config(path)
     if dtype is None:
