@@ -47,15 +47,16 @@ def _causal_configs() -> dict:
     t = transformers
     attn = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
     proj = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    mlp = [*proj, "gate_proj", "up_proj", "down_proj"]
     return {
         "llama": (lambda: t.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        tie_word_embeddings=True, **attn), [*proj, "gate_proj", "up_proj", "down_proj"]),
+                                        tie_word_embeddings=True, **attn), mlp),
         "qwen2": (lambda: t.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        tie_word_embeddings=False, **attn), [*proj, "gate_proj", "up_proj", "down_proj"]),
+                                        tie_word_embeddings=False, **attn), mlp),
         "mistral": (lambda: t.MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                            **attn), [*proj, "gate_proj", "up_proj", "down_proj"]),
+                                            **attn), mlp),
         "gemma": (lambda: t.GemmaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        head_dim=16, **attn), [*proj, "gate_proj", "up_proj", "down_proj"]),
+                                        head_dim=16, **attn), mlp),
         "phi": (lambda: t.PhiConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                     num_attention_heads=4, max_position_embeddings=64),
                 ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),

@@ -5,19 +5,26 @@
 
 How (peak memory: the result + about two copies of the largest single tensor):
 1. checks, reading only JSON and safetensors headers: the architecture, a bitsandbytes `quantization_config`
-   (4-bit nf4 only), every shard the index names exists and holds the tensors the index puts there, every
-   tensor of the model is in the checkpoint with its shape. Nothing is allocated before all of this passes.
+   (4-bit nf4 only), every shard the index names exists, is a complete safetensors file and holds the tensors
+   the index puts there, every tensor of the model is in the checkpoint with its shape. Nothing is allocated
+   before all of this passes.
 2. builds the model from its config with parameters on the meta device (accelerate's `init_empty_weights`;
    buffers such as rotary `inv_freq` are computed as the model's own `__init__` computes them).
-3. picks the targets with the injector's own planning (`plan_inject` on the meta model), so any config that
-   `inject` accepts selects the same modules.
-4. streams the shards tensor by tensor through `safetensors.safe_open` (memory-mapped; each shard is unmapped
-   when it is done): a target's weight is cast to `dtype`, quantized to NF4 on `device` exactly as `inject`
-   would (`quantize_nf4(weight, blocksize, double_quant)`) and kept as a `Linear4bit`; a module stored in
-   bitsandbytes' 4-bit layout becomes a `Linear4bit` over the file's bytes (never requantized); every other
-   tensor is materialized in `dtype` on `device`. Tied parameters (lm_head / embed_tokens) stay one tensor.
-5. `apply_inject(model, plan)`: the adapter layers wrap those NF4 weights (no requantization) and draw their
-   initial values from torch's global generator exactly as `inject` does; loading itself draws nothing.
+3. reads the checkpoint's keys as `from_pretrained` does, with transformers' own functions (_map_keys): its
+   conversion mapping (key renames such as GPT-NeoX's `embed_out` -> `lm_head`, weight converters such as
+   Mixtral's per-expert w1/w3 -> fused `gate_up_proj`), `base_model_prefix` added or stripped, the model's
+   unexpected-key patterns, and `tie_weights(missing_keys=...)`: a tied pair of which the file holds one side
+   is tied to that side; one it holds both sides of is tied after loading if they are equal, else kept apart.
+4. plans the adapters with the plan function `inject` uses for the config's method (methods.PLAN_APPLY) on the
+   meta model, so any config that `inject` accepts selects the same modules.
+5. streams the shards tensor by tensor through `safetensors.safe_open` (memory-mapped; each shard is unmapped
+   when it is done): when the method quantizes (`quantize="nf4"`: LoRA family, IA3), a target's weight is
+   quantized to NF4 on `device` exactly as `inject` would (`quantize_nf4(weight, blocksize, double_quant)`) and
+   kept as a `Linear4bit`; a module stored in bitsandbytes' 4-bit layout becomes a `Linear4bit` over the file's
+   bytes (never requantized); the tensors of a weight converter are converted by it once all have arrived;
+   every other tensor is materialized in its model dtype on `device`.
+6. applies the plan: the adapter layers wrap those NF4 weights (no requantization) and draw their initial values
+   from torch's global generator exactly as `inject` does; loading itself draws nothing.
 """
 
 from __future__ import annotations
@@ -126,7 +133,7 @@ def _meta_model(cfg, dtype: torch.dtype) -> nn.Module:
         raise _err("model_dir", "hold a causal LM architecture (one AutoModelForCausalLM builds)",
                    f"model_type={getattr(cfg, 'model_type', None)!r}, architectures="
                    f"{getattr(cfg, 'architectures', None)} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    return model  # tied weights stay apart here (from_config on meta); load_pretrained ties them as from_pretrained does
+    return model  # tied weights still apart (from_config on meta): load_pretrained ties them as from_pretrained does
 
 
 def _aliases(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, bool]]]:
@@ -177,8 +184,8 @@ def _open(file: Path):
 
 def _stream(path: Path, tensors: dict, keep_mapped: set[str], dtypes: dict[str, torch.dtype],
             device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint key, tensor) for every key of `dtypes` (None: as stored), shard by shard. Every read goes through a memory map of
-    the file opened for it alone and closed after: a tensor that shares a map keeps it, and every page of it that
+    """(checkpoint key, tensor) for every key of `dtypes` (None: as stored), shard by shard. Every read goes
+    through a memory map of the file opened for it alone and closed after: a tensor that shares a map keeps it, and every page of it that
     was touched stays resident (counted in RSS), as long as the tensor lives. So the names in `keep_mapped`
     (weights that are quantized, then dropped) are read straight from the map; the others are copied out, a
     floating one already cast to its `dtypes` entry (the model tensor's dtype), on `device`, in row chunks of
