@@ -41,6 +41,57 @@ def tiny_gpt2(seed: int = 0) -> torch.nn.Module:
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
+# ---- one tiny config per causal-LM family (vocab 96, hidden 64, 2 layers): the architecture matrix of the
+# loading tests. name -> (config factory, the family's linear layer names to target).
+def _causal_configs() -> dict:
+    t = transformers
+    attn = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    proj = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    mlp = [*proj, "gate_proj", "up_proj", "down_proj"]
+    return {
+        "llama": (lambda: t.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        tie_word_embeddings=True, **attn), mlp),
+        "qwen2": (lambda: t.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        tie_word_embeddings=False, **attn), mlp),
+        "mistral": (lambda: t.MistralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            **attn), mlp),
+        "gemma": (lambda: t.GemmaConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        head_dim=16, **attn), mlp),
+        "phi": (lambda: t.PhiConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64),
+                ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]),
+        # c_attn [64, 192] and mlp.c_proj [256, 64] are non-square Conv1D, attn.c_proj [64, 64] a square one
+        "gpt2": (lambda: t.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0), ["c_attn", "c_proj", "c_fc"]),
+        "gpt_neox": (lambda: t.GPTNeoXConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, max_position_embeddings=64, bos_token_id=0,
+                                             eos_token_id=0),
+                     ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]),
+        "opt": (lambda: t.OPTConfig(vocab_size=96, hidden_size=64, ffn_dim=96, num_hidden_layers=2,
+                                    num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=64,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=1),
+                ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]),
+        "mixtral": (lambda: t.MixtralConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                            num_local_experts=4, num_experts_per_tok=2, **attn), proj),
+    }
+
+
+CAUSAL_LMS = sorted(_causal_configs())
+
+
+def tiny_causal_lm(kind: str, seed: int = 0) -> tuple[torch.nn.Module, list[str]]:
+    """(a random tiny causal LM of family `kind` in CAUSAL_LMS, its target layer names). Norm weights are drawn
+    too (not left at their init), so a norm that a loader skipped would show."""
+    make, targets = _causal_configs()[kind]
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(make()).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n or "ln_" in n:  # RMSNorm / LayerNorm (GPT-2: ln_1, ln_2, ln_f)
+                p.uniform_(0.5, 1.5)
+    return model, targets
+
+
 def tiny_bert(seed: int = 0) -> torch.nn.Module:
     cfg = transformers.BertConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                   num_attention_heads=4, max_position_embeddings=64)

@@ -17,10 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_models import CAUSAL_LMS, tiny_causal_lm
 from conftest import require
 
 import lowrank_ext
 from lowrank_ext import LoRAConfig, inject, inject_summary, load_pretrained
+from lowrank_ext.adapters.bitfit import BitFitConfig
+from lowrank_ext.adapters.ia3 import IA3Config
+from lowrank_ext.adapters.prompt_tuning import PromptTuningConfig
 
 transformers = require("transformers")
 require("safetensors")
@@ -58,15 +62,27 @@ def _ours(path: Path, config: LoRAConfig, dtype=None, seed: int = 123):
     return load_pretrained(path, config, dtype=dtype)
 
 
+def _shared(model) -> list[list[str]]:
+    """Groups of parameter names that are one tensor (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    return sorted(sorted(g) for g in by_id.values() if len(g) > 1)
+
+
 def _assert_same(ref, got, ids):
+    """Every state_dict tensor (the NF4 bytes, absmax, quant maps of every NF4 weight included) equal in dtype and
+    value, every buffer (non-persistent too: rotary inv_freq, NF4 double-quant constants), the same tied weights,
+    the same logits."""
     rs, gs = ref.state_dict(), got.state_dict()
     assert sorted(rs) == sorted(gs)
     for k in rs:
         assert rs[k].dtype == gs[k].dtype and torch.equal(rs[k], gs[k]), k
     rb = {n: b for n, b in ref.named_buffers()}
-    for n, b in got.named_buffers():  # non-persistent too: rotary inv_freq, NF4 double-quant constants
+    assert sorted(rb) == sorted(n for n, _ in got.named_buffers())
+    for n, b in got.named_buffers():
         assert torch.equal(rb[n], b), n
-    assert got.lm_head.weight is got.model.embed_tokens.weight  # still tied
+    assert _shared(got) == _shared(ref)
     with torch.no_grad():
         assert torch.equal(ref(ids).logits, got(ids).logits)
 
@@ -88,6 +104,7 @@ def test_equals_inject_of_full_model(tmp_path, name):
     ref, got = _reference(path, config), _ours(path, config)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     _assert_same(ref, got, ids)
+    assert got.lm_head.weight is got.model.embed_tokens.weight  # still tied
     assert inject_summary(got).replaced == inject_summary(ref).replaced
     assert got.training is False and ref.training is False
     # training works on what load_pretrained built: gradients reach the adapters only
@@ -95,6 +112,133 @@ def test_equals_inject_of_full_model(tmp_path, name):
     got(ids, labels=ids).loss.backward()
     grads = [n for n, p in got.named_parameters() if p.grad is not None]
     assert grads and all("lora_" in n for n in grads)
+
+
+def _nf4_count(model) -> int:
+    from lowrank_ext.nn import Linear4bit
+
+    return sum(isinstance(m, Linear4bit) or isinstance(getattr(m, "weight", None), lowrank_ext.NF4Weight)
+               for m in model.modules())
+
+
+def _ids():
+    return torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", CAUSAL_LMS)
+def test_architectures_equal_inject_of_from_pretrained(tmp_path, kind):
+    """Issue 19 item 7: each family saved with save_pretrained loads as from_pretrained reads it (GPT-NeoX's
+    `embed_out`, Mixtral's per-expert w1/w2/w3 fused by transformers' converter, GPT-2's Conv1D) and equals
+    inject(from_pretrained(dir)) in every NF4 byte, every other tensor and the logits."""
+    model, targets = tiny_causal_lm(kind)
+    model.save_pretrained(str(tmp_path / kind), max_shard_size="60KB")  # shards: a converter's tensors span files
+    assert (tmp_path / kind / "model.safetensors.index.json").is_file()
+    config = LoRAConfig(r=4, alpha=8, target_modules=targets, quantize="nf4")
+    ref, got = _reference(tmp_path / kind, config), _ours(tmp_path / kind, config)
+    assert _nf4_count(ref) > 0
+    _assert_same(ref, got, _ids())
+    assert inject_summary(got).replaced == inject_summary(ref).replaced
+
+
+def test_gpt2_base_model_weights_without_prefix(tmp_path):
+    """A GPT2Model checkpoint (keys `h.0.attn.c_attn.weight`, no `transformer.`) loaded as the LM head model:
+    transformers adds base_model_prefix and ties lm_head to wte; so must load_pretrained."""
+    model, targets = tiny_causal_lm("gpt2")
+    model.transformer.save_pretrained(str(tmp_path / "base"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "base" / "model.safetensors"), framework="pt") as h:
+        assert "h.0.attn.c_attn.weight" in h.keys()  # really without the prefix
+    config = LoRAConfig(r=4, alpha=8, target_modules=targets, quantize="nf4")
+    ref, got = _reference(tmp_path / "base", config), _ours(tmp_path / "base", config)
+    _assert_same(ref, got, _ids())
+    assert got.lm_head.weight is got.transformer.wte.weight
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["lm_head-equal", "lm_head-different"])
+def test_tied_model_whose_file_also_stores_lm_head(tmp_path, same):
+    """A tied model (tie_word_embeddings) whose file holds lm_head.weight too, as other tools write it:
+    transformers ties the two when they are equal and keeps them apart (with a warning) when not."""
+    from safetensors.torch import load_file, save_file
+
+    path = _save(tmp_path / "m", _tiny_cfg(tie=True))
+    sd = load_file(str(path / "model.safetensors"))
+    assert "lm_head.weight" not in sd
+    emb = sd["model.embed_tokens.weight"]
+    sd["lm_head.weight"] = emb.clone() if same else emb.flip(0).contiguous()
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = CONFIGS["qlora"]
+    ref, got = _reference(path, config), _ours(path, config)
+    assert (ref.lm_head.weight is ref.model.embed_tokens.weight) == same  # transformers' own decision
+    _assert_same(ref, got, _ids())
+
+
+METHODS = {  # every method family inject takes, on (architecture, config)
+    "ia3-nf4-llama": ("llama", IA3Config(target_modules=["q_proj", "v_proj", "down_proj"],
+                                         feedforward_modules=["down_proj"], quantize="nf4")),
+    "ia3-nf4-gpt2": ("gpt2", IA3Config(target_modules=["c_attn", "c_proj", "c_fc"], feedforward_modules=["c_fc"],
+                                       quantize="nf4", blocksize=128, double_quant=False)),
+    "ia3-dense": ("llama", IA3Config(target_modules=["q_proj", "v_proj"])),
+    "bitfit": ("gpt2", BitFitConfig()),
+    "bitfit-add-bias": ("llama", BitFitConfig(add_bias_to=["q_proj", "down_proj"])),
+    "prompt": ("llama", PromptTuningConfig(num_virtual_tokens=4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_equals_inject_of_from_pretrained(tmp_path, name, monkeypatch):
+    """Issue 19 item 8: load_pretrained takes every config inject takes, planned with the same plan/apply pair;
+    IA3 over an NF4 base quantizes its targets as the shards stream in (IA3's own quantize is never reached)."""
+    kind, config = METHODS[name]
+    model, _ = tiny_causal_lm(kind)
+    model.save_pretrained(str(tmp_path / kind))
+    ref = _reference(tmp_path / kind, config)
+    from lowrank_ext.adapters import ia3
+
+    def refuse(*a, **k):
+        raise AssertionError("load_pretrained must hand IA3 weights already in NF4")
+
+    monkeypatch.setattr(ia3, "quantize_nf4", refuse)
+    got = _ours(tmp_path / kind, config)
+    monkeypatch.undo()
+    assert type(got) is type(ref)
+    if getattr(config, "quantize", None) == "nf4":
+        assert _nf4_count(got) == _nf4_count(ref) > 0
+    _assert_same(ref, got, _ids())
+    assert inject_summary(got).replaced == inject_summary(ref).replaced
+    assert sorted(n for n, p in got.named_parameters() if p.requires_grad) == \
+        sorted(n for n, p in ref.named_parameters() if p.requires_grad)
+
+
+def test_truncated_shard_is_named(tmp_path):
+    """Issue 19 item 12: a truncated shard is a ValueError naming the file, not safetensors' bare error."""
+    path = _save(tmp_path / "m", _tiny_cfg(), shard="40KB")
+    shard = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))[1]
+    data = (path / shard).read_bytes()
+    (path / shard).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"lowrank_ext::load_pretrained: shard '{shard}' must be a complete "
+                                         rf"safetensors file, got SafetensorError: .*incomplete metadata"):
+        load_pretrained(path, CONFIGS["qlora"])
+    (path / shard).write_bytes(data[:5])  # not even a header length
+    with pytest.raises(ValueError, match=rf"shard '{shard}' must be a complete safetensors file, got "
+                                         rf"SafetensorError: .*header"):
+        load_pretrained(path, CONFIGS["qlora"])
+
+
+def test_errors_are_labelled_load_pretrained(tmp_path):
+    """Issue 19 item 13: load_pretrained's own checks name load_pretrained; a config of no method names it too."""
+    path = _save(tmp_path / "m", _tiny_cfg())
+    with pytest.raises(TypeError, match=r"^lowrank_ext::load_pretrained: config must be a LoRAConfig, IA3Config, "
+                                        r"PromptTuningConfig or BitFitConfig, got dict"):
+        load_pretrained(path, {"r": 4})
+    with pytest.raises(TypeError, match=r"^lowrank_ext::load_pretrained: dtype must be a floating torch.dtype"):
+        load_pretrained(path, CONFIGS["qlora"], dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"^lowrank_ext::load_pretrained: adapter_name must be a non-empty str "
+                                         r"without '.', got 'a.b'"):
+        load_pretrained(path, CONFIGS["qlora"], adapter_name="a.b")
+    # about the config itself: the injector's planning, under inject's label, before any tensor is read
+    with pytest.raises(ValueError, match=r"^lowrank_ext::inject: target_modules must match"):
+        load_pretrained(path, LoRAConfig(target_modules=["nope"], quantize="nf4"))
 
 
 def test_bf16_dtype_and_untied(tmp_path):
@@ -362,3 +506,14 @@ def test_peak_rss_smollm2_half_of_load_then_inject():
           f"runtime), from_pretrained + inject {theirs['peak'] / 2**20:.0f} MiB (+{added_ref / 2**20:.0f})")
     assert added <= 0.5 * added_ref
     assert ours["peak"] < theirs["peak"]
+
+
+@pytest.mark.parametrize("variant, streams", [("lora", True), ("ia3", True), ("prompt", False), ("bitfit", False)])
+def test_finetune_streams_every_method_that_quantizes(variant, streams):
+    """`finetune --model DIR --variant ia3` loads through load_pretrained like the LoRA family (its NF4 base
+    quantized as the shards stream in); prompt tuning and BitFit keep the base dense and inject after loading.
+    (tests/test_cli.py::test_finetune_other_methods[ia3] runs the streamed IA3 job end to end and its reload.)"""
+    from lowrank_ext.finetune import cli
+
+    a = cli.build_parser().parse_args(["finetune", "--model", "m", "--output", "o", "--variant", variant])
+    assert cli._streams(a, sharded_load=False) is streams

@@ -53,6 +53,21 @@ def test_immutable_and_properties(device):
     assert "NF4Weight(shape=(96, 130)" in repr(q)
 
 
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("blocksize", [64, 128, 256, 4096])
+@pytest.mark.parametrize("shape", [(1,), (7, 9), (33, 65), (3, 6401), (2, 3, 5)])
+def test_nf4_nbytes_equals_the_bytes_of_a_real_quantization(shape, blocksize, double_quant):
+    """nf4.nf4_nbytes (what the memory estimate and load_pretrained's budget use) is exactly the bytes of the
+    tensors quantize_nf4 produces: odd numel (a half-filled last byte), a partial last block, more than 256
+    blocks (a second nested absmax), with and without double quant."""
+    from lowrank_ext.nf4 import nf4_nbytes
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    q = lowrank_ext.quantize_nf4(w, blocksize, double_quant)
+    real = sum(t.numel() * t.element_size() for t in q.tensors() if t is not None)
+    assert nf4_nbytes(w.numel(), blocksize, double_quant) == real
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_dequantize_dtype_and_default(device, dtype):
     w = torch.randn(40, 72, device=device).to(dtype)

@@ -9,26 +9,54 @@ Always use what inject returns. A model holds adapters of one method family at a
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from lowrank_ext.adapters import injector
 from lowrank_ext.adapters.bitfit import BitFitConfig, apply_bitfit, plan_bitfit
 from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.ia3 import IA3Config, apply_ia3, plan_ia3
-from lowrank_ext.adapters.prompt_tuning import PromptTuningConfig, inject_prompt_tuning
+from lowrank_ext.adapters.prompt_tuning import PromptTuningConfig, check_prompt_tuning, inject_prompt_tuning
 from lowrank_ext.adapters.state import get_state
 
-__all__ = ["CONFIG_TYPES", "check_family", "inject", "method_of"]
+__all__ = ["CONFIG_TYPES", "PLAN_APPLY", "check_family", "inject", "method_of"]
 
 CONFIG_TYPES = (LoRAConfig, IA3Config, PromptTuningConfig, BitFitConfig)
 
 
-def method_of(config: object) -> type:
-    """The config class of `config`'s method family (a TypeError naming inject for anything else)."""
+@dataclasses.dataclass
+class _PromptPlan:
+    config: PromptTuningConfig
+    adapter_name: str
+
+
+def _plan_prompt(model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default") -> _PromptPlan:
+    check_prompt_tuning(model, config, adapter_name)
+    return _PromptPlan(config, adapter_name)
+
+
+def _apply_prompt(model: nn.Module, plan: _PromptPlan) -> nn.Module:
+    return inject_prompt_tuning(model, plan.config, plan.adapter_name)
+
+
+# config class -> (plan(model, config, adapter_name): every check, the model untouched; apply(model, plan): the
+# change, returns the model to use). inject runs both on one model; load_pretrained plans on the meta model and
+# applies to the loaded one.
+PLAN_APPLY = {
+    LoRAConfig: (injector.plan_inject, injector.apply_inject),
+    IA3Config: (plan_ia3, apply_ia3),
+    BitFitConfig: (plan_bitfit, apply_bitfit),
+    PromptTuningConfig: (_plan_prompt, _apply_prompt),
+}
+
+
+def method_of(config: object, op: str = "lowrank_ext::inject") -> type:
+    """The config class of `config`'s method family (a TypeError naming `op` for anything else)."""
     for cls in CONFIG_TYPES:
         if isinstance(config, cls):
             return cls
-    raise TypeError(f"lowrank_ext::inject: config must be a LoRAConfig, IA3Config, PromptTuningConfig or BitFitConfig, "
+    raise TypeError(f"{op}: config must be a LoRAConfig, IA3Config, PromptTuningConfig or BitFitConfig, "
                     f"got {type(config).__name__}")
 
 
@@ -47,10 +75,5 @@ def inject(model: nn.Module, config, adapter_name: str = "default") -> nn.Module
     wraps it). All or nothing: every check runs before the model changes."""
     cls = method_of(config)
     check_family(model, cls)
-    if cls is LoRAConfig:
-        return injector.inject(model, config, adapter_name)
-    if cls is IA3Config:
-        return apply_ia3(model, plan_ia3(model, config, adapter_name))
-    if cls is BitFitConfig:
-        return apply_bitfit(model, plan_bitfit(model, config, adapter_name))
-    return inject_prompt_tuning(model, config, adapter_name)
+    plan, apply = PLAN_APPLY[cls]
+    return apply(model, plan(model, config, adapter_name))

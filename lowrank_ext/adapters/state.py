@@ -75,10 +75,10 @@ def get_state(model: nn.Module) -> AdapterState | None:
     return getattr(model, "lowrank_ext_state", None)
 
 
-def check_adapter_name(adapter_name: object) -> None:
+def check_adapter_name(adapter_name: object, op: str = "lowrank_ext::inject") -> None:
     """inject's rule for an adapter name, every method: a non-empty str without '.' (it becomes a key part)."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"lowrank_ext::inject: adapter_name must be a non-empty str without '.', got {adapter_name!r}")
+        raise ValueError(f"{op}: adapter_name must be a non-empty str without '.', got {adapter_name!r}")
 
 
 def check_new_adapter_name(model: nn.Module, adapter_name: object) -> None:

@@ -20,6 +20,7 @@ from lowrank_ext.adapters import (
     IA3Config,
     LoRAConfig,
     PromptTuningConfig,
+    delete_adapter,
     get_state,
     inject,
     load_adapter,
@@ -110,7 +111,12 @@ class LowrankBackend:
         return load_pretrained(source, self.config(spec), device=device)
 
     def load_streamed(self, source: Path, directory: Path, spec: AdapterSpec, device: torch.device) -> torch.nn.Module:
-        """A fresh load_pretrained model with the adapter in `directory` loaded into it."""
+        """A fresh load_pretrained model with the adapter in `directory` loaded into it. IA3 adapters are never
+        loaded over an existing one: its NF4 layers are streamed in under a placeholder adapter, deleted first."""
+        if spec.variant == "ia3":
+            model = load_pretrained(source, self.config(spec), device=device, adapter_name="streamed_base")
+            delete_adapter(model, "streamed_base")
+            return load_adapter(model, str(directory))
         model = self.load_pretrained(source, spec, device)
         load_adapter(model, str(directory))
         return model

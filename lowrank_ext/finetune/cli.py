@@ -288,9 +288,10 @@ def _table(rows: list[tuple[str, str]]) -> str:
 def _streams(a: argparse.Namespace, sharded_load: bool) -> bool:
     """Whether the model loads through lowrank_ext.load_pretrained (the NF4 base quantized as the safetensors
     shards stream in, never the whole fp32 model): our layers, no FSDP meta load, and nothing that needs the
-    dense model first (--rank-budget takes dense gradients); the LoRA family (IA3, prompt tuning and BitFit are
-    injected into the loaded model)."""
-    return a.backend == "lowrank_ext" and not a.rank_budget and not sharded_load and a.variant in LORA_FAMILY
+    dense model first (--rank-budget takes dense gradients); the LoRA family and IA3 (prompt tuning and BitFit
+    keep the base dense and are injected into the loaded model)."""
+    return (a.backend == "lowrank_ext" and not a.rank_budget and not sharded_load
+            and a.variant in (*LORA_FAMILY, "ia3"))
 
 
 def _memory_rows(a: argparse.Namespace, source: str, trainer, peak_mb: float, runtime_mb: float,
