@@ -51,6 +51,10 @@ from lowrank_ext.nn.linear4bit import is_sharded
 
 __all__ = ["adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
 
+# adapter_config.json's peft_type -> the config class that reads it (each through adapters/peft_fields.py)
+_CONFIG_CLASSES = {"LORA": LoRAConfig, "VERA": LoRAConfig, "IA3": ia3.IA3Config,
+                   "PROMPT_TUNING": prompt_tuning.PromptTuningConfig, "BITFIT": bitfit.BitFitConfig}
+
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 README = "README.md"
@@ -271,19 +275,16 @@ def read_adapter_config(directory: str | os.PathLike, **overrides: Any):
         raise ValueError(f"lowrank_ext::load_adapter: {path} must hold a JSON object, got {got}")  # noqa: TRY004
     where = f"lowrank_ext::load_adapter: {path} field"
     peft_type = d.get("peft_type")
-    if peft_type == "IA3":
-        return ia3.IA3Config.from_peft_dict(d, _where=where, **overrides)
-    if peft_type in ("PROMPT_TUNING", "BITFIT"):
+    if peft_type not in _CONFIG_CLASSES:
+        got = repr(peft_type) if "peft_type" in d else f"no such field (fields: {sorted(d)})"
+        raise ValueError(f"{where} 'peft_type' must be one of {', '.join(map(repr, _CONFIG_CLASSES))}, got {got}")
+    cls = _CONFIG_CLASSES[peft_type]
+    if cls in (prompt_tuning.PromptTuningConfig, bitfit.BitFitConfig):
         if overrides.get("quantize") is not None:
             raise ValueError(f"lowrank_ext::load_adapter: quantize must be None for a {peft_type} adapter (it has no "
                              f"base layers to quantize), got {overrides['quantize']!r}")
-        cls = prompt_tuning.PromptTuningConfig if peft_type == "PROMPT_TUNING" else bitfit.BitFitConfig
         return cls.from_peft_dict(d, _where=where)
-    if peft_type not in ("LORA", "VERA"):
-        got = repr(peft_type) if "peft_type" in d else f"no such field (fields: {sorted(d)})"
-        raise ValueError(f"{where} 'peft_type' must be one of 'LORA', 'VERA', 'IA3', 'PROMPT_TUNING', 'BITFIT', "
-                         f"got {got}")
-    return LoRAConfig.from_peft_dict(d, _where=where, **overrides)
+    return cls.from_peft_dict(d, _where=where, **overrides)
 
 
 # safetensors dtype names and their widths in bytes (the format's spec)
