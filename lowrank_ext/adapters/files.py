@@ -10,9 +10,10 @@
     directory/README.md                   a short model card (library_name: peft), as PEFT writes one
 
 Saving from a sharded (FSDP2) model writes the global tensors (each gathered with full_tensor()), once,
-from rank 0: call save_adapter on every rank. Saving: each file is written atomically (adapters/_atomic.py: temporary file, fsync, os.replace), so a
-crash never leaves a half-written file under its final name; nothing already there is replaced without
-overwrite=True. The files are replaced one after the other, not as one unit: a crash between two of them
+from rank 0: call save_adapter on every rank. Saving: each file is written atomically (lowrank_ext/_atomic.py:
+temporary file, fsync, os.replace), so a crash never leaves a half-written file under its final name; nothing
+already there is replaced without overwrite=True, and then the files are created exclusively (os.link): of
+two saves racing into one directory exactly one succeeds, the other raises FileExistsError. The files are replaced one after the other, not as one unit: a crash between two of them
 (with overwrite=True) can leave a new weights file next to the old config.
 
 Loading is all or nothing and strict where PEFT only warns. Before the model is changed: the config is
@@ -175,19 +176,32 @@ def _write_adapter(model, tensors, directory, adapter_name, overwrite, base_mode
     cfg = get_state(model).configs[adapter_name]
     directory = os.fspath(directory)
     paths = {name: os.path.join(directory, name) for name in (WEIGHTS, CONFIG, README)}
+
+    def exists_error(path: str) -> FileExistsError:
+        return FileExistsError(f"lowrank_ext::save_adapter: directory must not already hold an adapter (pass "
+                               f"overwrite=True to replace it), got {path!r}")
+
     if not overwrite:
         for name in (WEIGHTS, CONFIG):
             if os.path.exists(paths[name]):
-                raise FileExistsError(f"lowrank_ext::save_adapter: directory must not already hold an adapter "
-                                      f"(pass overwrite=True to replace it), got {paths[name]!r}")
+                raise exists_error(paths[name])
     os.makedirs(directory, exist_ok=True)
     data = safetensors_bytes(tensors, metadata={"format": "pt"})
-    with atomic_write(paths[WEIGHTS]) as f:
-        f.write(data)
-    peft_dict = (cfg.to_peft_dict(base_model_name_or_path) if isinstance(cfg, LoRAConfig)
-                 else cfg.to_peft_dict(base_model_name_or_path, model=model))
-    with atomic_write(paths[CONFIG], "w") as f:
-        json.dump(peft_dict, f, indent=2, sort_keys=True)
+    peft_dict = cfg.to_peft_dict(base_model_name_or_path, model=model)
+    # overwrite=False creates each file exclusively (atomic_write(exclusive=True): os.link fails if the name
+    # exists), so of two saves racing into one new directory exactly one writes; the weights file is the claim:
+    # whoever created it also writes the config, the other gets FileExistsError and writes nothing.
+    try:
+        with atomic_write(paths[WEIGHTS], exclusive=not overwrite) as f:
+            f.write(data)
+    except FileExistsError:
+        raise exists_error(paths[WEIGHTS]) from None
+    try:
+        with atomic_write(paths[CONFIG], "w", exclusive=not overwrite) as f:
+            json.dump(peft_dict, f, indent=2, sort_keys=True)
+    except FileExistsError:  # a config without weights appeared meanwhile: give back our claim, write nothing
+        os.unlink(paths[WEIGHTS])
+        raise exists_error(paths[CONFIG]) from None
     if _card_is_ours(paths[README]) is not False and (overwrite or not os.path.exists(paths[README])):
         with atomic_write(paths[README], "w") as f:
             f.write(_model_card(cfg, adapter_name, base_model_name_or_path))
@@ -483,7 +497,7 @@ def _load_other(model: nn.Module, config, file: dict[str, torch.Tensor], weights
         else:
             prompt_tuning.check_prompt_tuning(model, config, adapter_name)
             expected = {prompt_tuning.KEY: (config.num_virtual_tokens, config.token_dim)}
-            run = lambda: prompt_tuning.inject_prompt_tuning(model, config, adapter_name)
+            run = lambda: prompt_tuning.inject_prompt_tuning(model, config, adapter_name, from_file=True)
     except ValueError as e:
         raise ValueError(f"lowrank_ext::load_adapter: {config_path} must describe an adapter this model can hold, "
                          f"got: {e}") from e

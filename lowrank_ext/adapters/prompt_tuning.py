@@ -13,7 +13,8 @@
 Initialisation (PEFT's prompt_tuning_init): "RANDOM" (nn.Embedding's N(0, 1)) without init_text; "TEXT" with
 it: the text's token ids (tokenizer(init_text)["input_ids"], special tokens included, as PEFT), cut or repeated
 to n, looked up in the model's input embeddings. The tokenizer is an object (never saved) or a name/path for
-transformers' AutoTokenizer.
+transformers' AutoTokenizer. Loading a file never initialises: its weights are the prompt, so a "TEXT" file
+loads without its tokenizer (as in PEFT).
 File (PEFT's): adapter_model.safetensors {"prompt_embeddings": [n, hidden]}, adapter_config.json peft_type
 "PROMPT_TUNING", task_type "CAUSAL_LM", num_virtual_tokens, token_dim, num_transformer_submodules (1), ...
 """
@@ -200,12 +201,16 @@ def check_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_na
     return emb
 
 
-def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default"
-                         ) -> PromptTuningModel:
-    """Wrap `model` (frozen) in a PromptTuningModel holding adapter `adapter_name`; returns the wrapper."""
+def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default",
+                         from_file: bool = False) -> PromptTuningModel:
+    """Wrap `model` (frozen) in a PromptTuningModel holding adapter `adapter_name`; returns the wrapper.
+    from_file=True (load_adapter): the virtual tokens are about to be copied from a file, so they start as
+    zeros and are never initialised from init_text (no tokenizer is needed or looked up; PEFT loads so too)."""
     emb = check_prompt_tuning(model, config, adapter_name)
     dim = emb.embedding_dim
-    if config.init_text is not None:
+    if from_file:
+        init = torch.zeros(config.num_virtual_tokens, dim, device=emb.weight.device)
+    elif config.init_text is not None:
         init = _init_from_text(model, config)
     else:
         init = torch.empty(config.num_virtual_tokens, dim, device=emb.weight.device).normal_()  # nn.Embedding's init
