@@ -132,7 +132,8 @@ def test_failed_load_of_an_nf4_model_changes_nothing(tmp_path):
 @pytest.mark.parametrize("edit,pattern", [
     (lambda c: c.update(peft_type="ADALORA"),
      r"field 'peft_type' must be one of 'LORA', 'VERA', 'IA3', 'PROMPT_TUNING', 'BITFIT', got 'ADALORA'"),
-    (lambda c: c.update(peft_type="IA3"), r"field 'modules_to_save' must be null for IA3 \(not supported\), got \['lm_head'\]"),
+    (lambda c: c.update(peft_type="IA3"),
+     r"field 'modules_to_save' must be null for IA3 \(not supported\), got \['lm_head'\]"),
     (lambda c: c.update(r="8"), r"field 'r' must be a positive int, got '8'"),
     (lambda c: c.update(r=0), r"field 'r' must be a positive int, got 0"),
     (lambda c: c.update(r=True), r"field 'r' must be a positive int, got True"),

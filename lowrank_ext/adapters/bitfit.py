@@ -30,7 +30,7 @@ from torch import nn
 from lowrank_ext.adapters import peft_fields
 from lowrank_ext.adapters.config import _match
 from lowrank_ext.adapters.injector import _output_head_name, count_parameters
-from lowrank_ext.adapters.peft_fields import is_names, read_peft_dict
+from lowrank_ext.adapters.peft_fields import as_names, is_names, read_peft_dict
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_adapter_name, get_state
 from lowrank_ext.nn import Linear4bit
 
@@ -54,11 +54,9 @@ class BitFitConfig:
     def __post_init__(self) -> None:
         for name in ("bias_patterns", "add_bias_to"):
             v = getattr(self, name)
-            if isinstance(v, (set, tuple)):
-                v = sorted(v)
-                setattr(self, name, v)
             if v is not None and not is_names(v):
                 raise ValueError(f"lowrank_ext::BitFitConfig: {name} must be None, a list of str or a str, got {v!r}")
+            setattr(self, name, as_names(v))
 
     def to_peft_dict(self, base_model_name_or_path: str | None = None, model: nn.Module | None = None
                      ) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lowrank_ext.adapters import peft_fields
-from lowrank_ext.adapters.peft_fields import BIAS_CHOICES, is_names, peft_task_type, read_peft_dict
+from lowrank_ext.adapters.peft_fields import BIAS_CHOICES, as_names, is_names, peft_task_type, read_peft_dict
 from lowrank_ext.nn.linear4bit import check_compute_dtype
 
 __all__ = ["LoRAConfig"]
@@ -107,10 +107,7 @@ class LoRAConfig:
             v = getattr(self, name)
             if v is not None and not is_names(v):
                 raise _err(name, "be a list of str or a str", v)
-            if isinstance(v, (set, frozenset)):
-                setattr(self, name, sorted(v))
-            elif isinstance(v, tuple):
-                setattr(self, name, list(v))
+            setattr(self, name, as_names(v))
         for name in ("rank_pattern", "alpha_pattern"):
             v = getattr(self, name)
             if not isinstance(v, Mapping):

@@ -12,9 +12,10 @@
 Saving from a sharded (FSDP2) model writes the global tensors (each gathered with full_tensor()), once,
 from rank 0: call save_adapter on every rank. Saving: each file is written atomically (lowrank_ext/_atomic.py:
 temporary file, fsync, os.replace), so a crash never leaves a half-written file under its final name; nothing
-already there is replaced without overwrite=True, and then the files are created exclusively (os.link): of
-two saves racing into one directory exactly one succeeds, the other raises FileExistsError. The files are replaced one after the other, not as one unit: a crash between two of them
-(with overwrite=True) can leave a new weights file next to the old config.
+already there is replaced without overwrite=True, and without it the files are created exclusively (os.link):
+of two saves racing into one directory exactly one succeeds, the other raises FileExistsError. With
+overwrite=True the files are replaced one after the other, not as one unit: a crash between two of them can
+leave a new weights file next to the old config.
 
 Loading is all or nothing and strict where PEFT only warns. Before the model is changed: the config is
 read and checked field by field, the safetensors header is checked against the file's size, every key the

@@ -31,7 +31,7 @@ from lowrank_ext.adapters.injector import (
     count_parameters,
     in_out,
 )
-from lowrank_ext.adapters.peft_fields import is_names, peft_task_type, read_peft_dict
+from lowrank_ext.adapters.peft_fields import as_names, is_names, peft_task_type, read_peft_dict
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_new_adapter_name, get_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, IA3Linear, Linear4bit, QIA3Linear
@@ -86,11 +86,9 @@ class IA3Config:
     def __post_init__(self) -> None:
         for name in ("target_modules", "feedforward_modules", "exclude_modules"):
             v = getattr(self, name)
-            if isinstance(v, (set, tuple)):
-                v = sorted(v)
-                setattr(self, name, v)
             if v is not None and not is_names(v):
                 raise _err(name, "be None, a list of str or a str", v)
+            setattr(self, name, as_names(v))
         if not isinstance(self.init_ia3_weights, bool):
             raise _err("init_ia3_weights", "be True or False", self.init_ia3_weights)
         if self.quantize not in _QUANT:

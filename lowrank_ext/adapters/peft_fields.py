@@ -23,11 +23,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-__all__ = ["BIAS_CHOICES", "Field", "PeftTable", "is_names", "peft_task_type", "read_peft_dict"]
+__all__ = ["BIAS_CHOICES", "Field", "PeftTable", "as_names", "is_names", "peft_task_type", "read_peft_dict"]
 
 READ, IGNORED, UNSUPPORTED = "read", "ignored", "unsupported"
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -40,9 +41,10 @@ def is_names(v: Any) -> bool:
     return isinstance(v, str) or (isinstance(v, _NAME_COLLECTIONS) and all(isinstance(x, str) for x in v))
 
 
-def _names(v: Any) -> list[str] | str:
-    """A str as it is; a set sorted (no order of its own); a list / tuple in its order."""
-    if isinstance(v, str):
+def as_names(v: Any) -> list[str] | str | None:
+    """The one normal form of a names value (is_names(v) or None): a str or None as it is, a set sorted (it has
+    no order of its own), a list / tuple as a list in its order."""
+    if v is None or isinstance(v, str):
         return v
     return sorted(v) if isinstance(v, (set, frozenset)) else list(v)
 
@@ -121,13 +123,13 @@ _BOOKKEEPING = _ignored("task_type", "auto_mapping", "peft_version", "base_model
 _NAMES = "be a list of module names or a regex string"
 _OPT_NAMES = "be null, a list of module names or a regex string"
 _TARGETS = (
-    _read("target_modules", is_names, _NAMES, required=True, convert=_names),
-    _read("exclude_modules", is_names, _OPT_NAMES, convert=_names),
+    _read("target_modules", is_names, _NAMES, required=True, convert=as_names),
+    _read("exclude_modules", is_names, _OPT_NAMES, convert=as_names),
 )
 _LORA_VERA_COMMON = (
     *_TARGETS,
     _read("r", lambda v: _is_int(v, 1), "be a positive int", required=True),
-    _read("modules_to_save", _is_name_list, "be null or a list of module names", convert=_names),
+    _read("modules_to_save", _is_name_list, "be null or a list of module names", convert=as_names),
     _read("bias", lambda v: v in BIAS_CHOICES, f"be one of {list(BIAS_CHOICES)}"),
     _read("fan_in_fan_out", _is_bool, "be true or false"),
     _unsupported("layers_to_transform"),
@@ -182,7 +184,7 @@ VERA = PeftTable("VERA", (
 IA3 = PeftTable("IA3", (
     *_BOOKKEEPING,
     *_TARGETS,
-    _read("feedforward_modules", is_names, _OPT_NAMES, convert=_names),
+    _read("feedforward_modules", is_names, _OPT_NAMES, convert=as_names),
     _read("init_ia3_weights", _is_bool, "be true or false"),
     _read("fan_in_fan_out", _is_bool, "be true or false"),
     _unsupported("modules_to_save", expected="be null for IA3 (not supported)"),
@@ -201,20 +203,23 @@ PROMPT_TUNING = PeftTable("PROMPT_TUNING", (
     # the model's shape, written for PEFT's bookkeeping; init-only tokenizer settings
     *_ignored("num_attention_heads", "num_layers", "tokenizer_kwargs"),
     _unsupported("modules_to_save", expected="be null for prompt tuning (not supported)"),
-), build=lambda d: {"init_text": d.get("prompt_tuning_init_text") if d.get("prompt_tuning_init") == "TEXT" else None})
+), build=lambda d: {"init_text": d.get("prompt_tuning_init_text") if d.get("prompt_tuning_init") == "TEXT"
+                   else None})
 
 BITFIT = PeftTable("BITFIT", (
     *_ignored("base_model_name_or_path"),
     _read("format_version", lambda v: v == 1 and _is_int(v, 1), "be 1", None, required=True),
-    _read("bias_patterns", is_names, _OPT_NAMES, convert=_names),
-    _read("add_bias_to", is_names, _OPT_NAMES, convert=_names),
-    _read("added_biases", _is_name_list, "be a list of module names", required=True, convert=_names),
+    _read("bias_patterns", is_names, _OPT_NAMES, convert=as_names),
+    _read("add_bias_to", is_names, _OPT_NAMES, convert=as_names),
+    _read("added_biases", _is_name_list, "be a list of module names", required=True, convert=as_names),
 ))
 
 
 # ---- the reader ----------------------------------------------------------------------------------------------
 def _default_text(default: Any) -> str:
-    return "unset" if default is None else ("true" if default else "false") if isinstance(default, bool) else repr(default)
+    if default is None:
+        return "unset"
+    return ("true" if default else "false") if isinstance(default, bool) else repr(default)
 
 
 def read_peft_dict(cls: type, d: Mapping[str, Any], where: str, table: PeftTable | Mapping[str, PeftTable],
@@ -267,11 +272,7 @@ def read_peft_dict(cls: type, d: Mapping[str, Any], where: str, table: PeftTable
 def peft_task_type(model: nn.Module | None) -> str | None:
     """PEFT's task_type for an adapter of `model`: "CAUSAL_LM" for a transformers causal LM (its class is in
     transformers' causal-LM auto mapping, or named like one), else None. PEFT's AutoPeftModelForCausalLM
-    needs "CAUSAL_LM"; a wrapper (prompt tuning's) is judged by the model it wraps."""
-    from lowrank_ext.adapters.prompt_tuning import PromptTuningModel  # (it imports this module)
-
-    if isinstance(model, PromptTuningModel):
-        model = model.base_model
+    needs "CAUSAL_LM". Pass the transformers model itself (prompt tuning passes the model its wrapper holds)."""
     if model is None:
         return None
     name = type(model).__name__

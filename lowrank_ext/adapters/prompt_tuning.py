@@ -68,7 +68,10 @@ class PromptTuningConfig:
         tokenizer object that has no name_or_path the file says "RANDOM" — the init is history, the trained
         virtual tokens are in the weights file either way."""
         tok_name = self.tokenizer_name_or_path or getattr(self.tokenizer, "name_or_path", None) or None
-        return {"peft_type": "PROMPT_TUNING", "task_type": peft_task_type(model) or "CAUSAL_LM", "num_virtual_tokens": self.num_virtual_tokens,
+        # prompt tuning is a causal-LM method here (PromptTuningModel; the reader requires "CAUSAL_LM")
+        base = model.base_model if isinstance(model, PromptTuningModel) else model
+        return {"peft_type": "PROMPT_TUNING", "task_type": peft_task_type(base) or "CAUSAL_LM",
+                "num_virtual_tokens": self.num_virtual_tokens,
                 "token_dim": self.token_dim, "num_transformer_submodules": 1,
                 "num_attention_heads": _cfg(model, "num_attention_heads"), "num_layers": _cfg(model, "num_hidden_layers"),
                 "prompt_tuning_init": "TEXT" if self.init_text and tok_name else "RANDOM",
