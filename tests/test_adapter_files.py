@@ -452,3 +452,27 @@ def test_every_cited_source_path_exists():
                             if not os.path.exists(os.path.join(root, full)):
                                 stale.append(f"{os.path.relpath(os.path.join(folder, name), root)}:{lineno}: {ref}")
     assert not stale, stale
+
+
+@pytest.mark.parametrize("config", [
+    lambda: L.LoRAConfig(**CFG),
+    lambda: L.LoRAConfig(r=4, target_modules=T, variant="vera"),
+    lambda: L.IA3Config(target_modules=T, feedforward_modules=["down_proj"]),
+    lambda: L.PromptTuningConfig(4),
+    lambda: L.BitFitConfig(add_bias_to="all-linear"),
+], ids=["lora", "vera", "ia3", "prompt_tuning", "bitfit"])
+def test_one_reader_for_every_method(tmp_path, config):
+    """Every method's file goes through peft_fields.read_peft_dict: it round-trips, an unknown field loads
+    while unset and is refused (naming it and the file) once set."""
+    _, m = pair("llama")
+    m = _trained(L.inject(m, config()))
+    L.save_adapter(m, tmp_path)
+    ids = tokens()
+    for value in (None, [], {}):
+        _edit_config(tmp_path, lambda c, v=value: c.update(future_field=v))
+        _, fresh = pair("llama")
+        torch.testing.assert_close(logits(L.load_adapter(fresh, tmp_path), ids), logits(m, ids), atol=0, rtol=0)
+    _edit_config(tmp_path, lambda c: c.update(future_field=3))
+    with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: .*adapter_config\.json field 'future_field' "
+                                         r"must be unset \(a field this package does not know: .*\), got 3"):
+        L.load_adapter(pair("llama")[1], tmp_path)

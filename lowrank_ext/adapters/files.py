@@ -47,6 +47,7 @@ from lowrank_ext.adapters import bitfit, ia3, prompt_tuning
 from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.injector import InjectPlan, apply_inject, in_out, plan_inject, target_names
 from lowrank_ext.adapters.methods import check_family
+from lowrank_ext.adapters.peft_fields import field_error
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, get_state
 from lowrank_ext.nn import ADAPTER_LAYERS
 from lowrank_ext.nn.linear4bit import is_sharded
@@ -291,8 +292,7 @@ def read_adapter_config(directory: str | os.PathLike, **overrides: Any):
     where = f"lowrank_ext::load_adapter: {path} field"
     peft_type = d.get("peft_type")
     if peft_type not in _CONFIG_CLASSES:
-        got = repr(peft_type) if "peft_type" in d else f"no such field (fields: {sorted(d)})"
-        raise ValueError(f"{where} 'peft_type' must be one of {', '.join(map(repr, _CONFIG_CLASSES))}, got {got}")
+        raise field_error(d, where, "peft_type", f"be one of {', '.join(map(repr, _CONFIG_CLASSES))}")
     cls = _CONFIG_CLASSES[peft_type]
     if cls in (prompt_tuning.PromptTuningConfig, bitfit.BitFitConfig):
         if overrides.get("quantize") is not None:

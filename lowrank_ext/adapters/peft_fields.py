@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["BIAS_CHOICES", "Field", "PeftTable", "as_names", "is_names", "peft_task_type", "read_peft_dict"]
+__all__ = ["BIAS_CHOICES", "Field", "PeftTable", "as_names", "field_error", "is_names", "peft_task_type", "read_peft_dict"]
 
 READ, IGNORED, UNSUPPORTED = "read", "ignored", "unsupported"
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -222,6 +222,12 @@ def _default_text(default: Any) -> str:
     return ("true" if default else "false") if isinstance(default, bool) else repr(default)
 
 
+def field_error(d: Mapping[str, Any], where: str, key: str, expected: str) -> ValueError:
+    """`<where> '<key>' must <expected>, got <d[key]>` (or "got no such field (fields: [...])")."""
+    got = repr(d[key]) if key in d else f"no such field (fields: {sorted(d)})"
+    return ValueError(f"{where} {key!r} must {expected}, got {got}")
+
+
 def read_peft_dict(cls: type, d: Mapping[str, Any], where: str, table: PeftTable | Mapping[str, PeftTable],
                    overrides: Mapping[str, Any] | None = None) -> Any:
     """`cls(**kwargs)` from PEFT's adapter_config.json content `d`, every field checked against `table` (or the
@@ -229,8 +235,7 @@ def read_peft_dict(cls: type, d: Mapping[str, Any], where: str, table: PeftTable
     <path> field"); `overrides` (quantize, compute_dtype, ...) are not file fields and win."""
 
     def bad(key: str, expected: str) -> ValueError:
-        got = repr(d[key]) if key in d else f"no such field (fields: {sorted(d)})"
-        return ValueError(f"{where} {key!r} must {expected}, got {got}")
+        return field_error(d, where, key, expected)
 
     tables = {table.peft_type: table} if isinstance(table, PeftTable) else dict(table)
     peft_type = d.get("peft_type")
