@@ -476,3 +476,21 @@ def test_one_reader_for_every_method(tmp_path, config):
     with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: .*adapter_config\.json field 'future_field' "
                                          r"must be unset \(a field this package does not know: .*\), got 3"):
         L.load_adapter(pair("llama")[1], tmp_path)
+
+
+def test_failed_new_save_leaves_no_lone_weights(tmp_path, monkeypatch):
+    """A save into a new directory that fails after the weights file is written leaves no adapter half there."""
+    _, m = pair("llama")
+    L.inject(m, L.LoRAConfig(**CFG))
+    real_dump = json.dump
+
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lowrank_ext.adapters.files.json.dump", fail)
+    with pytest.raises(OSError, match="disk full"):
+        L.save_adapter(m, tmp_path / "new")
+    assert os.listdir(tmp_path / "new") == []
+    monkeypatch.setattr("lowrank_ext.adapters.files.json.dump", real_dump)
+    L.save_adapter(m, tmp_path / "new")  # nothing in the way
+    assert sorted(os.listdir(tmp_path / "new")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

@@ -201,9 +201,13 @@ def _write_adapter(model, tensors, directory, adapter_name, overwrite, base_mode
     try:
         with atomic_write(paths[CONFIG], "w", exclusive=not overwrite) as f:
             json.dump(peft_dict, f, indent=2, sort_keys=True)
-    except FileExistsError:  # a config without weights appeared meanwhile: give back our claim, write nothing
-        os.unlink(paths[WEIGHTS])
-        raise exists_error(paths[CONFIG]) from None
+    except BaseException as e:
+        if overwrite:
+            raise
+        os.unlink(paths[WEIGHTS])  # a new adapter is all or nothing: give back the claim, leave no lone weights
+        if isinstance(e, FileExistsError):  # a config without weights appeared meanwhile
+            raise exists_error(paths[CONFIG]) from None
+        raise
     if _card_is_ours(paths[README]) is not False and (overwrite or not os.path.exists(paths[README])):
         with atomic_write(paths[README], "w") as f:
             f.write(_model_card(cfg, adapter_name, base_model_name_or_path))
