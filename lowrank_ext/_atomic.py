@@ -2,6 +2,8 @@
 
     with atomic_write(path) as f:      # f: a binary file (mode "w": text, UTF-8) in path's directory
         f.write(data)
+    with atomic_write(path, exclusive=True) as f:   # FileExistsError if path exists when the file is complete
+        f.write(data)
 
 The data go to a temporary file next to `path` (same directory, so same filesystem; a hidden name that
 never equals `path`), which is flushed and fsync'ed, then renamed onto `path` with os.replace (atomic on
@@ -9,6 +11,12 @@ POSIX and Windows); the directory is fsync'ed so the rename itself survives a po
 raises, the temporary file is removed and `path` keeps its old content (or stays absent). A process killed
 mid-write leaves at most a stray `.<name>.<pid>.<random>.tmp` file, never a half-written `path` (the
 trainer sweeps those from its checkpoint directory).
+
+exclusive=True (create, never replace): the complete temporary file is hard-linked to `path` with os.link
+instead of os.replace. os.link fails when `path` exists, atomically, so of writers racing for one new name
+exactly one wins and the others get FileExistsError (their data discarded, `path` untouched); then the
+temporary name is removed. Needs a filesystem with hard links (POSIX filesystems, NTFS); elsewhere os.link
+raises its OSError.
 
 Used for adapter files (lowrank_ext/adapters/files.py) and the trainer's checkpoints
 (lowrank_ext/finetune/trainer.py). Standard library only.
@@ -32,8 +40,9 @@ SLOW_WRITE_ENV = "LOWRANK_EXT_TEST_SLOW_WRITE"
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
-    """Write `path` atomically (see the module docstring). mode: "wb" (default) or "w" (UTF-8 text)."""
+def atomic_write(path: str | os.PathLike, mode: str = "wb", exclusive: bool = False) -> Iterator[IO]:
+    """Write `path` atomically (see the module docstring). mode: "wb" (default) or "w" (UTF-8 text).
+    exclusive=True: create `path` only if it does not exist (else FileExistsError, `path` untouched)."""
     if mode not in ("wb", "w"):
         raise ValueError(f"lowrank_ext::atomic_write: mode must be 'wb' or 'w', got {mode!r}")
     path = os.fspath(path)
@@ -49,7 +58,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         slow = os.environ.get(SLOW_WRITE_ENV)
         if slow:
             time.sleep(float(slow))
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # raises FileExistsError if path exists: never replaces anything
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -4,7 +4,7 @@ uninterrupted run of the same command (same adapter tensors, optimizer state, RN
 final held-out loss). After every kill the checkpoint under its final name is complete.
 
 The run is a tiny random Llama with a byte-level tokenizer (tests/_tiny_models.py, no downloads) on a
-local .txt file, one CPU thread. The test hook LOWRANK_EXT_TEST_SLOW_WRITE (lowrank_ext/finetune/atomic.py)
+local .txt file, one CPU thread. The test hook LOWRANK_EXT_TEST_SLOW_WRITE (lowrank_ext/_atomic.py)
 holds each checkpoint between "temporary file written and synced" and "renamed", so kills land there."""
 
 from __future__ import annotations

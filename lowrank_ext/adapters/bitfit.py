@@ -27,8 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_ext.adapters.config import _is_names, _match
+from lowrank_ext.adapters import peft_fields
+from lowrank_ext.adapters.config import _match
 from lowrank_ext.adapters.injector import _output_head_name, count_parameters
+from lowrank_ext.adapters.peft_fields import as_names, is_names, read_peft_dict
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_adapter_name, get_state
 from lowrank_ext.nn import Linear4bit
 
@@ -52,11 +54,9 @@ class BitFitConfig:
     def __post_init__(self) -> None:
         for name in ("bias_patterns", "add_bias_to"):
             v = getattr(self, name)
-            if isinstance(v, (set, tuple)):
-                v = sorted(v)
-                setattr(self, name, v)
-            if v is not None and not _is_names(v):
+            if v is not None and not is_names(v):
                 raise ValueError(f"lowrank_ext::BitFitConfig: {name} must be None, a list of str or a str, got {v!r}")
+            setattr(self, name, as_names(v))
 
     def to_peft_dict(self, base_model_name_or_path: str | None = None, model: nn.Module | None = None
                      ) -> dict[str, Any]:
@@ -67,21 +67,8 @@ class BitFitConfig:
     @classmethod
     def from_peft_dict(cls, d: Mapping[str, Any],
                        _where: str = "lowrank_ext::BitFitConfig.from_peft_dict: field") -> BitFitConfig:
-        def bad(key: str, expected: str) -> ValueError:
-            got = repr(d[key]) if key in d else f"no such field (fields: {sorted(d)})"
-            return ValueError(f"{_where} {key!r} must {expected}, got {got}")
-
-        if d.get("peft_type") != "BITFIT":
-            raise bad("peft_type", "be 'BITFIT'")
-        if d.get("format_version") != 1:
-            raise bad("format_version", "be 1")
-        for key in ("bias_patterns", "add_bias_to"):
-            if d.get(key) is not None and not _is_names(d[key]):
-                raise bad(key, "be null, a list of module names or a regex string")
-        added = d.get("added_biases")
-        if not isinstance(added, list) or not all(isinstance(x, str) for x in added):
-            raise bad("added_biases", "be a list of module names")
-        return cls(bias_patterns=d.get("bias_patterns"), add_bias_to=d.get("add_bias_to"), added_biases=list(added))
+        """Read our BitFit adapter_config.json content; every field is checked (adapters/peft_fields.py)."""
+        return read_peft_dict(cls, d, _where, peft_fields.BITFIT)
 
 
 @dataclasses.dataclass

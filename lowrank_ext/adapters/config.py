@@ -14,12 +14,14 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from lowrank_ext.adapters import peft_fields
+from lowrank_ext.adapters.peft_fields import BIAS_CHOICES, as_names, is_names, peft_task_type, read_peft_dict
 from lowrank_ext.nn.linear4bit import check_compute_dtype
 
 __all__ = ["LoRAConfig"]
 
 _VARIANTS = ("lora", "dora", "vera")
-_BIAS = ("none", "all", "lora_only")
+_BIAS = BIAS_CHOICES
 _INIT = ("kaiming", "gaussian")
 _QUANT = (None, "nf4")
 _BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -103,10 +105,9 @@ class LoRAConfig:
             raise _err("target_modules", "be a list of names, a regex or 'all-linear'", None)
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             v = getattr(self, name)
-            if isinstance(v, (set, tuple)):
-                setattr(self, name, sorted(v))
-            elif v is not None and not isinstance(v, (str, list)):
+            if v is not None and not is_names(v):
                 raise _err(name, "be a list of str or a str", v)
+            setattr(self, name, as_names(v))
         for name in ("rank_pattern", "alpha_pattern"):
             v = getattr(self, name)
             if not isinstance(v, Mapping):
@@ -140,15 +141,16 @@ class LoRAConfig:
         return alpha / (r**0.5) if self.use_rslora else alpha / r
 
     # ---- PEFT adapter_config.json ---------------------------------------------------------------
-    def to_peft_dict(self, base_model_name_or_path: str | None = None) -> dict[str, Any]:
-        """The fields PEFT reads from adapter_config.json (LoRA / DoRA: "LORA"; VeRA: "VERA")."""
+    def to_peft_dict(self, base_model_name_or_path: str | None = None, model: Any = None) -> dict[str, Any]:
+        """The fields PEFT reads from adapter_config.json (LoRA / DoRA: "LORA"; VeRA: "VERA"). task_type:
+        "CAUSAL_LM" when `model` is a causal LM (peft_fields.peft_task_type), which AutoPeftModelForCausalLM needs."""
         common = {
             "target_modules": self.target_modules,
             "exclude_modules": self.exclude_modules,
             "bias": self.bias,
             "fan_in_fan_out": self.fan_in_fan_out,
             "modules_to_save": self.modules_to_save,
-            "task_type": None,
+            "task_type": peft_task_type(model),
             "base_model_name_or_path": base_model_name_or_path,
             "inference_mode": True,
             "r": self.r,
@@ -171,96 +173,11 @@ class LoRAConfig:
     @classmethod
     def from_peft_dict(cls, d: Mapping[str, Any], _where: str = "lowrank_ext::LoRAConfig.from_peft_dict: field",
                        **overrides: Any) -> LoRAConfig:
-        """Read PEFT's adapter_config.json content (peft_type "LORA" or "VERA").
-
-        Every field this reads is type- and range-checked first: a ValueError `<_where> 'r' must be a positive
-        int, got ...` (read_adapter_config puts the file's path in `_where`). Fields it does not read (PEFT's
-        task_type, revision, ...) are ignored; fields for features we lack are refused."""
-
-        def bad(key: str, expected: str) -> ValueError:
-            got = repr(d[key]) if key in d else f"no such field (fields: {sorted(d)})"
-            return ValueError(f"{_where} {key!r} must {expected}, got {got}")
-
-        peft_type = d.get("peft_type")
-        if peft_type not in ("LORA", "VERA"):
-            raise bad("peft_type", "be 'LORA' or 'VERA'")
-        for key, ok, expected, required in _PEFT_FIELDS[peft_type]:
-            if key not in d or d[key] is None:
-                if required:
-                    raise bad(key, expected)
-            elif not ok(d[key]):
-                raise bad(key, expected)
-        for key in ("layer_replication", "layers_to_transform", "layers_pattern"):
-            if d.get(key):
-                raise bad(key, "be unset (not supported)")
-        if d.get("lora_bias"):
-            raise bad("lora_bias", "be false (not supported)")
-        kw: dict[str, Any] = {
-            "r": d["r"],
-            "target_modules": d["target_modules"],
-            "exclude_modules": d.get("exclude_modules"),
-            "bias": d.get("bias") or "none",
-            "fan_in_fan_out": bool(d.get("fan_in_fan_out") or False),
-            "modules_to_save": d.get("modules_to_save"),
-        }
-        if peft_type == "VERA":
-            d_initial = d.get("d_initial")
-            kw.update(variant="vera", dropout=float(d.get("vera_dropout") or 0.0),
-                      vera_seed=int(d.get("projection_prng_key") or 0),
-                      vera_d_initial=0.1 if d_initial is None else float(d_initial))
-        else:
-            init = d.get("init_lora_weights", True)
-            alpha = d.get("lora_alpha")
-            kw.update(alpha=8 if alpha is None else alpha, dropout=float(d.get("lora_dropout") or 0.0),
-                      use_rslora=bool(d.get("use_rslora") or False), use_dora=bool(d.get("use_dora") or False),
-                      rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
-                      init="gaussian" if init == "gaussian" else "kaiming")
-        kw.update(overrides)
-        return cls(**kw)
-
-
-def _is_int(v: Any, lo: int) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_names(v: Any) -> bool:
-    return isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
-
-
-def _is_prob(v: Any) -> bool:
-    return _is_num(v) and 0 <= v < 1
-
-
-# (field, check, what it must be, required) for each adapter_config.json field from_peft_dict reads
-_COMMON_FIELDS = [
-    ("r", lambda v: _is_int(v, 1), "be a positive int", True),
-    ("target_modules", _is_names, "be a list of module names or a regex string", True),
-    ("exclude_modules", _is_names, "be null, a list of module names or a regex string", False),
-    ("modules_to_save", lambda v: isinstance(v, list) and _is_names(v), "be null or a list of module names", False),
-    ("bias", lambda v: v in _BIAS, f"be one of {list(_BIAS)}", False),
-    ("fan_in_fan_out", lambda v: isinstance(v, bool), "be true or false", False),
-]
-_PEFT_FIELDS = {
-    "LORA": _COMMON_FIELDS + [
-        ("lora_alpha", _is_num, "be a finite number", False),
-        ("lora_dropout", _is_prob, "be a number in [0, 1)", False),
-        ("use_rslora", lambda v: isinstance(v, bool), "be true or false", False),
-        ("use_dora", lambda v: isinstance(v, bool), "be true or false", False),
-        ("rank_pattern", lambda v: isinstance(v, dict) and all(_is_int(x, 1) for x in v.values()),
-         "be an object {pattern: positive int}", False),
-        ("alpha_pattern", lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
-         "be an object {pattern: number}", False),
-    ],
-    "VERA": _COMMON_FIELDS + [
-        ("vera_dropout", _is_prob, "be a number in [0, 1)", False),
-        ("projection_prng_key", lambda v: _is_int(v, 0), "be an int >= 0", False),
-        ("d_initial", _is_num, "be a finite number", False),
-    ],
-}
+        """Read PEFT's adapter_config.json content (peft_type "LORA" or "VERA"; a dict or PEFT's own
+        `LoraConfig.to_dict()`, whose names are sets). adapters/peft_fields.py checks every field: a ValueError
+        `<_where> 'r' must be a positive int, got ...` (read_adapter_config puts the file's path in `_where`);
+        fields that change the forward pass and that we do not implement are refused, naming the field."""
+        return read_peft_dict(cls, d, _where, {"LORA": peft_fields.LORA, "VERA": peft_fields.VERA}, overrides)
 
 
 def _match(patterns: Sequence[str] | str, name: str) -> bool:

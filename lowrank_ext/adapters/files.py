@@ -10,10 +10,12 @@
     directory/README.md                   a short model card (library_name: peft), as PEFT writes one
 
 Saving from a sharded (FSDP2) model writes the global tensors (each gathered with full_tensor()), once,
-from rank 0: call save_adapter on every rank. Saving: each file is written atomically (adapters/_atomic.py: temporary file, fsync, os.replace), so a
-crash never leaves a half-written file under its final name; nothing already there is replaced without
-overwrite=True. The files are replaced one after the other, not as one unit: a crash between two of them
-(with overwrite=True) can leave a new weights file next to the old config.
+from rank 0: call save_adapter on every rank. Saving: each file is written atomically (lowrank_ext/_atomic.py:
+temporary file, fsync, os.replace), so a crash never leaves a half-written file under its final name; nothing
+already there is replaced without overwrite=True, and without it the files are created exclusively (os.link):
+of two saves racing into one directory exactly one succeeds, the other raises FileExistsError. With
+overwrite=True the files are replaced one after the other, not as one unit: a crash between two of them can
+leave a new weights file next to the old config.
 
 Loading is all or nothing and strict where PEFT only warns. Before the model is changed: the config is
 read and checked field by field, the safetensors header is checked against the file's size, every key the
@@ -45,11 +47,16 @@ from lowrank_ext.adapters import bitfit, ia3, prompt_tuning
 from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.injector import InjectPlan, apply_inject, in_out, plan_inject, target_names
 from lowrank_ext.adapters.methods import check_family
+from lowrank_ext.adapters.peft_fields import field_error
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, get_state
 from lowrank_ext.nn import ADAPTER_LAYERS
 from lowrank_ext.nn.linear4bit import is_sharded
 
 __all__ = ["adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
+
+# adapter_config.json's peft_type -> the config class that reads it (each through adapters/peft_fields.py)
+_CONFIG_CLASSES = {"LORA": LoRAConfig, "VERA": LoRAConfig, "IA3": ia3.IA3Config,
+                   "PROMPT_TUNING": prompt_tuning.PromptTuningConfig, "BITFIT": bitfit.BitFitConfig}
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -171,19 +178,36 @@ def _write_adapter(model, tensors, directory, adapter_name, overwrite, base_mode
     cfg = get_state(model).configs[adapter_name]
     directory = os.fspath(directory)
     paths = {name: os.path.join(directory, name) for name in (WEIGHTS, CONFIG, README)}
+
+    def exists_error(path: str) -> FileExistsError:
+        return FileExistsError(f"lowrank_ext::save_adapter: directory must not already hold an adapter (pass "
+                               f"overwrite=True to replace it), got {path!r}")
+
     if not overwrite:
         for name in (WEIGHTS, CONFIG):
             if os.path.exists(paths[name]):
-                raise FileExistsError(f"lowrank_ext::save_adapter: directory must not already hold an adapter "
-                                      f"(pass overwrite=True to replace it), got {paths[name]!r}")
+                raise exists_error(paths[name])
     os.makedirs(directory, exist_ok=True)
     data = safetensors_bytes(tensors, metadata={"format": "pt"})
-    with atomic_write(paths[WEIGHTS]) as f:
-        f.write(data)
-    peft_dict = (cfg.to_peft_dict(base_model_name_or_path) if isinstance(cfg, LoRAConfig)
-                 else cfg.to_peft_dict(base_model_name_or_path, model=model))
-    with atomic_write(paths[CONFIG], "w") as f:
-        json.dump(peft_dict, f, indent=2, sort_keys=True)
+    peft_dict = cfg.to_peft_dict(base_model_name_or_path, model=model)
+    # overwrite=False creates each file exclusively (atomic_write(exclusive=True): os.link fails if the name
+    # exists), so of two saves racing into one new directory exactly one writes; the weights file is the claim:
+    # whoever created it also writes the config, the other gets FileExistsError and writes nothing.
+    try:
+        with atomic_write(paths[WEIGHTS], exclusive=not overwrite) as f:
+            f.write(data)
+    except FileExistsError:
+        raise exists_error(paths[WEIGHTS]) from None
+    try:
+        with atomic_write(paths[CONFIG], "w", exclusive=not overwrite) as f:
+            json.dump(peft_dict, f, indent=2, sort_keys=True)
+    except BaseException as e:
+        if overwrite:
+            raise
+        os.unlink(paths[WEIGHTS])  # a new adapter is all or nothing: give back the claim, leave no lone weights
+        if isinstance(e, FileExistsError):  # a config without weights appeared meanwhile
+            raise exists_error(paths[CONFIG]) from None
+        raise
     if _card_is_ours(paths[README]) is not False and (overwrite or not os.path.exists(paths[README])):
         with atomic_write(paths[README], "w") as f:
             f.write(_model_card(cfg, adapter_name, base_model_name_or_path))
@@ -271,19 +295,15 @@ def read_adapter_config(directory: str | os.PathLike, **overrides: Any):
         raise ValueError(f"lowrank_ext::load_adapter: {path} must hold a JSON object, got {got}")  # noqa: TRY004
     where = f"lowrank_ext::load_adapter: {path} field"
     peft_type = d.get("peft_type")
-    if peft_type == "IA3":
-        return ia3.IA3Config.from_peft_dict(d, _where=where, **overrides)
-    if peft_type in ("PROMPT_TUNING", "BITFIT"):
+    if peft_type not in _CONFIG_CLASSES:
+        raise field_error(d, where, "peft_type", f"be one of {', '.join(map(repr, _CONFIG_CLASSES))}")
+    cls = _CONFIG_CLASSES[peft_type]
+    if cls in (prompt_tuning.PromptTuningConfig, bitfit.BitFitConfig):
         if overrides.get("quantize") is not None:
             raise ValueError(f"lowrank_ext::load_adapter: quantize must be None for a {peft_type} adapter (it has no "
                              f"base layers to quantize), got {overrides['quantize']!r}")
-        cls = prompt_tuning.PromptTuningConfig if peft_type == "PROMPT_TUNING" else bitfit.BitFitConfig
         return cls.from_peft_dict(d, _where=where)
-    if peft_type not in ("LORA", "VERA"):
-        got = repr(peft_type) if "peft_type" in d else f"no such field (fields: {sorted(d)})"
-        raise ValueError(f"{where} 'peft_type' must be one of 'LORA', 'VERA', 'IA3', 'PROMPT_TUNING', 'BITFIT', "
-                         f"got {got}")
-    return LoRAConfig.from_peft_dict(d, _where=where, **overrides)
+    return cls.from_peft_dict(d, _where=where, **overrides)
 
 
 # safetensors dtype names and their widths in bytes (the format's spec)
@@ -482,7 +502,7 @@ def _load_other(model: nn.Module, config, file: dict[str, torch.Tensor], weights
         else:
             prompt_tuning.check_prompt_tuning(model, config, adapter_name)
             expected = {prompt_tuning.KEY: (config.num_virtual_tokens, config.token_dim)}
-            run = lambda: prompt_tuning.inject_prompt_tuning(model, config, adapter_name)
+            run = lambda: prompt_tuning.inject_prompt_tuning(model, config, adapter_name, from_file=True)
     except ValueError as e:
         raise ValueError(f"lowrank_ext::load_adapter: {config_path} must describe an adapter this model can hold, "
                          f"got: {e}") from e

@@ -22,7 +22,8 @@ from typing import Any
 from torch import nn
 
 from lowrank_ext.adapters.bnb_import import is_bnb_4bit, nf4_from_bnb_linear
-from lowrank_ext.adapters.config import _BLOCKSIZES, _QUANT, _is_names, _match
+from lowrank_ext.adapters import peft_fields
+from lowrank_ext.adapters.config import _BLOCKSIZES, _QUANT, _match
 from lowrank_ext.adapters.injector import (
     _candidates,
     _get_parent,
@@ -30,6 +31,7 @@ from lowrank_ext.adapters.injector import (
     count_parameters,
     in_out,
 )
+from lowrank_ext.adapters.peft_fields import as_names, is_names, peft_task_type, read_peft_dict
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_new_adapter_name, get_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, IA3Linear, Linear4bit, QIA3Linear
@@ -84,11 +86,9 @@ class IA3Config:
     def __post_init__(self) -> None:
         for name in ("target_modules", "feedforward_modules", "exclude_modules"):
             v = getattr(self, name)
-            if isinstance(v, (set, tuple)):
-                v = sorted(v)
-                setattr(self, name, v)
-            if v is not None and not _is_names(v):
+            if v is not None and not is_names(v):
                 raise _err(name, "be None, a list of str or a str", v)
+            setattr(self, name, as_names(v))
         if not isinstance(self.init_ia3_weights, bool):
             raise _err("init_ia3_weights", "be True or False", self.init_ia3_weights)
         if self.quantize not in _QUANT:
@@ -123,41 +123,14 @@ class IA3Config:
         targets, ff = self.resolved(model) if model is not None else (self.target_modules, self.feedforward_modules)
         return {"peft_type": "IA3", "target_modules": targets, "feedforward_modules": ff,
                 "exclude_modules": self.exclude_modules, "init_ia3_weights": self.init_ia3_weights,
-                "fan_in_fan_out": self.fan_in_fan_out, "modules_to_save": None, "task_type": "CAUSAL_LM",
+                "fan_in_fan_out": self.fan_in_fan_out, "modules_to_save": None, "task_type": peft_task_type(model),
                 "base_model_name_or_path": base_model_name_or_path, "inference_mode": True}
 
     @classmethod
     def from_peft_dict(cls, d: Mapping[str, Any], _where: str = "lowrank_ext::IA3Config.from_peft_dict: field",
                        **overrides: Any) -> IA3Config:
-        """Read PEFT's IA3 adapter_config.json content; every field read is checked (ValueError naming it)."""
-
-        def bad(key: str, expected: str) -> ValueError:
-            got = repr(d[key]) if key in d else f"no such field (fields: {sorted(d)})"
-            return ValueError(f"{_where} {key!r} must {expected}, got {got}")
-
-        if d.get("peft_type") != "IA3":
-            raise bad("peft_type", "be 'IA3'")
-        checks = [("target_modules", _is_names, "be a list of module names or a regex string", True),
-                  ("feedforward_modules", _is_names, "be null, a list of module names or a regex string", False),
-                  ("exclude_modules", _is_names, "be null, a list of module names or a regex string", False),
-                  ("init_ia3_weights", lambda v: isinstance(v, bool), "be true or false", False),
-                  ("fan_in_fan_out", lambda v: isinstance(v, bool), "be true or false", False)]
-        for key, ok, expected, required in checks:
-            if key not in d or d[key] is None:
-                if required:
-                    raise bad(key, expected)
-            elif not ok(d[key]):
-                raise bad(key, expected)
-        if d.get("modules_to_save"):
-            raise bad("modules_to_save", "be null for IA3 (not supported)")
-        if (isinstance(d.get("feedforward_modules"), list) and isinstance(d["target_modules"], list)
-                and not set(d["feedforward_modules"]) <= set(d["target_modules"])):
-            raise bad("feedforward_modules", "be a subset of target_modules")
-        kw = {"target_modules": d["target_modules"], "feedforward_modules": d.get("feedforward_modules") or [],
-              "exclude_modules": d.get("exclude_modules"), "init_ia3_weights": bool(d.get("init_ia3_weights", True)),
-              "fan_in_fan_out": bool(d.get("fan_in_fan_out") or False)}
-        kw.update(overrides)
-        return cls(**kw)
+        """Read PEFT's IA3 adapter_config.json content; every field is checked (adapters/peft_fields.py)."""
+        return read_peft_dict(cls, d, _where, peft_fields.IA3, overrides)
 
 
 def _matches(patterns: list[str] | str, name: str) -> bool:

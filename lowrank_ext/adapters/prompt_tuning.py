@@ -13,7 +13,8 @@
 Initialisation (PEFT's prompt_tuning_init): "RANDOM" (nn.Embedding's N(0, 1)) without init_text; "TEXT" with
 it: the text's token ids (tokenizer(init_text)["input_ids"], special tokens included, as PEFT), cut or repeated
 to n, looked up in the model's input embeddings. The tokenizer is an object (never saved) or a name/path for
-transformers' AutoTokenizer.
+transformers' AutoTokenizer. Loading a file never initialises: its weights are the prompt, so a "TEXT" file
+loads without its tokenizer (as in PEFT).
 File (PEFT's): adapter_model.safetensors {"prompt_embeddings": [n, hidden]}, adapter_config.json peft_type
 "PROMPT_TUNING", task_type "CAUSAL_LM", num_virtual_tokens, token_dim, num_transformer_submodules (1), ...
 """
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_ext.adapters import peft_fields
+from lowrank_ext.adapters.peft_fields import peft_task_type, read_peft_dict
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_adapter_name, get_state
 
 __all__ = ["PromptTuningConfig", "PromptTuningModel", "check_prompt_tuning", "inject_prompt_tuning"]
@@ -65,7 +68,10 @@ class PromptTuningConfig:
         tokenizer object that has no name_or_path the file says "RANDOM" — the init is history, the trained
         virtual tokens are in the weights file either way."""
         tok_name = self.tokenizer_name_or_path or getattr(self.tokenizer, "name_or_path", None) or None
-        return {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": self.num_virtual_tokens,
+        # prompt tuning is a causal-LM method here (PromptTuningModel; the reader requires "CAUSAL_LM")
+        base = model.base_model if isinstance(model, PromptTuningModel) else model
+        return {"peft_type": "PROMPT_TUNING", "task_type": peft_task_type(base) or "CAUSAL_LM",
+                "num_virtual_tokens": self.num_virtual_tokens,
                 "token_dim": self.token_dim, "num_transformer_submodules": 1,
                 "num_attention_heads": _cfg(model, "num_attention_heads"), "num_layers": _cfg(model, "num_hidden_layers"),
                 "prompt_tuning_init": "TEXT" if self.init_text and tok_name else "RANDOM",
@@ -75,30 +81,9 @@ class PromptTuningConfig:
     @classmethod
     def from_peft_dict(cls, d: Mapping[str, Any],
                        _where: str = "lowrank_ext::PromptTuningConfig.from_peft_dict: field") -> PromptTuningConfig:
-        def bad(key: str, expected: str) -> ValueError:
-            got = repr(d[key]) if key in d else f"no such field (fields: {sorted(d)})"
-            return ValueError(f"{_where} {key!r} must {expected}, got {got}")
-
-        def is_pos_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-        if d.get("peft_type") != "PROMPT_TUNING":
-            raise bad("peft_type", "be 'PROMPT_TUNING'")
-        if d.get("task_type") not in ("CAUSAL_LM", None):
-            raise bad("task_type", "be 'CAUSAL_LM' (a causal LM's prompt tuning)")
-        for key in ("num_virtual_tokens", "token_dim"):
-            if not is_pos_int(d.get(key)):
-                raise bad(key, "be a positive int")
-        if d.get("num_transformer_submodules", 1) not in (1, None):
-            raise bad("num_transformer_submodules", "be 1 (a decoder-only model)")
-        text = d.get("prompt_tuning_init_text")
-        if text is not None and not isinstance(text, str):
-            raise bad("prompt_tuning_init_text", "be null or a string")
-        if d.get("modules_to_save"):
-            raise bad("modules_to_save", "be null for prompt tuning (not supported)")
-        return cls(num_virtual_tokens=d["num_virtual_tokens"], token_dim=d["token_dim"],
-                   init_text=text if d.get("prompt_tuning_init") == "TEXT" else None,
-                   tokenizer_name_or_path=d.get("tokenizer_name_or_path"))
+        """Read PEFT's PROMPT_TUNING adapter_config.json content; every field is checked (adapters/peft_fields.py).
+        The init ("TEXT" with its tokenizer) is kept as history only: loading takes the weights from the file."""
+        return read_peft_dict(cls, d, _where, peft_fields.PROMPT_TUNING)
 
 
 def _cfg(model: nn.Module | None, name: str) -> Any:
@@ -219,12 +204,16 @@ def check_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_na
     return emb
 
 
-def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default"
-                         ) -> PromptTuningModel:
-    """Wrap `model` (frozen) in a PromptTuningModel holding adapter `adapter_name`; returns the wrapper."""
+def inject_prompt_tuning(model: nn.Module, config: PromptTuningConfig, adapter_name: str = "default",
+                         from_file: bool = False) -> PromptTuningModel:
+    """Wrap `model` (frozen) in a PromptTuningModel holding adapter `adapter_name`; returns the wrapper.
+    from_file=True (load_adapter): the virtual tokens are about to be copied from a file, so they start as
+    zeros and are never initialised from init_text (no tokenizer is needed or looked up; PEFT loads so too)."""
     emb = check_prompt_tuning(model, config, adapter_name)
     dim = emb.embedding_dim
-    if config.init_text is not None:
+    if from_file:
+        init = torch.zeros(config.num_virtual_tokens, dim, device=emb.weight.device)
+    elif config.init_text is not None:
         init = _init_from_text(model, config)
     else:
         init = torch.empty(config.num_virtual_tokens, dim, device=emb.weight.device).normal_()  # nn.Embedding's init

@@ -213,7 +213,7 @@ def _check_args(a: argparse.Namespace) -> None:
 
 def _nothing_saved_yet(out: Path) -> bool:
     """True when `out` holds nothing but what a run killed before its first checkpoint leaves: nothing,
-    an empty checkpoint directory, or one with only interrupted temporary files (finetune/atomic.py)."""
+    an empty checkpoint directory, or one with only interrupted temporary files (lowrank_ext/_atomic.py)."""
     if not out.is_dir():
         return not out.exists()
     for entry in out.iterdir():

@@ -19,7 +19,7 @@ held-out loss before training, the history and a fingerprint of the run (paramet
 the caller's `fingerprint` dict); resuming from a checkpoint whose fingerprint differs is an error
 that names the differences. A resumed run therefore continues exactly where the checkpoint was taken:
 on CPU it ends bit-identical to the uninterrupted run (tests/test_crash_resume.py kills a real run).
-Files are written atomically (finetune/atomic.py: temporary file, fsync, rename), so a crash at any
+Files are written atomically (lowrank_ext/_atomic.py: temporary file, fsync, rename), so a crash at any
 moment leaves the previous complete checkpoint, and load with `torch.load(weights_only=True)`:
 nothing is unpickled.
 """
