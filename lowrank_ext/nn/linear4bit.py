@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lowrank_ext.nn.layout import check_floating
 from lowrank_ext.nf4 import BNB_WEIGHT_SUFFIXES, NF4Weight, bnb_state_dict, quantize_nf4
 from lowrank_ext.ops import nf4_linear
 
@@ -219,6 +220,7 @@ class Linear4bit(NF4WeightHolder):
         """Quantize an nn.Linear's weight to NF4 (bitsandbytes' format); the bias stays dense."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"lowrank_ext::Linear4bit: linear must be an nn.Linear, got {type(linear).__name__}")
+        check_floating("from_linear", "linear.weight", linear.weight)  # the one rule for a base tensor (layout.py)
         return cls(quantize_nf4(linear.weight.detach(), blocksize, double_quant), linear.bias, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
