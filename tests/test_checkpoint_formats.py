@@ -24,6 +24,9 @@ CONFIGS = {
     "lora-nf4-no-dq": lambda: L.LoRAConfig(r=4, target_modules=["q_proj", "down_proj"], quantize="nf4",
                                            double_quant=False),
     "dora-nf4": lambda: L.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize="nf4", use_dora=True),
+    "vera-nf4": lambda: L.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"], quantize="nf4", variant="vera"),
+    "lora-nf4-modules-to-save": lambda: L.LoRAConfig(r=4, target_modules=["q_proj"], quantize="nf4",
+                                                     modules_to_save=["lm_head"]),
     "ia3-nf4": lambda: L.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                                    quantize="nf4"),
 }
