@@ -26,8 +26,9 @@ from torch import nn
 
 from lowrank_ext.nf4 import nf4_nbytes
 
-__all__ = ["ROUTER_AUX_LOSS_MODEL_TYPES", "Estimate", "chunked_loss_blocker", "chunked_lm_loss", "enable_gradient_checkpointing", "estimate", "format_estimate", "import_model_code",
-           "measured_split", "runtime_bytes", "supports_chunked_loss", "trim_freed_memory"]
+__all__ = ["ROUTER_AUX_LOSS_MODEL_TYPES", "Estimate", "chunked_loss_blocker", "chunked_lm_loss",
+           "enable_gradient_checkpointing", "estimate", "format_estimate", "import_model_code", "measured_split",
+           "runtime_bytes", "supports_chunked_loss", "trim_freed_memory"]
 
 
 # ------------------------------------------------------------------------------------- checkpointing
@@ -126,9 +127,10 @@ def chunked_loss_blocker(model: nn.Module) -> str | None:
     if callable(inner_head) and inner_head() is not None:
         return "its `model` child is a whole causal LM (a wrapper), not the bare decoder"
     # terms a forward adds to the cross-entropy: a router aux loss (MoE), Bamba's z-loss, a custom loss function
-    if getattr(cfg, "output_router_logits", False) and getattr(cfg, "model_type", None) not in ROUTER_AUX_LOSS_MODEL_TYPES:
+    model_type = getattr(cfg, "model_type", None)
+    if getattr(cfg, "output_router_logits", False) and model_type not in ROUTER_AUX_LOSS_MODEL_TYPES:
         return (f"its forward adds a router auxiliary loss (config.output_router_logits) in a form not reproduced "
-                f"for model_type {getattr(cfg, 'model_type', None)!r} (done for {ROUTER_AUX_LOSS_MODEL_TYPES})")
+                f"for model_type {model_type!r} (done for {ROUTER_AUX_LOSS_MODEL_TYPES})")
     if (getattr(cfg, "z_loss_coefficient", None) or 0) > 0:
         return f"its forward adds a z-loss (config.z_loss_coefficient = {cfg.z_loss_coefficient})"
     if "_loss_function" in vars(model) or getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
