@@ -290,12 +290,16 @@ def bnb_state_dict(prefix: str, packed: torch.Tensor, absmax: torch.Tensor, nest
                    dtype: torch.dtype, blocksize: int) -> dict[str, torch.Tensor]:
     """bitsandbytes' Linear4bit weight keys from the NF4 bundle (NF4Weight.to_bnb_state_dict). The packed and
     absmax tensors are passed through as they are, so a layer whose bytes are sharded (FSDP2 DTensors) writes
-    its shards under the same keys; the double-quant constants (replicated, tiny) are plain tensors."""
+    its shards under the same keys; the double-quant constants (replicated, tiny) are plain tensors.
+
+    Every constant is this layer's own copy: a state dict in which two keys share storage (one codebook tensor
+    for every layer) is refused by safetensors, transformers' save_pretrained and Trainer checkpoints, and
+    accelerate's save_state drops the duplicates (a checkpoint its own load_state then refuses)."""
     meta = {"quant_type": "nf4", "blocksize": int(blocksize), "dtype": _FLOAT_DTYPES[dtype], "shape": tuple(shape)}
     sd = {
         prefix + "weight": packed,
         prefix + "weight.absmax": absmax,
-        prefix + "weight.quant_map": NF4_CODEBOOK.to(packed.device),
+        prefix + "weight.quant_map": NF4_CODEBOOK.to(packed.device, copy=True),  # own copy, never the global
     }
     if absmax.dtype == torch.uint8:
         sd[prefix + "weight.nested_absmax"] = nested_absmax

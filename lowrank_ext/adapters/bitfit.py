@@ -33,6 +33,7 @@ from lowrank_ext.adapters.injector import _output_head_name, count_parameters
 from lowrank_ext.adapters.peft_fields import as_names, is_names, read_peft_dict
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_adapter_name, get_state
 from lowrank_ext.nn import Linear4bit
+from lowrank_ext.nn.layout import check_floating
 
 __all__ = ["BitFitConfig", "BitFitPlan", "apply_bitfit", "bitfit_planned_shapes", "bitfit_state_dict", "plan_bitfit"]
 
@@ -122,6 +123,9 @@ def plan_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str = "def
                              "biases and train those")
         raise ValueError(f"lowrank_ext::inject: BitFitConfig.bias_patterns must match a module with a bias, got "
                          f"{config.bias_patterns!r} ({len(owners)} modules have biases, e.g. {owners[0]!r})")
+    for n in train:  # before anything changes (an int bias would fail half-way, in requires_grad_)
+        if n not in added:
+            check_floating("inject", f"{n}.bias (a bias BitFit trains)", model.get_submodule(n).bias)
     return BitFitPlan(adapter_name, config, add, train)
 
 

@@ -238,7 +238,16 @@ def merge_adapter(model: nn.Module, adapter_names: Sequence[str] | None = None, 
     Adapters already merged are skipped with one UserWarning, as PEFT warns ("already merged, nothing to do" /
     "now additionally merging"); PEFT warns once per layer, here once per call."""
     state = require_state(model, "merge_adapter")
-    for _, layer in _ia3(model):  # IA3: W ⊙ l in place (dense bases; NF4 bases refuse: see QIA3Linear.merge)
+    ia3 = _ia3(model)
+    nf4 = [n for n, layer in ia3 if isinstance(layer, QIA3Linear)]
+    if nf4:  # checked before any layer merges: all or nothing
+        # Merging IA3 into an NF4 weight requantizes it (lossy, permanent: the adapter is folded in for good);
+        # only merge_and_unload offers that, opt-in, as for LoRA. This function has no such argument.
+        raise ValueError(f"lowrank_ext::merge_adapter: model must have dense IA3 bases to merge in place (merging "
+                         f"into an NF4 weight requantizes it: lossy and permanent; use "
+                         f"merge_and_unload(model, requantize=True) for NF4 layers holding NF4(deq(W) * l), or "
+                         f"merge_and_unload(model) for dense layers), got {len(nf4)} NF4 IA3 layers, e.g. {nf4[0]!r}")
+    for _, layer in ia3:  # IA3: W ⊙ l in place (dense bases)
         layer.merge(None if adapter_names is None else [n for n in adapter_names if n in layer.specs],
                     safe_merge=safe_merge)
     layers = [layer for _, layer in adapter_layers(model)]

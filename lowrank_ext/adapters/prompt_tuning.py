@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,6 +91,11 @@ def _cfg(model: nn.Module | None, name: str) -> Any:
     return getattr(getattr(model, "config", None), name, None)
 
 
+# Per-token inputs that describe the real tokens only: PEFT's PeftModelForCausalLM.forward drops them for prompt
+# tuning (with a warning) rather than extending them over the virtual tokens; so do we.
+_IGNORED_WITH_VIRTUAL_TOKENS = ("position_ids", "token_type_ids")
+
+
 class PromptTuningModel(nn.Module):
     """A causal LM with trainable virtual tokens in front of every input (the base model frozen).
 
@@ -147,6 +153,10 @@ class PromptTuningModel(nn.Module):
         if self.disabled or not self.lowrank_ext_state.active:
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                    labels=labels, **kwargs)
+        for arg in _IGNORED_WITH_VIRTUAL_TOKENS:  # as PEFT: dropped with a warning, the model numbers positions
+            if kwargs.pop(arg, None) is not None:
+                warnings.warn(f"lowrank_ext::PromptTuningModel.forward: {arg} is ignored with prompt tuning, as PEFT "
+                              f"ignores it (the virtual tokens shift every position of the input)", UserWarning)
         inputs_embeds, attention_mask, labels = self._extend(input_ids, attention_mask, inputs_embeds, labels)
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,8 +26,9 @@ from torch import nn
 
 from lowrank_ext.nf4 import nf4_nbytes
 
-__all__ = ["Estimate", "chunked_lm_loss", "enable_gradient_checkpointing", "estimate", "format_estimate", "import_model_code",
-           "measured_split", "runtime_bytes", "supports_chunked_loss", "trim_freed_memory"]
+__all__ = ["ROUTER_AUX_LOSS_MODEL_TYPES", "Estimate", "chunked_loss_blocker", "chunked_lm_loss",
+           "enable_gradient_checkpointing", "estimate", "format_estimate", "import_model_code", "measured_split",
+           "runtime_bytes", "supports_chunked_loss", "trim_freed_memory"]
 
 
 # ------------------------------------------------------------------------------------- checkpointing
@@ -99,21 +101,49 @@ def _checkpoint_forward(block: nn.Module) -> None:
 _LOSS_CHUNK = 1 << 22  # logits elements (16 MiB of fp32) per chunk of the checkpointed loss
 
 
-def supports_chunked_loss(model: nn.Module) -> bool:
-    """True for a transformers causal LM whose logits are just `lm_head(decoder(x))` (Llama, Mistral, Qwen2, ...:
-    a `model` decoder, an output head, no logit scaling or soft-capping), where chunked_lm_loss is exact."""
+# Causal LMs whose forward adds the router load-balancing loss in the one standard form (read in each family's
+# modeling file): loss = CE + router_aux_loss_coef · load_balancing_loss_func(router_logits, num_experts,
+# num_experts_per_tok, attention_mask), all gated on config.output_router_logits. chunked_lm_loss adds that term
+# with the model's own function and attributes; each family here is held to the model's own loss by a test.
+# Any other family that outputs router logits (its own signature or coefficient: Doge, JetMoE, ...) trains on
+# the model's own loss instead (supports_chunked_loss is False).
+ROUTER_AUX_LOSS_MODEL_TYPES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+
+
+def chunked_loss_blocker(model: nn.Module) -> str | None:
+    """Why chunked_lm_loss would not be the model's own objective for `model` (None: it is exactly). The one rule
+    behind supports_chunked_loss and chunked_lm_loss's refusal."""
     cfg = getattr(model, "config", None)
     if cfg is None or not callable(getattr(model, "get_output_embeddings", None)):
-        return False
-    if any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale",
-                                                              "logits_scaling", "output_multiplier_scale")):
-        return False
+        return "it is not a transformers causal LM (no config / output embeddings)"
+    for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale"):
+        if getattr(cfg, k, None) not in (None, 1.0):
+            return f"its logits are scaled or soft-capped (config.{k} = {getattr(cfg, k)!r})"
     decoder = model._modules.get("model")  # a direct child: not one a wrapper forwards (prompt tuning's prepends)
     if not isinstance(decoder, nn.Module) or model.get_output_embeddings() is None:
-        return False
+        return "it has no `model` decoder child and output head"
     # the decoder must be the bare model (hidden states out), not a wrapped causal LM (a PEFT model's .model)
     inner_head = getattr(decoder, "get_output_embeddings", None)
-    return not (callable(inner_head) and inner_head() is not None)
+    if callable(inner_head) and inner_head() is not None:
+        return "its `model` child is a whole causal LM (a wrapper), not the bare decoder"
+    # terms a forward adds to the cross-entropy: a router aux loss (MoE), Bamba's z-loss, a custom loss function
+    model_type = getattr(cfg, "model_type", None)
+    if getattr(cfg, "output_router_logits", False) and model_type not in ROUTER_AUX_LOSS_MODEL_TYPES:
+        return (f"its forward adds a router auxiliary loss (config.output_router_logits) in a form not reproduced "
+                f"for model_type {model_type!r} (done for {ROUTER_AUX_LOSS_MODEL_TYPES})")
+    if (getattr(cfg, "z_loss_coefficient", None) or 0) > 0:
+        return f"its forward adds a z-loss (config.z_loss_coefficient = {cfg.z_loss_coefficient})"
+    if "_loss_function" in vars(model) or getattr(model, "loss_type", None) not in (None, "ForCausalLM"):
+        return f"it uses its own loss function (loss_type {getattr(model, 'loss_type', None)!r} or one set on it)"
+    return None
+
+
+def supports_chunked_loss(model: nn.Module) -> bool:
+    """True for a transformers causal LM whose training loss is the cross-entropy of `lm_head(decoder(x))` (Llama,
+    Mistral, Qwen2, ...: a `model` decoder, an output head, no logit scaling or soft-capping), plus the router aux
+    loss of ROUTER_AUX_LOSS_MODEL_TYPES: there chunked_lm_loss is exactly the model's own objective. False for
+    everything else (the finetune command then trains on `model(input_ids, labels=...).loss`)."""
+    return chunked_loss_blocker(model) is None
 
 
 class _FrozenHeadCE(torch.autograd.Function):
@@ -155,11 +185,32 @@ def chunked_lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     torch.utils.checkpoint (non-reentrant), so backward recomputes the chunk's logits instead of keeping them.
 
         loss = Σ_chunks Σ_t CE(lm_head(h_t), y_t) / N        h = decoder(x)[:, :-1], y = x[:, 1:], N = B·(T-1)
-    """
+               (+ router_aux_loss_coef · load_balancing_loss(router logits), as the model adds it: Mixtral, ...)
+
+    A model whose own loss is something else (chunked_loss_blocker names why) is refused with a ValueError:
+    never a different objective."""
+    blocker = chunked_loss_blocker(model)
+    if blocker is not None:
+        raise ValueError(f"lowrank_ext::chunked_lm_loss: model must be a causal LM whose loss is the cross-entropy "
+                         f"of its output head (plus a known router aux loss), got a {type(model).__name__}: "
+                         f"{blocker}; use the model's own loss")
+    router = bool(getattr(model.config, "output_router_logits", False))
+    out = model.model(input_ids=batch, use_cache=False, **({"output_router_logits": True} if router else {}))
+    ce = _chunked_ce(model, out.last_hidden_state, batch)
+    if not router:
+        return ce
+    # the model's own aux term (ROUTER_AUX_LOSS_MODEL_TYPES): its module's function, its attributes, no mask
+    # (lm_loss passes none either): loss = CE + coef · load_balancing_loss_func(router_logits, E, k, None)
+    modeling = sys.modules[type(model).__module__]
+    aux = modeling.load_balancing_loss_func(out.router_logits, model.num_experts, model.num_experts_per_tok, None)
+    return ce + model.router_aux_loss_coef * aux.to(ce.device)
+
+
+def _chunked_ce(model: nn.Module, hidden: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Σ_chunks Σ_t CE(lm_head(h_t), y_t) / N for the decoder's hidden states (chunked_lm_loss)."""
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    hidden = model.model(input_ids=batch, use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = batch[:, 1:].reshape(-1)

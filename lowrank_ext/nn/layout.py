@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["is_conv1d", "linear_in_out", "linear_weight", "weight_is_transposed"]
+__all__ = ["check_floating", "is_conv1d", "linear_in_out", "linear_weight", "weight_is_transposed"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -45,7 +45,19 @@ def linear_weight(module: nn.Module, fan_in_fan_out: bool | None = None
     """(weight [out, in], bias) of an nn.Linear or a transformers Conv1D (whose [in, out] weight is transposed)."""
     if not (isinstance(module, nn.Linear) or is_conv1d(module)):
         raise TypeError(f"lowrank_ext::from_linear: linear must be an nn.Linear or Conv1D, got {type(module).__name__}")
+    check_floating("from_linear", "linear.weight", module.weight)
+    if module.bias is not None:
+        check_floating("from_linear", "linear.bias", module.bias)
     w = module.weight.detach()
     if weight_is_transposed(module, fan_in_fan_out):
         w = w.t().contiguous()
     return w, (None if module.bias is None else module.bias.detach())
+
+
+def check_floating(op: str, arg: str, t: torch.Tensor) -> None:
+    """A base tensor an adapter is built on (a target's weight / bias, a bias BitFit trains) must be floating point:
+    an integer one (a model quantized by another tool, a corrupt checkpoint) would be cast silently in forward and
+    truncated by a merge, or fail half-way in torch (`requires_grad` on an int tensor). ValueError, before anything
+    changes."""
+    if not t.is_floating_point():
+        raise ValueError(f"lowrank_ext::{op}: {arg} must be a floating-point tensor, got {t.dtype} {list(t.shape)}")

@@ -26,9 +26,12 @@ outside FSDP2's forward/backward hooks) refuses to compute: the op needs the who
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+from lowrank_ext.nn.layout import check_floating
 from lowrank_ext.nf4 import BNB_WEIGHT_SUFFIXES, NF4Weight, bnb_state_dict, quantize_nf4
 from lowrank_ext.ops import nf4_linear
 
@@ -76,6 +79,15 @@ class NF4WeightHolder(nn.Module):
         for name, t in zip(_BUFS, consts):
             self.register_buffer(name, t, persistent=False)
         self._nf4_meta = (w.shape, w.dtype, w.blocksize, w.double_quant)
+        self._nf4_derived: dict[str, torch.Tensor] = {}  # values computed from the weight: stale once it changes
+
+    def nf4_derived(self, name: str, compute: Callable[[NF4Weight], torch.Tensor]) -> torch.Tensor:
+        """compute(self.weight), cached until the NF4 weight changes (load_state_dict, requantize, a move to
+        another device): e.g. DoRA's row norms of deq(W). The one place such a cache is invalidated."""
+        t = self._nf4_derived.get(name)
+        if t is None or t.device != self.weight_packed.device:
+            t = self._nf4_derived[name] = compute(self.weight)
+        return t
 
     def nf4_parameters(self) -> tuple[nn.Parameter, nn.Parameter]:
         """The frozen uint8 storage parameters (packed codes, absmax bytes)."""
@@ -208,6 +220,7 @@ class Linear4bit(NF4WeightHolder):
         """Quantize an nn.Linear's weight to NF4 (bitsandbytes' format); the bias stays dense."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"lowrank_ext::Linear4bit: linear must be an nn.Linear, got {type(linear).__name__}")
+        check_floating("from_linear", "linear.weight", linear.weight)  # the one rule for a base tensor (layout.py)
         return cls(quantize_nf4(linear.weight.detach(), blocksize, double_quant), linear.bias, compute_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -384,7 +384,6 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.register_buffer("merged_weight", None, persistent=False)
         self._init_adapters()
-        self._row_sqnorm: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, blocksize: int = 64,
@@ -422,9 +421,8 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
         return nf4_lora_linear(x, self.weight, a, b, scaling, bias, p, self.compute_dtype)
 
     def _dora_norm_of(self, a, b, scaling, dtype):
-        if self._row_sqnorm is None or self._row_sqnorm.device != self.weight.device:
-            self._row_sqnorm = nf4_row_sqnorm(self.weight)  # ||w_i||² of deq(W), once (W is frozen)
-        return LF.dora_norm_nf4(self.weight, self._row_sqnorm, a, b, scaling).to(dtype)
+        row_sqnorm = self.nf4_derived("row_sqnorm", nf4_row_sqnorm)  # ||w_i||² of deq(W), until W changes
+        return LF.dora_norm_nf4(self.weight, row_sqnorm, a, b, scaling).to(dtype)
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight.dequantize(torch.float32) if self.merged_weight is None else self.merged_weight.float()
@@ -441,7 +439,6 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
         if requantize:
             old = self.weight
             self._set_nf4_weight(quantize_nf4(w.to(old.dtype), old.blocksize, old.double_quant))
-            self._row_sqnorm = None
             self.merged_weight = None
             for n in names:  # folded into the NF4 weight for good: the adapters are gone
                 self.delete_adapter(n)
