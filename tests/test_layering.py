@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "lowrank_ext"
 PKG = "lowrank_ext"
 CORE = ("_extension", "_build_config", "_atomic", "nf4", "ops", "nn", "optim", "_reference")
-UPPER = ("adapters", "distributed", "finetune")  # in this order: each may import core and the ones before it
+UPPER = ("adapters", "distributed", "hf", "finetune")  # in this order: each may import core and the ones before it
 HEAVY = ("transformers", "peft", "bitsandbytes", "matplotlib", "safetensors")
 
 
