@@ -706,7 +706,7 @@ def _summary(a: argparse.Namespace, plan: _Plan, data: _Data, job: _Job, result,
             "peak_memory_mb": result.peak_memory_mb, "seconds": time.perf_counter() - plan.t_all,
             "rank_pattern": job.rank_pattern, "memory_now_mb": memory_mb(plan.device)[0], "dtype": str(plan.dtype),
             "adapter_bytes": saved.adapter_bytes, "method": job.method_note, "memory_runtime_mb": runtime,
-            "skipped_steps": result.skipped_steps}
+            "skipped_steps": result.skipped_steps, "target_numel": job.target_numel}
 
 
 def main(argv: list[str] | None = None) -> int:
