@@ -486,7 +486,8 @@ def test_finetune_persistent_nonfinite_loss_exits_nonzero(capsys, tmp_path, tiny
 
 
 @needs_model
-@pytest.mark.parametrize("argv", [[], ["--no-quantize"], ["--backend", "peft", "--no-quantize", "--optimizer", "adamw"]])
+@pytest.mark.parametrize("argv", [[], ["--no-quantize"],
+                                  ["--backend", "peft", "--no-quantize", "--optimizer", "adamw"]])
 def test_finetune_parameter_counts_follow_peft(capsys, tmp_path, tiny_model_dir, argv):
     """Defect 12: the summary's total and trainable % are PEFT's get_nb_trainable_parameters() on the same model
     and config (total = base + adapter; an NF4 weight counts its elements), not the base model's count."""
@@ -544,6 +545,9 @@ def test_finetune_gpt2_targets_checked_before_loading(capsys, tmp_path, tiny_gpt
     rc, _, err = run_main(capsys, "finetune", "--model", str(tiny_gpt2_dir), "--output", str(out), *TINY,
                           "--targets", "q_proj,fc1")
     assert rc == 2 and "got q_proj,fc1, which match none" in err, err
+    rc, _, err = run_main(capsys, "finetune", "--model", str(tiny_gpt2_dir), "--output", str(out), *TINY,
+                          "--variant", "ia3", "--targets", "k_proj")
+    assert rc == 2 and "this gpt2 model (attn.c_attn, " in err and "got k_proj, which match none" in err, err
     assert not out.exists()
 
     monkeypatch.setattr(models, "load_causal_lm", real)

@@ -432,15 +432,17 @@ def _module_kinds(names: list[str]) -> list[str]:
 
 
 def _check_targets_fit(a: argparse.Namespace, targets: str | list[str] | None) -> None:
-    """The LoRA family's targets must select some module of the model in --model DIR: checked on the model
+    """The targets (LoRA family, IA3) must select some module of the model in --model DIR: checked on the model
     built from its config.json on the meta device, so that (say) a GPT-2 directory without --targets (the
     default names Llama's projections) fails at once with the names it could use, not after loading."""
-    from lowrank_ext.adapters import LoRAConfig
+    from lowrank_ext.adapters import IA3Config, LoRAConfig
     from lowrank_ext.adapters.injector import target_names
 
-    if a.variant not in LORA_FAMILY or targets is None or targets == "all-linear":
+    if a.variant not in (*LORA_FAMILY, "ia3") or targets == "all-linear":
         return
     meta = _meta_model(a.model)
+    if a.variant == "ia3":  # no --targets: PEFT's defaults for the model type (an error names the type if none)
+        targets = IA3Config(target_modules=targets).resolved(meta)[0]
     if target_names(meta, LoRAConfig(target_modules=targets)):
         return
     linear = _module_kinds(target_names(meta, LoRAConfig(target_modules="all-linear")))
