@@ -7,6 +7,7 @@ give the outputs of our reloaded model."""
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,10 +136,9 @@ def test_resume_before_the_first_checkpoint_starts_at_step_0(tmp_path):
     (["--rank", "0"], "--rank must be >= 1, got 0"),
     (["--rank-budget", "5000", "--max-rank", "0"], "--max-rank must be >= 1, got 0"),
     (["--max-rank", "8"], "--max-rank must come with --rank-budget, got --max-rank 8 without it"),
+    (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be >= 1, got 0"),
 ])
 def test_bad_numbers(capsys, tmp_path, argv, match):
-    import re
-
     rc, _, err = run_main(capsys, "finetune", "--output", str(tmp_path / "o"), *argv)
     assert rc == 2 and re.search(match, err), err
 
@@ -412,3 +412,147 @@ def test_finetune_loads_through_load_pretrained(tmp_path, tiny_model_dir, monkey
                                        *TINY])
     cli.finetune(a)
     assert calls == [True]
+
+
+# ------------------------------------------------------------------ issue 19: non-finite steps, counts, targets
+def _poison_training_loss(monkeypatch, bad_steps: set[int]) -> None:
+    """Make the training loss NaN on the 1-based steps in `bad_steps` (grad_accum 1: one training call per step),
+    through the loss function the CLI builds (trainer.lm_loss_in); evaluation (eval mode) is left alone."""
+    from lowrank_ext.finetune import trainer
+
+    real, calls = trainer.lm_loss_in, [0]
+
+    def poisoned_in(dtype, loss=trainer.lm_loss):
+        inner = real(dtype, loss)
+
+        def loss_fn(model, batch):
+            out = inner(model, batch)
+            if model.training:
+                calls[0] += 1
+                if calls[0] in bad_steps:
+                    return out * float("nan")
+            return out
+        return loss_fn
+
+    monkeypatch.setattr(trainer, "lm_loss_in", poisoned_in)
+
+
+def _all_finite(tensors) -> bool:
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return bool(tensors) and all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _checkpoint_is_finite(path: Path) -> dict:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert _all_finite(state["params"].values())
+    assert _all_finite([v for st in state["optimizer"]["state"].values() for v in st.values()])
+    return state
+
+
+@needs_model
+def test_finetune_skips_a_nonfinite_step(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    """Defect 5: a NaN loss at step 3 is skipped (no update), counted in the summary; the checkpoint and the
+    adapter stay finite and the run still learns (before: the NaN reached the adapter and was checkpointed)."""
+    from safetensors.torch import load_file
+
+    _poison_training_loss(monkeypatch, {3})
+    out = tmp_path / "out"
+    res = cli.finetune(cli.build_parser().parse_args(["finetune", "--model", str(tiny_model_dir), "--output", str(out),
+                                                      *TINY, "--checkpoint-every", "2"]))
+    printed = capsys.readouterr().out
+    assert res["skipped_steps"] == [3]
+    assert "warning: step 3: non-finite loss nan" in printed
+    assert re.search(r"non-finite steps\s+1 skipped \(step 3\): NaN/Inf loss or gradient, no update", printed)
+    state = _checkpoint_is_finite(out / "checkpoint" / "trainer_state.pt")
+    assert state["step"] == 6 and [h.get("skipped", False) for h in state["history"]] == [False] * 2 + [True] + [
+        False] * 3
+    assert _all_finite(load_file(str(out / "adapter_model.safetensors")).values())
+    assert abs(res["reload_loss"] - res["eval_after"]) < 1e-3 and res["eval_after"] < res["eval_before"] - MIN_DROP
+
+
+@needs_model
+def test_finetune_persistent_nonfinite_loss_exits_nonzero(capsys, tmp_path, tiny_model_dir, monkeypatch):
+    """Defect 5: a loss that stays NaN stops the run after --max-nonfinite-steps steps in a row with exit status 2
+    and an error naming them; no adapter is written and any checkpoint is finite."""
+    _poison_training_loss(monkeypatch, set(range(2, 100)))
+    out = tmp_path / "out"
+    rc, _, err = run_main(capsys, "finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY,
+                          "--checkpoint-every", "1", "--max-nonfinite-steps", "2")
+    assert rc == 2, err
+    assert ("lowrank_ext.train: the loss and gradients must be finite, got NaN/Inf at steps 2, 3 (2 consecutive, "
+            "max_nonfinite_steps=2)") in err
+    assert not (out / "adapter_model.safetensors").exists()
+    assert _checkpoint_is_finite(out / "checkpoint" / "trainer_state.pt")["step"] == 2
+
+
+@needs_model
+@pytest.mark.parametrize("argv", [[], ["--no-quantize"],
+                                  ["--backend", "peft", "--no-quantize", "--optimizer", "adamw"]])
+def test_finetune_parameter_counts_follow_peft(capsys, tmp_path, tiny_model_dir, argv):
+    """Defect 12: the summary's total and trainable % are PEFT's get_nb_trainable_parameters() on the same model
+    and config (total = base + adapter; an NF4 weight counts its elements), not the base model's count."""
+    import peft
+    import transformers
+
+    res = cli.finetune(cli.build_parser().parse_args(["finetune", "--model", str(tiny_model_dir), "--output",
+                                                      str(tmp_path / "o"), *TINY, "--steps", "1", *argv]))
+    printed = capsys.readouterr().out
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    ref = peft.get_peft_model(base, peft.LoraConfig(r=16, lora_alpha=32, target_modules=cli.DEFAULT_TARGETS.split(","),
+                                                    task_type="CAUSAL_LM"))
+    trainable, total = ref.get_nb_trainable_parameters()
+    assert (res["trainable"], res["total"]) == (trainable, total)
+    assert f"{total:,} total, {trainable:,} trainable ({100 * trainable / total:.2f}%)" in printed
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A GPT-2 directory (transformers Conv1D projections: c_attn, c_proj, c_fc) with SmolLM2's tokenizer."""
+    import transformers
+
+    from lowrank_ext.finetune.models import _cached_smollm2
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(_cached_smollm2()[0]))
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                  eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+    d = tmp_path_factory.mktemp("tiny_gpt2")
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(str(d))
+    tok.save_pretrained(str(d))
+    return d
+
+
+@needs_model
+def test_finetune_gpt2_targets_checked_before_loading(capsys, tmp_path, tiny_gpt2_dir, monkeypatch):
+    """Defect 12: a GPT-2 directory without --targets (the default names Llama's projections) fails before any
+    load, naming --targets and the model's linear modules; with --targets c_attn it trains, and the summary's
+    target weights count GPT-2's Conv1D c_attn (before: 0 - only nn.Linear was counted)."""
+    import transformers
+
+    from lowrank_ext.finetune import models
+
+    real = models.load_causal_lm
+
+    def no_load(*args, **kw):
+        raise AssertionError("the model was loaded before its targets were checked")
+
+    monkeypatch.setattr(models, "load_causal_lm", no_load)
+    out = tmp_path / "out"
+    rc, _, err = run_main(capsys, "finetune", "--model", str(tiny_gpt2_dir), "--output", str(out), *TINY)
+    assert rc == 2 and ("--targets must name linear modules of this gpt2 model (attn.c_attn, attn.c_proj, mlp.c_fc, "
+                        "mlp.c_proj; or all-linear), got the default q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+                        "down_proj, which match none") in err, err
+    rc, _, err = run_main(capsys, "finetune", "--model", str(tiny_gpt2_dir), "--output", str(out), *TINY,
+                          "--targets", "q_proj,fc1")
+    assert rc == 2 and "got q_proj,fc1, which match none" in err, err
+    rc, _, err = run_main(capsys, "finetune", "--model", str(tiny_gpt2_dir), "--output", str(out), *TINY,
+                          "--variant", "ia3", "--targets", "k_proj")
+    assert rc == 2 and "this gpt2 model (attn.c_attn, " in err and "got k_proj, which match none" in err, err
+    assert not out.exists()
+
+    monkeypatch.setattr(models, "load_causal_lm", real)
+    res = cli.finetune(cli.build_parser().parse_args(["finetune", "--model", str(tiny_gpt2_dir), "--output", str(out),
+                                                      *TINY, "--targets", "c_attn"]))
+    base = transformers.GPT2LMHeadModel.from_pretrained(str(tiny_gpt2_dir))
+    assert res["target_numel"] == sum(m.weight.numel() for n, m in base.named_modules() if n.endswith("attn.c_attn"))
+    assert abs(res["reload_loss"] - res["eval_after"]) < 1e-3

@@ -372,3 +372,112 @@ def test_unreadable_datasets(tmp_path, content, name, match):
         p.write_text(content)
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         load_documents(str(p))
+
+
+# ------------------------------------------------------------------ non-finite steps (issue 19, defect 5)
+class _InfGrad(torch.autograd.Function):
+    """Identity forward (the loss stays finite), an infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def _poisoned_loss(bad_steps: set[int], kind: str):
+    """lm_loss, made non-finite on the training calls of the 1-based steps in `bad_steps` (grad_accum 1:
+    one training call per step; evaluation runs in eval mode and is left alone)."""
+    calls = [0]
+
+    def loss_fn(model, batch):
+        loss = lm_loss(model, batch)
+        if not model.training:
+            return loss
+        calls[0] += 1
+        if calls[0] not in bad_steps:
+            return loss
+        return loss * float("nan") if kind == "nan_loss" else _InfGrad.apply(loss)
+    return loss_fn
+
+
+def _finite_checkpoint(path) -> dict:
+    state = torch.load(path, weights_only=True)
+    tensors = list(state["params"].values()) + [v for st in state["optimizer"]["state"].values() for v in st.values()
+                                                 if isinstance(v, torch.Tensor)]
+    assert tensors and all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+    return state
+
+
+@pytest.mark.parametrize("kind", ["nan_loss", "inf_grad"])
+def test_nonfinite_step_is_skipped(tmp_path, kind):
+    """A step whose loss (or gradient) is NaN/Inf changes nothing: the parameters and the optimizer state are
+    bit-identical to the step before, the lr schedule does not advance; it is counted, and the checkpoints
+    and the trained parameters stay finite. Before the fix the NaN was applied and checkpointed."""
+    model = tiny_llama()
+    data, held = token_blocks(32), token_blocks(4, seed=1)
+    cfg = TrainConfig(steps=5, batch_size=4, lr=5e-3, warmup_steps=2, checkpoint_every=3, progress=False)
+    tr = Trainer(model, lambda i: data.batch(i, 4), held.sequential(4), cfg, checkpoint_dir=tmp_path,
+                 loss_fn=_poisoned_loss({3}, kind))
+    snaps = {}
+
+    def snapshot(rec):
+        snaps[rec["step"]] = ({n: p.detach().clone() for n, p in tr.named_params},
+                              [int(st["step"]) for st in tr.optimizer.state.values()],
+                              tr.scheduler.last_epoch)
+
+    res = tr.train(on_step=snapshot)
+    params2, opt2, sched2 = snaps[2]
+    params3, opt3, sched3 = snaps[3]
+    assert all(torch.equal(params2[n], params3[n]) for n in params2)  # step 3 did not move anything
+    assert opt3 == opt2 == [2] * len(opt2) and sched3 == sched2 == 2
+    assert any(not torch.equal(params3[n], snaps[4][0][n]) for n in params3)  # step 4 trains again
+    assert res.skipped_steps == [3] and res.steps == 5 and [h.get("skipped", False) for h in res.history] == [
+        False, False, True, False, False]
+    assert res.history[3]["lr"] == res.history[2]["lr"]  # the schedule resumes where the skipped step left it
+    assert all(bool(torch.isfinite(p).all()) for _, p in tr.named_params)
+    assert _finite_checkpoint(tmp_path / "trainer_state.pt")["step"] == 5
+    # a resumed run keeps the count (it is in the checkpoint's history)
+    tr2 = Trainer(tiny_llama(seed=3), lambda i: data.batch(i, 4), held.sequential(4),
+                  TrainConfig(steps=6, batch_size=4, lr=5e-3, warmup_steps=2, progress=False),
+                  checkpoint_dir=tmp_path)
+    tr2.fingerprint["schedule"] = tr.fingerprint["schedule"]  # (steps=6 continues the 5-step run)
+    assert tr2.train(resume=True).skipped_steps == [3]
+
+
+def test_persistent_nonfinite_steps_stop_naming_them(tmp_path):
+    model = tiny_llama()
+    data = token_blocks(32)
+    cfg = TrainConfig(steps=8, batch_size=4, lr=5e-3, checkpoint_every=1, max_nonfinite_steps=3, progress=False)
+    tr = Trainer(model, lambda i: data.batch(i, 4), [], cfg, checkpoint_dir=tmp_path,
+                 loss_fn=_poisoned_loss(set(range(2, 100)), "nan_loss"))
+    with pytest.raises(ValueError, match=r"lowrank_ext.train: the loss and gradients must be finite, got NaN/Inf at "
+                                         r"steps 2, 3, 4 \(3 consecutive, max_nonfinite_steps=3\)"):
+        tr.train()
+    assert tr.step == 4 and tr.skipped_steps == [2, 3, 4]
+    assert _finite_checkpoint(tmp_path / "trainer_state.pt")["step"] == 3  # the last one before the error
+    with pytest.raises(ValueError, match="lowrank_ext.train: max_nonfinite_steps must be >= 1, got 0"):
+        TrainConfig(max_nonfinite_steps=0)
+
+
+def test_nonfinite_parameters_are_never_checkpointed(tmp_path):
+    """An update that leaves a parameter infinite (here an optimizer that overflows it; the loss and gradient were
+    finite) stops the run with an error naming the step and the parameter instead of writing the checkpoint."""
+    class Overflowing(torch.optim.SGD):
+        def step(self, closure=None):
+            super().step(closure)
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+
+    data = token_blocks(32)
+    cfg = TrainConfig(steps=3, batch_size=4, lr=1e-3, checkpoint_every=1, progress=False)
+    model = tiny_llama()
+    first = next(n for n, p in model.named_parameters())
+    tr = Trainer(model, lambda i: data.batch(i, 4), [], cfg, checkpoint_dir=tmp_path,
+                 optimizer=lambda ps, lr: Overflowing(ps, lr=lr))
+    with pytest.raises(ValueError, match=r"lowrank_ext.train: parameters and optimizer state must be finite after "
+                                         rf"step 1, got NaN/Inf in {first}; no checkpoint written"):
+        tr.train()
+    assert not (tmp_path / "trainer_state.pt").exists()

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "torchrun leave it out: the processes torchrun started are used")
     f.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp",
                    help="with several processes: FSDP2 (NF4 base, LoRA and optimizer state sharded) or DDP")
+    f.add_argument("--max-nonfinite-steps", type=int, default=3,
+                   help="a step whose loss or gradient is NaN/Inf is skipped (no update, counted in the summary); "
+                        "this many in a row stop the run with an error naming them")
     f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=GRADIENT_CHECKPOINTING,
                    help="recompute each transformer block's forward in backward (torch.utils.checkpoint, "
                         "non-reentrant) instead of keeping its activations")
@@ -173,7 +177,7 @@ def _memory(a: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------ finetune
 def _check_args(a: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "grad_accum", "rank", "eval_blocks"):
+    for name in ("steps", "batch_size", "grad_accum", "rank", "eval_blocks", "max_nonfinite_steps"):
         if getattr(a, name) < 1:
             raise CLIError(f"lowrank_ext finetune: --{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.max_rank is not None:
@@ -337,12 +341,43 @@ def finetune(a: argparse.Namespace) -> dict:
 
 
 def _finetune(a: argparse.Namespace, dctx) -> dict:
+    """The job in its phases; each reads the arguments and what the earlier ones returned."""
+    plan = _plan(a, dctx)                      # every cheap check, before any weight is read
+    lm, runtime = _load_model(a, plan)         # the model (or its meta skeleton) and tokenizer
+    data = _load_data(a, plan, lm.tokenizer)   # packed train / held-out blocks, the sample prompt
+    job = _build(a, plan, dctx, lm, data)      # rank allocation, adapters, checkpointing, counts, parallel wrap
+    result = _train(a, plan, dctx, lm, data, job)
+    report = _save_and_reload(a, plan, dctx, lm, data, job, result, runtime)
+    if report is None:  # a rank other than 0: rank 0 alone checks and reports
+        return {"eval_before": result.eval_before, "eval_after": result.eval_after, "rank": plan.rank}
+    return _summary(a, plan, data, job, result, report, runtime)
+
+
+# ---- phase 1: plan (cheap checks: arguments, --output / --resume, model directory, targets, dataset, backend)
+@dataclass
+class _Plan:
+    device: torch.device
+    dtype: torch.dtype
+    rank: int
+    world: int
+    out: Path
+    ckpt_dir: Path
+    have_checkpoint: bool
+    docs: object  # finetune/data.py's documents (the sample prompt is the first held-out one)
+    backend: object  # finetune/backends.py
+    targets: str | list[str] | None
+    quantized: bool
+    sharded_load: bool  # FSDP: built on the meta device, each rank reads its shard
+    streamed: bool  # load_pretrained: NF4 quantized as the shards stream in
+    t_all: float
+
+
+def _plan(a: argparse.Namespace, dctx) -> _Plan:
     from lowrank_ext.finetune import backends as fb
     from lowrank_ext.finetune import parallel
-    from lowrank_ext.finetune.data import load_documents, prepare_data, split_documents
-    from lowrank_ext.finetune.memory import trim_freed_memory
-    from lowrank_ext.finetune.models import DEFAULT_MODEL, check_model_dir, load_causal_lm, smollm2_gguf_path
-    from lowrank_ext.finetune.trainer import TrainConfig, Trainer, evaluate, lm_loss_in, memory_mb, seed_everything
+    from lowrank_ext.finetune.data import load_documents
+    from lowrank_ext.finetune.models import DEFAULT_MODEL, check_model_dir, smollm2_gguf_path
+    from lowrank_ext.finetune.trainer import seed_everything
 
     _check_args(a)
     device = _device(a.device) if dctx is None else dctx.device
@@ -350,7 +385,6 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
         dctx.barrier()  # every rank has checked --output before rank 0 writes into it
     rank, world = (0, 1) if dctx is None else (dctx.rank, dctx.world)
     dtype = _train_dtype(a.dtype, device)
-    loss_fn = lm_loss_in(dtype)
     seed_everything(a.seed)  # torch (CPU, CUDA), random, numpy: a resumed run restores all of them
     t_all = time.perf_counter()
     out = Path(a.output)
@@ -362,157 +396,320 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                            f"{str(ckpt_dir)!r} (no {CHECKPOINT_FILE})")
         print(f"resume: no checkpoint in {ckpt_dir} yet (the run stopped before its first one); starting at step 0",
               flush=True)
-    # cheap checks first: the model directory, the dataset, the backend; then the slow loads
+    # cheap checks first: the model directory and its targets, the dataset, the backend; then the slow loads
     check_model_dir(a.model) if a.model != DEFAULT_MODEL else smollm2_gguf_path()
+    targets = _targets(a.targets, a.variant)
+    if a.model != DEFAULT_MODEL:  # (the packaged SmolLM2 is a Llama: the default targets fit it)
+        _check_targets_fit(a, targets)
     docs = load_documents(a.dataset)
     backend = fb.get_backend(a.backend, a.optimizer)
+    sharded_load = parallel.loads_sharded(a, dctx)
+    return _Plan(device=device, dtype=dtype, rank=rank, world=world, out=out, ckpt_dir=ckpt_dir,
+                 have_checkpoint=have_checkpoint, docs=docs, backend=backend, targets=targets,
+                 quantized=not a.no_quantize and a.variant not in ("prompt", "bitfit"),  # those keep the base dense
+                 sharded_load=sharded_load, streamed=_streams(a, sharded_load), t_all=t_all)
+
+
+def _meta_model(model_dir: str) -> torch.nn.Module:
+    """The model of `model_dir` built from its config.json on the meta device: module names, no weight read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _module_kinds(names: list[str]) -> list[str]:
+    """Module names without their layer prefix ("model.layers.3.self_attn.q_proj" -> "self_attn.q_proj"),
+    each once, in model order: what --targets can name."""
+    kinds: list[str] = []
+    for name in names:
+        parts = name.split(".")
+        last_index = max((i for i, p in enumerate(parts) if p.isdigit()), default=-1)
+        kind = ".".join(parts[last_index + 1:])
+        if kind not in kinds:
+            kinds.append(kind)
+    return kinds
+
+
+def _check_targets_fit(a: argparse.Namespace, targets: str | list[str] | None) -> None:
+    """The targets (LoRA family, IA3) must select some module of the model in --model DIR: checked on the model
+    built from its config.json on the meta device, so that (say) a GPT-2 directory without --targets (the
+    default names Llama's projections) fails at once with the names it could use, not after loading."""
+    from lowrank_ext.adapters import IA3Config, LoRAConfig
+    from lowrank_ext.adapters.injector import target_names
+
+    if a.variant not in (*LORA_FAMILY, "ia3") or targets == "all-linear":
+        return
+    meta = _meta_model(a.model)
+    if a.variant == "ia3":  # no --targets: PEFT's defaults for the model type (an error names the type if none)
+        targets = IA3Config(target_modules=targets).resolved(meta)[0]
+    if target_names(meta, LoRAConfig(target_modules=targets)):
+        return
+    linear = _module_kinds(target_names(meta, LoRAConfig(target_modules="all-linear")))
+    model_type = getattr(meta.config, "model_type", type(meta).__name__)
+    given = "the default " if a.targets is None else ""
+    raise CLIError(f"lowrank_ext finetune: --targets must name linear modules of this {model_type} model "
+                   f"({', '.join(linear)}; or all-linear), got {given}{','.join(targets)}, which match none")
+
+
+# ---- phase 2: load
+def _load_model(a: argparse.Namespace, plan: _Plan):
+    """The model and tokenizer (streamed / sharded: the model on the meta device, no weight read yet), and the
+    MiB resident before any weight (the memory estimate's floor)."""
+    from lowrank_ext.finetune.models import load_causal_lm
+    from lowrank_ext.finetune.trainer import memory_mb
 
     t0 = time.perf_counter()
-    sharded_load = parallel.loads_sharded(a, dctx)  # FSDP: built on the meta device, each rank reads its shard
-    streamed = _streams(a, sharded_load)  # load_pretrained: NF4 quantized as the shards stream in
-    runtime = memory_mb(device)[0]  # MiB resident before any weight (the estimate's floor); streamed: updated below
-    lm = load_causal_lm(a.model, meta=sharded_load or streamed)
-    if streamed:  # the model code and tokenizer are loaded now, no weight yet
-        runtime = memory_mb(device)[0]
+    runtime = memory_mb(plan.device)[0]
+    lm = load_causal_lm(a.model, meta=plan.sharded_load or plan.streamed)
+    if plan.streamed:  # the model code and tokenizer are loaded now, no weight yet
+        runtime = memory_mb(plan.device)[0]
     print(f"model: {lm.source} ({'cached' if lm.from_cache else 'loaded'}) in {time.perf_counter() - t0:.1f}s",
           flush=True)
-    micro = a.batch_size
-    train_tokens = (a.steps * a.grad_accum * micro * world + 64) * a.seq_len  # what training reads, plus a margin
-    train_blocks, held_blocks = prepare_data(a.dataset, lm.tokenizer, a.seq_len, train_tokens=train_tokens,
+    return lm, runtime
+
+
+# ---- phase 3: data
+@dataclass
+class _Data:
+    train_blocks: object  # finetune/data.py's PackedBlocks
+    eval_batches: list[torch.Tensor]
+    prompt: str
+
+
+def _load_data(a: argparse.Namespace, plan: _Plan, tokenizer) -> _Data:
+    from lowrank_ext.finetune.data import prepare_data, split_documents
+
+    train_tokens = (a.steps * a.grad_accum * a.batch_size * plan.world + 64) * a.seq_len  # what training reads + margin
+    train_blocks, held_blocks = prepare_data(a.dataset, tokenizer, a.seq_len, train_tokens=train_tokens,
                                              eval_blocks=a.eval_blocks, seed=a.seed)
-    eval_batches = held_blocks.sequential(micro)
     print(f"data: {a.dataset}: {len(train_blocks)} train / {len(held_blocks)} held-out blocks of {a.seq_len} tokens",
           flush=True)
-    prompt = _prompt(split_documents(docs).heldout[0])
-    targets = _targets(a.targets, a.variant)
-    model = lm.model if sharded_load or streamed else lm.model.to(device)
-    total_params = sum(p.numel() for p in model.parameters())
+    return _Data(train_blocks=train_blocks, eval_batches=held_blocks.sequential(a.batch_size),
+                 prompt=_prompt(split_documents(plan.docs).heldout[0]))
 
-    rank_pattern = None
-    if a.rank_budget:
-        from lowrank_ext.finetune.rank_allocation import allocate_ranks
 
-        probe = [train_blocks.batch(10_000 + i, micro) for i in range(2)]  # not the first training batches
-        max_rank = a.max_rank if a.max_rank is not None else 4 * a.rank
-        rank_pattern = allocate_ranks(model, probe, a.rank_budget, target_modules=targets,
-                                      min_rank=min(2, max_rank), max_rank=max_rank)
-        ranks = sorted(rank_pattern.values())
-        print(f"rank allocation: {len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]} "
-              f"(median {ranks[len(ranks) // 2]}, max_rank {max_rank}) within {a.rank_budget} parameters", flush=True)
+# ---- phase 4: build (rank allocation, adapters, gradient checkpointing, counts, parallel wrap)
+@dataclass
+class _Job:
+    """The model being trained and what was counted on it; `model` / `trainer` are dropped (None) before the
+    streamed reload so that the trained model is freed first."""
+    model: torch.nn.Module | None
+    spec: object  # finetune/backends.py's AdapterSpec
+    rank_pattern: dict[str, int] | None
+    trainable: int
+    total: int  # PEFT's total: base + adapter, an NF4 weight by its elements (lowrank_ext.count_parameters)
+    target_numel: int
+    method_note: str
+    trainer: object = None
+    sample_before: str = ""
+    sample_after: str = ""
 
-    quantized = not a.no_quantize and a.variant not in ("prompt", "bitfit")  # those two keep the base dense
-    spec = fb.AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=targets, variant=a.variant,
-                          quantize=quantized, rank_pattern=rank_pattern,
+
+def _build(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data) -> _Job:
+    from lowrank_ext.adapters import count_parameters
+    from lowrank_ext.finetune import backends as fb
+    from lowrank_ext.finetune import parallel
+
+    model = lm.model if plan.sharded_load or plan.streamed else lm.model.to(plan.device)
+    rank_pattern = _allocate_ranks(a, model, data, plan.targets) if a.rank_budget else None
+    spec = fb.AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=plan.targets, variant=a.variant,
+                          quantize=plan.quantized, rank_pattern=rank_pattern,
                           num_virtual_tokens=a.num_virtual_tokens if a.variant == "prompt" else None,
                           init_text=PROMPT_INIT_TEXT if a.variant == "prompt" else None)
-    named = set(fb.target_names(model, targets if targets is not None else ["k_proj", "v_proj", "down_proj"]))
-    target_numel = 0 if a.variant == "prompt" else sum(m.weight.numel() for n, m in model.named_modules() if n in named)
-    model = (backend.load_pretrained(Path(lm.source), spec, device) if streamed
-             else backend.inject(model, spec, tokenizer=lm.tokenizer))
+    target_numel = _target_numel(model, a.variant, plan.targets)
+    model = (plan.backend.load_pretrained(Path(lm.source), spec, plan.device) if plan.streamed
+             else plan.backend.inject(model, spec, tokenizer=lm.tokenizer))
     if a.gradient_checkpointing:
         from lowrank_ext.finetune.memory import enable_gradient_checkpointing
 
         enable_gradient_checkpointing(model)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = count_parameters(model)
     method_note = fb.method_note(model, spec)
     if dctx is not None:
         model = dctx.wrap(model)  # FSDP2: the NF4 bytes, LoRA and optimizer state sharded; or DDP
-        if sharded_load:
-            parallel.materialize_from_dir(model, Path(lm.source), device, a.seed)
+        if plan.sharded_load:
+            parallel.materialize_from_dir(model, Path(lm.source), plan.device, a.seed)
         from lowrank_ext.distributed import nf4_bytes
 
         local, whole = nf4_bytes(model)
-        print(f"{world} processes, {dctx.parallel}: NF4 bytes on rank 0 {local:,} of {whole:,}"
-              + (" (built on the meta device; each rank read only its shard)" if sharded_load else ""), flush=True)
-    sample_before = _generate(model if dctx is None else dctx.unwrap(model), lm.tokenizer, prompt, a.gen_tokens,
-                              device, dtype)
-    if rank:
-        torch.manual_seed(a.seed + rank)  # the same weights everywhere, each rank its own dropout masks
+        print(f"{plan.world} processes, {dctx.parallel}: NF4 bytes on rank 0 {local:,} of {whole:,}"
+              + (" (built on the meta device; each rank read only its shard)" if plan.sharded_load else ""),
+              flush=True)
+    return _Job(model=model, spec=spec, rank_pattern=rank_pattern, trainable=trainable, total=total,
+                target_numel=target_numel, method_note=method_note)
 
-    cfg = TrainConfig(steps=a.steps, batch_size=micro, grad_accum=a.grad_accum, lr=a.lr, warmup_steps=a.warmup,
-                      max_grad_norm=a.max_grad_norm or None, checkpoint_every=a.checkpoint_every,
-                      progress=not a.no_progress and rank == 0)
+
+def _allocate_ranks(a: argparse.Namespace, model: torch.nn.Module, data: _Data,
+                    targets: str | list[str] | None) -> dict[str, int]:
+    """--rank-budget: per-module ranks from gradient sensitivity on two probe batches."""
+    from lowrank_ext.finetune.rank_allocation import allocate_ranks
+
+    probe = [data.train_blocks.batch(10_000 + i, a.batch_size) for i in range(2)]  # not the first training batches
+    max_rank = a.max_rank if a.max_rank is not None else 4 * a.rank
+    rank_pattern = allocate_ranks(model, probe, a.rank_budget, target_modules=targets,
+                                  min_rank=min(2, max_rank), max_rank=max_rank)
+    ranks = sorted(rank_pattern.values())
+    print(f"rank allocation: {len(ranks)} modules, ranks {ranks[0]}..{ranks[-1]} "
+          f"(median {ranks[len(ranks) // 2]}, max_rank {max_rank}) within {a.rank_budget} parameters", flush=True)
+    return rank_pattern
+
+
+def _target_numel(model: torch.nn.Module, variant: str, targets: str | list[str] | None) -> int:
+    """Elements of the base weights the method adapts, selected by the injector's target rule (PEFT's; a
+    transformers Conv1D included); IA3 with no --targets: PEFT's defaults for the model type."""
+    from lowrank_ext.adapters import IA3Config, LoRAConfig
+    from lowrank_ext.adapters.injector import target_names
+
+    if variant == "prompt":
+        return 0
+    if variant == "ia3":
+        targets = IA3Config(target_modules=targets).resolved(model)[0]
+    names = set(target_names(model, LoRAConfig(target_modules=targets)))
+    return sum(m.weight.numel() for n, m in model.named_modules() if n in names)
+
+
+# ---- phase 5: train
+def _train(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, job: _Job):
+    """Sample, train (checkpointing into --output), sample again; the trainer is kept on `job`."""
+    from lowrank_ext.finetune import parallel
+    from lowrank_ext.finetune.memory import trim_freed_memory
+    from lowrank_ext.finetune.trainer import TrainConfig, Trainer, lm_loss_in
+
+    unwrapped = job.model if dctx is None else dctx.unwrap(job.model)
+    job.sample_before = _generate(unwrapped, lm.tokenizer, data.prompt, a.gen_tokens, plan.device, plan.dtype)
+    if plan.rank:
+        torch.manual_seed(a.seed + plan.rank)  # the same weights everywhere, each rank its own dropout masks
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
+                      warmup_steps=a.warmup, max_grad_norm=a.max_grad_norm or None,
+                      checkpoint_every=a.checkpoint_every, progress=not a.no_progress and plan.rank == 0,
+                      max_nonfinite_steps=a.max_nonfinite_steps)
     fingerprint = {"model": str(a.model), "dataset": str(a.dataset), "seq_len": a.seq_len, "seed": a.seed,
-                   "adapter": spec.as_dict(), "backend": a.backend,
-                   "optimizer": a.optimizer}
-    if dtype != torch.float32:  # (fp32 runs keep the fingerprint of checkpoints written before --dtype existed)
-        fingerprint["dtype"] = str(dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    trainer_cls, kw = (Trainer, {}) if dctx is None else (parallel.DistTrainer, {"dist": dctx})
+                   "adapter": job.spec.as_dict(), "backend": a.backend, "optimizer": a.optimizer}
+    if plan.dtype != torch.float32:  # (fp32 runs keep the fingerprint of checkpoints written before --dtype existed)
+        fingerprint["dtype"] = str(plan.dtype)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    loss_fn = lm_loss_in(plan.dtype)
     if a.gradient_checkpointing and dctx is None and a.backend == "lowrank_ext":  # the head + loss in chunks too
         from lowrank_ext.finetune.memory import chunked_lm_loss, supports_chunked_loss
 
-        if supports_chunked_loss(model):
-            loss_fn = lm_loss_in(dtype, chunked_lm_loss)  # under bf16 autocast too, with --dtype bf16
+        if supports_chunked_loss(job.model):
+            loss_fn = lm_loss_in(plan.dtype, chunked_lm_loss)  # under bf16 autocast too, with --dtype bf16
+    trainer_cls, kw = (Trainer, {}) if dctx is None else (parallel.DistTrainer, {"dist": dctx})
+    rank, world, micro, blocks = plan.rank, plan.world, a.batch_size, data.train_blocks
     # rank r reads micro-batches r, r + world, ...: distinct data per rank, the same stream for any resume
-    trainer = trainer_cls(model, lambda i: train_blocks.batch(i * world + rank, micro), eval_batches, cfg,
-                          optimizer=backend.optimizer,
-                          checkpoint_dir=ckpt_dir if a.resume else out / CHECKPOINT_SUBDIR,
-                          device=device, fingerprint=fingerprint, loss_fn=loss_fn, **kw)
+    job.trainer = trainer_cls(job.model, lambda i: blocks.batch(i * world + rank, micro), data.eval_batches, cfg,
+                              optimizer=plan.backend.optimizer,
+                              checkpoint_dir=plan.ckpt_dir if a.resume else plan.out / CHECKPOINT_SUBDIR,
+                              device=plan.device, fingerprint=fingerprint, loss_fn=loss_fn, **kw)
     try:
         trim_freed_memory()  # what loading freed goes back to the OS before the first step; then after each step
-        result = trainer.train(resume=bool(a.resume) and have_checkpoint, on_step=lambda rec: trim_freed_memory())
+        result = job.trainer.train(resume=bool(a.resume) and plan.have_checkpoint,
+                                   on_step=lambda rec: trim_freed_memory())
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
-    sample_after = _generate(model if dctx is None else dctx.unwrap(model), lm.tokenizer, prompt, a.gen_tokens,
-                             device, dtype)
+    job.sample_after = _generate(unwrapped, lm.tokenizer, data.prompt, a.gen_tokens, plan.device, plan.dtype)
+    return result
 
+
+# ---- phase 6: save the adapter, reload it into a fresh model and score it
+@dataclass
+class _Saved:
+    reload_loss: float
+    adapter_bytes: int
+    memory_rows: list[tuple[str, str]]
+
+
+def _save_and_reload(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, job: _Job, result,
+                     runtime: float) -> _Saved | None:
+    """Save in PEFT's format, then load the file into a fresh model and evaluate it the same way; None on a
+    rank other than 0 (which only takes part in the collective save / sharded reload)."""
+    from lowrank_ext.finetune import parallel
+    from lowrank_ext.finetune.models import load_causal_lm
+    from lowrank_ext.finetune.trainer import evaluate
+
+    backend, out, spec, device = plan.backend, plan.out, job.spec, plan.device
+    reload_loss = None
     if dctx is None:
-        backend.save(model, out)
+        backend.save(job.model, out)
     else:  # FSDP: every rank gathers, rank 0 writes the global tensors; DDP: rank 0 writes its copy
         if dctx.parallel == "fsdp" or dctx.is_main:
-            backend.save(dctx.unwrap(model), out)
+            backend.save(dctx.unwrap(job.model), out)
         dctx.barrier()
-        if sharded_load:  # every rank: a fresh sharded model filled from the base weights and the adapter file
+        if plan.sharded_load:  # every rank: a fresh sharded model filled from the base weights and the adapter file
             reload_loss = parallel.reload_sharded(
-                a, lambda: backend.inject(load_causal_lm(a.model, meta=True).model, spec, tokenizer=lm.tokenizer), out,
-                eval_batches, dctx, loss_fn)
-        if not dctx.is_main:  # rank 0 alone checks and reports
-            return {"eval_before": result.eval_before, "eval_after": result.eval_after, "rank": rank}
+                a, lambda: backend.inject(load_causal_lm(a.model, meta=True).model, spec, tokenizer=lm.tokenizer),
+                out, data.eval_batches, dctx, job.trainer.loss_fn)
+        if not dctx.is_main:
+            return None
     adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    memory_rows = _memory_rows(a, lm.source, trainer, result.peak_memory_mb, runtime, device)
-    if streamed:  # the trained model is saved: free it before the fresh one is built, and score it the same way
-        loss_fn = trainer.loss_fn
-        trainer.optimizer.state.clear()
-        del trainer, model
+    memory_rows = _memory_rows(a, lm.source, job.trainer, result.peak_memory_mb, runtime, device)
+    loss_fn = job.trainer.loss_fn
+    if plan.streamed:  # the trained model is saved: free it before the fresh one is built
+        job.trainer.optimizer.state.clear()
+        job.trainer = job.model = None
         reloaded = backend.load_streamed(Path(lm.source), out, spec, device)
-        reload_loss = evaluate(reloaded, eval_batches, device, loss_fn)
-    elif not sharded_load:
-        fresh = load_causal_lm(a.model).model.to(device)
-        reloaded = backend.load(fresh, out, spec)
-        reload_loss = evaluate(reloaded, eval_batches, device, loss_fn)
-    reload_ok = abs(reload_loss - result.eval_after) <= 1e-3 * max(1.0, abs(result.eval_after))
+        reload_loss = evaluate(reloaded, data.eval_batches, device, loss_fn)
+    elif not plan.sharded_load:
+        reloaded = backend.load(load_causal_lm(a.model).model.to(device), out, spec)
+        reload_loss = evaluate(reloaded, data.eval_batches, device, loss_fn)
+    return _Saved(reload_loss=reload_loss, adapter_bytes=adapter_bytes, memory_rows=memory_rows)
 
-    fp32_bytes = 4 * target_numel
-    nf4_bytes = nf4_nbytes(target_numel) if quantized else fp32_bytes
-    print(f"\nsample before: {prompt} | {sample_before}")
-    print(f"sample after:  {prompt} | {sample_after}\n")
+
+# ---- phase 7: summary
+def _target_weights_row(target_numel: int, quantized: bool, no_quantize: bool) -> str:
+    """The summary's "target weights" row: the adapted base weights in fp32 and as stored (NF4 + double quant:
+    lowrank_ext.nf4.nf4_nbytes, the one NF4 byte-size rule)."""
+    fp32 = 4 * target_numel
+    stored = nf4_nbytes(target_numel) if quantized else fp32
+    kind = "NF4+DQ" if quantized else "fp32 (--no-quantize)" if no_quantize else "fp32"
+    return f"{fp32 / 2**20:.1f} MiB fp32 -> {stored / 2**20:.1f} MiB {kind}"
+
+
+def _nonfinite_row(skipped: list[int]) -> str:
+    if not skipped:
+        return "none"
+    return (f"{len(skipped)} skipped (step{'s' if len(skipped) > 1 else ''} {', '.join(map(str, skipped))}): "
+            "NaN/Inf loss or gradient, no update")
+
+
+def _summary(a: argparse.Namespace, plan: _Plan, data: _Data, job: _Job, result, saved: _Saved,
+             runtime: float) -> dict:
+    """Print the samples and the summary table; raise when the reloaded adapter does not reproduce the loss."""
+    from lowrank_ext.finetune.trainer import memory_mb
+
+    reload_ok = abs(saved.reload_loss - result.eval_after) <= 1e-3 * max(1.0, abs(result.eval_after))
+    print(f"\nsample before: {data.prompt} | {job.sample_before}")
+    print(f"sample after:  {data.prompt} | {job.sample_after}\n")
     rows = [
         ("held-out loss (nats)", (f"{result.eval_before:.4f} -> {result.eval_after:.4f} "
                                   f"(delta {result.eval_after - result.eval_before:+.4f})")),
         ("held-out perplexity", f"{math.exp(result.eval_before):.2f} -> {math.exp(result.eval_after):.2f}"),
-        ("reloaded adapter loss", f"{reload_loss:.4f} ({'matches' if reload_ok else 'MISMATCH'})"),
-        ("parameters", f"{total_params:,} total, {trainable:,} trainable ({100 * trainable / total_params:.2f}%)"),
-        ("method", method_note),
-        ("target weights", (f"{fp32_bytes / 2**20:.1f} MiB fp32 -> {nf4_bytes / 2**20:.1f} MiB "
-                            f"{'NF4+DQ' if quantized else 'fp32 (--no-quantize)' if a.no_quantize else 'fp32'}")),
-        ("adapter files", f"{adapter_bytes / 2**20:.2f} MiB in {out}"),
-        ("compute", _dtype_row(dtype, a.dtype, device)),
-        ("peak memory", (f"{result.peak_memory_mb:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'})"
+        ("reloaded adapter loss", f"{saved.reload_loss:.4f} ({'matches' if reload_ok else 'MISMATCH'})"),
+        ("parameters", f"{job.total:,} total, {job.trainable:,} trainable ({100 * job.trainable / job.total:.2f}%)"),
+        ("method", job.method_note),
+        ("target weights", _target_weights_row(job.target_numel, plan.quantized, a.no_quantize)),
+        ("adapter files", f"{saved.adapter_bytes / 2**20:.2f} MiB in {plan.out}"),
+        ("compute", _dtype_row(plan.dtype, a.dtype, plan.device)),
+        ("peak memory", (f"{result.peak_memory_mb:.0f} MiB "
+                         f"({'CUDA allocated' if plan.device.type == 'cuda' else 'RSS'})"
                          f"{', gradient checkpointing' if a.gradient_checkpointing else ''}")),
-        *memory_rows,
+        *saved.memory_rows,
+        ("non-finite steps", _nonfinite_row(result.skipped_steps)),
         ("time", (f"{result.seconds_per_step:.2f} s/step, {result.tokens_per_second:.0f} tokens/s, "
-                  f"{time.perf_counter() - t_all:.0f} s in all")),
+                  f"{time.perf_counter() - plan.t_all:.0f} s in all")),
     ]
     print("summary\n" + _table(rows), flush=True)
     if not reload_ok:
         raise CLIError(f"lowrank_ext finetune: the reloaded adapter must reproduce the held-out loss "
-                       f"{result.eval_after:.6f}, got {reload_loss:.6f}")
-    return {"eval_before": result.eval_before, "eval_after": result.eval_after, "reload_loss": reload_loss,
-            "trainable": trainable, "total": total_params, "seconds_per_step": result.seconds_per_step,
-            "peak_memory_mb": result.peak_memory_mb, "seconds": time.perf_counter() - t_all,
-            "rank_pattern": rank_pattern, "memory_now_mb": memory_mb(device)[0], "dtype": str(dtype),
-            "adapter_bytes": adapter_bytes, "method": method_note, "memory_runtime_mb": runtime}
+                       f"{result.eval_after:.6f}, got {saved.reload_loss:.6f}")
+    return {"eval_before": result.eval_before, "eval_after": result.eval_after, "reload_loss": saved.reload_loss,
+            "trainable": job.trainable, "total": job.total, "seconds_per_step": result.seconds_per_step,
+            "peak_memory_mb": result.peak_memory_mb, "seconds": time.perf_counter() - plan.t_all,
+            "rank_pattern": job.rank_pattern, "memory_now_mb": memory_mb(plan.device)[0], "dtype": str(plan.dtype),
+            "adapter_bytes": saved.adapter_bytes, "method": job.method_note, "memory_runtime_mb": runtime,
+            "skipped_steps": result.skipped_steps, "target_numel": job.target_numel}
 
 
 def main(argv: list[str] | None = None) -> int:

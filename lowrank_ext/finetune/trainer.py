@@ -12,6 +12,14 @@ What one optimizer step does (grad_accum micro-batches of `batch` rows):
     lr_t   = lr · f(t)                                        warm-up then cosine (lr_factor below)
     θ      = optimizer.step(θ, g, lr_t)
 
+A step whose loss or gradient norm is not finite (NaN / Inf: an overflow, a bad batch) is skipped: no
+optimizer update (parameters and optimizer state untouched) and no scheduler advance, the convention of
+transformers' Trainer when a step is skipped (the next update gets the lr the skipped one would have had);
+the step still counts towards `steps` and its batch is not retried. Skipped steps are recorded
+(`TrainResult.skipped_steps`, history records with "skipped": True); `max_nonfinite_steps` consecutive
+ones stop training with a ValueError naming them. A checkpoint is never written with non-finite
+parameters or optimizer state (ValueError naming the step instead).
+
 Checkpoints (every `checkpoint_every` steps, and at the end) hold the trainable parameters, the
 optimizer and scheduler state, every RNG stream a step may draw from (torch's CPU generator, each
 CUDA device's generator when CUDA is initialised, Python's `random`, numpy's global generator), the
@@ -163,6 +171,10 @@ def evaluate(model: torch.nn.Module, batches: Sequence[torch.Tensor], device: to
     return total / max(count, 1)
 
 
+# TrainConfig fields that do not change what a run computes: left out of a checkpoint's fingerprint
+_NOT_FINGERPRINTED = ("progress", "checkpoint_every", "eval_every", "max_nonfinite_steps")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 40
@@ -175,6 +187,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # 0: only at the end (when a checkpoint_dir is given)
     eval_every: int = 0  # 0: only before and after
     progress: bool = True
+    max_nonfinite_steps: int = 3  # consecutive skipped (non-finite) steps that stop training with an error
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -184,6 +197,8 @@ class TrainConfig:
             raise ValueError(f"lowrank_ext.train: lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"lowrank_ext.train: warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"lowrank_ext.train: max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
 
 
 @dataclass
@@ -195,7 +210,8 @@ class TrainResult:
     seconds_per_step: float
     tokens_per_second: float
     peak_memory_mb: float
-    history: list[dict] = field(default_factory=list)  # per step: step, loss, lr, grad_norm
+    history: list[dict] = field(default_factory=list)  # per step: step, loss, lr, grad_norm (skipped: True)
+    skipped_steps: list[int] = field(default_factory=list)  # 1-based steps skipped for a non-finite loss/gradient
 
     @property
     def ppl_before(self) -> float:
@@ -233,8 +249,7 @@ class Trainer:
         self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
         self.fingerprint = {
             "params": {n: list(p.shape) for n, p in self.named_params},
-            "schedule": {k: v for k, v in asdict(config).items() if k not in ("progress", "checkpoint_every",
-                                                                              "eval_every")},
+            "schedule": {k: v for k, v in asdict(config).items() if k not in _NOT_FINGERPRINTED},
             **(fingerprint or {}),
         }
         self.step = 0
@@ -299,8 +314,91 @@ class Trainer:
         """The step's loss as logged: this process's (finetune/parallel.py's DistTrainer: the mean over ranks)."""
         return value
 
+    def all_ranks_true(self, flag: bool) -> bool:
+        """`flag` held on every process (one process: itself). Goes through reduce_loss, the mean over the
+        ranks under DistTrainer, so every rank takes the same decision (a rank alone raising would hang the
+        others in their next collective)."""
+        return self.reduce_loss(0.0 if flag else 1.0) == 0.0
+
     def evaluate(self) -> float:
         return evaluate(self.model, self.eval_batches, self.device, self.loss_fn)
+
+    @property
+    def skipped_steps(self) -> list[int]:
+        """Steps skipped for a non-finite loss or gradient (kept in the history, hence across resumes)."""
+        return [rec["step"] for rec in self.history if rec.get("skipped")]
+
+    def _accumulate_gradients(self) -> tuple[float, int]:
+        """Forward + backward of this step's grad_accum micro-batches: (mean loss as logged, tokens read)."""
+        cfg = self.config
+        loss_sum, step_tokens = 0.0, 0
+        for k in range(cfg.grad_accum):
+            batch = self.train_batches(self.step * cfg.grad_accum + k).to(self.device)
+            loss = self.loss_fn(self.model, batch) / cfg.grad_accum
+            loss.backward()
+            loss_sum += float(loss.detach())
+            step_tokens += batch.numel()
+        return self.reduce_loss(loss_sum), step_tokens
+
+    def _clip_gradients(self) -> float:
+        """Clip to max_grad_norm (when set); the global gradient norm before clipping (NaN/Inf when a gradient
+        is not finite: clipping then leaves the gradients non-finite, and the step is skipped)."""
+        params = [p for _, p in self.named_params]
+        if self.config.max_grad_norm is not None:
+            return float(torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm))
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+    def _nonfinite_state(self) -> list[str]:
+        """Names of the trainable parameters / optimizer state entries of this process holding NaN or Inf."""
+        def bad(t: object) -> bool:
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                return False
+            local = t.to_local() if hasattr(t, "to_local") else t  # FSDP2 DTensor: this rank's shard
+            return not bool(torch.isfinite(local).all())
+
+        names = {id(p): n for n, p in self.named_params}
+        out = [n for n, p in self.named_params if bad(p)]
+        out += [f"optimizer state {k!r} of {names.get(id(p), '?')}" for p, st in self.optimizer.state.items()
+                for k, v in st.items() if bad(v)]
+        return out
+
+    def check_finite_state(self) -> None:
+        """Raise (on every rank) when a trainable parameter or the optimizer state is not finite: nothing
+        non-finite is ever checkpointed or returned as trained."""
+        bad = self._nonfinite_state()
+        if not self.all_ranks_true(not bad):
+            raise ValueError(f"lowrank_ext.train: parameters and optimizer state must be finite after step "
+                             f"{self.step}, got NaN/Inf in {', '.join(bad[:4]) or 'another rank'}"
+                             f"{f' ... ({len(bad)} in all)' if len(bad) > 4 else ''}; no checkpoint written")
+
+    def _consecutive_skips(self) -> list[int]:
+        run: list[int] = []
+        for rec in reversed(self.history):
+            if not rec.get("skipped"):
+                break
+            run.insert(0, rec["step"])
+        return run
+
+    def _step(self) -> tuple[dict, int]:
+        """One optimizer step (or a skipped one: see the module docstring): its history record, tokens read."""
+        t0 = time.perf_counter()
+        loss, step_tokens = self._accumulate_gradients()
+        gnorm = self._clip_gradients()
+        lr = self.optimizer.param_groups[0]["lr"]
+        # loss (the mean over ranks) and gnorm (global: clip_grad_norm_ reduces over FSDP shards, DDP grads are
+        # all-reduced) are the same on every rank, so every rank skips the same steps
+        finite = math.isfinite(loss) and math.isfinite(gnorm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        rec = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": step_tokens / dt}
+        if not finite:
+            rec["skipped"] = True
+        return rec, step_tokens
 
     def train(self, resume: bool | str | os.PathLike = False,
               on_step: Callable[[dict], None] | None = None) -> TrainResult:
@@ -319,56 +417,50 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc="finetune", unit="step", dynamic_ncols=True)
+        say = print if bar is None else bar.write
         t_start, tokens, steps_run, saved_at = time.perf_counter(), 0, 0, None
-        while self.step < cfg.steps:
-            t0 = time.perf_counter()
-            loss_sum, step_tokens = 0.0, 0
-            for k in range(cfg.grad_accum):
-                batch = self.train_batches(self.step * cfg.grad_accum + k).to(self.device)
-                loss = self.loss_fn(self.model, batch) / cfg.grad_accum
-                loss.backward()
-                loss_sum += float(loss.detach())
-                step_tokens += batch.numel()
-            loss_sum = self.reduce_loss(loss_sum)
-            params = [p for _, p in self.named_params]
-            if cfg.max_grad_norm is not None:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            else:
-                gnorm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            self.step += 1
-            steps_run += 1
-            tokens += step_tokens
-            dt = time.perf_counter() - t0
-            rec = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
-                   "tokens_per_s": step_tokens / dt}
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                rec["eval_loss"] = self.evaluate()
-                self.model.train()
-            self.history.append(rec)
+        try:
+            while self.step < cfg.steps:
+                rec, step_tokens = self._step()
+                steps_run += 1
+                tokens += step_tokens
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    rec["eval_loss"] = self.evaluate()
+                    self.model.train()
+                self.history.append(rec)
+                if rec.get("skipped"):
+                    run = self._consecutive_skips()
+                    say(f"warning: step {self.step}: non-finite loss {rec['loss']} / gradient norm "
+                        f"{rec['grad_norm']}; step skipped (no update) [{len(self.skipped_steps)} skipped so far]")
+                    if len(run) >= cfg.max_nonfinite_steps:
+                        raise ValueError(
+                            f"lowrank_ext.train: the loss and gradients must be finite, got NaN/Inf at steps "
+                            f"{', '.join(map(str, run))} ({len(run)} consecutive, max_nonfinite_steps="
+                            f"{cfg.max_nonfinite_steps}); the parameters were not updated by them and no "
+                            f"checkpoint holds them")
+                if bar is not None:
+                    cur = memory_mb(self.device)[0]
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{rec['lr']:.2e}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}", mem=f"{cur:.0f}MB")
+                    bar.update(1)
+                if self.checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.check_finite_state()
+                    self.save_checkpoint()
+                    saved_at = self.step
+                if on_step is not None:
+                    on_step(rec)
+        finally:
             if bar is not None:
-                cur = memory_mb(self.device)[0]
-                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:.0f}",
-                                mem=f"{cur:.0f}MB")
-                bar.update(1)
-            if self.checkpoint_dir is not None and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save_checkpoint()
-                saved_at = self.step
-            if on_step is not None:
-                on_step(rec)
-        if bar is not None:
-            bar.close()
+                bar.close()
         seconds = time.perf_counter() - t_start
+        self.check_finite_state()
         if self.checkpoint_dir is not None and steps_run and saved_at != self.step:
             self.save_checkpoint()
         eval_after = self.evaluate()
         return TrainResult(eval_before=self.eval_before, eval_after=eval_after, steps=self.step, seconds=seconds,
                            seconds_per_step=seconds / max(steps_run, 1), tokens_per_second=tokens / max(seconds, 1e-9),
-                           peak_memory_mb=memory_mb(self.device)[1], history=self.history)
+                           peak_memory_mb=memory_mb(self.device)[1], history=self.history,
+                           skipped_steps=self.skipped_steps)
 
 
 def _diff(saved: object, current: object, path: str = "") -> list[str]:
