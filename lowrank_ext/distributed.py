@@ -279,7 +279,9 @@ def materialize(model: nn.Module, source: Mapping[str, torch.Tensor] | str | os.
         device = torch.device("cuda", torch.cuda.current_device())
     todo = {n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta}
     # allocate: meta tensors become uninitialized ones on `device` (sharded ones: the local shard only)
+    tied = _tied_parameters(model)
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t.to(device))
+    _retie(model, tied)
     gen = torch.Generator().manual_seed(seed)
     whole: dict[str, NF4Weight | None] = {}  # the whole NF4 weight of each layer quantized here (DoRA's norm)
     for name, m in model.named_modules():
@@ -314,6 +316,29 @@ def materialize(model: nn.Module, source: Mapping[str, torch.Tensor] | str | os.
         raise ValueError(f"lowrank_ext::materialize: source must hold every tensor of the model, got "
                          f"{len(todo)} missing, e.g. {sorted(todo)[:6]} (extra= takes the non-persistent buffers)")
     return model
+
+
+def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(alias, first name) of every parameter registered under a second name (a tied output head: GPT-2's
+    lm_head.weight is transformer.wte.weight)."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return out
+
+
+def _retie(model: nn.Module, tied: list[tuple[str, str]]) -> None:
+    """Module._apply replaces a meta parameter by a new one per module that registers it, which unties shared
+    parameters (the head would stay uninitialized memory): register the first one under every alias again."""
+    for alias, name in tied:
+        owner, _, attr = alias.rpartition(".")
+        target = model.get_parameter(name)
+        if model.get_parameter(alias) is not target:
+            setattr(model.get_submodule(owner) if owner else model, attr, target)
 
 
 def _materialize_nf4(m: NF4WeightHolder, prefix: str, src: _Source, device: torch.device) -> NF4Weight | None:

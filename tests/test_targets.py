@@ -154,3 +154,36 @@ def test_lora_config_matches_is_the_same_rule():
     assert c.matches("model.layers.0.self_attn.q_proj") and not c.matches("model.layers.1.self_attn.q_proj")
     assert not c.matches("model.layers.0.self_attn.xq_proj")  # "." + entry, not a plain suffix
     assert not L.LoRAConfig(target_modules="all-linear").matches("all-linear")  # needs the model
+
+
+# ------------------------------------------------------------------------------ IA3 feedforward_modules (defect 10)
+FF_CASES = [
+    ("llama", r".*\.(k_proj|v_proj|down_proj|up_proj)", ["n_proj"]),  # PEFT: a plain suffix -> down_proj
+    ("llama", r".*\.(k_proj|v_proj|down_proj|up_proj)", ["proj"]),    # every target
+    ("llama", ["k_proj", "down_proj"], ["down_proj"]),
+    ("llama", "all-linear", r".*\.mlp\..*"),
+    ("gpt2", r".*\.c_(attn|proj|fc)", ["proj"]),
+    ("gpt2", ["c_attn", "c_proj"], ["c_proj"]),
+    ("gpt2", ["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+]
+
+
+@pytest.mark.parametrize(("kind", "targets", "ff"), FF_CASES, ids=[f"{k}-{t}-{f}" for k, t, f in FF_CASES])
+def test_ia3_feedforward_modules_follow_peft(kind, targets, ff):
+    """Which targets scale their input: PEFT's IA3 layers' is_feedforward, module by module, and the same
+    logits once both hold the same (random) scaling vectors."""
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(1))
+    theirs = peft.inject_adapter_in_model(peft.IA3Config(target_modules=targets, feedforward_modules=ff),
+                                          MODELS[kind](0))
+    want = {n: m.is_feedforward for n, m in theirs.named_modules() if hasattr(m, "ia3_l")}
+    ours = L.inject(MODELS[kind](0), L.IA3Config(target_modules=targets, feedforward_modules=ff))
+    got = {n: m.is_feedforward for n, m in ours.named_modules() if hasattr(m, "ia3_l")}
+    assert got == want and any(want.values())
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for n, m in theirs.named_modules():
+            if hasattr(m, "ia3_l"):
+                v = 1 + 0.5 * torch.randn(m.ia3_l["default"].shape, generator=g)
+                m.ia3_l["default"].copy_(v)
+                ours.get_submodule(n).ia3_l["default"].copy_(v)  # a shape error if the layouts differ
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
