@@ -233,6 +233,14 @@ def test_materialize_meta_model_per_rank(runs, src):
             assert r["bytes_read_whole"] == [] and r["row_reads"] == 28 and r["rows_read_at_most_half"]
 
 
+@pytest.mark.parametrize("case", ["gpt2/dense", "gpt2/nf4", "qwen2/dense", "qwen2/nf4"])
+def test_materialize_sharded_gpt2_and_qwen2_equals_inject_from_pretrained(runs, case):
+    """FSDP2 on 2 gloo processes: meta inject + shard_model + materialize from the saved directory gives the
+    logits of inject(from_pretrained) bit for bit (GPT-2: Conv1D transposed, tied head re-tied)."""
+    for res in _get(runs, "materialize_archs"):
+        assert res[case]["sharded"] and res[case]["equal"], res[case]
+
+
 # ------------------------------------------------------------------------------------------ one process
 def test_distributed_helpers_need_a_process_group():
     m = torch.nn.Sequential(L.nn.QLoRALinear.from_linear(torch.nn.Linear(8, 4), r=2))
