@@ -404,7 +404,9 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
                           quantize=quantized, rank_pattern=rank_pattern,
                           num_virtual_tokens=a.num_virtual_tokens if a.variant == "prompt" else None,
                           init_text=PROMPT_INIT_TEXT if a.variant == "prompt" else None)
-    named = set(fb.target_names(model, targets if targets is not None else ["k_proj", "v_proj", "down_proj"]))
+    from lowrank_ext.adapters.ia3 import IA3Config  # ia3 without --targets: PEFT's defaults for the model type
+
+    named = set(fb.target_names(model, targets if targets is not None else IA3Config().resolved(model)[0]))
     target_numel = 0 if a.variant == "prompt" else sum(m.weight.numel() for n, m in model.named_modules() if n in named)
     model = (backend.load_pretrained(Path(lm.source), spec, device) if streamed
              else backend.inject(model, spec, tokenizer=lm.tokenizer))
