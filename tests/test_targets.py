@@ -187,3 +187,17 @@ def test_ia3_feedforward_modules_follow_peft(kind, targets, ff):
                 m.ia3_l["default"].copy_(v)
                 ours.get_submodule(n).ia3_l["default"].copy_(v)  # a shape error if the layouts differ
         torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mts", [["norm"], ["head"], ["lm_head"], ["model.norm"]])
+def test_modules_to_save_follow_peft(mts):
+    """PEFT wraps every module whose name ends with an entry as a plain string (["norm"]: all the layer norms,
+    not only model.norm); the trainable counts then agree too."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    theirs = peft.get_peft_model(tiny_llama(0), peft.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=mts))
+    want = [n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+            if isinstance(m, ModulesToSaveWrapper)]
+    ours = L.inject(tiny_llama(0), L.LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=mts))
+    assert [n for n, m in ours.named_modules() if isinstance(m, L.adapters.state.ModulesToSave)] == want
+    assert L.count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]

@@ -29,7 +29,7 @@ from lowrank_ext.adapters.state import (
     set_adapter,
 )
 from lowrank_ext.nf4 import quantize_nf4
-from lowrank_ext.adapters.targets import is_linear_like, select_targets
+from lowrank_ext.adapters.targets import is_linear_like, modules_to_save_names, select_targets
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, Linear4bit, LoRALinear, QLoRALinear
 from lowrank_ext.nn.linear4bit import NF4WeightHolder
 from lowrank_ext.nn.layout import linear_in_out, linear_weight, record_base_layout
@@ -186,9 +186,7 @@ def apply_inject(model: nn.Module, plan: InjectPlan) -> nn.Module:
 def _module_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    names = [n for n, m in model.named_modules() if n and not isinstance(m, ADAPTER_LAYERS)
-             and any(n == p or n.endswith("." + p) for p in config.modules_to_save)
-             and not any(n.startswith(o + ".") for o, mm in model.named_modules() if isinstance(mm, ModulesToSave))]
+    names = modules_to_save_names(model, config.modules_to_save)
     if not names:
         raise ValueError(f"lowrank_ext::inject: modules_to_save must name existing modules, got "
                          f"{config.modules_to_save!r}")

@@ -22,6 +22,10 @@ it, and silently skipping it would give a different adapter). A selected contain
 of its own) is skipped — PEFT refuses it — because list entries such as "0" select containers and linears alike
 in nn.Sequential models; its linear children are matched by their own names.
 
+Modules to save (trained in full) are chosen by yet another PEFT rule (utils/other.py `_set_trainable`): a
+module whose name ends with an entry as a plain string, without a "." boundary (["norm"] selects every
+input_layernorm / post_attention_layernorm and model.norm): modules_to_save_names.
+
 PEFT's `layers_to_transform` / `layers_pattern` are not configuration fields here (the adapter-file readers
 refuse them), so they are not part of the rule. PEFT's `task_type="SEQ_CLS"` exclusion of a classifier head
 (`score` / `classifier`) under "all-linear" does not apply either: our configs carry no task type, which is
@@ -39,7 +43,8 @@ from torch import nn
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, Linear4bit
 from lowrank_ext.nn.layout import is_conv1d
 
-__all__ = ["ALL_LINEAR", "is_all_linear", "is_linear_like", "matches_spec", "output_head_name", "select_targets"]
+__all__ = ["ALL_LINEAR", "is_all_linear", "is_linear_like", "matches_spec", "modules_to_save_names", "output_head_name",
+           "select_targets"]
 
 ALL_LINEAR = "all-linear"
 TargetSpec = str | Iterable[str]
@@ -138,3 +143,21 @@ def select_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules
                              f"Conv1D, Linear4bit) this method adapts, got {name!r} ({type(m).__name__}); "
                              f"narrow target_modules or add it to exclude_modules")
     return names
+
+
+def modules_to_save_names(model: nn.Module, modules_to_save: Iterable[str]) -> list[str]:
+    """The modules PEFT wraps for `modules_to_save` (utils/other.py `_set_trainable`): every module whose name
+    ends with an entry (a plain string suffix), an existing modules-to-save wrapper included (it gets one more
+    copy), nothing inside an adapter layer or a wrapper."""
+    from lowrank_ext.adapters.state import ModulesToSave
+
+    entries = list(modules_to_save)
+    out, inside = [], []
+    for name, m in model.named_modules():
+        if not name or any(name.startswith(p) for p in inside):
+            continue
+        if isinstance(m, (ModulesToSave, *_WRAPPERS)):
+            inside.append(name + ".")
+        if not isinstance(m, _WRAPPERS) and any(name.endswith(e) for e in entries):
+            out.append(name)
+    return out
