@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from lowrank_ext.adapters.state import ModulesToSave
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, Linear4bit
 from lowrank_ext.nn.layout import is_conv1d
 
@@ -94,8 +95,6 @@ def output_head_name(model: nn.Module) -> str | None:
 def _named_candidates(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) of every named module, except the model itself and modules inside an adapter layer or a
     modules-to-save wrapper (another adapter's internals; PEFT skips them the same way)."""
-    from lowrank_ext.adapters.state import ModulesToSave  # state imports config, which imports this module
-
     out, inside = [], []
     for name, m in model.named_modules():
         if not name or any(name.startswith(p) for p in inside):
@@ -149,8 +148,6 @@ def modules_to_save_names(model: nn.Module, modules_to_save: Iterable[str]) -> l
     """The modules PEFT wraps for `modules_to_save` (utils/other.py `_set_trainable`): every module whose name
     ends with an entry (a plain string suffix), an existing modules-to-save wrapper included (it gets one more
     copy), nothing inside an adapter layer or a wrapper."""
-    from lowrank_ext.adapters.state import ModulesToSave
-
     entries = list(modules_to_save)
     out, inside = [], []
     for name, m in model.named_modules():
