@@ -201,3 +201,15 @@ def test_modules_to_save_follow_peft(mts):
     ours = L.inject(tiny_llama(0), L.LoRAConfig(r=2, target_modules=["q_proj"], modules_to_save=mts))
     assert [n for n, m in ours.named_modules() if isinstance(m, L.adapters.state.ModulesToSave)] == want
     assert L.count_parameters(ours)[0] == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_rank_allocation_needs_dense_weights():
+    """An NF4 linear is still a target by the rule; ranks need the dense weight's gradient: a clear error."""
+    qmodel = tiny_llama(0)
+    qmodel.model.layers[0].self_attn.q_proj = L.nn.Linear4bit(
+        L.quantize_nf4(qmodel.model.layers[0].self_attn.q_proj.weight.detach()))
+    assert "model.layers.0.self_attn.q_proj" in match_targets(qmodel, ["q_proj"])  # still a target (a linear)
+    batch = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"lowrank_ext.allocate_ranks: target weights must be dense floating-point "
+                                         r"parameters .*got 'model.layers.0.self_attn.q_proj' \(Linear4bit\)"):
+        allocate_ranks(qmodel, [batch], 10**6, target_modules=["q_proj"])

@@ -137,7 +137,7 @@ def select_targets(model: nn.Module, target_modules: TargetSpec, exclude_modules
             continue
         if accept(m):
             names.append(name)
-        elif m._parameters.get("weight") is not None:  # a layer PEFT would adapt or refuse: never skip it
+        elif is_linear_like(m) or m._parameters.get("weight") is not None:  # PEFT would adapt or refuse it
             raise ValueError(f"lowrank_ext::{op}: target_modules must select only linear modules (nn.Linear, "
                              f"Conv1D, Linear4bit) this method adapts, got {name!r} ({type(m).__name__}); "
                              f"narrow target_modules or add it to exclude_modules")

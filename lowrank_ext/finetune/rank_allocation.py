@@ -37,23 +37,24 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from lowrank_ext.adapters.targets import select_targets
-from lowrank_ext.nn.layout import is_conv1d, linear_in_out
+from lowrank_ext.adapters.targets import is_linear_like, select_targets
+from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS
+from lowrank_ext.nn.layout import linear_in_out
 
 __all__ = ["allocate_from_spectra", "allocate_ranks", "gradient_spectra", "lora_param_count", "match_targets"]
 
 
 def match_targets(model: torch.nn.Module, target_modules: str | Sequence[str],
                   exclude_modules: str | Sequence[str] | None = None) -> list[str]:
-    """Names of the dense linear modules (nn.Linear, transformers' Conv1D) a LoRA `target_modules` selects, by
-    the one target rule (adapters/targets.py, PEFT's): a list of names / dotted suffixes, a regex string (full
-    match), or "all-linear" (every linear module except the output head)."""
-    return select_targets(model, target_modules, exclude_modules, accept=_dense_linear, op="allocate_ranks")
+    """Names of the base linear modules (nn.Linear, transformers' Conv1D, a 4-bit linear) a LoRA `target_modules`
+    selects, by the one target rule (adapters/targets.py, PEFT's): a list of names / dotted suffixes, a regex
+    string (full match), or "all-linear" (every linear module except the output head)."""
+    return select_targets(model, target_modules, exclude_modules, accept=_base_linear, op="allocate_ranks")
 
 
-def _dense_linear(m: torch.nn.Module) -> bool:
-    """A module whose dense weight gets a gradient here: nn.Linear or Conv1D (not an NF4 / adapter layer)."""
-    return (isinstance(m, torch.nn.Linear) or is_conv1d(m)) and m.weight.is_floating_point()
+def _base_linear(m: torch.nn.Module) -> bool:
+    """A linear module of the base model (not an adapter layer wrapping one)."""
+    return is_linear_like(m) and not isinstance(m, (*ADAPTER_LAYERS, *IA3_LAYERS))
 
 
 def lora_param_count(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> int:
@@ -126,6 +127,11 @@ def allocate_ranks(model: torch.nn.Module, batches: Iterable[torch.Tensor], budg
         raise ValueError(f"lowrank_ext.allocate_ranks: target_modules must match linear modules of the model, "
                          f"got {targets!r} matching none")
     modules = dict(model.named_modules())
+    for n in names:  # the gradient of a dense weight is what ranks are allocated by
+        w = getattr(modules[n], "weight", None)
+        if not isinstance(w, torch.nn.Parameter) or not w.is_floating_point():
+            raise ValueError(f"lowrank_ext.allocate_ranks: target weights must be dense floating-point parameters "
+                             f"(allocate on the dense model), got {n!r} ({type(modules[n]).__name__})")
     shapes = {n: linear_in_out(modules[n])[::-1] for n in names}  # (out, in); a Conv1D stores [in, out]
     ranks = {n: min(min_rank, *shapes[n]) for n in names}
     floor = lora_param_count(shapes, ranks)
