@@ -93,6 +93,10 @@ def test_rank_allocation_selects_what_peft_selects(kind, targets, exclude, mts):
     want = lora_reference(kind, targets, exclude, None)
     model = MODELS[kind](0)
     assert match_targets(model, targets, exclude) == want
+    if exclude is None:  # finetune's "target weights" figure counts these (GPT-2: 0.0 MiB before)
+        from lowrank_ext.finetune.backends import target_names as finetune_target_names
+
+        assert finetune_target_names(model, targets) == want
     config = L.LoRAConfig(r=2, target_modules=targets, exclude_modules=exclude)
     batch = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
     ranks = allocate_ranks(model, [batch], budget=10**6, config=config, min_rank=1, max_rank=4)
