@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_ext.adapters.state import adapter_layers
+from lowrank_ext.adapters.state import adapter_layers, get_state
 from lowrank_ext.nf4 import NF4Weight, quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS
 from lowrank_ext.nn import functional as LF
+from lowrank_ext.nn.layout import base_transposed
 from lowrank_ext.nn.linear4bit import NF4_PARAMS, NF4WeightHolder, is_sharded
 from lowrank_ext.ops import nf4_row_sqnorm
 
@@ -114,6 +115,7 @@ def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
     sharded on dim 0 across the mesh; each unit's are gathered for its forward and backward and freed after.
     mesh: a 1-D DeviceMesh (FSDP), a 2-D one (HSDP: replicate across its first dimension, shard across the
     second), or None for every rank. Returns the model (its class becomes FSDP<cls>)."""
+    _refuse_other_methods(model)
     _require_dist("shard_model")
     _refuse_fsdp1(model, "shard_model")
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -124,6 +126,17 @@ def shard_model(model: nn.Module, mesh=None, reshard_after_forward: bool = True,
         fully_shard(block, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def _refuse_other_methods(model: nn.Module) -> None:
+    """shard_model finds its units by the LoRA-family layers (and NF4 layers) inside each block; an IA3, BitFit or
+    prompt-tuning model has none of those, so only the root would be wrapped: every parameter gathered for the
+    whole forward, nothing saved. Those methods are refused rather than "sharded" that way."""
+    state = get_state(model)
+    methods = sorted({type(c).__name__ for c in state.configs.values()} - {"LoRAConfig"}) if state else []
+    if methods:
+        raise ValueError(f"lowrank_ext::shard_model: model must hold LoRA-family adapters (LoRA, DoRA, VeRA) or none "
+                         f"(IA3, BitFit and prompt tuning train in one process), got {', '.join(methods)} adapters")
 
 
 def nf4_bytes(model: nn.Module) -> tuple[int, int]:
@@ -266,7 +279,9 @@ def materialize(model: nn.Module, source: Mapping[str, torch.Tensor] | str | os.
         device = torch.device("cuda", torch.cuda.current_device())
     todo = {n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta}
     # allocate: meta tensors become uninitialized ones on `device` (sharded ones: the local shard only)
+    tied = _tied_parameters(model)
     model._apply(lambda t: torch.empty_like(t, device=device) if t.is_meta else t.to(device))
+    _retie(model, tied)
     gen = torch.Generator().manual_seed(seed)
     whole: dict[str, NF4Weight | None] = {}  # the whole NF4 weight of each layer quantized here (DoRA's norm)
     for name, m in model.named_modules():
@@ -274,11 +289,21 @@ def materialize(model: nn.Module, source: Mapping[str, torch.Tensor] | str | os.
         if isinstance(m, NF4WeightHolder) and prefix + "weight_packed" in todo:
             whole[name] = _materialize_nf4(m, prefix, src, device)
             todo -= {prefix + n for n in (*NF4_PARAMS, *_CONSTS)}
+    # the base checkpoint stores a Conv1D's weight [in, out]; the layer holds [out, in] (nn/layout.py)
+    transposed = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if base_transposed(m)}
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if name not in todo:
             continue
         if name in src:
-            _fill(t, src.get(name))
+            value = src.get(name)
+            if name in transposed:
+                value = value.t()
+            if tuple(value.shape) != tuple(t.shape):
+                want = tuple(t.shape)[::-1] if name in transposed else tuple(t.shape)
+                raise ValueError(f"lowrank_ext::materialize: {name} must have shape {want}"
+                                 f"{' (a Conv1D weight, [in, out])' if name in transposed else ''}, "
+                                 f"got {tuple(src.get(name).shape)}")
+            _fill(t, value)
         elif name in extra:
             _fill(t, extra[name])
         else:
@@ -291,6 +316,29 @@ def materialize(model: nn.Module, source: Mapping[str, torch.Tensor] | str | os.
         raise ValueError(f"lowrank_ext::materialize: source must hold every tensor of the model, got "
                          f"{len(todo)} missing, e.g. {sorted(todo)[:6]} (extra= takes the non-persistent buffers)")
     return model
+
+
+def _tied_parameters(model: nn.Module) -> list[tuple[str, str]]:
+    """(alias, first name) of every parameter registered under a second name (a tied output head: GPT-2's
+    lm_head.weight is transformer.wte.weight)."""
+    first: dict[int, str] = {}
+    out = []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return out
+
+
+def _retie(model: nn.Module, tied: list[tuple[str, str]]) -> None:
+    """Module._apply replaces a meta parameter by a new one per module that registers it, which unties shared
+    parameters (the head would stay uninitialized memory): register the first one under every alias again."""
+    for alias, name in tied:
+        owner, _, attr = alias.rpartition(".")
+        target = model.get_parameter(name)
+        if model.get_parameter(alias) is not target:
+            setattr(model.get_submodule(owner) if owner else model, attr, target)
 
 
 def _materialize_nf4(m: NF4WeightHolder, prefix: str, src: _Source, device: torch.device) -> NF4Weight | None:
@@ -319,9 +367,12 @@ def _materialize_nf4(m: NF4WeightHolder, prefix: str, src: _Source, device: torc
         consts, full = w.tensors()[2:], None
     else:  # dense: quantize the whole tensor on `device`, keep this rank's rows
         dense = src.get(key)
+        if base_transposed(m):  # a Conv1D base: [in, out] in the checkpoint, as inject() transposes it
+            dense = dense.t()
         if tuple(dense.shape) != tuple(shape):
-            raise ValueError(f"lowrank_ext::materialize: {key} must have shape {tuple(shape)}, got "
-                             f"{tuple(dense.shape)}")
+            raise ValueError(f"lowrank_ext::materialize: {key} must have shape "
+                             f"{tuple(shape)[::-1] if base_transposed(m) else tuple(shape)}, got "
+                             f"{tuple(src.get(key).shape)}")
         w = quantize_nf4(dense.to(device, dtype), blocksize, dq)
         del dense
         _fill(packed_p, w.packed)

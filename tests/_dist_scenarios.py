@@ -514,6 +514,46 @@ def materialize(rank: int, world: int, tmp: str) -> dict:
     return out
 
 
+def materialize_archs(rank: int, world: int, tmp: str) -> dict:
+    """FSDP2 materialize parity beyond the Llama layout: GPT-2 (Conv1D weights stored [in, out], a tied head) and
+    Qwen2 (a Llama-family model with q/k/v biases), dense LoRA and QLoRA. A meta model, injected and sharded,
+    materialized from the saved directory with the adapter tensors of a reference, must give the logits of
+    inject(from_pretrained) with those adapter tensors, unsharded."""
+    from _tiny_models import tiny_gpt2, transformers
+
+    def qwen2(seed: int = 0) -> nn.Module:
+        cfg = transformers.Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+        torch.manual_seed(seed)
+        return transformers.Qwen2ForCausalLM(cfg).eval()
+
+    out = {}
+    for arch, build, targets in (("gpt2", tiny_gpt2, ["c_attn", "c_proj", "c_fc"]), ("qwen2", qwen2, "all-linear")):
+        path = os.path.join(tmp, f"{arch}_dir")
+        if rank == 0:
+            build(0).save_pretrained(path)
+        dist.barrier()
+        cls = type(build(0))
+        for quantize in (None, "nf4"):
+            config = L.LoRAConfig(r=4, alpha=8, target_modules=targets, quantize=quantize)
+            ref = L.inject(cls.from_pretrained(path).eval(), config)
+            _randomize(ref)  # the same values on every rank (a fixed generator)
+            adapters = {n: p.detach().clone() for n, p in ref.named_parameters() if "lora_" in n}
+            buffers = {n: b for n, b in cls.from_pretrained(path).named_buffers()}  # rotary inv_freq (Qwen2)
+            with torch.device("meta"):
+                m = cls(ref.config)
+            L.inject(m, config)
+            LD.shard_model(m)
+            LD.materialize(m, path, "cpu", extra={**buffers, **adapters})
+            ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(11 + rank))
+            with torch.no_grad():
+                got, want = m.eval()(input_ids=ids).logits, ref(input_ids=ids).logits
+            out[f"{arch}/{quantize or 'dense'}"] = {"equal": bool(torch.equal(got, want)),
+                                                     "max_diff": float((got - want).abs().max()),
+                                                     "sharded": any(LD.is_sharded(p) for p in m.parameters())}
+    return out
+
+
 def trainer_resume(rank: int, world: int, tmp: str) -> dict:
     """finetune's DistTrainer (FSDP and DDP): 4 steps straight vs 2 steps + a sharded checkpoint + a new trainer
     resuming for 2 more: the same history and LoRA, bit for bit (dropout on, so each rank's RNG matters)."""
@@ -597,7 +637,7 @@ def _tied() -> nn.Module:
 
 SCENARIOS = {"fsdp_parity": fsdp_parity, "memory": memory, "mixed_precision": mixed_precision,
              "negatives": negatives, "ddp": ddp, "checkpoint_resume": checkpoint_resume, "export": export,
-             "materialize": materialize, "trainer_resume": trainer_resume, "hsdp": hsdp}
+             "materialize": materialize, "materialize_archs": materialize_archs, "trainer_resume": trainer_resume, "hsdp": hsdp}
 
 
 def run_all(rank: int, world: int, port: int, tmp: str, names: list[str]) -> None:

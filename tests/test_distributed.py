@@ -233,6 +233,14 @@ def test_materialize_meta_model_per_rank(runs, src):
             assert r["bytes_read_whole"] == [] and r["row_reads"] == 28 and r["rows_read_at_most_half"]
 
 
+@pytest.mark.parametrize("case", ["gpt2/dense", "gpt2/nf4", "qwen2/dense", "qwen2/nf4"])
+def test_materialize_sharded_gpt2_and_qwen2_equals_inject_from_pretrained(runs, case):
+    """FSDP2 on 2 gloo processes: meta inject + shard_model + materialize from the saved directory gives the
+    logits of inject(from_pretrained) bit for bit (GPT-2: Conv1D transposed, tied head re-tied)."""
+    for res in _get(runs, "materialize_archs"):
+        assert res[case]["sharded"] and res[case]["equal"], res[case]
+
+
 # ------------------------------------------------------------------------------------------ one process
 def test_distributed_helpers_need_a_process_group():
     m = torch.nn.Sequential(L.nn.QLoRALinear.from_linear(torch.nn.Linear(8, 4), r=2))
@@ -290,6 +298,62 @@ def test_materialize_errors(tmp_path):
     layer = m.model.layers[0].self_attn.q_proj
     assert torch.equal(layer.weight.packed, q.model.layers[0].self_attn.q_proj.weight.packed)
     assert float(layer.lora_B["default"].abs().max()) == 0
+
+
+@pytest.mark.parametrize(("method", "quantize"), [("lora", None), ("lora", "nf4"), ("ia3", None), ("ia3", "nf4")])
+def test_materialize_gpt2_conv1d_equals_inject_from_pretrained(tmp_path, method, quantize):
+    """GPT-2's Conv1D stores W as [in, out]: materialize must transpose as inject does (square attn.c_proj was
+    loaded untransposed, non-square c_attn / c_fc silently reshaped). One process, from the saved directory."""
+    from _tiny_models import tiny_gpt2
+
+    transformers = pytest.importorskip("transformers")
+    tiny_gpt2(0).save_pretrained(tmp_path)
+    targets = ["c_attn", "c_proj", "c_fc"]
+    make = (lambda: L.LoRAConfig(r=4, target_modules=targets, quantize=quantize)) if method == "lora" else \
+        (lambda: L.IA3Config(target_modules=targets, feedforward_modules=["c_fc"], quantize=quantize))
+    ref = L.inject(transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval(), make())
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():  # adapters that change the output (LoRA B != 0, IA3 l != 1)
+        for n, p in ref.named_parameters():
+            if "lora_" in n or "ia3_l" in n:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    adapters = {n: p.detach().clone() for n, p in ref.named_parameters() if "lora_" in n or "ia3_l" in n}
+    with torch.device("meta"):
+        meta = transformers.GPT2LMHeadModel(ref.config)
+    meta = L.inject(meta, make())
+    LD.materialize(meta, tmp_path, "cpu", extra=adapters)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(meta.eval()(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_materialize_conv1d_of_the_wrong_shape_names_the_source_layout():
+    from _tiny_models import tiny_gpt2
+
+    transformers = pytest.importorskip("transformers")
+    src = tiny_gpt2(0).state_dict()
+    src["transformer.h.0.attn.c_attn.weight"] = src["transformer.h.0.attn.c_attn.weight"].t()  # [out, in]: wrong
+    with torch.device("meta"):
+        meta = transformers.GPT2LMHeadModel(tiny_gpt2(0).config)
+    L.inject(meta, L.LoRAConfig(r=2, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match=r"lowrank_ext::materialize: transformer.h.0.attn.c_attn.weight must have "
+                                         r"shape \(64, 192\) \(a Conv1D weight, \[in, out\]\), got \(192, 64\)"):
+        LD.materialize(meta, src)
+
+
+@pytest.mark.parametrize("method", ["ia3", "bitfit", "prompt"])
+def test_shard_model_refuses_methods_it_cannot_shard(method):
+    """shard_model finds its units by LoRA-family / NF4 layers; IA3, BitFit and prompt-tuning models would be
+    wrapped at the root only, silently: refused, naming the method (before any process group is needed)."""
+    from _tiny_models import tiny_llama
+
+    config = {"ia3": L.IA3Config(), "bitfit": L.BitFitConfig(add_bias_to="all-linear"),
+              "prompt": L.PromptTuningConfig(num_virtual_tokens=2)}[method]
+    model = L.inject(tiny_llama(0), config)
+    name = type(config).__name__
+    with pytest.raises(ValueError, match=rf"lowrank_ext::shard_model: model must hold LoRA-family adapters \(LoRA, "
+                                         rf"DoRA, VeRA\) or none .*got {name} adapters"):
+        LD.shard_model(model)
 
 
 # ------------------------------------------------------------------------------------------ finetune --nproc 2

@@ -191,6 +191,41 @@ def test_estimate_weights_match_a_real_model(tmp_path):
         M.estimate(tmp_path / "nope")
 
 
+def _tiny_cfg(kind: str):
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+    if kind == "gpt2":
+        return transformers.GPT2Config(vocab_size=96, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+            "mistral": transformers.MistralConfig}[kind](**kw)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("targets", [None, ["q_proj", "v_proj"], ["mlp.down_proj", "k_proj"]])
+def test_estimate_counts_targets_with_the_target_rule(kind, targets):
+    """Parameter counts from the model the config builds (Qwen2's q/k/v biases included) and the targets the
+    injector itself selects: trainable and total equal inject()'s count_parameters."""
+    cfg = _tiny_cfg(kind)
+    torch.manual_seed(0)
+    model = inject(transformers.AutoModelForCausalLM.from_config(cfg),
+                   LoRAConfig(r=4, target_modules=targets or TARGETS, quantize="nf4"))
+    q = {e.method: e for e in M.estimate(cfg.to_dict(), rank=4, seq_len=8, targets=targets, runtime=0)}["qlora"]
+    trainable, total = count_parameters(model)  # total: the base model's parameters + the adapters'
+    assert (q.notes["trainable"], q.notes["total_params"]) == (trainable, total - trainable)
+
+
+def test_estimate_refuses_a_block_it_does_not_model():
+    """GPT-2's blocks (Conv1D c_attn 64 -> 192, c_fc, two c_proj) are not the Llama block the estimate counts:
+    a ValueError (the finetune summary prints "n/a (...)"), never a number for another shape."""
+    with pytest.raises(ValueError, match=r"lowrank_ext memory: the model's blocks must be Llama blocks .*got "
+                                         r"'transformer.h.0.attn.c_attn' \(Conv1D, in/out \(64, 192\)\) in a "
+                                         r"'gpt2' model"):
+        M.estimate(_tiny_cfg("gpt2").to_dict(), rank=4, seq_len=8, runtime=0)
+    with pytest.raises(ValueError, match=r"lowrank_ext memory: targets must be among .* \(each adapted in every "
+                                         r"layer\), got \['model.layers.0.self_attn.q_proj'\] selecting 1 modules"):
+        M.estimate(_tiny_cfg("llama").to_dict(), targets=["model.layers.0.self_attn.q_proj"])
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 def test_estimate_activations_vs_autograd(dropout):
     """The per-block activation estimate against what autograd really saves (SmolLM2's shapes, 2 blocks vs 1, so

@@ -4,8 +4,8 @@
         bias_patterns: which biases train, matched against the name of the module owning the bias (PEFT's rule:
             a str is a full-match regex, a list entry matches a module named that or ending in "." + entry);
             None: every bias in the model.
-        add_bias_to: None, "all-linear" (every nn.Linear / Linear4bit but the output head) or a list of module
-            names: those linear modules without a bias get a zero-initialised one first (the output is unchanged
+        add_bias_to: None, "all-linear" (every linear layer but the output head) or a list of module
+            names (adapters/targets.py's rule): those linear modules without a bias get a zero-initialised one first (the output is unchanged
             until it trains). Models without biases (Llama, SmolLM2) need it: without it inject refuses, saying so.
     inject_bitfit(model, config): the biases' requires_grad is the only change (plus the added zero biases).
 
@@ -20,7 +20,6 @@ PEFT refuses the file (unknown peft_type "BITFIT"): loud, never a silent half-lo
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,20 +27,16 @@ import torch
 from torch import nn
 
 from lowrank_ext.adapters import peft_fields
-from lowrank_ext.adapters.config import _match
-from lowrank_ext.adapters.injector import _output_head_name, count_parameters
+from lowrank_ext.adapters.injector import count_parameters
 from lowrank_ext.adapters.peft_fields import as_names, is_names, read_peft_dict
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_adapter_name, get_state
-from lowrank_ext.nn import Linear4bit
+from lowrank_ext.adapters.targets import is_linear_like, matches_spec, select_targets
+from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, Linear4bit
 from lowrank_ext.nn.layout import check_floating
 
 __all__ = ["BitFitConfig", "BitFitPlan", "apply_bitfit", "bitfit_planned_shapes", "bitfit_state_dict", "plan_bitfit"]
 
 PREFIX = "base_model.model."
-
-
-def _matches(patterns: list[str] | str, name: str) -> bool:
-    return re.fullmatch(patterns, name) is not None if isinstance(patterns, str) else _match(patterns, name)
 
 
 @dataclasses.dataclass
@@ -80,8 +75,10 @@ class BitFitPlan:
     train: list[str]    # modules whose bias trains (after adding)
 
 
-def _linears(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, Linear4bit))]
+def _bias_target(m: nn.Module) -> bool:
+    """What add_bias_to may give a zero bias: a linear-like module that is not an adapter layer (plan_bitfit
+    refuses a model with adapters; a Conv1D always has its bias, so it never gets one)."""
+    return is_linear_like(m) and not isinstance(m, (*ADAPTER_LAYERS, *IA3_LAYERS))
 
 
 def plan_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str = "default",
@@ -92,22 +89,18 @@ def plan_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str = "def
         raise ValueError(f"lowrank_ext::inject: model must have no other adapters for BitFit (it trains the model's "
                          f"own biases), got adapters {sorted(state.configs)}")
     check_adapter_name(adapter_name)
-    linears = _linears(model)
     if add is None:
         add = []
-        if config.add_bias_to is not None:
-            if isinstance(config.add_bias_to, str) and config.add_bias_to.lower() == "all-linear":
-                head = _output_head_name(model)
-                picked = [n for n in linears if n != head]
-            else:
-                picked = [n for n in linears if _matches(config.add_bias_to, n)]
+        if config.add_bias_to is not None:  # adapters/targets.py: the targets rule, "all-linear" included
+            picked = select_targets(model, config.add_bias_to, accept=_bias_target)
             if not picked:
                 raise ValueError(f"lowrank_ext::inject: BitFitConfig.add_bias_to must match at least one linear "
                                  f"module, got {config.add_bias_to!r}")
             add = [n for n in picked if model.get_submodule(n).bias is None]
     else:
+        linears = {n for n, m in model.named_modules() if n and _bias_target(m)}
         for n in add:
-            m = model.get_submodule(n) if n in set(linears) else None
+            m = model.get_submodule(n) if n in linears else None
             if m is None or m.bias is not None:
                 what = "no such linear module" if m is None else "it already has a bias"
                 raise ValueError(f"lowrank_ext::load_adapter: added_biases must name linear modules without a bias, "
@@ -115,7 +108,7 @@ def plan_bitfit(model: nn.Module, config: BitFitConfig, adapter_name: str = "def
     added = set(add)
     owners = [n for n, m in model.named_modules()
               if n in added or isinstance(getattr(m, "bias", None), nn.Parameter)]
-    train = [n for n in owners if config.bias_patterns is None or _matches(config.bias_patterns, n)]
+    train = [n for n in owners if config.bias_patterns is None or matches_spec(config.bias_patterns, n)]
     if not train:
         if not owners:
             raise ValueError("lowrank_ext::inject: the model must have bias parameters for BitFit, got none (e.g. Llama "
@@ -152,7 +145,7 @@ def bitfit_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Te
     """{file key: live bias} of the biases BitFit trains (the config's bias_patterns, resolved again)."""
     patterns = get_state(model).configs[adapter_name].bias_patterns
     return {PREFIX + n + ".bias": m.bias for n, m in model.named_modules()
-            if isinstance(getattr(m, "bias", None), nn.Parameter) and (patterns is None or _matches(patterns, n))}
+            if isinstance(getattr(m, "bias", None), nn.Parameter) and (patterns is None or matches_spec(patterns, n))}
 
 
 def bitfit_planned_shapes(model: nn.Module, plan: BitFitPlan) -> dict[str, tuple]:

@@ -1,9 +1,10 @@
 """LoRAConfig: what `lowrank_ext.inject` puts where, and its PEFT `adapter_config.json` form.
 
 Names and defaults follow PEFT's `LoraConfig` where both have the field (`r=8`, `alpha=8`, `dropout=0.0`,
-`bias="none"`), so a config round-trips through PEFT's JSON file. Matching of `target_modules` is PEFT's:
-a string is a regex that must match the full module name, a list matches a module whose full name equals an
-entry or ends with "." + entry, and "all-linear" means every nn.Linear / Conv1D except the output head.
+`bias="none"`), so a config round-trips through PEFT's JSON file. Matching of `target_modules` is PEFT's and
+lives in adapters/targets.py (a string is a regex that must match the full module name, a list matches a module
+whose full name equals an entry or ends with "." + entry, "all-linear" means every nn.Linear / Conv1D except the
+output head).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from lowrank_ext.adapters import peft_fields
 from lowrank_ext.adapters.peft_fields import BIAS_CHOICES, as_names, is_names, peft_task_type, read_peft_dict
+from lowrank_ext.adapters.targets import is_all_linear, matches_spec
 from lowrank_ext.nn.linear4bit import check_compute_dtype
 
 __all__ = ["LoRAConfig"]
@@ -122,10 +124,11 @@ class LoRAConfig:
 
     # ---- per-module values --------------------------------------------------------------------
     def matches(self, name: str) -> bool:
-        """True when module `name` is a target and not excluded (all-linear is resolved by the injector)."""
-        if self.exclude_modules is not None and _match(self.exclude_modules, name):
+        """True when module `name` is a target and not excluded, by name alone (adapters/targets.py's rule;
+        "all-linear" needs the model: targets.select_targets resolves it)."""
+        if self.exclude_modules and matches_spec(self.exclude_modules, name):
             return False
-        return _match(self.target_modules, name)
+        return not is_all_linear(self.target_modules) and matches_spec(self.target_modules, name)
 
     def rank_for(self, name: str) -> int:
         return int(_pattern_value(self.rank_pattern, name, self.r))
@@ -178,12 +181,6 @@ class LoRAConfig:
         `<_where> 'r' must be a positive int, got ...` (read_adapter_config puts the file's path in `_where`);
         fields that change the forward pass and that we do not implement are refused, naming the field."""
         return read_peft_dict(cls, d, _where, {"LORA": peft_fields.LORA, "VERA": peft_fields.VERA}, overrides)
-
-
-def _match(patterns: Sequence[str] | str, name: str) -> bool:
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
-    return any(name == p or name.endswith("." + p) for p in patterns)
 
 
 def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:

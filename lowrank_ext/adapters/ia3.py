@@ -8,8 +8,10 @@
     File keys (PEFT's, adapter name stripped): base_model.model.<module>.ia3_l  [out, 1] or [1, in] (feed-forward);
     adapter_config.json: peft_type "IA3", target_modules, feedforward_modules, init_ia3_weights, fan_in_fan_out.
 
-Matching is PEFT's: a str is a full-match regex, a list entry matches a module named that or ending in
-"." + entry. feedforward_modules given as lists must be a subset of target_modules (PEFT's check).
+Matching is PEFT's: target_modules / exclude_modules by adapters/targets.py (a str is a full-match regex, a list
+entry matches a module named that or ending in "." + entry); feedforward_modules by PEFT's own IA3 rule
+(is_feedforward_target: a list entry is a plain string suffix). feedforward_modules given as lists must be a
+subset of target_modules (PEFT's check).
 """
 
 from __future__ import annotations
@@ -23,20 +25,15 @@ from torch import nn
 
 from lowrank_ext.adapters.bnb_import import is_bnb_4bit, nf4_from_bnb_linear
 from lowrank_ext.adapters import peft_fields
-from lowrank_ext.adapters.config import _BLOCKSIZES, _QUANT, _match
-from lowrank_ext.adapters.injector import (
-    _candidates,
-    _get_parent,
-    _output_head_name,
-    count_parameters,
-    in_out,
-)
+from lowrank_ext.adapters.config import _BLOCKSIZES, _QUANT
+from lowrank_ext.adapters.injector import _get_parent, count_parameters, in_out
 from lowrank_ext.adapters.peft_fields import as_names, is_names, peft_task_type, read_peft_dict
+from lowrank_ext.adapters.targets import is_linear_like, select_targets
 from lowrank_ext.adapters.state import AdapterState, InjectSummary, check_new_adapter_name, get_state, set_adapter
 from lowrank_ext.nf4 import quantize_nf4
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, IA3Linear, Linear4bit, QIA3Linear
 from lowrank_ext.nn.linear4bit import check_compute_dtype
-from lowrank_ext.nn.layout import linear_weight
+from lowrank_ext.nn.layout import linear_weight, record_base_layout
 
 __all__ = ["IA3Config", "IA3Plan", "apply_ia3", "ia3_layers", "ia3_planned_shapes", "ia3_state_dict", "plan_ia3"]
 
@@ -133,8 +130,18 @@ class IA3Config:
         return read_peft_dict(cls, d, _where, peft_fields.IA3, overrides)
 
 
-def _matches(patterns: list[str] | str, name: str) -> bool:
-    return _match(patterns, name) if not isinstance(patterns, str) else re.fullmatch(patterns, name) is not None
+def is_feedforward_target(ff_spec: list[str] | str, name: str) -> bool:
+    """PEFT's rule for feedforward_modules (tuners/ia3/model.py `_check_target_module_feedforward`), which is NOT
+    the target rule: a str must match the whole name as a regex; a list entry matches any name that ends with
+    it — a plain string suffix, without the "." boundary of target_modules (["proj"] selects "down_proj")."""
+    if isinstance(ff_spec, str):
+        return re.fullmatch(ff_spec, name) is not None
+    return any(name.endswith(entry) for entry in ff_spec)
+
+
+def _ia3_target(m: nn.Module) -> bool:
+    """What IA3 wraps: a linear-like module that is not a LoRA layer (an IA3 layer gets one more adapter)."""
+    return is_linear_like(m) and not isinstance(m, ADAPTER_LAYERS)
 
 
 def ia3_layers(model: nn.Module):
@@ -154,25 +161,17 @@ def plan_ia3(model: nn.Module, config: IA3Config, adapter_name: str = "default")
     """Validate inject(model, IA3Config) and resolve its targets; the model is not touched."""
     check_new_adapter_name(model, adapter_name)
     targets_spec, ff_spec = config.resolved(model)
-    cands = [n for n in _candidates(model) if not isinstance(model.get_submodule(n), ADAPTER_LAYERS)]
-    cands += [n for n, _ in ia3_layers(model)]
-    if isinstance(targets_spec, str) and targets_spec.lower() == "all-linear":
-        head = _output_head_name(model)
-        targets = [c for c in cands if c != head]
-    else:
-        targets = [c for c in cands if _matches(targets_spec, c)]
-    if config.exclude_modules is not None:
-        targets = [c for c in targets if not _matches(config.exclude_modules, c)]
+    targets = select_targets(model, targets_spec, config.exclude_modules, accept=_ia3_target)
     if not targets:
         raise ValueError(f"lowrank_ext::inject: IA3Config.target_modules must match at least one linear module, got "
                          f"target_modules={targets_spec!r}, exclude_modules={config.exclude_modules!r}")
-    ff = {t: bool(ff_spec) and _matches(ff_spec, t) for t in targets}
+    ff = {t: bool(ff_spec) and is_feedforward_target(ff_spec, t) for t in targets}
     for t in targets:
         m = model.get_submodule(t)
         if isinstance(m, IA3_LAYERS) and m.is_feedforward != ff[t]:
             raise ValueError(f"lowrank_ext::inject: IA3Config.feedforward_modules must treat {t!r} as the model's "
                              f"other IA3 adapters do (is_feedforward={m.is_feedforward}), got {ff[t]}")
-    return IA3Plan(adapter_name, config, sorted(targets, key=cands.index), ff)
+    return IA3Plan(adapter_name, config, targets, ff)
 
 
 def _new_layer(m: nn.Module, config: IA3Config, is_ff: bool) -> nn.Module:
@@ -184,9 +183,11 @@ def _new_layer(m: nn.Module, config: IA3Config, is_ff: bool) -> nn.Module:
         return QIA3Linear(m.weight, m.bias, is_feedforward=is_ff, compute_dtype=cd if cd is not None else m.compute_dtype)
     weight, bias = linear_weight(m, config.fan_in_fan_out)
     if config.quantize == "nf4":
-        return QIA3Linear(quantize_nf4(weight, config.blocksize, config.double_quant), bias, is_feedforward=is_ff,
-                          compute_dtype=cd)
-    return IA3Linear(weight, bias, is_feedforward=is_ff)
+        layer = QIA3Linear(quantize_nf4(weight, config.blocksize, config.double_quant), bias, is_feedforward=is_ff,
+                           compute_dtype=cd)
+    else:
+        layer = IA3Linear(weight, bias, is_feedforward=is_ff)
+    return record_base_layout(layer, m, config.fan_in_fan_out)  # materialize reads the base checkpoint's layout
 
 
 def apply_ia3(model: nn.Module, plan: IA3Plan) -> nn.Module:

@@ -29,48 +29,24 @@ from lowrank_ext.adapters.state import (
     set_adapter,
 )
 from lowrank_ext.nf4 import quantize_nf4
-from lowrank_ext.nn import ADAPTER_LAYERS, Linear4bit, LoRALinear, QLoRALinear
+from lowrank_ext.adapters.targets import is_linear_like, modules_to_save_names, select_targets
+from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, Linear4bit, LoRALinear, QLoRALinear
 from lowrank_ext.nn.linear4bit import NF4WeightHolder
-from lowrank_ext.nn.layout import is_conv1d, linear_in_out, linear_weight
+from lowrank_ext.nn.layout import linear_in_out, linear_weight, record_base_layout
 
 __all__ = ["InjectPlan", "apply_inject", "count_parameters", "in_out", "inject", "inject_summary", "plan_inject",
            "target_names"]
 
 
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, Linear4bit, *ADAPTER_LAYERS)) or is_conv1d(m)
-
-
-def _candidates(model: nn.Module) -> list[str]:
-    """Names of linear-like modules, not inside a ModulesToSave wrapper or an adapter layer."""
-    names, skip = [], []
-    for name, m in model.named_modules():
-        if any(name.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(m, (ModulesToSave, *ADAPTER_LAYERS, Linear4bit)):
-            skip.append(name)
-        if name and _is_linear(m):
-            names.append(name)
-    return names
-
-
-def _output_head_name(model: nn.Module) -> str | None:
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    if head is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is head), None)
+def _lora_target(m: nn.Module) -> bool:
+    """What LoRA wraps: a linear-like module that is not an IA3 layer (an adapter layer gets one more adapter)."""
+    return is_linear_like(m) and not isinstance(m, IA3_LAYERS)
 
 
 def target_names(model: nn.Module, config: LoRAConfig) -> list[str]:
-    """The modules `config` adapts in `model` (PEFT's matching; "all-linear" skips the output head)."""
-    cands = _candidates(model)
-    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
-        head = _output_head_name(model)
-        excl = config.exclude_modules
-        probe = dataclasses.replace(config, target_modules=[c for c in cands if c != head], exclude_modules=excl)
-        return [c for c in cands if probe.matches(c)]
-    return [c for c in cands if config.matches(c)]
+    """The modules `config` adapts in `model` (adapters/targets.py: PEFT's rule)."""
+    return select_targets(model, config.target_modules, config.exclude_modules,
+                          modules_to_save=config.modules_to_save, accept=_lora_target)
 
 
 def _get_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -114,8 +90,10 @@ def _new_layer(m: nn.Module, config: LoRAConfig) -> nn.Module:
         return QLoRALinear(m.weight, m.bias, cd if cd is not None else m.compute_dtype)
     weight, bias = linear_weight(m, config.fan_in_fan_out)
     if config.quantize == "nf4":
-        return QLoRALinear(quantize_nf4(weight, config.blocksize, config.double_quant), bias, cd)
-    return LoRALinear(weight, bias)
+        layer = QLoRALinear(quantize_nf4(weight, config.blocksize, config.double_quant), bias, cd)
+    else:
+        layer = LoRALinear(weight, bias)
+    return record_base_layout(layer, m, config.fan_in_fan_out)  # materialize reads the base checkpoint's layout
 
 
 @dataclasses.dataclass
@@ -208,9 +186,7 @@ def apply_inject(model: nn.Module, plan: InjectPlan) -> nn.Module:
 def _module_to_save_names(model: nn.Module, config: LoRAConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    names = [n for n, m in model.named_modules() if n and not isinstance(m, ADAPTER_LAYERS)
-             and any(n == p or n.endswith("." + p) for p in config.modules_to_save)
-             and not any(n.startswith(o + ".") for o, mm in model.named_modules() if isinstance(mm, ModulesToSave))]
+    names = modules_to_save_names(model, config.modules_to_save)
     if not names:
         raise ValueError(f"lowrank_ext::inject: modules_to_save must name existing modules, got "
                          f"{config.modules_to_save!r}")

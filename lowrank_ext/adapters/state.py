@@ -13,11 +13,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS
 
 __all__ = ["AdapterState", "InjectSummary", "ModulesToSave", "adapter_layers", "get_state", "require_state",
@@ -45,7 +45,7 @@ class InjectSummary:
 class AdapterState:
     """Kept on the model as `model.lowrank_ext_state` (a plain attribute, not a submodule)."""
 
-    configs: dict[str, LoRAConfig] = dataclasses.field(default_factory=dict)  # or IA3Config / BitFitConfig / ...
+    configs: dict[str, Any] = dataclasses.field(default_factory=dict)  # LoRAConfig / IA3Config / BitFitConfig / ...
     active: list[str] = dataclasses.field(default_factory=list)
     vera_shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict)
     summaries: dict[str, InjectSummary] = dataclasses.field(default_factory=dict)

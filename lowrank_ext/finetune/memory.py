@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lowrank_ext.adapters.targets import is_linear_like, output_head_name, select_targets
 from lowrank_ext.nf4 import nf4_nbytes
+from lowrank_ext.nn.layout import linear_in_out
 
 __all__ = ["ROUTER_AUX_LOSS_MODEL_TYPES", "Estimate", "chunked_loss_blocker", "chunked_lm_loss",
            "enable_gradient_checkpointing", "estimate", "format_estimate", "import_model_code", "measured_split",
@@ -258,7 +260,6 @@ class _Shape:
     heads: int
     kv_heads: int
     head_dim: int
-    tied: bool
 
     @classmethod
     def of(cls, cfg: dict) -> _Shape:
@@ -277,8 +278,7 @@ class _Shape:
                    inter=int(get("intermediate_size", "n_inner", default=4 * hidden)),
                    layers=int(get("num_hidden_layers", "n_layer")), heads=heads,
                    kv_heads=int(get("num_key_value_heads", default=heads)),
-                   head_dim=int(get("head_dim", default=hidden // heads)),
-                   tied=bool(cfg.get("tie_word_embeddings", True)))
+                   head_dim=int(get("head_dim", default=hidden // heads)))
 
     def projections(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each projection of one block (Llama / Mistral / Qwen naming)."""
@@ -374,31 +374,66 @@ def _activations(s: _Shape, tokens: int, targets: set[str], r: int, dtype_bytes:
     return without, with_ckpt, {"per_block": block_bytes, "loss": loss, "loss_ckpt": loss_ckpt}
 
 
+def _meta_model(cfg: dict) -> nn.Module:
+    """The causal LM `cfg` describes, built on the meta device (no memory, no weights read). A config without
+    `model_type` (a bare dict of sizes) is read as a Llama block."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(cfg.get("model_type", "llama"), **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _modeled_targets(s: _Shape, model: nn.Module, targets: list[str] | str | None) -> set[str]:
+    """The projection names (q_proj ... down_proj) `targets` adapts in `model`, selected by the one target rule
+    (adapters/targets.py, Conv1D included); a ValueError when the model's blocks are not the Llama block the
+    activation and byte counts below describe (then the caller prints "n/a", never a number for another shape)."""
+    want = s.projections()
+    head = output_head_name(model)
+    per_leaf: dict[str, int] = {}
+    for name, m in model.named_modules():
+        if name == head or not is_linear_like(m):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if want.get(leaf) != linear_in_out(m):
+            raise ValueError(f"lowrank_ext memory: the model's blocks must be Llama blocks (q/k/v/o_proj, gate/up/"
+                             f"down_proj of the config's sizes) for an estimate, got {name!r} ({type(m).__name__}, "
+                             f"in/out {linear_in_out(m)}) in a {getattr(model.config, 'model_type', '?')!r} model")
+        per_leaf[leaf] = per_leaf.get(leaf, 0) + 1
+    if per_leaf != dict.fromkeys(want, s.layers):
+        raise ValueError(f"lowrank_ext memory: the model's blocks must be Llama blocks (each of {sorted(want)} once "
+                         f"per layer, {s.layers} layers) for an estimate, got {per_leaf}")
+    names = select_targets(model, targets if targets else "all-linear", op="memory")
+    picked = {n.rsplit(".", 1)[-1] for n in names}
+    if not names or any(sum(n.endswith("." + p) for n in names) != s.layers for p in picked):
+        raise ValueError(f"lowrank_ext memory: targets must be among {sorted(want)} (each adapted in every layer), "
+                         f"got {targets!r} selecting {len(names)} modules")
+    return picked
+
+
 def estimate(model: str | os.PathLike | dict, *, rank: int = 16, seq_len: int = 2048, batch_size: int = 1,
              targets: list[str] | None = None, variant: str = "lora", optimizer: str = "paged-adamw",
              dtype_bytes: int = 4, dropout: bool = True, runtime: int | None = None) -> list[Estimate]:
     """Estimates for full fine-tuning, LoRA and QLoRA of the model whose config.json is in `model` (no weight is
-    read). `targets`: projection names adapted (default: all seven). optimizer: adamw / paged-adamw (two fp32
-    states per trainable parameter), paged-adamw8bit (two 8-bit states + an fp32 absmax per 256). variant: lora /
-    dora (+ a magnitude per output row) / vera (shared frozen A, B; trains only two vectors per layer)."""
-    s = _Shape.of(_read_config(model))
-    targets = set(targets or s.projections())
-    unknown = targets - set(s.projections())
-    if unknown:
-        raise ValueError(f"lowrank_ext memory: targets must be among {sorted(s.projections())}, got {sorted(unknown)}")
+    read). `targets`: a target_modules list (default: all seven projections). optimizer: adamw / paged-adamw (two
+    fp32 states per trainable parameter), paged-adamw8bit (two 8-bit states + an fp32 absmax per 256). variant:
+    lora / dora (+ a magnitude per output row) / vera (shared frozen A, B; trains only two vectors per layer).
+
+    Modelled: Llama blocks (Llama, Mistral, Qwen2, SmolLM2, ... tested on Llama and Qwen2 configs). Any other
+    block (GPT-2's Conv1D c_attn / c_fc, ...) is a ValueError saying so, not a number for another shape."""
+    cfg = _read_config(model)
+    s = _Shape.of(cfg)
+    meta = _meta_model(cfg)
+    targets = _modeled_targets(s, meta, targets)
     if optimizer not in ("adamw", "paged-adamw", "paged-adamw8bit"):
         raise ValueError(f"lowrank_ext memory: --optimizer must be adamw, paged-adamw or paged-adamw8bit, got "
                          f"{optimizer!r}")
     if variant not in ("lora", "dora", "vera"):
         raise ValueError(f"lowrank_ext memory: --variant must be lora, dora or vera, got {variant!r}")
     tokens = seq_len * batch_size
-    h = s.hidden
     per_layer = {n: fin * fout for n, (fin, fout) in s.projections().items()}
     target_numel = s.layers * sum(v for n, v in per_layer.items() if n in targets)
-    other_linear = s.layers * sum(v for n, v in per_layer.items() if n not in targets)
-    norms = s.layers * 2 * h + h
-    embed = s.vocab * h * (1 if s.tied else 2)
-    total_params = target_numel + other_linear + norms + embed
+    total_params = sum(p.numel() for p in meta.parameters())  # the model's own count (biases, tied head once)
     if variant == "vera":
         adapter_params = s.layers * sum(rank + fout for n, (_, fout) in s.projections().items() if n in targets)
     else:

@@ -33,31 +33,28 @@ step_m = min(rank_step, cap_m - r_m).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from lowrank_ext.adapters.targets import is_linear_like, select_targets
+from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS
+from lowrank_ext.nn.layout import linear_in_out
+
 __all__ = ["allocate_from_spectra", "allocate_ranks", "gradient_spectra", "lora_param_count", "match_targets"]
 
 
-def match_targets(model: torch.nn.Module, target_modules: str | Sequence[str]) -> list[str]:
-    """Names of the nn.Linear modules a LoRA `target_modules` selects: a list of names / dotted suffixes,
-    a regex string (full match), or "all-linear" (every nn.Linear except the output head)."""
-    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        if target_modules == "all-linear":
-            ok = mod is not out_emb and not name.endswith("lm_head")
-        elif isinstance(target_modules, str):
-            ok = re.fullmatch(target_modules, name) is not None
-        else:
-            ok = any(name == t or name.endswith("." + t) for t in target_modules)
-        if ok:
-            names.append(name)
-    return names
+def match_targets(model: torch.nn.Module, target_modules: str | Sequence[str],
+                  exclude_modules: str | Sequence[str] | None = None) -> list[str]:
+    """Names of the base linear modules (nn.Linear, transformers' Conv1D, a 4-bit linear) a LoRA `target_modules`
+    selects, by the one target rule (adapters/targets.py, PEFT's): a list of names / dotted suffixes, a regex
+    string (full match), or "all-linear" (every linear module except the output head)."""
+    return select_targets(model, target_modules, exclude_modules, accept=_base_linear, op="allocate_ranks")
+
+
+def _base_linear(m: torch.nn.Module) -> bool:
+    """A linear module of the base model (not an adapter layer wrapping one)."""
+    return is_linear_like(m) and not isinstance(m, (*ADAPTER_LAYERS, *IA3_LAYERS))
 
 
 def lora_param_count(shapes: dict[str, tuple[int, int]], ranks: dict[str, int]) -> int:
@@ -124,12 +121,18 @@ def allocate_ranks(model: torch.nn.Module, batches: Iterable[torch.Tensor], budg
     if not (1 <= min_rank <= max_rank) or rank_step < 1:
         raise ValueError(f"lowrank_ext.allocate_ranks: ranks must satisfy 1 <= min_rank <= max_rank and rank_step >= 1, "
                          f"got min_rank={min_rank}, max_rank={max_rank}, rank_step={rank_step}")
-    names = match_targets(model, targets)
+    exclude = getattr(config, "exclude_modules", None) if target_modules is None else None
+    names = match_targets(model, targets, exclude)
     if not names:
-        raise ValueError(f"lowrank_ext.allocate_ranks: target_modules must match nn.Linear modules of the model, "
+        raise ValueError(f"lowrank_ext.allocate_ranks: target_modules must match linear modules of the model, "
                          f"got {targets!r} matching none")
     modules = dict(model.named_modules())
-    shapes = {n: tuple(modules[n].weight.shape) for n in names}
+    for n in names:  # the gradient of a dense weight is what ranks are allocated by
+        w = getattr(modules[n], "weight", None)
+        if not isinstance(w, torch.nn.Parameter) or not w.is_floating_point():
+            raise ValueError(f"lowrank_ext.allocate_ranks: target weights must be dense floating-point parameters "
+                             f"(allocate on the dense model), got {n!r} ({type(modules[n]).__name__})")
+    shapes = {n: linear_in_out(modules[n])[::-1] for n in names}  # (out, in); a Conv1D stores [in, out]
     ranks = {n: min(min_rank, *shapes[n]) for n in names}
     floor = lora_param_count(shapes, ranks)
     if budget < floor:

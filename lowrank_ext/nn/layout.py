@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["check_floating", "is_conv1d", "linear_in_out", "linear_weight", "weight_is_transposed"]
+__all__ = ["base_transposed", "check_floating", "is_conv1d", "linear_in_out", "linear_weight", "record_base_layout",
+           "weight_is_transposed"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -61,3 +62,18 @@ def check_floating(op: str, arg: str, t: torch.Tensor) -> None:
     changes."""
     if not t.is_floating_point():
         raise ValueError(f"lowrank_ext::{op}: {arg} must be a floating-point tensor, got {t.dtype} {list(t.shape)}")
+
+
+def record_base_layout(layer: nn.Module, base: nn.Module, fan_in_fan_out: bool | None = None) -> nn.Module:
+    """Remember on an adapter layer built from `base` whether the base model stores this weight [in, out].
+
+    The layer itself always holds W as [out, in]; the checkpoint it came from (GPT-2's `attn.c_proj.weight`)
+    does not. Whatever later reads that checkpoint for the layer (distributed.materialize, filling a layer
+    built on the meta device) must transpose exactly when this says so."""
+    layer.base_transposed = weight_is_transposed(base, fan_in_fan_out)
+    return layer
+
+
+def base_transposed(layer: nn.Module) -> bool:
+    """True when `layer`'s weight is stored [in, out] in the base model's checkpoint (record_base_layout)."""
+    return bool(getattr(layer, "base_transposed", False))

@@ -23,7 +23,7 @@ from torch import nn
 
 from lowrank_ext.nf4 import NF4Weight, quantize_nf4
 from lowrank_ext.nn import functional as LF
-from lowrank_ext.nn.layout import linear_weight
+from lowrank_ext.nn.layout import linear_weight, record_base_layout
 from lowrank_ext.nn.linear4bit import Linear4bit, NF4WeightHolder, check_compute_dtype
 from lowrank_ext.ops import nf4_linear, nf4_lora_linear, nf4_row_sqnorm
 
@@ -59,6 +59,9 @@ class _AdapterLayer(nn.Module):
 
     in_features: int
     out_features: int
+    # the base checkpoint stores this weight [in, out] (a Conv1D); the layer's own weight is always [out, in]
+    # (nn/layout.py record_base_layout: set where the layer is built from its base module)
+    base_transposed: bool = False
 
     def _init_adapters(self) -> None:
         self.lora_A = nn.ParameterDict()
@@ -317,7 +320,7 @@ class LoRALinear(_AdapterLayer):
                     adapter_name: str = "default", **kw) -> LoRALinear:
         """Wrap an nn.Linear (or transformers' Conv1D, weight [in, out]) and add one active adapter."""
         weight, bias = linear_weight(linear, fan_in_fan_out)
-        layer = cls(weight, bias)
+        layer = record_base_layout(cls(weight, bias), linear, fan_in_fan_out)
         layer.add_adapter(adapter_name, r, alpha, dropout, use_rslora, variant, **kw)
         layer.set_adapter(adapter_name)
         return layer
@@ -399,6 +402,8 @@ class QLoRALinear(NF4WeightHolder, _AdapterLayer):
             dense, bias = linear_weight(linear, fan_in_fan_out)
             weight = quantize_nf4(dense, blocksize, double_quant)
         layer = cls(weight, bias, compute_dtype)
+        if not isinstance(linear, Linear4bit):
+            record_base_layout(layer, linear, fan_in_fan_out)
         layer.add_adapter(adapter_name, r, alpha, dropout, use_rslora, variant, **kw)
         layer.set_adapter(adapter_name)
         return layer
