@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import subprocess
 import sys
@@ -222,6 +223,23 @@ def test_truncated_shard_is_named(tmp_path):
     (path / shard).write_bytes(data[:5])  # not even a header length
     with pytest.raises(ValueError, match=rf"shard '{shard}' must be a complete safetensors file, got "
                                          rf"SafetensorError: .*header"):
+        load_pretrained(path, CONFIGS["qlora"])
+
+
+@pytest.mark.parametrize("key", ["model.norm.weight", "model.layers.0.self_attn.q_proj.weight"])
+def test_integer_tensor_for_a_floating_one_is_refused(tmp_path, key):
+    """Issue 19 item 12: an integer tensor where the model has a floating one (a norm, or a target weight that
+    would be quantized) is a ValueError naming the key and file before anything is allocated — not torch's
+    RuntimeError half-way through ("Only Tensors of floating point dtype can require gradients")."""
+    from safetensors.torch import load_file, save_file
+
+    path = _save(tmp_path / "m", _tiny_cfg())
+    sd = load_file(path / "model.safetensors")
+    sd[key] = sd[key].to(torch.int32)
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"^lowrank_ext::load_pretrained: the checkpoint must store every floating "
+                                         rf"tensor of the model as a floating-point tensor, got 1 stored as integers, "
+                                         rf"e.g. \['{re.escape(key)} \(I32, in model.safetensors\)'\]"):
         load_pretrained(path, CONFIGS["qlora"])
 
 

@@ -372,6 +372,13 @@ def load_pretrained(model_dir: str | os.PathLike, config, dtype: torch.dtype | N
         raise _err("the checkpoint", "hold every tensor of the model with the model's shape",
                    (f"{len(missing)} missing, e.g. {missing[:4]}" if missing else "")
                    + ("; " if missing and wrong else "") + (f"wrong shapes: {wrong[:4]}" if wrong else ""))
+    # a floating model tensor stored as an integer one (a file quantized by another tool, a corrupt file): refused
+    # here, before anything is allocated, not cast (from_pretrained's silent cast) or a torch error half-way
+    not_float = [f"{k} ({tensors[k][2]}, in {tensors[k][0]})" for k, v in km.renamed.items()
+                 if v not in bnb_keys and meta[v].is_floating_point() and not tensors[k][2].startswith(("F", "BF"))]
+    if not_float:
+        raise _err("the checkpoint", "store every floating tensor of the model as a floating-point tensor",
+                   f"{len(not_float)} stored as integers, e.g. {not_float[:4]}")
     if km.unexpected:
         raise _err("the checkpoint", "hold only tensors of the model", f"{len(km.unexpected)} unexpected, e.g. "
                    f"{km.unexpected[:4]}")
