@@ -258,3 +258,14 @@ def test_memory_command(capsys, tmp_path):
     assert rc == 2 and "--rank must be >= 1, got 0" in capsys.readouterr().err
     rc = cli.main(["memory", "--model", str(tmp_path / "nope")])
     assert rc == 2 and "lowrank_ext memory: --model must be a model directory" in capsys.readouterr().err
+
+
+def test_memory_command_prints_na_for_a_block_it_does_not_model(capsys, tmp_path):
+    """Issue 19 item 11: `memory` on a GPT-2 directory prints "n/a" with the reason and no figure (it used to
+    stop with the estimate's ValueError, and before that print a Llama-shaped number)."""
+    _tiny_cfg("gpt2").save_pretrained(str(tmp_path))
+    rc = cli.main(["memory", "--model", str(tmp_path), "--rank", "4", "--seq-len", "8"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "n/a: lowrank_ext memory: the model's blocks must be Llama blocks" in out and "'gpt2' model" in out
+    assert "MiB" not in out and "total" not in out

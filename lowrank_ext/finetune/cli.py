@@ -151,7 +151,7 @@ def _memory_parser(sub) -> None:
 
 
 def _memory(a: argparse.Namespace) -> int:
-    from lowrank_ext.finetune.memory import estimate, format_estimate
+    from lowrank_ext.finetune.memory import UnmodeledBlock, estimate, format_estimate
 
     for name in ("rank", "seq_len", "batch_size"):
         if getattr(a, name) < 1:
@@ -167,11 +167,16 @@ def _memory(a: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise CLIError(f"lowrank_ext memory: --model must be a model directory with config.json, got {str(a.model)!r}")
     import_model_code(model_dir)  # the runtime an actual run has before its first weight (the measured floor)
-    est = estimate(model_dir, rank=a.rank, seq_len=a.seq_len, batch_size=a.batch_size,
-                   targets=_targets(a.targets) if a.targets != "all-linear" else None, variant=a.variant,
-                   optimizer=a.optimizer, dropout=a.dropout > 0)
-    print(f"memory estimate: {model_dir}, r={a.rank}, {a.batch_size} x {a.seq_len} tokens, {a.variant}, "
-          f"{a.optimizer}, fp32 compute (no weights read)\n" + format_estimate(est))
+    head = (f"memory estimate: {model_dir}, r={a.rank}, {a.batch_size} x {a.seq_len} tokens, {a.variant}, "
+            f"{a.optimizer}, fp32 compute (no weights read)")
+    try:
+        est = estimate(model_dir, rank=a.rank, seq_len=a.seq_len, batch_size=a.batch_size,
+                       targets=_targets(a.targets) if a.targets != "all-linear" else None, variant=a.variant,
+                       optimizer=a.optimizer, dropout=a.dropout > 0)
+    except UnmodeledBlock as e:  # a block shape the estimate does not model: say so, print no number
+        print(f"{head}\nn/a: {e}")
+        return 0
+    print(f"{head}\n" + format_estimate(est))
     return 0
 
 

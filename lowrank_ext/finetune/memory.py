@@ -28,7 +28,7 @@ from lowrank_ext.adapters.targets import is_linear_like, output_head_name, selec
 from lowrank_ext.nf4 import nf4_nbytes
 from lowrank_ext.nn.layout import linear_in_out
 
-__all__ = ["ROUTER_AUX_LOSS_MODEL_TYPES", "Estimate", "chunked_loss_blocker", "chunked_lm_loss",
+__all__ = ["ROUTER_AUX_LOSS_MODEL_TYPES", "Estimate", "UnmodeledBlock", "chunked_loss_blocker", "chunked_lm_loss",
            "enable_gradient_checkpointing", "estimate", "format_estimate", "import_model_code", "measured_split",
            "runtime_bytes", "supports_chunked_loss", "trim_freed_memory"]
 
@@ -384,6 +384,11 @@ def _meta_model(cfg: dict) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+class UnmodeledBlock(ValueError):
+    """The model's blocks are not the Llama block the estimate's activation and byte counts describe (GPT-2's
+    Conv1D block, NeoX's fused qkv ...): callers print "n/a" with this reason, never a number for another shape."""
+
+
 def _modeled_targets(s: _Shape, model: nn.Module, targets: list[str] | str | None) -> set[str]:
     """The projection names (q_proj ... down_proj) `targets` adapts in `model`, selected by the one target rule
     (adapters/targets.py, Conv1D included); a ValueError when the model's blocks are not the Llama block the
@@ -396,12 +401,12 @@ def _modeled_targets(s: _Shape, model: nn.Module, targets: list[str] | str | Non
             continue
         leaf = name.rsplit(".", 1)[-1]
         if want.get(leaf) != linear_in_out(m):
-            raise ValueError(f"lowrank_ext memory: the model's blocks must be Llama blocks (q/k/v/o_proj, gate/up/"
+            raise UnmodeledBlock(f"lowrank_ext memory: the model's blocks must be Llama blocks (q/k/v/o_proj, gate/up/"
                              f"down_proj of the config's sizes) for an estimate, got {name!r} ({type(m).__name__}, "
                              f"in/out {linear_in_out(m)}) in a {getattr(model.config, 'model_type', '?')!r} model")
         per_leaf[leaf] = per_leaf.get(leaf, 0) + 1
     if per_leaf != dict.fromkeys(want, s.layers):
-        raise ValueError(f"lowrank_ext memory: the model's blocks must be Llama blocks (each of {sorted(want)} once "
+        raise UnmodeledBlock(f"lowrank_ext memory: the model's blocks must be Llama blocks (each of {sorted(want)} once "
                          f"per layer, {s.layers} layers) for an estimate, got {per_leaf}")
     names = select_targets(model, targets if targets else "all-linear", op="memory")
     picked = {n.rsplit(".", 1)[-1] for n in names}
