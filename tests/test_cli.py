@@ -556,3 +556,6 @@ def test_finetune_gpt2_targets_checked_before_loading(capsys, tmp_path, tiny_gpt
     base = transformers.GPT2LMHeadModel.from_pretrained(str(tiny_gpt2_dir))
     assert res["target_numel"] == sum(m.weight.numel() for n, m in base.named_modules() if n.endswith("attn.c_attn"))
     assert abs(res["reload_loss"] - res["eval_after"]) < 1e-3
+    # GPT-2's decoder is `transformer`, not `model`: the chunked head + loss is not its objective, and the run says so
+    assert ("gradient checkpointing: the output head and loss run whole (the model's own loss), because it has no "
+            "`model` decoder child") in capsys.readouterr().out

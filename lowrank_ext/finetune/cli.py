@@ -597,10 +597,14 @@ def _train(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, job: _Job)
     plan.out.mkdir(parents=True, exist_ok=True)
     loss_fn = lm_loss_in(plan.dtype)
     if a.gradient_checkpointing and dctx is None and a.backend == "lowrank_ext":  # the head + loss in chunks too
-        from lowrank_ext.finetune.memory import chunked_lm_loss, supports_chunked_loss
+        from lowrank_ext.finetune.memory import chunked_lm_loss, chunked_loss_blocker
 
-        if supports_chunked_loss(job.model):
+        blocker = chunked_loss_blocker(job.model)
+        if blocker is None:
             loss_fn = lm_loss_in(plan.dtype, chunked_lm_loss)  # under bf16 autocast too, with --dtype bf16
+        elif plan.rank == 0:  # the model's own loss: right, only the head's memory saving is lost — say why
+            print(f"gradient checkpointing: the output head and loss run whole (the model's own loss), because "
+                  f"{blocker}", flush=True)
     trainer_cls, kw = (Trainer, {}) if dctx is None else (parallel.DistTrainer, {"dist": dctx})
     rank, world, micro, blocks = plan.rank, plan.world, a.batch_size, data.train_blocks
     # rank r reads micro-batches r, r + world, ...: distinct data per rank, the same stream for any resume
