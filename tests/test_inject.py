@@ -258,10 +258,14 @@ def test_dora_magnitude_initialised_like_peft():
         torch.testing.assert_close(v, theirs[k], atol=1e-6, rtol=1e-6)
 
 
-def test_rank_and_alpha_patterns_equal_peft():
+@pytest.mark.parametrize("rank_pattern, alpha_pattern", [
+    ({"v_proj": 2, r".*\.1\.mlp\.down_proj": 6}, {"q_proj": 3, "down_proj": 24}),
+    # PEFT's rule is a regex over a dotted suffix, `(.*\.)?(key)$`: alternations and partial paths match too
+    ({"q_proj|v_proj": 2, r"self_attn\.[ko]_proj": 6}, {r"mlp\.(up|gate)_proj": 3, "1.mlp.down_proj": 24}),
+])
+def test_rank_and_alpha_patterns_equal_peft(rank_pattern, alpha_pattern):
     a, b = pair("llama")
-    kw = {"r": 4, "lora_alpha": 8, "rank_pattern": {"v_proj": 2, r".*\.1\.mlp\.down_proj": 6},
-          "alpha_pattern": {"q_proj": 3, "down_proj": 24}}
+    kw = {"r": 4, "lora_alpha": 8, "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern}
     pm = peft.get_peft_model(a, _peft_cfg(target_modules=TARGETS["llama"], **kw))
     L.inject(b, L.LoRAConfig(r=4, alpha=8, target_modules=TARGETS["llama"], rank_pattern=kw["rank_pattern"],
                              alpha_pattern=kw["alpha_pattern"]))

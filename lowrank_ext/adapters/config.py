@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from lowrank_ext.adapters import peft_fields
 from lowrank_ext.adapters.peft_fields import BIAS_CHOICES, as_names, is_names, peft_task_type, read_peft_dict
-from lowrank_ext.adapters.targets import is_all_linear, matches_spec
+from lowrank_ext.adapters.targets import is_all_linear, matches_spec, pattern_value
 from lowrank_ext.nn.linear4bit import check_compute_dtype
 
 __all__ = ["LoRAConfig"]
@@ -131,10 +130,10 @@ class LoRAConfig:
         return not is_all_linear(self.target_modules) and matches_spec(self.target_modules, name)
 
     def rank_for(self, name: str) -> int:
-        return int(_pattern_value(self.rank_pattern, name, self.r))
+        return int(pattern_value(self.rank_pattern, name, self.r))
 
     def alpha_for(self, name: str) -> float:
-        return float(_pattern_value(self.alpha_pattern, name, self.alpha))
+        return float(pattern_value(self.alpha_pattern, name, self.alpha))
 
     def scaling_for(self, name: str) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA (VeRA: 1)."""
@@ -183,9 +182,3 @@ class LoRAConfig:
         return read_peft_dict(cls, d, _where, {"LORA": peft_fields.LORA, "VERA": peft_fields.VERA}, overrides)
 
 
-def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    """PEFT's rule: the first pattern that equals the name / is a "."-suffix of it, else a full-match regex."""
-    for pat, value in patterns.items():
-        if name == pat or name.endswith("." + pat) or re.fullmatch(pat, name):
-            return value
-    return default

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -45,7 +46,7 @@ from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS, Linear4bit
 from lowrank_ext.nn.layout import is_conv1d
 
 __all__ = ["ALL_LINEAR", "is_all_linear", "is_linear_like", "matches_spec", "modules_to_save_names", "output_head_name",
-           "select_targets"]
+           "pattern_value", "select_targets"]
 
 ALL_LINEAR = "all-linear"
 TargetSpec = str | Iterable[str]
@@ -69,6 +70,16 @@ def matches_spec(spec: TargetSpec, name: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name == p or name.endswith("." + p) for p in spec)
+
+
+def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """The value of the first key of `patterns` (rank_pattern / alpha_pattern) that matches module `name` by PEFT's
+    rule (utils/other.py `get_pattern_key`): the key is a regex that must match a whole dotted suffix of the name,
+    `(.*\.)?(key)$` — so "v_proj", "q_proj|v_proj" and r".*\.1\.mlp\.down_proj" all work; `default` if none does."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
 
 
 def _in_modules_to_save(modules_to_save: Iterable[str] | None, name: str) -> bool:
