@@ -6,6 +6,7 @@ holding deq(W) (what our fused op computes with), compared in fp32 — logits an
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
@@ -19,8 +20,8 @@ from lowrank_ext.nn import Linear4bit
 
 peft = require("peft", "0.21.2")
 transformers = require("transformers")
-from lowrank_ext.hf import NF4LoraLinear, enable_peft, merge_and_unload  # noqa: E402
-from lowrank_ext.hf.peft_lora import register  # noqa: E402
+from lowrank_ext.hf import NF4LoraLinear, enable_peft, merge_and_unload
+from lowrank_ext.hf.peft_lora import register
 
 enable_peft()
 OP = "lowrank_ext.nf4_lora_linear.default"
@@ -39,11 +40,15 @@ def tiny_llama(seed: int = 0) -> nn.Module:
 def nf4_model(model: nn.Module) -> nn.Module:
     """What lowrank_ext.NF4Config's from_pretrained gives (until it is merged: the lead switches these tests to
     it): every nn.Linear but the output head becomes a Linear4bit, and the model says it is 4-bit."""
+    from transformers.pytorch_utils import Conv1D
+
     head = model.get_output_embeddings()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and child is not head:
                 setattr(parent, name, Linear4bit(quantize_nf4(child.weight.detach()), child.bias))
+            elif isinstance(child, Conv1D):  # weight [in, out]: NF4 stores [out, in], as bitsandbytes does
+                setattr(parent, name, Linear4bit(quantize_nf4(child.weight.detach().t().contiguous()), child.bias))
     model.is_loaded_in_4bit = True
     model.quantization_method = "lowrank_ext"
     return model
@@ -85,9 +90,9 @@ def ids(b: int = 2, t: int = 5, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 96, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
-def pair(**kw):
+def pair(model: nn.Module | None = None, **kw):
     """(ours, PEFT's dense reference) with identical adapters."""
-    base = nf4_model(tiny_llama())
+    base = nf4_model(tiny_llama() if model is None else model)
     twin = dense_twin(base)
     cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", **kw)
     ours = peft.get_peft_model(base, peft.LoraConfig(**cfg))
@@ -137,6 +142,16 @@ def test_logits_and_gradients_match_peft_on_dequantized_weights(kw):
         if p.requires_grad:
             torch.testing.assert_close(p.grad, grads.pop(n), rtol=1e-4, atol=1e-6)
     assert not grads
+
+
+def test_gpt2_conv1d_layers_all_linear_match_peft():
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    torch.manual_seed(0)
+    ours, ref = pair(transformers.GPT2LMHeadModel(cfg).eval())
+    names = {n.rsplit(".", 1)[-1] for n, m in ours.named_modules() if isinstance(m, NF4LoraLinear)}
+    assert names == {"c_attn", "c_proj", "c_fc"}
+    x = ids()
+    torch.testing.assert_close(ours(x).logits, ref(x).logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("kw", [{}, {"use_dora": True}], ids=["lora", "dora"])
@@ -263,6 +278,33 @@ def test_merge_and_unload_requantize_is_pefts_4bit_merge():
     assert sum(isinstance(m, Linear4bit) for m in merged.modules()) == N_ADAPTED
 
 
+def test_requantized_merge_and_unmerge_follow_pefts_4bit_layer():
+    ours, _ = pair()
+    layers = [m for m in ours.modules() if isinstance(m, NF4LoraLinear)]
+    q = layers[0]
+    w, delta = q.base_layer.weight.dequantize(torch.float32), q.get_delta_weight("default").detach()
+    merged_w = quantize_nf4(w + delta)
+    unmerged_w = quantize_nf4(merged_w.dequantize(torch.float32) - delta)
+    for m in layers:
+        m.requantize_on_merge = True
+    with pytest.warns(UserWarning, match="lossy"):
+        ours.merge_adapter()
+    assert torch.equal(q.base_layer.weight.packed, merged_w.packed)
+    ours.unmerge_adapter()
+    assert not q.merged and isinstance(q.base_layer, Linear4bit)
+    assert torch.equal(q.base_layer.weight.packed, unmerged_w.packed)
+    assert torch.equal(q.base_layer.weight.absmax, unmerged_w.absmax)
+
+
+def test_requantized_dora_merge_cannot_be_unmerged():
+    ours, _ = pair(use_dora=True)
+    layer = next(m for m in ours.modules() if isinstance(m, NF4LoraLinear))
+    with pytest.warns(UserWarning, match="lossy"):
+        layer.merge(requantize=True)
+    with pytest.raises(ValueError, match="lowrank_ext::NF4LoraLinear: merged adapters must not include a DoRA"):
+        layer.unmerge()
+
+
 def test_merge_modes_cannot_be_mixed():
     ours, _ = pair()
     ours.add_adapter("b", peft.LoraConfig(r=2, target_modules="all-linear"))
@@ -295,21 +337,30 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_logits(tmp_path):
     torch.testing.assert_close(dense(x).logits, want, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_peft_model_rebuilds_the_nf4_model(tmp_path):
-    import lowrank_ext
+class _NF4AutoModel:
+    """Stands in for AutoModelForCausalLM.from_pretrained(path, quantization_config=lowrank_ext.NF4Config()) until
+    NF4Config is merged (the lead switches this test to it): loads the checkpoint, then quantizes as NF4Config does."""
 
-    if not hasattr(lowrank_ext, "NF4Config"):
-        pytest.skip("needs lowrank_ext.NF4Config (issue 20 item 1, merged separately)")
+    @staticmethod
+    def from_pretrained(path, **kwargs):
+        return nf4_model(transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs))
+
+
+class _NF4AutoPeft(peft.AutoPeftModelForCausalLM):
+    _target_class = _NF4AutoModel
+
+
+def test_auto_peft_model_rebuilds_the_nf4_model(tmp_path):
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     tiny_llama().save_pretrained(str(base_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir),
-                                                              quantization_config=lowrank_ext.NF4Config())
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = _NF4AutoModel.from_pretrained(str(base_dir))
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM"))
     randomize(pm)
     pm.save_pretrained(str(adapter_dir))
     x = ids()
-    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir),
-                                                           quantization_config=lowrank_ext.NF4Config())
+    loaded = _NF4AutoPeft.from_pretrained(str(adapter_dir))
+    assert isinstance(loaded, peft.PeftModelForCausalLM)
     assert sum(isinstance(m, NF4LoraLinear) for m in loaded.modules()) == N_ADAPTED
     torch.testing.assert_close(loaded(x).logits, pm(x).logits, rtol=0, atol=0)
 
@@ -337,6 +388,19 @@ def test_enable_peft_is_idempotent_and_register_is_pefts_per_config_hook():
     cfg = register(peft.LoraConfig(target_modules=["q_proj"]))
     assert cfg._custom_modules == {Linear4bit: NF4LoraLinear}
     assert peft.LoraConfig()._custom_modules is None  # per instance
+
+
+def test_without_enable_peft_register_alone_builds_our_layer(monkeypatch):
+    from peft.tuners import tuners_utils
+    from peft.tuners.lora import LoraModel
+
+    monkeypatch.setattr(LoraModel, "_create_new_module", staticmethod(LoraModel._create_new_module.original))
+    monkeypatch.setattr(tuners_utils, "_maybe_include_all_linear_layers",
+                        tuners_utils._maybe_include_all_linear_layers.original)
+    with pytest.raises(ValueError, match="Target module Linear4bit.* is not supported"):
+        peft.get_peft_model(nf4_model(tiny_llama()), peft.LoraConfig(target_modules=["q_proj"]))
+    pm = peft.get_peft_model(nf4_model(tiny_llama()), register(peft.LoraConfig(target_modules=["q_proj"])))
+    assert sum(isinstance(m, NF4LoraLinear) for m in pm.modules()) == 2
 
 
 def test_all_linear_targets_every_linear4bit_but_not_the_head():
@@ -370,7 +434,11 @@ def test_prepare_model_for_kbit_training_then_the_model_trains():
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-def test_trl_dpo_two_steps_with_the_adapter_disabled_as_reference(tmp_path):
+@pytest.mark.parametrize("how", ["peft_config", "peft_model"])
+def test_trl_dpo_two_steps(tmp_path, how):
+    """TRL's DPOTrainer on the NF4 model: given `peft_config=LoraConfig(...)` TRL builds the PeftModel itself and its
+    reference is the model under disable_adapter(); given a PeftModel, TRL copies the adapter into a frozen "ref"
+    adapter and switches to it with set_adapter."""
     trl = require("trl")
     datasets = require("datasets")
     from _tiny_models import save_tiny_llama_dir
@@ -379,21 +447,51 @@ def test_trl_dpo_two_steps_with_the_adapter_disabled_as_reference(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "base"))
     tok.pad_token = tok.eos_token
     model = nf4_model(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")))
-    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     ds = datasets.Dataset.from_dict({"prompt": ["hi ", "say ", "the ", "a "],
                                      "chosen": ["there", "yes", "cat", "dog"],
                                      "rejected": ["no", "never", "xx", "zz"]})
     args = trl.DPOConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2,
                          learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                          bf16=False, fp16=False, max_length=32, dataloader_num_workers=0)
+    if how == "peft_model":
+        trainer = trl.DPOTrainer(model=peft.get_peft_model(model, lora), ref_model=None, args=args,
+                                 train_dataset=ds, processing_class=tok)
+    else:
+        trainer = trl.DPOTrainer(model=model, ref_model=None, args=args, train_dataset=ds, processing_class=tok,
+                                 peft_config=lora)
+    pm = trainer.model
+    assert isinstance(pm, peft.PeftModel) and trainer.ref_model is None
+    layers = [m for m in pm.modules() if isinstance(m, NF4LoraLinear)]
+    assert len(layers) == N_ADAPTED
+    reference_passes = []
+    if how == "peft_model":
+        assert all(set(m.lora_A) == {"default", "ref"} for m in layers)
+        real_set_adapter = pm.set_adapter
+
+        def set_adapter(name, *a, **kw):
+            reference_passes.append(name)
+            return real_set_adapter(name, *a, **kw)
+
+        pm.set_adapter = set_adapter
+    else:
+        real_disable = pm.disable_adapter
+
+        @contextlib.contextmanager
+        def disable_adapter():
+            with real_disable():
+                assert all(m.disable_adapters for m in layers)
+                reference_passes.append("disabled")
+                yield
+
+        pm.disable_adapter = disable_adapter
     before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
-    calls, _ = count_ops(lambda: None)
-    trainer = trl.DPOTrainer(model=pm, ref_model=None, args=args, train_dataset=ds, processing_class=tok)
-    assert trainer.ref_model is None  # TRL's reference is the same model with the adapter disabled
     calls, _ = count_ops(trainer.train)
     assert trainer.state.global_step == 2
-    assert calls.get(OP, 0) > 0
+    assert reference_passes.count("ref" if how == "peft_model" else "disabled") >= 2  # a reference pass per step
+    n = calls.get(OP, 0)  # each policy forward (and checkpointed recompute) runs it once in every adapted layer
+    assert n >= 2 * N_ADAPTED and n % N_ADAPTED == 0, n
     changed = [n for n, p in pm.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
-    assert changed
+    assert changed and all(".default." in n for n in changed)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(v)) for v in losses)

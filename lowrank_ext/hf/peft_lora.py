@@ -185,10 +185,13 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         live = [a for a in self.active_adapters if a in self.lora_A]
         if self.merged or not live:
             return self.base_layer(x, *args, **kwargs)
-        if len(live) == 1 and isinstance(self.get_base_layer(), Linear4bit):
+        if len(live) == 1:
             return self._forward_one(x, live[0])
-        result = self.base_layer(x, *args, **kwargs)   # several adapters: PEFT's sum, in PEFT's order
-        for name in live:
+        # several adapters: PEFT's sum in PEFT's order (a DoRA adapter sees the running result as its base
+        # output, as in PEFT); a plain LoRA adapter first is fused with the base product
+        first_fused = live[0] not in self.lora_variant
+        result = self._forward_one(x, live[0]) if first_fused else self.base_layer(x, *args, **kwargs)
+        for name in live[first_fused:]:
             if name in self.lora_variant:
                 result = self.lora_variant[name].forward(self, active_adapter=name, x=x, result=result)
             else:
@@ -288,6 +291,12 @@ class NF4LoraLinear(nn.Module, LoraLayer):
     def _set_base(self, module: nn.Module) -> None:
         self.base_layer = module
 
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for nf4 in self._nf4_unmerged:  # the NF4 layer kept aside while merged densely moves with the model
+            nf4._apply(fn, recurse)
+        return self
+
 
 # ---- enabling it in PEFT ----------------------------------------------------------------------------
 def register(config: LoraConfig) -> LoraConfig:
@@ -319,6 +328,7 @@ def _with_linear4bit(original):
         return peft_config
 
     include._lowrank_ext = True
+    include.original = original
     return include
 
 
@@ -336,6 +346,7 @@ def enable_peft() -> None:
             return create(lora_config, adapter_name, target, **kwargs)
 
         _create_new_module._lowrank_ext = True
+        _create_new_module.original = create  # PEFT's own, for callers (and tests) that need it
         LoraModel._create_new_module = staticmethod(_create_new_module)
     if not getattr(tuners_utils._maybe_include_all_linear_layers, "_lowrank_ext", False):
         tuners_utils._maybe_include_all_linear_layers = _with_linear4bit(tuners_utils._maybe_include_all_linear_layers)
