@@ -81,22 +81,15 @@ class _NF4DoraVariant(LoraVariant):
         g = module.dora_scale(active_adapter, x.dtype)
         return result + (g - 1) * base + g * (module.scaling[active_adapter] * F.linear(F.linear(x, a), b))
 
-    @staticmethod
-    def merge_safe(module: NF4LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return module.merged_dense(orig_weight, [active_adapter])
-
-    @staticmethod
-    def merge_unsafe(module: NF4LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data = module.merged_dense(orig_weight, [active_adapter])
-
-    @staticmethod
-    def unmerge(module: NF4LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("NF4LoraLinear.unmerge restores the NF4 base itself")
-
 
 class NF4LoraLinear(nn.Module, LoraLayer):
     """PEFT LoRA layer around a lowrank_ext Linear4bit (PEFT's custom-module signature: base, name, config, r,
-    lora_alpha). Forward with one active LoRA (or dropout-free DoRA) adapter is one fused NF4 op."""
+    lora_alpha). Forward with one active LoRA (or dropout-free DoRA) adapter is one fused NF4 op.
+
+    dtypes: the adapter parameters stay fp32 (PEFT's autocast_adapter_dtype); the fused op takes one dtype, so the
+    factors are cast to x's dtype (gradients reach the fp32 parameters) where PEFT casts x to the adapter's dtype
+    for its separate LoRA branch: the same in fp32, the LoRA product rounded in x's dtype for bf16/fp16
+    activations. The base's compute_dtype (bitsandbytes' meaning) is honoured as in ops.nf4_lora_linear."""
 
     requantize_on_merge: bool = False  # merge into a new NF4 weight (PEFT bnb) instead of a dense dequantized copy
 
@@ -146,11 +139,9 @@ class NF4LoraLinear(nn.Module, LoraLayer):
         return self.get_base_layer().bias
 
     def base_product(self, x: torch.Tensor) -> torch.Tensor:
-        """x · Wᵀ without bias, W the current base (NF4 or a dense merged copy)."""
-        base = self.get_base_layer()
-        if isinstance(base, Linear4bit):
-            return nf4_linear(x, base.weight, None, base.compute_dtype)
-        return F.linear(x, base.weight.to(x.dtype))
+        """x · deq(W)ᵀ without bias (one NF4 op; only unmerged layers run adapters)."""
+        base = self._nf4()
+        return nf4_linear(x, base.weight, None, base.compute_dtype)
 
     def factors(self, name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [r, K], B [N, r]) in `dtype` (the fused op takes one dtype; gradients reach the fp32 parameters)."""
