@@ -6,3 +6,8 @@ names lazily). It sits above `distributed` and below `finetune` (docs/architectu
 """
 
 __all__: list[str] = []
+
+# PEFT's get_peft_model on NF4 models (item 2 of issue 20)
+from lowrank_ext.hf.peft_lora import NF4LoraLinear, enable_peft, merge_and_unload
+
+__all__ += ["NF4LoraLinear", "enable_peft", "merge_and_unload"]
