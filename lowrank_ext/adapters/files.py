@@ -6,7 +6,10 @@
         base_model.model.<module>.vera_lambda_d [r], ...vera_lambda_b [out], base_model.vera_A, base_model.vera_B
         base_model.model.<module>.<param>                                         (modules_to_save copies)
         base_model.model.<module>.base_layer.bias / base_model.model.<module>.bias  (bias="all" / "lora_only")
-    directory/adapter_config.json         LoRAConfig.to_peft_dict()
+    directory/adapter_config.json         LoRAConfig.to_peft_dict(), base_model_name_or_path (given, or the model's
+                                          config._name_or_path), and for LoRA / VeRA / IA3 our field
+                                          "lowrank_ext": {"base_quantization": ...} (peft_fields.py): load_adapter
+                                          into a dense base rebuilds the NF4 layers the adapter was trained on
     directory/README.md                   a short model card (library_name: peft), as PEFT writes one
 
 Saving from a sharded (FSDP2) model writes the global tensors (each gathered with full_tensor()), once,
@@ -47,10 +50,10 @@ from lowrank_ext.adapters import bitfit, ia3, prompt_tuning
 from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.injector import InjectPlan, apply_inject, in_out, plan_inject, target_names
 from lowrank_ext.adapters.methods import check_family
-from lowrank_ext.adapters.peft_fields import field_error
+from lowrank_ext.adapters.peft_fields import LOWRANK_EXT_FIELD, field_error
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, get_state
-from lowrank_ext.nn import ADAPTER_LAYERS
-from lowrank_ext.nn.linear4bit import is_sharded
+from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS
+from lowrank_ext.nn.linear4bit import NF4WeightHolder, is_sharded
 
 __all__ = ["adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
 
@@ -189,7 +192,11 @@ def _write_adapter(model, tensors, directory, adapter_name, overwrite, base_mode
                 raise exists_error(paths[name])
     os.makedirs(directory, exist_ok=True)
     data = safetensors_bytes(tensors, metadata={"format": "pt"})
+    if base_model_name_or_path is None:
+        base_model_name_or_path = base_name_or_path(model)
     peft_dict = cfg.to_peft_dict(base_model_name_or_path, model=model)
+    if isinstance(cfg, (LoRAConfig, ia3.IA3Config)):  # the methods whose base layers load_adapter can quantize
+        peft_dict[LOWRANK_EXT_FIELD] = {"base_quantization": base_quantization(model, adapter_name)}
     # overwrite=False creates each file exclusively (atomic_write(exclusive=True): os.link fails if the name
     # exists), so of two saves racing into one new directory exactly one writes; the weights file is the claim:
     # whoever created it also writes the config, the other gets FileExistsError and writes nothing.
@@ -211,6 +218,42 @@ def _write_adapter(model, tensors, directory, adapter_name, overwrite, base_mode
     if _card_is_ours(paths[README]) is not False and (overwrite or not os.path.exists(paths[README])):
         with atomic_write(paths[README], "w") as f:
             f.write(_model_card(cfg, adapter_name, base_model_name_or_path))
+
+
+def base_name_or_path(model: nn.Module) -> str | None:
+    """Where the base came from, as transformers records it (config._name_or_path / name_or_path); None if unknown."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def base_quantization(model: nn.Module, adapter_name: str) -> dict[str, Any] | None:
+    """The quantization of the base layers adapter `adapter_name` adapts, as adapter_config.json records it
+    (peft_fields.py, field "lowrank_ext"): None when they are dense, else {"quant_type": "nf4", "blocksize",
+    "double_quant", "compute_dtype"}. Layers that differ (some NF4, some dense, or two blocksizes) cannot be
+    written as one setting: a ValueError rather than a file that rebuilds another model."""
+    settings = set()
+    for _, m in model.named_modules():
+        holds = (isinstance(m, ADAPTER_LAYERS) and adapter_name in m.specs) or (
+            isinstance(m, IA3_LAYERS) and adapter_name in m.ia3_l)
+        if not holds:
+            continue
+        if isinstance(m, NF4WeightHolder):
+            _, _, blocksize, double_quant = m._nf4_meta  # not m.weight: a sharded (FSDP2) layer is saved too
+            settings.add((blocksize, double_quant, _DTYPE_NAMES.get(m.compute_dtype)))
+        else:
+            settings.add(None)
+    if len(settings) > 1:
+        raise ValueError(f"lowrank_ext::save_adapter: the base layers of adapter {adapter_name!r} must share one "
+                         f"quantization (adapter_config.json records one), got {sorted(settings, key=repr)} "
+                         f"(None: dense; else (blocksize, double_quant, compute_dtype))")
+    setting = next(iter(settings), None)
+    if setting is None:
+        return None
+    blocksize, double_quant, compute_dtype = setting
+    return {"quant_type": "nf4", "blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute_dtype}
 
 
 def _card_is_ours(path: str) -> bool | None:
@@ -425,17 +468,20 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     The file's peft_type decides: LORA / VERA (below), IA3, PROMPT_TUNING (returns a PromptTuningModel wrapping
     `model`) or BITFIT (ours); the last three load into a new adapter name only (see the module docstring).
 
-    A new adapter name is injected from the file's config (with `quantize`: None keeps dense bases, "nf4"
-    quantizes them). An adapter name the model already has is loaded into only when its config equals the
-    file's (else a ValueError lists every differing field: load under another name, or delete_adapter
-    first). Everything is checked before the model changes; see the module docstring.
+    A new adapter name is injected from the file's config (with `quantize`: None quantizes dense bases as the
+    file's recorded base quantization says — NF4 with its blocksize / double_quant / compute_dtype, or nothing
+    for a file without one — and "nf4" quantizes them in any case). An adapter name the model already has is
+    loaded into only when its config equals the file's (else a ValueError lists every differing field: load
+    under another name, or delete_adapter first). Everything is checked before the model changes; see the module docstring.
     """
     directory = os.fspath(directory)
     weights_path, config_path = os.path.join(directory, WEIGHTS), os.path.join(directory, CONFIG)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"lowrank_ext::load_adapter: directory must contain {WEIGHTS} (safetensors only), "
                                 f"got {directory!r}")
-    config = read_adapter_config(directory, quantize=quantize)
+    # quantize=None: the base quantization the file records (a dense base then gets the same NF4 layers it was
+    # trained on), none recorded: dense bases stay dense
+    config = read_adapter_config(directory, **({} if quantize is None else {"quantize": quantize}))
     file = _read_safetensors(weights_path)
     if not isinstance(config, LoRAConfig):
         return _load_other(model, config, file, weights_path, config_path, adapter_name)
