@@ -529,12 +529,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 def _load_other(model: nn.Module, config, file: dict[str, torch.Tensor], weights_path: str, config_path: str,
                 adapter_name: str) -> nn.Module:
-    """IA3 / prompt tuning / BitFit: check everything against the plan, then inject and copy (all or nothing)."""
+    """IA3 / prompt tuning / BitFit: check everything against the plan, then inject and copy (all or nothing).
+    An adapter name the model already has is loaded into in place when it is the file's adapter (_other_differences)."""
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
-        raise ValueError(f"lowrank_ext::load_adapter: adapter_name must be new for a {config.peft_type} adapter (loading "
-                         f"into an existing one is not supported), got {adapter_name!r}; pass another adapter_name or "
-                         f"call delete_adapter(model, {adapter_name!r}) first")
+        return _load_other_in_place(model, config, file, weights_path, config_path, adapter_name)
     try:
         if isinstance(config, ia3.IA3Config):
             check_family(model, ia3.IA3Config)
@@ -563,3 +562,42 @@ def _load_other(model: nn.Module, config, file: dict[str, torch.Tensor], weights
         for key, t in live.items():
             t.copy_(file[key])
     return out
+
+
+def _other_differences(model: nn.Module, name: str, have, want) -> list[str]:
+    """How the model's IA3 / prompt tuning / BitFit adapter `name` (config `have`) differs from the file's (`want`)
+    in what decides its forward pass: the method; IA3: the adapted modules and which scale their input (resolved on
+    this model, as inject would); prompt tuning: the number of virtual tokens and their width; BitFit: which
+    biases train and which were added."""
+    if type(have) is not type(want):
+        return [f"method (file {want.peft_type}, model {getattr(have, 'peft_type', type(have).__name__)})"]
+    if isinstance(want, ia3.IA3Config):
+        held = {n: m.is_feedforward for n, m in ia3.ia3_layers(model) if name in m.ia3_l}
+        plan = ia3.plan_ia3(model, want, name + "_file")  # a name the model lacks: plans without changing it
+        wanted = {t: plan.feedforward[t] for t in plan.targets}
+        return [] if held == wanted else [f"target_modules / feedforward_modules (file {wanted}, model {held})"]
+    if isinstance(want, prompt_tuning.PromptTuningConfig):
+        return [f"{f} (file {getattr(want, f)!r}, model {getattr(have, f)!r})"
+                for f in ("num_virtual_tokens", "token_dim") if getattr(want, f) != getattr(have, f)]
+    return [f"{f} (file {getattr(want, f)!r}, model {getattr(have, f)!r})"
+            for f in ("bias_patterns", "add_bias_to", "added_biases") if getattr(want, f) != getattr(have, f)]
+
+
+def _load_other_in_place(model: nn.Module, config, file: dict[str, torch.Tensor], weights_path: str,
+                         config_path: str, adapter_name: str) -> nn.Module:
+    """Load the file into the model's adapter `adapter_name` of the same method (e.g. Trainer resuming from a
+    checkpoint): its tensors are copied in place (an optimizer holding them keeps them), after every check."""
+    try:
+        diffs = _other_differences(model, adapter_name, get_state(model).configs[adapter_name], config)
+    except ValueError as e:
+        diffs = [str(e)]
+    if diffs:
+        raise ValueError(f"lowrank_ext::load_adapter: the model's adapter {adapter_name!r} must be the adapter in "
+                         f"{config_path}, got differing: {'; '.join(diffs)}. Load it under another adapter_name, or "
+                         f"call delete_adapter(model, {adapter_name!r}) first")
+    live = adapter_state_dict(model, adapter_name)
+    _check_tensors(file, {k: tuple(t.shape) for k, t in live.items()}, weights_path)
+    with torch.no_grad():
+        for key, t in live.items():
+            t.copy_(file[key])
+    return model

@@ -3,6 +3,12 @@
 
 This layer imports transformers and peft; `import lowrank_ext` does not load it (the root package reaches its
 names lazily). It sits above `distributed` and below `finetune` (docs/architecture.md).
+
+    peft_model.py   to_peft_model(model): a lowrank_ext.inject model as a peft.PeftModel (LowrankPeftModel), so
+                    Trainer / TRL / accelerate checkpoint, resume and save_model it as an adapter model;
+                    register_accelerate_hooks(accelerator): adapter-only accelerate save_state / load_state
 """
 
-__all__: list[str] = []
+from lowrank_ext.hf.peft_model import LowrankPeftModel, register_accelerate_hooks, to_peft_model
+
+__all__: list[str] = ["LowrankPeftModel", "register_accelerate_hooks", "to_peft_model"]
