@@ -157,6 +157,26 @@ def test_trainer_checkpoints_resume_and_save_model(tmp_path, method, nf4, opt_ki
     torch.testing.assert_close(_logits(theirs, ids), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [L.PromptTuningConfig(3), L.BitFitConfig(add_bias_to=["q_proj"])],
+                         ids=["prompt_tuning", "bitfit"])
+def test_trainer_resumes_prompt_tuning_and_bitfit(tmp_path, cfg):
+    ds = _dataset()
+
+    def run(out, resume=None):
+        torch.manual_seed(1)
+        model = H.to_peft_model(L.inject(tiny_llama(0).train(), cfg))
+        t = transformers.Trainer(model=model, args=_args(out, max_steps=4, save_steps=2), train_dataset=ds)
+        t.train(resume_from_checkpoint=resume)
+        return model, _losses(t, after=2)
+
+    model, losses = run(tmp_path / "a")
+    assert set(os.listdir(tmp_path / "a" / "checkpoint-2")) == CHECKPOINT_FILES
+    resumed, tail = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))
+    assert tail == losses and sorted(tail) == [3, 4]
+    for k, v in _adapter(model).items():
+        assert torch.equal(_adapter(resumed)[k], v), k
+
+
 def test_trainer_sees_an_adapter_model():
     model = _model("lora", True)
     assert transformers.trainer_utils._is_peft_model(model)
