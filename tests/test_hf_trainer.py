@@ -10,7 +10,6 @@ Tiny Llama, 16 rows of 8 tokens, 4-6 steps: a few seconds each.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 

@@ -43,8 +43,9 @@ from lowrank_ext.adapters import files, management
 from lowrank_ext.adapters.bitfit import BitFitConfig
 from lowrank_ext.adapters.injector import count_parameters
 from lowrank_ext.adapters.methods import CONFIG_TYPES, inject
-from lowrank_ext.adapters.prompt_tuning import PromptTuningConfig, PromptTuningModel
+from lowrank_ext.adapters.prompt_tuning import PromptTuningModel
 from lowrank_ext.adapters.state import get_state, require_state, set_adapter
+from lowrank_ext.nn.linear4bit import is_sharded
 
 __all__ = ["LowrankPeftModel", "LowrankTuner", "register_accelerate_hooks", "to_peft_model"]
 
@@ -253,7 +254,8 @@ class LowrankPeftModel(peft.PeftModel):
             raise ValueError(f"lowrank_ext::save_pretrained: save_directory must be a directory, got the file "
                              f"{save_directory!r}")
         names = list(self._state.configs) if selected_adapters is None else list(selected_adapters)
-        if not is_main_process:
+        # a sharded (FSDP2) model: every rank joins save_adapter's gathers and rank 0 alone writes
+        if not is_main_process and not any(is_sharded(p) for p in self._model.parameters()):
             return
         for name in names:
             target = save_directory if name == "default" else os.path.join(save_directory, name)
