@@ -32,7 +32,8 @@ Other method families, chosen by the file's `peft_type` (save_adapter by the mod
     "IA3"            base_model.model.<module>.ia3_l  [out, 1] / [1, in] (feed-forward)      (PEFT's format)
     "PROMPT_TUNING"  prompt_embeddings [num_virtual_tokens, hidden]                           (PEFT's format)
     "BITFIT"         base_model.model.<module>.bias [out]  (ours: adapters/bitfit.py documents the file)
-They load into a new adapter name only (a name the model already has refuses), with the same checks; prompt
+They load with the same checks into a new adapter name, or in place into the model's adapter of that name when
+it is the file's adapter (same method, same modules / tokens / biases: _other_differences; else refused); prompt
 tuning returns a PromptTuningModel wrapping the given model: always use what load_adapter returns.
 """
 
@@ -466,7 +467,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """Load a PEFT (or save_adapter) adapter directory into `model` as `adapter_name`; returns the model to use.
 
     The file's peft_type decides: LORA / VERA (below), IA3, PROMPT_TUNING (returns a PromptTuningModel wrapping
-    `model`) or BITFIT (ours); the last three load into a new adapter name only (see the module docstring).
+    `model`) or BITFIT (ours); see the module docstring for the last three.
 
     A new adapter name is injected from the file's config (with `quantize`: None quantizes dense bases as the
     file's recorded base quantization says — NF4 with its blocksize / double_quant / compute_dtype, or nothing
