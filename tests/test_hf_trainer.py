@@ -414,3 +414,22 @@ def test_save_refuses_mixed_base_quantization(tmp_path):
     L.inject(model, L.LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]), "two")
     with pytest.raises(ValueError, match=r"lowrank_ext::save_adapter: the base layers of adapter 'two' must share one"):
         L.save_adapter(model, tmp_path, "two")
+
+
+def test_loading_another_adapter_over_an_existing_one_refuses(tmp_path):
+    """IA3 / BitFit load in place only into the same adapter (Trainer's resume); another one is refused, the
+    model unchanged."""
+    L.save_adapter(L.inject(tiny_llama(0), L.IA3Config(target_modules=["q_proj"])), tmp_path / "ia3")
+    model = L.inject(tiny_llama(0), _config("ia3", False))
+    before = _adapter(H.to_peft_model(model))
+    with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: the model's adapter 'default' must be the "
+                                         r"adapter in .*got differing: target_modules / feedforward_modules"):
+        L.load_adapter(model, tmp_path / "ia3")
+    L.save_adapter(L.inject(tiny_llama(0), L.BitFitConfig(add_bias_to=["v_proj"])), tmp_path / "bitfit")
+    with pytest.raises(ValueError, match=r"got differing: method \(file BITFIT, model IA3\)"):
+        L.load_adapter(model, tmp_path / "bitfit")
+    bitfit = L.inject(tiny_llama(0), L.BitFitConfig(add_bias_to=["q_proj"]))
+    with pytest.raises(ValueError, match=r"got differing: add_bias_to \(file \['v_proj'\], model \['q_proj'\]\)"):
+        L.load_adapter(bitfit, tmp_path / "bitfit")
+    after = _adapter(H.to_peft_model(model))
+    assert all(torch.equal(after[k], v) for k, v in before.items())
