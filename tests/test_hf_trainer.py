@@ -433,3 +433,21 @@ def test_loading_another_adapter_over_an_existing_one_refuses(tmp_path):
         L.load_adapter(bitfit, tmp_path / "bitfit")
     after = _adapter(H.to_peft_model(model))
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(("cfg", "peft_cls"), [
+    (L.LoRAConfig(r=4, target_modules=TARGETS, variant="vera"), "VeraConfig"),
+    (L.IA3Config(target_modules=TARGETS, feedforward_modules=["down_proj"]), "IA3Config"),
+    (L.PromptTuningConfig(3), "PromptTuningConfig"),
+    (L.BitFitConfig(add_bias_to=["q_proj"]), "PeftConfig"),
+], ids=["vera", "ia3", "prompt_tuning", "bitfit"])
+def test_peft_config_of_every_method(cfg, peft_cls):
+    model = H.to_peft_model(L.inject(tiny_llama(0), cfg))
+    got = model.peft_config["default"]
+    assert type(got) is getattr(peft, peft_cls)
+    assert got.is_prompt_learning == isinstance(cfg, L.PromptTuningConfig)
+    if peft_cls == "IA3Config":
+        assert set(got.target_modules) == set(TARGETS) and set(got.feedforward_modules) == {"down_proj"}
+    assert isinstance(model.get_base_model(), transformers.LlamaForCausalLM)
+    ids = _ids()
+    torch.testing.assert_close(_logits(model, ids), _logits(model.base_model.model, ids), rtol=0, atol=0)
