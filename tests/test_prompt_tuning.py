@@ -212,9 +212,11 @@ def test_load_refuses_quantize_and_existing_wrapper(tmp_path):
     with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: quantize must be None for a PROMPT_TUNING adapter"):
         L.load_adapter(tiny_llama(), tmp_path, quantize="nf4")
     wrapped = L.load_adapter(tiny_llama(), tmp_path)
-    with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: adapter_name must be new for a PROMPT_TUNING "
-                                         r"adapter"):
-        L.load_adapter(wrapped, tmp_path)
+    assert L.load_adapter(wrapped, tmp_path) is wrapped  # the same adapter again: loaded in place (Trainer's resume)
+    L.save_adapter(L.inject(tiny_llama(), L.PromptTuningConfig(4)), tmp_path / "four")
+    with pytest.raises(ValueError, match=r"lowrank_ext::load_adapter: the model's adapter 'default' must be the adapter "
+                                         r"in .*got differing: num_virtual_tokens \(file 4, model 3\)"):
+        L.load_adapter(wrapped, tmp_path / "four")
     with pytest.raises(ValueError, match=r"must describe an adapter this model can hold, got: lowrank_ext::inject: "
                                          r"model must not already be a PromptTuningModel"):
         L.load_adapter(wrapped, tmp_path, adapter_name="other")

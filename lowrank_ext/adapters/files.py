@@ -6,7 +6,10 @@
         base_model.model.<module>.vera_lambda_d [r], ...vera_lambda_b [out], base_model.vera_A, base_model.vera_B
         base_model.model.<module>.<param>                                         (modules_to_save copies)
         base_model.model.<module>.base_layer.bias / base_model.model.<module>.bias  (bias="all" / "lora_only")
-    directory/adapter_config.json         LoRAConfig.to_peft_dict()
+    directory/adapter_config.json         LoRAConfig.to_peft_dict(), base_model_name_or_path (given, or the model's
+                                          config._name_or_path), and for LoRA / VeRA / IA3 our field
+                                          "lowrank_ext": {"base_quantization": ...} (peft_fields.py): load_adapter
+                                          into a dense base rebuilds the NF4 layers the adapter was trained on
     directory/README.md                   a short model card (library_name: peft), as PEFT writes one
 
 Saving from a sharded (FSDP2) model writes the global tensors (each gathered with full_tensor()), once,
@@ -29,7 +32,8 @@ Other method families, chosen by the file's `peft_type` (save_adapter by the mod
     "IA3"            base_model.model.<module>.ia3_l  [out, 1] / [1, in] (feed-forward)      (PEFT's format)
     "PROMPT_TUNING"  prompt_embeddings [num_virtual_tokens, hidden]                           (PEFT's format)
     "BITFIT"         base_model.model.<module>.bias [out]  (ours: adapters/bitfit.py documents the file)
-They load into a new adapter name only (a name the model already has refuses), with the same checks; prompt
+They load with the same checks into a new adapter name, or in place into the model's adapter of that name when
+it is the file's adapter (same method, same modules / tokens / biases: _other_differences; else refused); prompt
 tuning returns a PromptTuningModel wrapping the given model: always use what load_adapter returns.
 """
 
@@ -47,10 +51,10 @@ from lowrank_ext.adapters import bitfit, ia3, prompt_tuning
 from lowrank_ext.adapters.config import LoRAConfig
 from lowrank_ext.adapters.injector import InjectPlan, apply_inject, in_out, plan_inject, target_names
 from lowrank_ext.adapters.methods import check_family
-from lowrank_ext.adapters.peft_fields import field_error
+from lowrank_ext.adapters.peft_fields import LOWRANK_EXT_FIELD, field_error
 from lowrank_ext.adapters.state import ModulesToSave, adapter_layers, get_state
-from lowrank_ext.nn import ADAPTER_LAYERS
-from lowrank_ext.nn.linear4bit import is_sharded
+from lowrank_ext.nn import ADAPTER_LAYERS, IA3_LAYERS
+from lowrank_ext.nn.linear4bit import NF4WeightHolder, is_sharded
 
 __all__ = ["adapter_state_dict", "load_adapter", "read_adapter_config", "save_adapter"]
 
@@ -189,7 +193,11 @@ def _write_adapter(model, tensors, directory, adapter_name, overwrite, base_mode
                 raise exists_error(paths[name])
     os.makedirs(directory, exist_ok=True)
     data = safetensors_bytes(tensors, metadata={"format": "pt"})
+    if base_model_name_or_path is None:
+        base_model_name_or_path = base_name_or_path(model)
     peft_dict = cfg.to_peft_dict(base_model_name_or_path, model=model)
+    if isinstance(cfg, (LoRAConfig, ia3.IA3Config)):  # the methods whose base layers load_adapter can quantize
+        peft_dict[LOWRANK_EXT_FIELD] = {"base_quantization": base_quantization(model, adapter_name)}
     # overwrite=False creates each file exclusively (atomic_write(exclusive=True): os.link fails if the name
     # exists), so of two saves racing into one new directory exactly one writes; the weights file is the claim:
     # whoever created it also writes the config, the other gets FileExistsError and writes nothing.
@@ -211,6 +219,42 @@ def _write_adapter(model, tensors, directory, adapter_name, overwrite, base_mode
     if _card_is_ours(paths[README]) is not False and (overwrite or not os.path.exists(paths[README])):
         with atomic_write(paths[README], "w") as f:
             f.write(_model_card(cfg, adapter_name, base_model_name_or_path))
+
+
+def base_name_or_path(model: nn.Module) -> str | None:
+    """Where the base came from, as transformers records it (config._name_or_path / name_or_path); None if unknown."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name if isinstance(name, str) and name else None
+
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def base_quantization(model: nn.Module, adapter_name: str) -> dict[str, Any] | None:
+    """The quantization of the base layers adapter `adapter_name` adapts, as adapter_config.json records it
+    (peft_fields.py, field "lowrank_ext"): None when they are dense, else {"quant_type": "nf4", "blocksize",
+    "double_quant", "compute_dtype"}. Layers that differ (some NF4, some dense, or two blocksizes) cannot be
+    written as one setting: a ValueError rather than a file that rebuilds another model."""
+    settings = set()
+    for _, m in model.named_modules():
+        holds = (isinstance(m, ADAPTER_LAYERS) and adapter_name in m.specs) or (
+            isinstance(m, IA3_LAYERS) and adapter_name in m.ia3_l)
+        if not holds:
+            continue
+        if isinstance(m, NF4WeightHolder):
+            _, _, blocksize, double_quant = m._nf4_meta  # not m.weight: a sharded (FSDP2) layer is saved too
+            settings.add((blocksize, double_quant, _DTYPE_NAMES.get(m.compute_dtype)))
+        else:
+            settings.add(None)
+    if len(settings) > 1:
+        raise ValueError(f"lowrank_ext::save_adapter: the base layers of adapter {adapter_name!r} must share one "
+                         f"quantization (adapter_config.json records one), got {sorted(settings, key=repr)} "
+                         f"(None: dense; else (blocksize, double_quant, compute_dtype))")
+    setting = next(iter(settings), None)
+    if setting is None:
+        return None
+    blocksize, double_quant, compute_dtype = setting
+    return {"quant_type": "nf4", "blocksize": blocksize, "double_quant": double_quant, "compute_dtype": compute_dtype}
 
 
 def _card_is_ours(path: str) -> bool | None:
@@ -423,19 +467,22 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     """Load a PEFT (or save_adapter) adapter directory into `model` as `adapter_name`; returns the model to use.
 
     The file's peft_type decides: LORA / VERA (below), IA3, PROMPT_TUNING (returns a PromptTuningModel wrapping
-    `model`) or BITFIT (ours); the last three load into a new adapter name only (see the module docstring).
+    `model`) or BITFIT (ours); see the module docstring for the last three.
 
-    A new adapter name is injected from the file's config (with `quantize`: None keeps dense bases, "nf4"
-    quantizes them). An adapter name the model already has is loaded into only when its config equals the
-    file's (else a ValueError lists every differing field: load under another name, or delete_adapter
-    first). Everything is checked before the model changes; see the module docstring.
+    A new adapter name is injected from the file's config (with `quantize`: None quantizes dense bases as the
+    file's recorded base quantization says — NF4 with its blocksize / double_quant / compute_dtype, or nothing
+    for a file without one — and "nf4" quantizes them in any case). An adapter name the model already has is
+    loaded into only when its config equals the file's (else a ValueError lists every differing field: load
+    under another name, or delete_adapter first). Everything is checked before the model changes; see the module docstring.
     """
     directory = os.fspath(directory)
     weights_path, config_path = os.path.join(directory, WEIGHTS), os.path.join(directory, CONFIG)
     if not os.path.isfile(weights_path):
         raise FileNotFoundError(f"lowrank_ext::load_adapter: directory must contain {WEIGHTS} (safetensors only), "
                                 f"got {directory!r}")
-    config = read_adapter_config(directory, quantize=quantize)
+    # quantize=None: the base quantization the file records (a dense base then gets the same NF4 layers it was
+    # trained on), none recorded: dense bases stay dense
+    config = read_adapter_config(directory, **({} if quantize is None else {"quantize": quantize}))
     file = _read_safetensors(weights_path)
     if not isinstance(config, LoRAConfig):
         return _load_other(model, config, file, weights_path, config_path, adapter_name)
@@ -483,12 +530,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
 
 def _load_other(model: nn.Module, config, file: dict[str, torch.Tensor], weights_path: str, config_path: str,
                 adapter_name: str) -> nn.Module:
-    """IA3 / prompt tuning / BitFit: check everything against the plan, then inject and copy (all or nothing)."""
+    """IA3 / prompt tuning / BitFit: check everything against the plan, then inject and copy (all or nothing).
+    An adapter name the model already has is loaded into in place when it is the file's adapter (_other_differences)."""
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
-        raise ValueError(f"lowrank_ext::load_adapter: adapter_name must be new for a {config.peft_type} adapter (loading "
-                         f"into an existing one is not supported), got {adapter_name!r}; pass another adapter_name or "
-                         f"call delete_adapter(model, {adapter_name!r}) first")
+        return _load_other_in_place(model, config, file, weights_path, config_path, adapter_name)
     try:
         if isinstance(config, ia3.IA3Config):
             check_family(model, ia3.IA3Config)
@@ -517,3 +563,42 @@ def _load_other(model: nn.Module, config, file: dict[str, torch.Tensor], weights
         for key, t in live.items():
             t.copy_(file[key])
     return out
+
+
+def _other_differences(model: nn.Module, name: str, have, want) -> list[str]:
+    """How the model's IA3 / prompt tuning / BitFit adapter `name` (config `have`) differs from the file's (`want`)
+    in what decides its forward pass: the method; IA3: the adapted modules and which scale their input (resolved on
+    this model, as inject would); prompt tuning: the number of virtual tokens and their width; BitFit: which
+    biases train and which were added."""
+    if type(have) is not type(want):
+        return [f"method (file {want.peft_type}, model {getattr(have, 'peft_type', type(have).__name__)})"]
+    if isinstance(want, ia3.IA3Config):
+        held = {n: m.is_feedforward for n, m in ia3.ia3_layers(model) if name in m.ia3_l}
+        plan = ia3.plan_ia3(model, want, name + "_file")  # a name the model lacks: plans without changing it
+        wanted = {t: plan.feedforward[t] for t in plan.targets}
+        return [] if held == wanted else [f"target_modules / feedforward_modules (file {wanted}, model {held})"]
+    if isinstance(want, prompt_tuning.PromptTuningConfig):
+        return [f"{f} (file {getattr(want, f)!r}, model {getattr(have, f)!r})"
+                for f in ("num_virtual_tokens", "token_dim") if getattr(want, f) != getattr(have, f)]
+    return [f"{f} (file {getattr(want, f)!r}, model {getattr(have, f)!r})"
+            for f in ("bias_patterns", "add_bias_to", "added_biases") if getattr(want, f) != getattr(have, f)]
+
+
+def _load_other_in_place(model: nn.Module, config, file: dict[str, torch.Tensor], weights_path: str,
+                         config_path: str, adapter_name: str) -> nn.Module:
+    """Load the file into the model's adapter `adapter_name` of the same method (e.g. Trainer resuming from a
+    checkpoint): its tensors are copied in place (an optimizer holding them keeps them), after every check."""
+    try:
+        diffs = _other_differences(model, adapter_name, get_state(model).configs[adapter_name], config)
+    except ValueError as e:
+        diffs = [str(e)]
+    if diffs:
+        raise ValueError(f"lowrank_ext::load_adapter: the model's adapter {adapter_name!r} must be the adapter in "
+                         f"{config_path}, got differing: {'; '.join(diffs)}. Load it under another adapter_name, or "
+                         f"call delete_adapter(model, {adapter_name!r}) first")
+    live = adapter_state_dict(model, adapter_name)
+    _check_tensors(file, {k: tuple(t.shape) for k, t in live.items()}, weights_path)
+    with torch.no_grad():
+        for key, t in live.items():
+            t.copy_(file[key])
+    return model
