@@ -5,4 +5,6 @@ This layer imports transformers and peft; `import lowrank_ext` does not load it 
 names lazily). It sits above `distributed` and below `finetune` (docs/architecture.md).
 """
 
-__all__: list[str] = []
+from lowrank_ext.hf.quantizer import NF4Config, NF4HfQuantizer
+
+__all__: list[str] = ["NF4Config", "NF4HfQuantizer"]
