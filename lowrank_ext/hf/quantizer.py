@@ -21,9 +21,12 @@ How a load goes (transformers' loader, our ops inside it):
    for a `Linear4bit` over those bytes; the dense tensor is dropped. A pre-quantized checkpoint's
    `weight`, `weight.absmax`, ... `weight.quant_state.bitsandbytes__nf4` are gathered per module by one
    WeightConverter and read by `_DeserializeNF4` with `NF4Weight.from_bnb_state_dict` (never requantized).
-4. `_process_model_after_weight_loading`: every target must be a Linear4bit now (a tensor transformers could not
-   convert is only logged by transformers: here it is an error), and the model is marked the way PEFT's
-   `prepare_model_for_kbit_training` and Trainer look for a trainable 4-bit model (`is_loaded_in_4bit`).
+   An op's error (a malformed 4-bit tensor) is logged by transformers with the others and the load then fails
+   with its RuntimeError ("issues during automatic conversion of the weights").
+4. `_process_model_after_weight_loading`: every target must have been loaded (a module missing from the
+   checkpoint would otherwise be initialized at random with a warning: here it is an error); the targets become
+   `Linear4bit` layers, and the model is marked the way PEFT's `prepare_model_for_kbit_training` and Trainer look
+   for a trainable 4-bit model (`is_loaded_in_4bit`).
 
 `save_pretrained` writes Linear4bit's state dict (bitsandbytes' keys and bytes) and `config.quantization_config`
 (`NF4Config.to_dict`), from which step 3's pre-quantized path rebuilds the same layers.
@@ -173,20 +176,20 @@ class _DeserializeNF4(_NF4Op):
     def convert(self, input_dict: dict, full_layer_name: str | None = None, model: nn.Module | None = None,
                 missing_keys: set[str] | None = None, **kwargs) -> dict:
         q = self.hf_quantizer
-        sd = {k: (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
         module_name = full_layer_name.rpartition(".")[0]
+        sd = {f"{module_name}.{k}": (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
         if module_name not in q.targets:
             if len(sd) > 1:
-                q.load_errors[module_name] = (f"the checkpoint stores it 4-bit ({sorted(sd)}) but NF4Config keeps it "
+                q.load_errors[module_name] = (f"the checkpoint stores it 4-bit ({sorted(input_dict)}) but NF4Config keeps it "
                                               f"dense (skip_modules / transformers' default skips)")
                 raise _err("from_pretrained", f"{module_name!r}", "be dense in the checkpoint", "4-bit tensors")
             ref = model.get_parameter_or_buffer(full_layer_name)
-            t = sd["weight"]
+            t = sd[full_layer_name]
             if t.is_floating_point() and ref.is_floating_point() and t.dtype != ref.dtype:
                 t = t.to(ref.dtype)  # what transformers does for a dense model's weight
             return {"weight": t}
         try:
-            w = NF4Weight.from_bnb_state_dict(sd)  # every key / byte validated there
+            w = NF4Weight.from_bnb_state_dict(sd, f"{module_name}.")  # every key / byte validated there
             q.keep(model, module_name, w, missing_keys)
         except Exception as e:
             q.load_errors[module_name] = f"{type(e).__name__}: {e}"
