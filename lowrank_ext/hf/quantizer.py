@@ -17,8 +17,9 @@ How a load goes (transformers' loader, our ops inside it):
    They stay meta modules until their weight arrives.
 3. each target's weight, as it streams in (one tensor at a time: transformers loads synchronously when a
    quantizer quantizes on the fly), goes to `_QuantizeNF4`: quantize_nf4(weight [out, in], blocksize,
-   double_quant) — a Conv1D's [in, out] weight transposed first (nn/layout.py's rule) — and the module is swapped
-   for a `Linear4bit` over those bytes; the dense tensor is dropped. A pre-quantized checkpoint's
+   double_quant) — a Conv1D's [in, out] weight transposed first (nn/layout.py's rule); the dense tensor is
+   dropped, and so are its pages of the checkpoint's memory map (hf/pages.py: transformers keeps the map open as
+   long as the model lives, since the dense tensors it loads are views of it). A pre-quantized checkpoint's
    `weight`, `weight.absmax`, ... `weight.quant_state.bitsandbytes__nf4` are gathered per module by one
    WeightConverter and read by `_DeserializeNF4` with `NF4Weight.from_bnb_state_dict` (never requantized).
    An op's error (a malformed 4-bit tensor) is logged by transformers with the others and the load then fails
@@ -34,7 +35,7 @@ How a load goes (transformers' loader, our ops inside it):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -51,6 +52,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from lowrank_ext._reference.nf4 import VALID_BLOCKSIZES
+from lowrank_ext.hf.pages import release_file_pages
 from lowrank_ext.nf4 import BNB_WEIGHT_SUFFIXES, NF4Weight, quantize_nf4
 from lowrank_ext.nn.layout import is_conv1d, weight_is_transposed
 from lowrank_ext.nn.linear4bit import Linear4bit, check_compute_dtype
@@ -164,6 +166,7 @@ class _QuantizeNF4(_NF4Op):
             except Exception as e:
                 q.load_errors[module_name] = f"{type(e).__name__}: {e}"
                 raise
+            release_file_pages(value)
             del value, w
         return {}
 
@@ -203,7 +206,7 @@ class NF4HfQuantizer(HfQuantizer):
 
     requires_calibration = False
     quantization_config: NF4Config
-    serialized_names = {"weight": list(BNB_WEIGHT_SUFFIXES)}  # bitsandbytes' keys, as Linear4bit writes them
+    serialized_names: ClassVar[dict[str, list[str]]] = {"weight": list(BNB_WEIGHT_SUFFIXES)}  # bnb's keys
 
     def __init__(self, quantization_config: NF4Config, **kwargs) -> None:
         super().__init__(quantization_config, **kwargs)
