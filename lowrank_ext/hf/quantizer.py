@@ -35,6 +35,7 @@ How a load goes (transformers' loader, our ops inside it):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -120,7 +121,11 @@ class NF4Config(QuantizationConfigMixin):
         q = saved if isinstance(saved, dict) else saved.to_dict()
         method = q.get("quant_method")
         if method == QUANT_METHOD:
-            return cls.from_dict(dict(q))
+            saved_cfg = cls.from_dict(dict(q))
+            if saved_cfg.to_dict() != given.to_dict():  # transformers' rule and warning: the checkpoint's config wins
+                warnings.warn(f"lowrank_ext::from_pretrained: the checkpoint is quantized with {saved_cfg.to_dict()}; "
+                              f"that config is used, not the NF4Config given ({given.to_dict()})", stacklevel=2)
+            return saved_cfg
         if method == "bitsandbytes" or q.get("load_in_4bit") or q.get("load_in_8bit"):
             if not q.get("load_in_4bit") or q.get("load_in_8bit"):
                 raise _err(op, "a checkpoint loaded with NF4Config", "be quantized by lowrank_ext or bitsandbytes "
@@ -278,6 +283,22 @@ class NF4HfQuantizer(HfQuantizer):
             parent, child = get_module_from_name(model, name)
             setattr(parent, child, new)
         model.is_loaded_in_4bit = True  # PEFT's prepare_model_for_kbit_training and Trainer look for this
+        return model
+
+    def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """`model.dequantize()`: every Linear4bit becomes an nn.Linear holding deq(W) (in `dtype`, else the weight's
+        own dtype), as transformers does for bitsandbytes (a Conv1D target comes back as an nn.Linear too)."""
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]:
+            w = layer.weight.dequantize(dtype)
+            new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                            device=w.device, dtype=w.dtype)
+            with torch.no_grad():
+                new.weight.copy_(w)
+                if layer.bias is not None:
+                    new.bias.copy_(layer.bias)
+            parent, child = get_module_from_name(model, name)
+            setattr(parent, child, new)
+        model.is_loaded_in_4bit = False
         return model
 
     def is_serializable(self) -> bool:
