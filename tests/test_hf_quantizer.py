@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 import torch
-from _tiny_models import tiny_causal_lm
+from _tiny_models import CAUSAL_LMS, tiny_causal_lm
 from conftest import require
 
 transformers = require("transformers")
@@ -39,7 +39,7 @@ def _bnb_config(**kw):
 @pytest.fixture(scope="module")
 def dense_dirs(tmp_path_factory):
     out = {}
-    for kind in [*KINDS, "qwen2"]:
+    for kind in CAUSAL_LMS:
         path = tmp_path_factory.mktemp(f"dense_{kind}")
         tiny_causal_lm(kind)[0].save_pretrained(str(path))
         out[kind] = path
@@ -93,7 +93,7 @@ def no_requantizing(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- quantize on load
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", CAUSAL_LMS)  # Llama ... GPT-2 (Conv1D), GPT-NeoX (key renames), Mixtral (experts)
 def test_from_pretrained_quantizes_the_modules_bnb_does_with_quantize_nf4_bytes(kind, dense_dirs):
     model = load(dense_dirs[kind], quantization_config=NF4Config())
     dense = load(dense_dirs[kind])

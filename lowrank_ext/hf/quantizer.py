@@ -154,12 +154,18 @@ class _NF4Op(ConversionOps):
 
 
 class _QuantizeNF4(_NF4Op):
-    """A dense target weight as it arrives -> the module swapped for a Linear4bit over quantize_nf4(weight)."""
+    """A dense target weight as it arrives -> quantize_nf4(weight), kept for its module's Linear4bit; the dense
+    tensor and its pages of the checkpoint's memory map are dropped. Other tensors (a converter may produce a
+    target together with other tensors) pass through."""
 
     def convert(self, input_dict: dict, full_layer_name: str | None = None, model: nn.Module | None = None,
                 missing_keys: set[str] | None = None, **kwargs) -> dict:
         q = self.hf_quantizer
+        rest = {}
         for name, value in input_dict.items():
+            if not q.param_needs_quantization(model, name):
+                rest[name] = value
+                continue
             value = value[0] if isinstance(value, list) else value
             module_name = name.rpartition(".")[0]
             try:
@@ -173,7 +179,7 @@ class _QuantizeNF4(_NF4Op):
                 raise
             release_file_pages(value)
             del value, w
-        return {}
+        return rest
 
 
 class _DeserializeNF4(_NF4Op):
