@@ -43,7 +43,15 @@ _MOVED_MODULES = {
 }
 
 
+# Names of lowrank_ext.hf (which imports transformers and registers NF4Config with it), loaded on first use.
+_HF_NAMES = ("NF4Config",)
+
+
 def __getattr__(name: str):
+    if name in _HF_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module("lowrank_ext.hf"), name)
     if name in _MOVED_MODULES:
         import importlib
         import warnings
