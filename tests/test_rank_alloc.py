@@ -177,7 +177,7 @@ def test_leftover_is_spent_when_cheap_modules_are_capped():
 
 def test_errors():
     model = tiny_llama()
-    with pytest.raises(ValueError, match=r"lowrank_ext.allocate_ranks: budget must be >= 2048 \(min_rank=2 on 14 "
+    with pytest.raises(ValueError, match=r"lowrank_ext::allocate_ranks: budget must be >= 2048 \(min_rank=2 on 14 "
                                          r"modules\), got 100"):
         lowrank_ext.allocate_ranks(model, batches(), 100, target_modules=TARGETS)
     with pytest.raises(ValueError, match=r"target_modules must match linear modules of the model, got \['nope'\]"):

@@ -214,6 +214,6 @@ def test_rank_allocation_needs_dense_weights():
         L.quantize_nf4(qmodel.model.layers[0].self_attn.q_proj.weight.detach()))
     assert "model.layers.0.self_attn.q_proj" in match_targets(qmodel, ["q_proj"])  # still a target (a linear)
     batch = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match=r"lowrank_ext.allocate_ranks: target weights must be dense floating-point "
+    with pytest.raises(ValueError, match=r"lowrank_ext::allocate_ranks: target weights must be dense floating-point "
                                          r"parameters .*got 'model.layers.0.self_attn.q_proj' \(Linear4bit\)"):
         allocate_ranks(qmodel, [batch], 10**6, target_modules=["q_proj"])

@@ -88,7 +88,7 @@ def gradient_spectra(model: torch.nn.Module, batches: Iterable[torch.Tensor], na
             loss_fn(model, batch.to(device)).backward()
             count += 1
         if count == 0:
-            raise ValueError("lowrank_ext.allocate_ranks: batches must hold at least one batch, got none")
+            raise ValueError("lowrank_ext::allocate_ranks: batches must hold at least one batch, got none")
         spectra = {}
         for n, w in weights.items():
             g = w.grad.detach().float().cpu() / count
@@ -114,29 +114,29 @@ def allocate_ranks(model: torch.nn.Module, batches: Iterable[torch.Tensor], budg
     module docstring states the guarantee exactly)."""
     targets = target_modules if target_modules is not None else getattr(config, "target_modules", None)
     if targets is None:
-        raise ValueError("lowrank_ext.allocate_ranks: config must have target_modules (or pass target_modules=), "
+        raise ValueError("lowrank_ext::allocate_ranks: config must have target_modules (or pass target_modules=), "
                          "got None")
     if isinstance(targets, set):
         targets = sorted(targets)
     if not (1 <= min_rank <= max_rank) or rank_step < 1:
-        raise ValueError(f"lowrank_ext.allocate_ranks: ranks must satisfy 1 <= min_rank <= max_rank and rank_step >= 1, "
+        raise ValueError(f"lowrank_ext::allocate_ranks: ranks must satisfy 1 <= min_rank <= max_rank and rank_step >= 1, "
                          f"got min_rank={min_rank}, max_rank={max_rank}, rank_step={rank_step}")
     exclude = getattr(config, "exclude_modules", None) if target_modules is None else None
     names = match_targets(model, targets, exclude)
     if not names:
-        raise ValueError(f"lowrank_ext.allocate_ranks: target_modules must match linear modules of the model, "
+        raise ValueError(f"lowrank_ext::allocate_ranks: target_modules must match linear modules of the model, "
                          f"got {targets!r} matching none")
     modules = dict(model.named_modules())
     for n in names:  # the gradient of a dense weight is what ranks are allocated by
         w = getattr(modules[n], "weight", None)
         if not isinstance(w, torch.nn.Parameter) or not w.is_floating_point():
-            raise ValueError(f"lowrank_ext.allocate_ranks: target weights must be dense floating-point parameters "
+            raise ValueError(f"lowrank_ext::allocate_ranks: target weights must be dense floating-point parameters "
                              f"(allocate on the dense model), got {n!r} ({type(modules[n]).__name__})")
     shapes = {n: linear_in_out(modules[n])[::-1] for n in names}  # (out, in); a Conv1D stores [in, out]
     ranks = {n: min(min_rank, *shapes[n]) for n in names}
     floor = lora_param_count(shapes, ranks)
     if budget < floor:
-        raise ValueError(f"lowrank_ext.allocate_ranks: budget must be >= {floor} (min_rank={min_rank} on "
+        raise ValueError(f"lowrank_ext::allocate_ranks: budget must be >= {floor} (min_rank={min_rank} on "
                          f"{len(names)} modules), got {budget}")
     spectra = gradient_spectra(model, batches, names, loss_fn)
     return allocate_from_spectra(spectra, shapes, budget, min_rank=min_rank, max_rank=max_rank,
@@ -152,7 +152,7 @@ def allocate_from_spectra(spectra: dict[str, torch.Tensor], shapes: dict[str, tu
     ranks = {n: min(min_rank, *shapes[n]) for n in names}
     left = budget - lora_param_count(shapes, ranks)
     if left < 0:
-        raise ValueError(f"lowrank_ext.allocate_ranks: budget must be >= {budget - left} (min_rank={min_rank} on "
+        raise ValueError(f"lowrank_ext::allocate_ranks: budget must be >= {budget - left} (min_rank={min_rank} on "
                          f"{len(names)} modules), got {budget}")
     gains = {n: spectra[n].double().clamp_min(0).pow(power) for n in names}  # σ_i^p; ranks past len(σ) gain 0
 
