@@ -48,10 +48,11 @@ _HF_NAMES = ("NF4Config",)
 
 
 def __getattr__(name: str):
-    if name in _HF_NAMES:
+    if name == "hf" or name in _HF_NAMES:  # `lowrank_ext.hf.enable_peft()` works after a bare `import lowrank_ext`
         import importlib
 
-        return getattr(importlib.import_module("lowrank_ext.hf"), name)
+        hf = importlib.import_module("lowrank_ext.hf")
+        return hf if name == "hf" else getattr(hf, name)
     if name in _MOVED_MODULES:
         import importlib
         import warnings

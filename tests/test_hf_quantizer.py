@@ -337,6 +337,7 @@ def test_import_lowrank_ext_stays_light_and_nf4config_registers_lazily():
         from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
         assert AUTO_QUANTIZATION_CONFIG_MAPPING["lowrank_ext"] is type(cfg)
         assert AUTO_QUANTIZER_MAPPING["lowrank_ext"].__name__ == "NF4HfQuantizer"
+        assert callable(lowrank_ext.hf.enable_peft) and callable(lowrank_ext.hf.to_peft_model)  # lazily reachable
         print("ok")
     """)
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=300,
