@@ -559,3 +559,47 @@ def test_finetune_gpt2_targets_checked_before_loading(capsys, tmp_path, tiny_gpt
     # GPT-2's decoder is `transformer`, not `model`: the chunked head + loss is not its objective, and the run says so
     assert ("gradient checkpointing: the output head and loss run whole (the model's own loss), because it has no "
             "`model` decoder child") in capsys.readouterr().out
+
+
+@needs_model
+def test_model_cache_is_keyed_by_the_gguf_bytes(tmp_path, monkeypatch):
+    """The converted SmolLM2 cache is shared by every virtual environment: its stamp is the GGUF's content (not
+    its path or mtime, which differ per install), so another environment's copy of the same file is fresh — a
+    second environment once reconverted and deleted the cache while a test in the first was reading it."""
+    import os
+    import shutil
+
+    from lowrank_ext.finetune import models
+
+    gguf = models.smollm2_gguf_path()
+    copy = tmp_path / "venv2" / gguf.name
+    copy.parent.mkdir()
+    shutil.copyfile(gguf, copy)
+    os.utime(copy, ns=(1, 1))
+    assert models._stamp_of(copy) == models._stamp_of(gguf)
+    models._cached_smollm2()
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: copy)
+    assert models._cached_smollm2() == (models.cache_root() / models._CACHE_NAME, True)
+
+
+def test_model_cache_install_never_deletes_a_cache_in_use(tmp_path):
+    """_install: a fresh conversion over a stale cache renames the stale one aside (a reader with an open file
+    keeps reading it); over an equally fresh one (a concurrent conversion won) it keeps the existing one."""
+    from lowrank_ext.finetune import models
+
+    def conversion(name: str, stamp: dict) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "weights").write_text(name)
+        (d / models._STAMP).write_text(json.dumps(stamp))
+        return d
+
+    dest = tmp_path / "cache"
+    models._install(conversion("first", {"v": 1}), dest)
+    reader = open(dest / "weights")  # noqa: SIM115 (held open across the replacement)
+    models._install(conversion("second", {"v": 2}), dest)
+    assert reader.read() == "first" and (dest / "weights").read_text() == "second"
+    reader.close()
+    models._install(conversion("third", {"v": 2}), dest)  # same stamp: the installed one stays
+    assert (dest / "weights").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "third"]  # the loser is left to its caller

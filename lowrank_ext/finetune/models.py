@@ -59,11 +59,18 @@ def smollm2_gguf_path() -> Path:
 
 
 def _stamp_of(gguf: Path) -> dict:
-    st = gguf.stat()
+    """What the cached checkpoint is a function of: the GGUF's bytes (not its path or mtime, which differ between
+    the virtual environments that install the same package: each would reconvert, and replace the cache while
+    another process reads it) and the transformers version that dequantized it."""
+    import hashlib
+
     import transformers
 
-    return {"gguf": str(gguf), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "transformers": transformers.__version__}
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:  # ~100 MB: a fraction of a second
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return {"gguf_sha256": digest.hexdigest(), "size": gguf.stat().st_size, "transformers": transformers.__version__}
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> None:
@@ -90,12 +97,30 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / _STAMP).write_text(json.dumps(_stamp_of(gguf), indent=1))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)  # atomic: a crash never leaves a half-written cache behind
+        _install(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(tmp: Path, dest: Path) -> None:
+    """Make the finished conversion `tmp` the cache `dest`. A stale `dest` is renamed aside first (rename is atomic;
+    a process that has its files open keeps reading them) and removed after, never deleted in place; if another
+    process installed a fresh one meanwhile, that one is kept."""
+    try:
+        os.rename(tmp, dest)  # atomic; fails if dest exists (a directory that is not empty)
+        return
+    except OSError:
+        pass
+    try:
+        if json.loads((dest / _STAMP).read_text()) == json.loads((tmp / _STAMP).read_text()):
+            return  # a concurrent conversion of the same source got there first: keep it
+    except (OSError, json.JSONDecodeError):
+        pass
+    old = Path(tempfile.mkdtemp(prefix=dest.name + ".old-", dir=dest.parent))
+    os.replace(dest, old / dest.name)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _cached_smollm2(refresh: bool = False) -> tuple[Path, bool]:
