@@ -35,10 +35,10 @@ datasets = require("datasets")
 trl = require("trl")
 H = require("lowrank_ext.hf")
 
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM
 
-import lowrank_ext  # noqa: E402
+import lowrank_ext
 
 SEQ = 30  # every text below is 30 bytes: whole rows, no padding
 TEXTS = [f"row {i:02d}: the quick brown fox {i * 7 % 13:02d}" for i in range(16)]

@@ -119,7 +119,14 @@ def train(a: argparse.Namespace, plan, dctx, lm, data, job):
 
     from lowrank_ext.finetune.cli import CHECKPOINT_SUBDIR, _generate
     from lowrank_ext.finetune.memory import trim_freed_memory
-    from lowrank_ext.finetune.trainer import TrainResult, evaluate, lm_loss_in, memory_mb, rng_state, warmup_cosine
+    from lowrank_ext.finetune.trainer import (
+        TrainResult,
+        evaluate,
+        lm_loss_in,
+        memory_mb,
+        rng_state,
+        warmup_cosine,
+    )
     from lowrank_ext.hf import to_peft_model
 
     assert dctx is None, "check_args refuses several processes"
