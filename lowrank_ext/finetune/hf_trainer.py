@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -41,7 +42,8 @@ __all__ = ["check_args", "train"]
 def check_args(a: argparse.Namespace, world_size: int) -> str | None:
     """Why `--trainer hf` cannot run these arguments (None: it can): the combinations this path does not support."""
     if (a.nproc or 1) > 1 or world_size > 1:
-        return f"run in one process (--nproc / torchrun are our trainer's), got nproc={a.nproc}, WORLD_SIZE={world_size}"
+        return (f"run in one process (--nproc / torchrun are our trainer's), got nproc={a.nproc}, "
+                f"WORLD_SIZE={world_size}")
     if a.resume:
         return "start a new run (--resume continues our trainer's checkpoints), got --resume"
     if a.backend != "lowrank_ext":
@@ -139,8 +141,9 @@ def train(a: argparse.Namespace, plan, dctx, lm, data, job):
     eval_before = evaluate(model, data.eval_batches, plan.device, loss_fn)
     rng, history, times = rng_state(), [], []  # the RNG where our trainer's first step would start
     dataset = _Rows(data.train_blocks, a.batch_size, a.steps * a.grad_accum)
-    trainer = transformers.Trainer(model=to_peft_model(model), args=_training_args(a, plan, str(plan.out / CHECKPOINT_SUBDIR)),
-                                   train_dataset=dataset, optimizers=(optimizer, scheduler),
+    args = _training_args(a, plan, str(plan.out / CHECKPOINT_SUBDIR))
+    trainer = transformers.Trainer(model=to_peft_model(model), args=args, train_dataset=dataset,
+                                   optimizers=(optimizer, scheduler),
                                    callbacks=[_callback(rng, history, times)])
     trim_freed_memory()
     t0 = time.perf_counter()
@@ -154,13 +157,16 @@ def train(a: argparse.Namespace, plan, dctx, lm, data, job):
     step_seconds = sum(times)
     tokens = steps * a.grad_accum * a.batch_size * a.seq_len
     return TrainResult(eval_before=eval_before, eval_after=eval_after, steps=steps, seconds=seconds,
-                       seconds_per_step=step_seconds / max(steps, 1), tokens_per_second=tokens / max(step_seconds, 1e-9),
-                       peak_memory_mb=memory_mb(plan.device)[1], history=history, skipped_steps=[])
+                       seconds_per_step=step_seconds / max(steps, 1),
+                       tokens_per_second=tokens / max(step_seconds, 1e-9), peak_memory_mb=memory_mb(plan.device)[1], history=history, skipped_steps=[])
 
 
+@dataclass
 class _TrainerView:
     """What the later phases read from `job.trainer` (memory split, reload loss): model, optimizer, loss_fn; the
     transformers.Trainer itself as `.hf`."""
 
-    def __init__(self, model, optimizer, loss_fn, hf) -> None:
-        self.model, self.optimizer, self.loss_fn, self.hf = model, optimizer, loss_fn, hf
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: object
+    hf: object
