@@ -20,6 +20,7 @@ from lowrank_ext.nn import Linear4bit
 
 peft = require("peft", "0.21.2")
 transformers = require("transformers")
+H = require("lowrank_ext.hf")
 from lowrank_ext.hf import NF4LoraLinear, enable_peft, merge_and_unload
 from lowrank_ext.hf.peft_lora import register
 
@@ -38,20 +39,16 @@ def tiny_llama(seed: int = 0) -> nn.Module:
 
 
 def nf4_model(model: nn.Module) -> nn.Module:
-    """What lowrank_ext.NF4Config's from_pretrained gives (until it is merged: the lead switches these tests to
-    it): every nn.Linear but the output head becomes a Linear4bit, and the model says it is 4-bit."""
-    from transformers.pytorch_utils import Conv1D
+    """`model` through lowrank_ext.NF4Config: saved to a temporary directory, then
+    `AutoModelForCausalLM.from_pretrained(dir, quantization_config=NF4Config())` (every nn.Linear / Conv1D but the
+    output head becomes a Linear4bit, the model says it is 4-bit)."""
+    import tempfile
 
-    head = model.get_output_embeddings()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child is not head:
-                setattr(parent, name, Linear4bit(quantize_nf4(child.weight.detach()), child.bias))
-            elif isinstance(child, Conv1D):  # weight [in, out]: NF4 stores [out, in], as bitsandbytes does
-                setattr(parent, name, Linear4bit(quantize_nf4(child.weight.detach().t().contiguous()), child.bias))
-    model.is_loaded_in_4bit = True
-    model.quantization_method = "lowrank_ext"
-    return model
+    from lowrank_ext.hf import NF4Config
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        return transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=NF4Config()).eval()
 
 
 def dense_twin(model: nn.Module) -> nn.Module:
@@ -337,29 +334,16 @@ def test_save_pretrained_then_from_pretrained_gives_the_same_logits(tmp_path):
     torch.testing.assert_close(dense(x).logits, want, rtol=1e-5, atol=1e-5)
 
 
-class _NF4AutoModel:
-    """Stands in for AutoModelForCausalLM.from_pretrained(path, quantization_config=lowrank_ext.NF4Config()) until
-    NF4Config is merged (the lead switches this test to it): loads the checkpoint, then quantizes as NF4Config does."""
-
-    @staticmethod
-    def from_pretrained(path, **kwargs):
-        return nf4_model(transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs))
-
-
-class _NF4AutoPeft(peft.AutoPeftModelForCausalLM):
-    _target_class = _NF4AutoModel
-
-
 def test_auto_peft_model_rebuilds_the_nf4_model(tmp_path):
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     tiny_llama().save_pretrained(str(base_dir))
-    model = _NF4AutoModel.from_pretrained(str(base_dir))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base_dir), quantization_config=H.NF4Config())
     pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                     task_type="CAUSAL_LM"))
     randomize(pm)
     pm.save_pretrained(str(adapter_dir))
     x = ids()
-    loaded = _NF4AutoPeft.from_pretrained(str(adapter_dir))
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), quantization_config=H.NF4Config())
     assert isinstance(loaded, peft.PeftModelForCausalLM)
     assert sum(isinstance(m, NF4LoraLinear) for m in loaded.modules()) == N_ADAPTED
     torch.testing.assert_close(loaded(x).logits, pm(x).logits, rtol=0, atol=0)
@@ -394,12 +378,13 @@ def test_without_enable_peft_register_alone_builds_our_layer(monkeypatch):
     from peft.tuners import tuners_utils
     from peft.tuners.lora import LoraModel
 
+    plain, registered = nf4_model(tiny_llama()), nf4_model(tiny_llama())  # (an NF4Config load enables the hooks)
     monkeypatch.setattr(LoraModel, "_create_new_module", staticmethod(LoraModel._create_new_module.original))
     monkeypatch.setattr(tuners_utils, "_maybe_include_all_linear_layers",
                         tuners_utils._maybe_include_all_linear_layers.original)
     with pytest.raises(ValueError, match="Target module Linear4bit.* is not supported"):
-        peft.get_peft_model(nf4_model(tiny_llama()), peft.LoraConfig(target_modules=["q_proj"]))
-    pm = peft.get_peft_model(nf4_model(tiny_llama()), register(peft.LoraConfig(target_modules=["q_proj"])))
+        peft.get_peft_model(plain, peft.LoraConfig(target_modules=["q_proj"]))
+    pm = peft.get_peft_model(registered, register(peft.LoraConfig(target_modules=["q_proj"])))
     assert sum(isinstance(m, NF4LoraLinear) for m in pm.modules()) == 2
 
 
@@ -446,7 +431,7 @@ def test_trl_dpo_two_steps(tmp_path, how):
     save_tiny_llama_dir(tmp_path / "base")
     tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "base"))
     tok.pad_token = tok.eos_token
-    model = nf4_model(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), quantization_config=H.NF4Config())
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
     ds = datasets.Dataset.from_dict({"prompt": ["hi ", "say ", "the ", "a "],
                                      "chosen": ["there", "yes", "cat", "dog"],

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seed", type=int, default=0, help="seeds torch (CPU and CUDA), Python's random and numpy")
     f.add_argument("--backend", choices=("lowrank_ext", "peft"), default="lowrank_ext",
                    help="layers/optimizer to train with: ours, or PEFT + torch AdamW as a baseline (dense only)")
+    f.add_argument("--trainer", choices=("lowrank_ext", "hf"), default="lowrank_ext",
+                   help="the training loop: ours (finetune/trainer.py) or transformers.Trainer on the same model, data, "
+                        "schedule and optimizer (finetune/hf_trainer.py; one process, no --resume)")
     f.add_argument("--optimizer", choices=("paged-adamw", "paged-adamw8bit", "adamw"), default="paged-adamw",
                    help="lowrank_ext.optim.PagedAdamW / PagedAdamW8bit, or torch.optim.AdamW")
     f.add_argument("--gen-tokens", type=int, default=24, help="tokens of the before/after sample (0: skip)")
@@ -212,6 +215,12 @@ def _check_args(a: argparse.Namespace) -> None:
         raise CLIError("lowrank_ext finetune: --backend peft must come with --no-quantize and lora/dora "
                        "without --rank-budget (it is the dense baseline), got "
                        f"quantize={not a.no_quantize}, variant={a.variant}, rank_budget={a.rank_budget}")
+    if a.trainer == "hf":
+        from lowrank_ext.finetune.hf_trainer import check_args
+
+        why = check_args(a, int(os.environ.get("WORLD_SIZE", "1")))
+        if why:
+            raise CLIError(f"lowrank_ext finetune: --trainer hf must {why}")
     out = Path(a.output)
     if out.exists() and not out.is_dir():
         raise CLIError(f"lowrank_ext finetune: --output must be a directory, got a file {str(out)!r}")
@@ -351,7 +360,12 @@ def _finetune(a: argparse.Namespace, dctx) -> dict:
     lm, runtime = _load_model(a, plan)         # the model (or its meta skeleton) and tokenizer
     data = _load_data(a, plan, lm.tokenizer)   # packed train / held-out blocks, the sample prompt
     job = _build(a, plan, dctx, lm, data)      # rank allocation, adapters, checkpointing, counts, parallel wrap
-    result = _train(a, plan, dctx, lm, data, job)
+    if a.trainer == "hf":                      # the same phase through transformers.Trainer
+        from lowrank_ext.finetune.hf_trainer import train as hf_train
+
+        result = hf_train(a, plan, dctx, lm, data, job)
+    else:
+        result = _train(a, plan, dctx, lm, data, job)
     report = _save_and_reload(a, plan, dctx, lm, data, job, result, runtime)
     if report is None:  # a rank other than 0: rank 0 alone checks and reports
         return {"eval_before": result.eval_before, "eval_after": result.eval_after, "rank": plan.rank}

@@ -289,6 +289,9 @@ class NF4HfQuantizer(HfQuantizer):
             parent, child = get_module_from_name(model, name)
             setattr(parent, child, new)
         model.is_loaded_in_4bit = True  # PEFT's prepare_model_for_kbit_training and Trainer look for this
+        from lowrank_ext.hf.peft_lora import enable_peft
+
+        enable_peft()  # the QLoRA script's get_peft_model then builds our fused layers, with no added line
         return model
 
     def _dequantize(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
