@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from lowrank_ext.finetune.trainer import CHECKPOINT_FILE
+from lowrank_ext.finetune.models import greedy_sample as _generate
+from lowrank_ext.finetune.trainer import CHECKPOINT_FILE, CHECKPOINT_SUBDIR
 from lowrank_ext.nf4 import nf4_nbytes
 
 __all__ = ["build_parser", "main"]
@@ -36,7 +37,6 @@ VARIANTS = ("lora", "dora", "vera", "ia3", "prompt", "bitfit")
 LORA_FAMILY = ("lora", "dora", "vera")
 PROMPT_INIT_TEXT = "Continue the text in the same style:"
 GRADIENT_CHECKPOINTING = True  # the default of --gradient-checkpointing (README "Memory": measured both ways)
-CHECKPOINT_SUBDIR = "checkpoint"
 
 
 class CLIError(Exception):
@@ -283,19 +283,6 @@ def _targets(spec: str | None, variant: str = "lora") -> str | list[str] | None:
 
 def _prompt(doc: str, words: int = 8) -> str:
     return " ".join(doc.split()[:words])
-
-
-@torch.no_grad()
-def _generate(model, tok, prompt: str, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    if n <= 0:
-        return ""
-    was = model.training
-    model.eval()
-    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-    model.train(was)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")
 
 
 def _table(rows: list[tuple[str, str]]) -> str:

@@ -119,7 +119,8 @@ def train(a: argparse.Namespace, plan, dctx, lm, data, job):
     kept on `job` is a `finetune.trainer.Trainer`-shaped view (model, optimizer, loss_fn) for the later phases."""
     import transformers
 
-    from lowrank_ext.finetune.cli import CHECKPOINT_SUBDIR, _generate
+    from lowrank_ext.finetune.models import greedy_sample as _generate
+    from lowrank_ext.finetune.trainer import CHECKPOINT_SUBDIR
     from lowrank_ext.finetune.memory import trim_freed_memory
     from lowrank_ext.finetune.trainer import (
         TrainResult,

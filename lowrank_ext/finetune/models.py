@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DEFAULT_MODEL", "LoadedModel", "cache_root", "check_model_dir", "load_causal_lm", "smollm2_gguf_path"]
+__all__ = ["DEFAULT_MODEL", "LoadedModel", "cache_root", "check_model_dir", "greedy_sample", "load_causal_lm",
+           "smollm2_gguf_path"]
 
 DEFAULT_MODEL = "smollm2"  # the packaged SmolLM2-135M-Instruct
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -178,3 +179,17 @@ def load_causal_lm(model: str | os.PathLike | None = None, *, dtype: torch.dtype
         lm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True)
     lm.eval()
     return LoadedModel(model=lm, tokenizer=tok, source=str(path), from_cache=from_cache)
+
+
+@torch.no_grad()
+def greedy_sample(model, tok, prompt: str, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """`n` greedily decoded tokens after `prompt` (the before / after samples the finetune command prints)."""
+    if n <= 0:
+        return ""
+    was = model.training
+    model.eval()
+    ids = tok(prompt, return_tensors="pt").input_ids.to(device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    model.train(was)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ")

@@ -52,6 +52,7 @@ __all__ = ["TrainConfig", "TrainResult", "Trainer", "evaluate", "lr_factor", "me
            "seed_everything", "set_rng_state", "warmup_cosine"]
 
 CHECKPOINT_FILE = "trainer_state.pt"
+CHECKPOINT_SUBDIR = "checkpoint"  # finetune's checkpoints live in OUTPUT/checkpoint (either trainer)
 _FORMAT = "lowrank_ext.train/2"  # /2: "rng" holds every stream and "eval_before" is saved; /1 still loads
 _FORMATS = (_FORMAT, "lowrank_ext.train/1")
 
