@@ -11,10 +11,9 @@
 // states agree bit for bit (tests/test_optim_cuda.py::test_fused_kernels_match_cpu_exactly).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
+
+#include "device_ops.cuh"  // CUDA types and intrinsics (or the host simulator's)
 
 namespace lowrank_ext {
 namespace optim_cuda {

@@ -27,8 +27,8 @@
 // Requirements (checked by the launcher): K % 32 == 0, `packed` 16-byte aligned, sm_80+.
 #pragma once
 
-#include <type_traits>
-
+#include "device_ops.cuh"
+#include "gemv_plan.h"
 #include "nf4_kernel.cuh"
 #include "nf4_linear_params.h"
 
@@ -41,6 +41,8 @@ constexpr int kGemvRows = 128;        // output features per CTA
 constexpr int kGemvChunk = 128;       // k per warp step: 4 lanes x 32 codes
 constexpr int kGemvMaxM = 16;         // the mma's 16 rows
 constexpr int kGemvMaxKSlice = 1024;  // k per CTA (shared memory: 16 x (1024 + 8) x 2 B = 33 KB)
+static_assert(kGemvRows == kGemvRowsPerCta && kGemvChunk == kGemvKChunk && kGemvMaxKSlice == kGemvKSliceMax,
+              "gemv_plan.h and the kernel disagree");
 
 struct GemvArgs {
   NF4MatmulParams p;
@@ -70,29 +72,6 @@ template <>
 __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   const __half2 v = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-// d += A · B for one m16n8k16 step (row-major A, column-major B, fp32 accumulators).
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                          uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-  }
-#else
-  __trap();  // the launcher never picks this kernel below sm_80
-#endif
 }
 
 // y[m, n] = acc + Σ_r T(scaling · u[m, r]) · lora_B[n, r] + bias[n], rounded once to T. The low-rank
@@ -219,7 +198,8 @@ __global__ void __launch_bounds__(kGemvThreads, 4) nf4_gemv_kernel(GemvArgs args
         const float w1 = __shfl_sync(0xffffffffu, lut, h & 0xF) * sc[t];
         const float w2 = __shfl_sync(0xffffffffu, lut, (h >> 12) & 0xF) * sc[t];
         const float w3 = __shfl_sync(0xffffffffu, lut, (h >> 8) & 0xF) * sc[t];
-        mma_16816<T>(acc[t], a0, a1, a2, a3, pack2<T>(w0, w1), pack2<T>(w2, w3));
+        const uint32_t a[4] = {a0, a1, a2, a3}, b[2] = {pack2<T>(w0, w1), pack2<T>(w2, w3)};
+        dev::mma_m16n8k16<T>(acc[t], a, b);
       }
     }
   }

@@ -9,10 +9,9 @@
 // (nvcc would otherwise be free to contract a*b+c into an FMA).
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <cstdint>
+
+#include "device_ops.cuh"  // CUDA types and intrinsics (or the host simulator's)
 
 #include "lowrank_ext/nf4.h"
 

@@ -34,7 +34,7 @@
 #include "gemv_workspace.h"
 #include "lowrank_ext/kernel_path.h"
 #include "lowrank_ext/nf4_linear_args.h"
-#include "nf4_gemv_kernel.cuh"
+#include "nf4_gemv.h"
 #include "nf4_mma.h"
 #include "nf4_simt_kernel.cuh"
 
@@ -84,28 +84,18 @@ bool gemv_supported(const NF4MatmulParams& p) {
 }
 
 void launch_gemv(const NF4MatmulParams& p, const at::Tensor& like, cudaStream_t stream) {
-  const int64_t row_groups = ceil_div(p.w.N, cuda::kGemvRows);
-  // Split K until the grid has ~4 CTAs per SM: N is often too small to fill the GPU at M <= 16.
-  const int64_t target = 4 * static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  const int64_t want_splits = std::max<int64_t>(1, ceil_div(target, row_groups));
-  int64_t kslice = ceil_div(ceil_div(p.w.K, want_splits), cuda::kGemvChunk) * cuda::kGemvChunk;
-  kslice = std::min<int64_t>(std::max<int64_t>(kslice, cuda::kGemvChunk), cuda::kGemvMaxKSlice);
-  const int64_t splits = ceil_div(p.w.K, kslice);
-  cuda::GemvArgs args{p, static_cast<int>(kslice), static_cast<int>(splits), nullptr, nullptr};
-  const dim3 grid(static_cast<unsigned>(row_groups), static_cast<unsigned>(splits));
+  const cuda::GemvPlan plan =
+      cuda::plan_gemv(p.w.N, p.w.K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  cuda::GemvArgs args{p, plan.kslice, plan.splits, nullptr, nullptr};
+  const dim3 grid(static_cast<unsigned>(plan.row_groups), static_cast<unsigned>(plan.splits));
   auto launch = [&] {
-    dispatch_float(p.dtype, [&](auto tag) {
-      using T = decltype(tag);
-      if constexpr (!std::is_same_v<T, float>) {
-        cuda::nf4_gemv_kernel<T><<<grid, cuda::kGemvThreads, 0, stream>>>(args);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    });
+    C10_CUDA_CHECK(p.dtype == ActDType::kBFloat16 ? cuda::launch_nf4_gemv_bf16(args, grid, stream)
+                                                  : cuda::launch_nf4_gemv_fp16(args, grid, stream));
   };
-  if (splits == 1) return launch();
+  if (plan.splits == 1) return launch();
   // Split-K scratch from the persistent per-(device, stream) workspace (gemv_workspace.h): no allocation
   // or memset per call. The lease's lock is held until the kernel is launched.
-  const GemvWorkspaceLease ws(row_groups, splits * p.M * p.w.N, like.device(), stream);
+  const GemvWorkspaceLease ws(plan.row_groups, int64_t(plan.splits) * p.M * p.w.N, like.device(), stream);
   args.partial = ws.partial();
   args.counters = ws.counters();
   launch();

@@ -1,6 +1,6 @@
 // nf4_mma_bf16.cu — bf16 instantiations of the tensor-core NF4 GEMMs (nf4_mma_kernel.cuh). One file per
 // dtype so nvcc compiles them in parallel; torch-free.
-#include "nf4_mma_kernel.cuh"
+#include "nf4_mma_launch.cuh"
 
 namespace lowrank_ext {
 namespace mma {

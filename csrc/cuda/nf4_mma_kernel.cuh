@@ -27,12 +27,9 @@
 // sm80 or newer.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
+#include "device_ops.cuh"
 #include "nf4_linear_params.h"
 
 namespace lowrank_ext {
@@ -79,14 +76,6 @@ struct Op<__nv_bfloat16> {
   }
   static __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
-  // c += a · b  (a: 16x16 row-major fragment, b: 16x8 col-major fragment, c: 16x8 fp32)
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
 };
 template <>
 struct Op<__half> {
@@ -96,50 +85,13 @@ struct Op<__half> {
   }
   static __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
 };
 
-// ---- PTX helpers ---------------------------------------------------------------------------------------
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16-byte async copy; valid == false writes 16 zero bytes and reads nothing (src-size 0).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-// 4-byte async copy (one packed word = 8 NF4 codes), zero-filled when !valid.
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 4 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Wait until at most `kPending` of this thread's committed groups are still in flight.
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-// Four 8x8 b16 matrices; lane l gives the row address of matrix l/8, row l%8.
-template <bool kTrans>
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  if constexpr (kTrans) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-  } else {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_addr(p)));
-  }
-}
+using dev::cp_async16;
+using dev::cp_async4;
+using dev::cp_async_commit;
+using dev::cp_async_wait;
+using dev::ldmatrix_x4;
 
 // Shared tiles are rows of 16-byte chunks (8 elements); chunk c of row `row` is stored at chunk
 // c ^ (row % 8) of that row (XOR swizzle): the 8 rows an ldmatrix phase reads, and the chunks a warp
@@ -287,7 +239,7 @@ struct Nf4Mma {
 #pragma unroll
       for (int mi = 0; mi < kMI; ++mi)
 #pragma unroll
-        for (int ni = 0; ni < kNI; ++ni) Op<T>::mma(acc[mi][ni], a[mi], b[ni]);
+        for (int ni = 0; ni < kNI; ++ni) dev::mma_m16n8k16<T>(acc[mi][ni], a[mi], b[ni]);
     }
   }
 
@@ -326,7 +278,7 @@ struct Nf4Mma {
 template <typename T, bool kNN>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) nf4_mma_kernel(const __grid_constant__ NF4MatmulParams p,
                                                                 int log2_blocksize) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  LRX_DYNAMIC_SMEM(smem);
   T* sA = reinterpret_cast<T*>(smem);                                                   // [kStages][128*64]
   uint32_t* sW = reinterpret_cast<uint32_t*>(smem + kStages * kTileBytes);              // [kStages][1024]
   T* sB = reinterpret_cast<T*>(smem + kStages * (kTileBytes + kWordsBytes));            // [128*64]
@@ -426,18 +378,14 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) nf4_mma_kernel(cons
   }
 }
 
-// Launch on `stream`; the caller has checked the requirements above. Returns the launch error.
-template <typename T, bool kNN>
-cudaError_t launch(const NF4MatmulParams& p, cudaStream_t stream) {
-  auto kernel = nf4_mma_kernel<T, kNN>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return err;
+// Launch geometry, shared by the launcher (nf4_mma_launch.cuh) and the simulator: one CTA per 128 x 128
+// tile of C; the kernel takes log2(blocksize) (a power of two, checked by the launcher).
+template <bool kNN>
+inline dim3 grid_of(const NF4MatmulParams& p) {
   const int64_t cols = kNN ? p.w.K : p.w.N;
-  const dim3 grid(static_cast<unsigned>((cols + kBN - 1) / kBN), static_cast<unsigned>((p.M + kBM - 1) / kBM));
-  const int log2_bs = __builtin_ctz(static_cast<unsigned>(p.w.blocksize));
-  kernel<<<grid, kThreads, kSmemBytes, stream>>>(p, log2_bs);
-  return cudaGetLastError();
+  return dim3(static_cast<unsigned>((cols + kBN - 1) / kBN), static_cast<unsigned>((p.M + kBM - 1) / kBM));
 }
+inline int log2_blocksize(const NF4MatmulParams& p) { return __builtin_ctz(static_cast<unsigned>(p.w.blocksize)); }
 
 }  // namespace mma
 }  // namespace lowrank_ext
