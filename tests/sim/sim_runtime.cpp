@@ -197,6 +197,22 @@ std::string deadlock_report() {
   return msg + " " + std::to_string(done) + " thread(s) exited";
 }
 
+// Runs fiber t until it blocks or finishes; false when the launch failed (g_error) or its stack overflowed.
+bool resume(Thread& t) {
+  g_cur = &t;
+  g_thread_idx = t.idx;
+#if defined(__x86_64__)
+  lrx_sim_switch(&g_sched_sp, t.sp);
+#else
+  swapcontext(&g_sched_ctx, &t.ctx);
+#endif
+  g_cur = nullptr;
+  if (std::memcmp(t.stack, &kCanary, sizeof kCanary) != 0 && g_error.empty()) {
+    g_error = "simulator: a fiber stack overflowed (" + std::to_string(kStackBytes) + " bytes)";
+  }
+  return g_error.empty();
+}
+
 }  // namespace
 
 // ---- failures ------------------------------------------------------------------------------------------
@@ -409,7 +425,6 @@ std::string launch(dim3 grid, dim3 block, size_t dynamic_smem, uint64_t seed, st
       for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
   std::mt19937_64 rng(seed);
   std::shuffle(blocks.begin(), blocks.end(), rng);  // the result must not depend on the order of the CTAs
-  std::vector<int> order(nthreads);
 
   const size_t section = __start_lrx_shared ? static_cast<size_t>(__stop_lrx_shared - __start_lrx_shared) : 0;
   for (const dim3& b : blocks) {
@@ -425,27 +440,26 @@ std::string launch(dim3 grid, dim3 block, size_t dynamic_smem, uint64_t seed, st
       t.idx = dim3(i % block.x, (i / block.x) % block.y, i / (block.x * block.y));
       t.stack = g_stacks[i].get();
       init_fiber(t);
-      order[i] = i;
     }
-    std::shuffle(order.begin(), order.end(), rng);  // which ready thread runs first: seeded, arbitrary
+    // Schedule: one warp at a time runs as far as it can (until all its lanes wait at a barrier, at a
+    // collective another lane has not reached, or are done), the warps in a seeded random order, reshuffled
+    // every round. A warp racing ahead of the others is what exposes a missing __syncthreads: it reads
+    // shared memory the other warps have not written yet (still poisoned, or the previous tile's).
+    std::vector<int> warps(nthreads / 32);
     while (g_live > 0) {
       bool ran = false;
-      for (int i : order) {
-        Thread& t = g_threads[i];
-        if (t.st != St::kReady) continue;
-        g_cur = &t;
-        g_thread_idx = t.idx;
-#if defined(__x86_64__)
-        lrx_sim_switch(&g_sched_sp, t.sp);
-#else
-        swapcontext(&g_sched_ctx, &t.ctx);
-#endif
-        g_cur = nullptr;
-        if (std::memcmp(t.stack, &kCanary, sizeof kCanary) != 0) {
-          g_error = "simulator: a fiber stack overflowed (" + std::to_string(kStackBytes) + " bytes)";
+      for (size_t w = 0; w < warps.size(); ++w) warps[w] = static_cast<int>(w);
+      std::shuffle(warps.begin(), warps.end(), rng);
+      for (int w : warps) {
+        for (bool warp_ran = true; warp_ran;) {
+          warp_ran = false;
+          for (int lane = 0; lane < 32; ++lane) {
+            Thread& t = g_threads[w * 32 + lane];
+            if (t.st != St::kReady) continue;
+            if (!resume(t)) return g_error;  // the block's other fibers are abandoned
+            warp_ran = ran = true;
+          }
         }
-        if (!g_error.empty()) return g_error;  // the block's other fibers are abandoned
-        ran = true;
       }
       if (!ran && g_live > 0) return deadlock_report();
     }
