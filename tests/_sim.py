@@ -14,6 +14,7 @@ import ctypes
 import importlib.util
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -42,7 +43,7 @@ def _check(err: bytes, what: str) -> None:
 
 
 class Sim:
-    _cache: dict[tuple, Sim] = {}
+    _cache: ClassVar[dict[Path, Sim]] = {}  # one loaded library per built path
 
     def __init__(self, lib: Path):
         self.path = lib

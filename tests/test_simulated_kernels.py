@@ -24,15 +24,14 @@ import re
 import shutil
 from pathlib import Path
 
+import _sim
 import pytest
 import torch
+from conftest import IN_CI
 
 import lowrank_ext
-from conftest import IN_CI
 from lowrank_ext._reference.nf4 import dynamic_map
 from lowrank_ext._reference.optim import optim_maps
-
-import _sim
 
 ops = torch.ops.lowrank_ext
 HALF = [torch.bfloat16, torch.float16]
@@ -301,17 +300,17 @@ def check_gemv(sim, dtype, M, N, K, sm_count, splits, r=8, bs=64, dq=True, with_
     return y, st
 
 
-# (M, N, K, sm_count, splits plan_gemv must choose): 1 split (N fills the small GPU), several splits
+# (M, N, K, sm_count, splits plan_gemv must choose, LoRA rank): 1 split (N fills the small GPU), several splits
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("M,N,K,sm_count,splits", [
-    (1, 1000, 576, 1, 1),
-    (16, 520, 1024, 1, 1),
-    (5, 192, 1024, 132, 8),
-    (13, 136, 2560, 132, 20),
-    (3, 1000, 2048, 1, 2),  # the 1024-wide k-slice cap
+@pytest.mark.parametrize("M,N,K,sm_count,splits,r", [
+    (1, 1000, 576, 1, 1, 17),
+    (16, 520, 1024, 1, 1, 80),
+    (5, 192, 1024, 132, 8, 5),
+    (13, 136, 2560, 132, 20, 17),
+    (3, 1000, 2048, 1, 2, 1),  # the 1024-wide k-slice cap
 ])
-def test_simulated_gemv(sim, dtype, M, N, K, sm_count, splits):
-    check_gemv(sim, dtype, M, N, K, sm_count, splits, r=17)
+def test_simulated_gemv(sim, dtype, M, N, K, sm_count, splits, r):
+    check_gemv(sim, dtype, M, N, K, sm_count, splits, r=r)
 
 
 @pytest.mark.parametrize("bs,dq", [(32, False), (128, True), (4096, True)])

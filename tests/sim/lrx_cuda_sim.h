@@ -236,7 +236,7 @@ inline int __all_sync(unsigned mask, int pred, const lrx_sim::Loc& loc = lrx_sim
 namespace lowrank_ext {
 namespace dev {
 
-// PTX ISA 9.7.9.25 cp.async: copy cp-size bytes global -> shared; src-size 0 (valid == false) zero-fills the
+// PTX ISA, data movement instructions, "cp.async": copy cp-size bytes global -> shared; src-size 0 (valid == false) zero-fills the
 // destination and reads nothing. Queued in the thread's open group; performed when a wait retires the group.
 inline void cp_async16(void* dst, const void* src, bool valid, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
   lrx_sim::cp_async_queue(dst, src, 16, valid, loc);
@@ -244,23 +244,23 @@ inline void cp_async16(void* dst, const void* src, bool valid, const lrx_sim::Lo
 inline void cp_async4(void* dst, const void* src, bool valid, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
   lrx_sim::cp_async_queue(dst, src, 4, valid, loc);
 }
-// PTX ISA 9.7.9.25.4 cp.async.commit_group: close the open group (an empty group is still a group).
+// PTX ISA "cp.async.commit_group": close the open group (an empty group is still a group).
 inline void cp_async_commit() { lrx_sim::cp_async_commit_group(); }
-// PTX ISA 9.7.9.25.5 cp.async.wait_group N: wait until at most N of this thread's committed groups are pending.
+// PTX ISA "cp.async.wait_group" N: wait until at most N of this thread's committed groups are pending.
 template <int kPending>
 inline void cp_async_wait() {
   static_assert(kPending >= 0, "cp.async.wait_group takes N >= 0");
   lrx_sim::cp_async_wait_groups(kPending);
 }
 
-// PTX ISA 9.7.9.24 ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (sim_runtime.cpp: ldmatrix_op).
+// PTX ISA "ldmatrix": ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (sim_runtime.cpp: ldmatrix_op).
 void ldmatrix_x4_impl(uint32_t (&r)[4], const void* p, bool trans, const lrx_sim::Loc& loc);
 template <bool kTrans>
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
   ldmatrix_x4_impl(r, p, kTrans, loc);
 }
 
-// PTX ISA 9.7.14.5.8 mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (sim_runtime.cpp: mma_op).
+// PTX ISA, warp-level matrix instructions, "mma": mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (sim_runtime.cpp: mma_op).
 void mma_m16n8k16_impl(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16,
                        const lrx_sim::Loc& loc);
 template <typename T>

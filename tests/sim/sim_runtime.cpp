@@ -231,7 +231,7 @@ void check_mask(unsigned mask, const char* name, const Loc& loc) {
   if (mask != 0xffffffffu) fail((std::string(name) + ": the simulator supports the full-warp mask only").c_str(), loc);
 }
 
-// ---- __syncthreads / __syncthreads_or (PTX ISA 9.7.13.4 bar.sync / bar.red.or on barrier 0) -------------
+// ---- __syncthreads / __syncthreads_or (PTX ISA "bar": bar.sync / bar.red.or, barrier 0) -------------
 void barrier(const Loc& loc, int pred_in, int* pred_or_out) {
   ++g_stats.barriers;
   if (g_at_barrier == 0) {
@@ -281,7 +281,7 @@ void warp_collective(const char* name, WarpOp op, const Loc& loc) {
   }
 }
 
-// shfl.sync.idx (PTX ISA 9.7.8.6): lane i reads lane (src & (width-1)) of its width-lane segment.
+// shfl.sync.idx (PTX ISA "shfl.sync"): lane i reads lane (src & (width-1)) of its width-lane segment.
 void shfl_idx_op(LaneSlot (&l)[32]) {
   uint32_t v[32];
   for (int i = 0; i < 32; ++i) v[i] = l[i].in[0];
@@ -299,14 +299,14 @@ void shfl_xor_op(LaneSlot (&l)[32]) {
     l[i].out[0] = ((j & ~(width - 1)) == (i & ~(width - 1))) ? v[j] : v[i];
   }
 }
-// vote.sync.all (PTX ISA 9.7.13.9)
+// vote.sync.all (PTX ISA "vote.sync")
 void vote_all_op(LaneSlot (&l)[32]) {
   uint32_t all = 1;
   for (int i = 0; i < 32; ++i) all &= l[i].in[0];
   for (int i = 0; i < 32; ++i) l[i].out[0] = all;
 }
 
-// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (PTX ISA 9.7.9.24, "ldmatrix"): lanes 8i .. 8i+7 give
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (PTX ISA, "ldmatrix"): lanes 8i .. 8i+7 give
 // the addresses of rows 0..7 of matrix i (8 b16 each, 16 contiguous bytes). Fragment: lane t's register i
 // holds row t/4, columns 2(t%4) and 2(t%4)+1 of matrix i (lower column in the low half); with .trans the
 // matrix is transposed first, i.e. rows 2(t%4), 2(t%4)+1 of column t/4.
@@ -325,7 +325,7 @@ void ldmatrix_op(LaneSlot (&l)[32]) {
   }
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (PTX ISA 9.7.14.5.8, "Matrix Fragments for
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 (PTX ISA, "Matrix Fragments for
 // mma.m16n8k16 with floating point type"), g = lane / 4 (groupID), q = lane % 4 (threadID_in_group):
 //   A 16x16: register i (0..3) holds (row g + 8·(i%2), cols 2q + 8·(i/2) + {0,1})     [a0..a7 in pairs]
 //   B 16x8:  register i (0..1) holds (rows k = 2q + 8·i + {0,1}, col g)                [b0..b3 in pairs]
