@@ -61,6 +61,7 @@ class Sim:
             "lrx_sim_probe_mma": [I32, P, P, P, P],
             "lrx_sim_probe_ldmatrix": [I32, P, I32, P, P],
             "lrx_sim_probe_defect": [I32, P],
+            "lrx_sim_probe_warp": [P],
         }
         for name, args in sig.items():
             if hasattr(self.lib, name):
@@ -192,6 +193,11 @@ class Sim:
         f16b, bf16b = torch.zeros(n), torch.zeros(n)
         self.lib.lrx_sim_probe_convert(_ptr(x), n, _ptr(f16), _ptr(bf16), _ptr(f16b), _ptr(bf16b))
         return f16, bf16, f16b, bf16b
+
+    def probe_warp(self) -> torch.Tensor:
+        out = torch.zeros((32, 8), dtype=torch.int32)
+        _check(self.lib.lrx_sim_probe_warp(_ptr(out)), "warp probe")
+        return out
 
     def probe_defect(self, which: int) -> str:
         out = torch.zeros(64)

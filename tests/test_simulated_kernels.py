@@ -150,6 +150,28 @@ def test_simulated_half_conversions_round_to_nearest_even(sim):
     assert torch.isnan(f16b).all() and torch.isnan(bf16b).all()  # NaN stays NaN
 
 
+def test_simulated_warp_shuffles_and_votes(sim):
+    """CUDA C++ Programming Guide, warp shuffle / vote functions: a lane outside the source segment keeps
+    its own value (down/up); width splits the warp into independent segments."""
+    out = sim.probe_warp()
+    for t in range(32):
+        v = [100 + i for i in range(32)]
+        seg16 = t // 16 * 16
+        want = [
+            v[(t * 7) % 32],
+            v[t // 8 * 8 + 3],
+            v[t ^ 5],
+            v[t + 3] if t + 3 < seg16 + 16 else v[t],
+            v[t - 2] if t >= 2 else v[t],
+            sum(1 << i for i in range(32) if i % 3 == 0),  # bit i = lane i's predicate (bit 31 clear)
+            1 + 2 + 0,
+        ]
+        x, y, s = (0x33221100 + t).to_bytes(4, "little"), (0x77665544).to_bytes(4, "little"), 0x3715 + t % 4
+        both = x + y  # __byte_perm: byte n of the result = byte (s >> 4n) & 7 of {y, x}
+        want.append(int.from_bytes(bytes(both[(s >> (4 * n)) & 7] for n in range(4)), "little", signed=True))
+        assert out[t].tolist() == want, f"lane {t}"
+
+
 @pytest.mark.parametrize("which,expected", [
     (0, "divergent __syncthreads"),
     (1, "deadlock"),

@@ -32,7 +32,8 @@ RUNTIME = "sim_runtime.cpp"
 LINKER_SCRIPT = "lrx_shared.ld"  # gathers the static __shared__ variables into one poisonable section
 # -ffp-contract=off: a*b+c stays two roundings (the kernels spell out every fused op they want);
 # -fno-strict-aliasing: the kernels reinterpret registers (uint32_t <-> __half2) as CUDA allows.
-FLAGS = ["-std=c++20", "-O1", "-g0", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-DLRX_CUDA_SIM"]
+FLAGS = ["-std=c++20", "-O1", "-g0", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-DLRX_CUDA_SIM",
+         *os.environ.get("LRX_SIM_CXXFLAGS", "").split()]  # extra flags, e.g. -fsanitize=undefined
 
 
 class SimBuildError(RuntimeError):
@@ -103,7 +104,7 @@ def build(csrc: str | Path | None = None, units: list[str] | None = None, build_
         objs = list(pool.map(compile_one, [RUNTIME, *(UNITS[u] for u in units)]))
     with tempfile.NamedTemporaryFile(dir=out, suffix=".so", delete=False) as tmp:
         pass
-    _run([cxx, "-shared", *map(str, objs), f"-Wl,-T,{SIM_DIR / LINKER_SCRIPT}", "-o", tmp.name])
+    _run([cxx, "-shared", *FLAGS, *map(str, objs), f"-Wl,-T,{SIM_DIR / LINKER_SCRIPT}", "-o", tmp.name])
     os.replace(tmp.name, lib)
     return lib
 

@@ -183,12 +183,22 @@ inline T __ldg(const T* p, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) { 
 template <typename T>
 inline T __ldcs(const T* p, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) { return lrx_sim_global_load(p, loc); }
 template <typename T>
+inline T __ldca(const T* p, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) { return lrx_sim_global_load(p, loc); }
+template <typename T>
 inline T __ldcg(const T* p, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) { return lrx_sim_global_load(p, loc); }
 
 // Atomics: fibers never run concurrently, so a read-modify-write is atomic by construction.
 inline int atomicAdd(int* p, int v) { const int old = *p; *p = old + v; return old; }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p = old + v; return old; }
 inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+  const unsigned long long old = *p;
+  *p = old + v;
+  return old;
+}
+inline int atomicExch(int* p, int v) { const int old = *p; *p = v; return old; }
+inline int atomicCAS(int* p, int compare, int v) { const int old = *p; if (old == compare) *p = v; return old; }
+inline int atomicMax(int* p, int v) { const int old = *p; if (v > old) *p = v; return old; }
 inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
   const unsigned long long old = *p;
   if (v < old) *p = v;
@@ -200,7 +210,10 @@ namespace lrx_sim {
 // shfl.sync.idx: lane i reads lane (src_i mod width) of its width-lane segment; .bfly: lane i ^ mask.
 void shfl_idx_op(LaneSlot (&l)[32]);
 void shfl_xor_op(LaneSlot (&l)[32]);
+void shfl_down_op(LaneSlot (&l)[32]);
+void shfl_up_op(LaneSlot (&l)[32]);
 void vote_all_op(LaneSlot (&l)[32]);
+void vote_ballot_op(LaneSlot (&l)[32]);
 template <typename T>
 inline T shfl(const char* name, WarpOp op, unsigned mask, T v, int arg, int width, const Loc& loc) {
   static_assert(sizeof(T) == 4, "the simulator shuffles 32-bit values");
@@ -225,12 +238,52 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32,
                          const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
   return lrx_sim::shfl("__shfl_xor_sync", lrx_sim::shfl_xor_op, mask, v, lane_mask, width, loc);
 }
-inline int __all_sync(unsigned mask, int pred, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
-  lrx_sim::check_mask(mask, "__all_sync", loc);
-  lrx_sim::my_slot().in[0] = pred != 0;
-  lrx_sim::warp_collective("__all_sync", lrx_sim::vote_all_op, loc);
-  return static_cast<int>(lrx_sim::my_slot().out[0]);
+template <typename T>
+inline T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32,
+                          const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
+  return lrx_sim::shfl("__shfl_down_sync", lrx_sim::shfl_down_op, mask, v, static_cast<int>(delta), width, loc);
 }
+template <typename T>
+inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32,
+                        const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
+  return lrx_sim::shfl("__shfl_up_sync", lrx_sim::shfl_up_op, mask, v, static_cast<int>(delta), width, loc);
+}
+namespace lrx_sim {
+inline uint32_t vote(const char* name, WarpOp op, unsigned mask, int pred, const Loc& loc) {
+  check_mask(mask, name, loc);
+  my_slot().in[0] = pred != 0;
+  warp_collective(name, op, loc);
+  return my_slot().out[0];
+}
+}  // namespace lrx_sim
+inline int __all_sync(unsigned mask, int pred, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
+  return static_cast<int>(lrx_sim::vote("__all_sync", lrx_sim::vote_all_op, mask, pred, loc));
+}
+inline int __any_sync(unsigned mask, int pred, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
+  return lrx_sim::vote("__any_sync", lrx_sim::vote_ballot_op, mask, pred, loc) != 0;
+}
+inline unsigned __ballot_sync(unsigned mask, int pred, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
+  return lrx_sim::vote("__ballot_sync", lrx_sim::vote_ballot_op, mask, pred, loc);
+}
+// bar.warp.sync: every lane of the warp must reach the same __syncwarp.
+inline void __syncwarp(unsigned mask = 0xffffffffu, const lrx_sim::Loc& loc = lrx_sim::Loc::current()) {
+  lrx_sim::vote("__syncwarp", lrx_sim::vote_all_op, mask, 1, loc);
+}
+
+// ---- integer / bit intrinsics (CUDA Math API, integer intrinsics) ------------------------------------------
+inline int __popc(unsigned x) { return __builtin_popcount(x); }
+inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
+// byte n of the result = byte (s >> 4n) & 7 of the 8-byte value {y, x} (x holds bytes 0..3)
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = (uint64_t(y) << 32) | x;
+  unsigned r = 0;
+  for (int n = 0; n < 4; ++n) r |= static_cast<unsigned>((v >> (8 * ((s >> (4 * n)) & 7))) & 0xFF) << (8 * n);
+  return r;
+}
+inline unsigned __float_as_uint(float f) { return lrx_sim::f32_bits(f); }
+inline float __uint_as_float(unsigned u) { return lrx_sim::bits_f32(u); }
+inline int __float_as_int(float f) { return static_cast<int>(lrx_sim::f32_bits(f)); }
+inline float __int_as_float(int i) { return lrx_sim::bits_f32(static_cast<uint32_t>(i)); }
 
 // ---- device_ops.cuh's interface: cp.async, ldmatrix, mma.sync ---------------------------------------------
 namespace lowrank_ext {

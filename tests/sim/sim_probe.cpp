@@ -86,3 +86,21 @@ LRX_SIM_API const char* lrx_sim_probe_defect(int which, float* out) {
     }
   }));
 }
+
+// One warp runs the shuffles, votes and __byte_perm with fixed arguments; lane t writes out[t][0..7]
+// (tests/test_simulated_kernels.py spells out what CUDA defines for each).
+LRX_SIM_API const char* lrx_sim_probe_warp(int* out) {
+  return lrx_sim::result(lrx_sim::launch(dim3(1), dim3(32), 0, 0, {}, [&] {
+    const int t = threadIdx.x, v = 100 + t;
+    int* o = out + 8 * t;
+    o[0] = __shfl_sync(0xffffffffu, v, (t * 7) % 32);
+    o[1] = __shfl_sync(0xffffffffu, v, 3, 8);
+    o[2] = __shfl_xor_sync(0xffffffffu, v, 5);
+    o[3] = __shfl_down_sync(0xffffffffu, v, 3, 16);
+    o[4] = __shfl_up_sync(0xffffffffu, v, 2);
+    __syncwarp();
+    o[5] = static_cast<int>(__ballot_sync(0xffffffffu, t % 3 == 0));
+    o[6] = __all_sync(0xffffffffu, t < 40) + 2 * __any_sync(0xffffffffu, t == 17) + 4 * __all_sync(0xffffffffu, t != 5);
+    o[7] = static_cast<int>(__byte_perm(0x33221100u + t, 0x77665544u, 0x3715u + t % 4));
+  }));
+}

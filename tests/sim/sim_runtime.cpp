@@ -299,11 +299,35 @@ void shfl_xor_op(LaneSlot (&l)[32]) {
     l[i].out[0] = ((j & ~(width - 1)) == (i & ~(width - 1))) ? v[j] : v[i];
   }
 }
+// shfl.sync.down: lane i reads lane i + delta if that is in its segment, else keeps its own value.
+void shfl_down_op(LaneSlot (&l)[32]) {
+  uint32_t v[32];
+  for (int i = 0; i < 32; ++i) v[i] = l[i].in[0];
+  for (int i = 0; i < 32; ++i) {
+    const int width = static_cast<int>(l[i].in[2]), j = i + static_cast<int>(l[i].in[1]);
+    l[i].out[0] = ((j & ~(width - 1)) == (i & ~(width - 1)) && j < 32) ? v[j] : v[i];
+  }
+}
+// shfl.sync.up: lane i reads lane i - delta if that is in its segment, else keeps its own value.
+void shfl_up_op(LaneSlot (&l)[32]) {
+  uint32_t v[32];
+  for (int i = 0; i < 32; ++i) v[i] = l[i].in[0];
+  for (int i = 0; i < 32; ++i) {
+    const int width = static_cast<int>(l[i].in[2]), j = i - static_cast<int>(l[i].in[1]);
+    l[i].out[0] = (j >= (i & ~(width - 1))) ? v[j] : v[i];
+  }
+}
 // vote.sync.all (PTX ISA "vote.sync")
 void vote_all_op(LaneSlot (&l)[32]) {
   uint32_t all = 1;
   for (int i = 0; i < 32; ++i) all &= l[i].in[0];
   for (int i = 0; i < 32; ++i) l[i].out[0] = all;
+}
+// vote.sync.ballot: bit i = lane i's predicate (also __any_sync: ballot != 0)
+void vote_ballot_op(LaneSlot (&l)[32]) {
+  uint32_t bits = 0;
+  for (int i = 0; i < 32; ++i) bits |= (l[i].in[0] & 1u) << i;
+  for (int i = 0; i < 32; ++i) l[i].out[0] = bits;
 }
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 (PTX ISA, "ldmatrix"): lanes 8i .. 8i+7 give
