@@ -67,6 +67,9 @@ class Sim:
             if hasattr(self.lib, name):
                 fn = getattr(self.lib, name)
                 fn.argtypes, fn.restype = args, ctypes.c_char_p
+        if hasattr(self.lib, "lrx_sim_probe_pairs"):
+            self.lib.lrx_sim_probe_pairs.argtypes = [F32, F32, P, P]
+            self.lib.lrx_sim_probe_pairs.restype = None
         if hasattr(self.lib, "lrx_sim_probe_convert"):
             self.lib.lrx_sim_probe_convert.argtypes = [P, I64, P, P, P, P]
             self.lib.lrx_sim_probe_convert.restype = None
@@ -198,6 +201,13 @@ class Sim:
         out = torch.zeros((32, 8), dtype=torch.int32)
         _check(self.lib.lrx_sim_probe_warp(_ptr(out)), "warp probe")
         return out
+
+    def probe_pairs(self, a: float, b: float):
+        bits, back = torch.zeros(4, dtype=torch.int64), torch.zeros(8)
+        raw = (ctypes.c_uint32 * 4)()
+        self.lib.lrx_sim_probe_pairs(a, b, ctypes.cast(raw, P), _ptr(back))
+        bits[:] = torch.tensor(list(raw))
+        return bits, back
 
     def probe_defect(self, which: int) -> str:
         out = torch.zeros(64)

@@ -172,6 +172,16 @@ def test_simulated_warp_shuffles_and_votes(sim):
         assert out[t].tolist() == want, f"lane {t}"
 
 
+def test_simulated_half_pairs_put_x_in_the_low_half(sim):
+    a, b = 1.2345678, -3.75e-3
+    bits, back = sim.probe_pairs(a, b)
+    h = [int(v) & 0xFFFF for v in torch.tensor([a, b]).half().view(torch.int16)]
+    bf = [int(v) & 0xFFFF for v in torch.tensor([a, b]).bfloat16().view(torch.int16)]
+    assert bits.tolist() == [h[0] | h[1] << 16, bf[0] | bf[1] << 16, h[1] | h[0] << 16, bf[1] | bf[0] << 16]
+    hr, bfr = torch.tensor([a, b]).half().float().tolist(), torch.tensor([a, b]).bfloat16().float().tolist()
+    assert back.tolist() == hr + bfr + hr + bfr
+
+
 @pytest.mark.parametrize("which,expected", [
     (0, "divergent __syncthreads"),
     (1, "deadlock"),

@@ -104,3 +104,17 @@ LRX_SIM_API const char* lrx_sim_probe_warp(int* out) {
     o[7] = static_cast<int>(__byte_perm(0x33221100u + t, 0x77665544u, 0x3715u + t % 4));
   }));
 }
+
+// The pair helpers: out[0..5] = bits of __float22half2_rn, __float22bfloat162_rn, __halves2half2(b, a) and
+// their round trips (a, b) -> low, high floats.
+LRX_SIM_API void lrx_sim_probe_pairs(float a, float b, uint32_t* bits, float* back) {
+  const __half2 h = __float22half2_rn(make_float2(a, b));
+  const __nv_bfloat162 bf = __float22bfloat162_rn(make_float2(a, b));
+  const __half2 sw = __halves2half2(h.y, h.x);
+  const __nv_bfloat162 bsw = __halves2bfloat162(bf.y, bf.x);
+  std::memcpy(bits + 0, &h, 4), std::memcpy(bits + 1, &bf, 4), std::memcpy(bits + 2, &sw, 4);
+  std::memcpy(bits + 3, &bsw, 4);
+  const float2 hf = __half22float2(h), bff = __bfloat1622float2(bf);
+  back[0] = __low2float(h), back[1] = __high2float(h), back[2] = __low2float(bf), back[3] = __high2float(bf);
+  back[4] = hf.x, back[5] = hf.y, back[6] = bff.x, back[7] = bff.y;
+}
