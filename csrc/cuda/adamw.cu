@@ -19,11 +19,7 @@ namespace lowrank_ext {
 namespace {
 
 using optim_cuda::AdamWKernelScalars;
-
-AdamWKernelScalars kernel_scalars(double lr, double beta1, double beta2, double eps, double wd, int64_t step) {
-  const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, wd, step);
-  return {s.beta2, s.one_minus_beta1, s.one_minus_beta2, s.eps, s.decay, -s.step_size, 1.0f / s.inv_bc2_sqrt};
-}
+using optim_cuda::kernel_scalars;  // adamw_kernel.cuh (host; the simulator uses it too)
 
 // Calls f(T{}) with T the CUDA scalar type of `st` (fp32 / fp16 / bf16; checked before).
 template <typename F>

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "device_ops.cuh"  // CUDA types and intrinsics (or the host simulator's)
+#include "lowrank_ext/adamw_scalars.h"
 
 namespace lowrank_ext {
 namespace optim_cuda {
@@ -21,6 +22,12 @@ namespace optim_cuda {
 struct AdamWKernelScalars {
   float beta2, one_minus_beta1, one_minus_beta2, eps, decay, neg_step_size, bc2_sqrt;
 };
+
+// The kernels' scalars of step t (host): the launchers (adamw.cu) and the simulator (tests/sim/) call this.
+inline AdamWKernelScalars kernel_scalars(double lr, double beta1, double beta2, double eps, double wd, int64_t step) {
+  const AdamWScalars s = adamw_scalars(lr, beta1, beta2, eps, wd, step);
+  return {s.beta2, s.one_minus_beta1, s.one_minus_beta2, s.eps, s.decay, -s.step_size, 1.0f / s.inv_bc2_sqrt};
+}
 
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }

@@ -8,19 +8,12 @@
 #include <cmath>
 #include <string>
 
+#include "lowrank_ext/adamw_scalars.h"  // AdamWScalars, adamw_scalars (torch-free)
 #include "lowrank_ext/check.h"
 
 namespace lowrank_ext {
 
 constexpr int64_t kOptimBlocksize = 256;  // 8-bit state: one fp32 absmax per 256 flat elements
-
-// Scalars of step t, in the form the kernels use:
-//   decay     = 1 - lr·wd                 (decoupled weight decay, applied to p first)
-//   step_size = lr / (1 - β1^t)
-//   bc2_sqrt  = sqrt(1 - β2^t)            denom = sqrt(v) / bc2_sqrt + eps
-struct AdamWScalars {
-  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, decay, step_size, inv_bc2_sqrt;
-};
 
 inline void check_hyper(const char* op, double lr, double beta1, double beta2, double eps, double wd,
                         int64_t step) {
@@ -30,14 +23,6 @@ inline void check_hyper(const char* op, double lr, double beta1, double beta2, d
   LRX_CHECK(eps >= 0.0, op, "eps", "be >= 0", eps);
   LRX_CHECK(wd >= 0.0, op, "weight_decay", "be >= 0", wd);
   LRX_CHECK(step >= 1, op, "step", "be >= 1 (the step count after this update)", step);
-}
-
-inline AdamWScalars adamw_scalars(double lr, double beta1, double beta2, double eps, double wd, int64_t step) {
-  const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(step));
-  const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(step));
-  return {static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
-          static_cast<float>(1.0 - beta2), static_cast<float>(eps), static_cast<float>(1.0 - lr * wd),
-          static_cast<float>(lr / bc1), static_cast<float>(1.0 / std::sqrt(bc2))};
 }
 
 inline void check_param_grad(const char* op, const at::Tensor& param, const at::Tensor& grad) {
