@@ -175,7 +175,10 @@ def test_row_sqnorm(device):
         sq = nf4_row_sqnorm(w)
         ref = dequantize_weight_f64(w).pow(2).sum(1)
         assert sq.dtype == torch.float32 and sq.shape == (n,)
-        torch.testing.assert_close(sq.double().cpu(), ref, rtol=2e-7, atol=0)
+        # CPU: a float64 sum rounded once. CUDA: fp32 fmaf sums of ceil(K/32) terms per lane, then 5 shuffle
+        # levels; all terms are positive, so the relative error is at most (terms in a chain) · 2^-24.
+        rtol = 2e-7 if device == "cpu" else (-(-k // 32) + 5) * 2.0**-24
+        torch.testing.assert_close(sq.double().cpu(), ref, rtol=rtol, atol=0)
 
 
 # Blocksize 64 only: bitsandbytes 0.50.2's CPU dequantize_4bit is wrong at other block sizes (its
@@ -314,17 +317,26 @@ def test_compile_fullgraph(device, backend):
 
 
 # ---- x without a gradient: no grad-input GEMM -----------------------------------------------------
-def _nn_product_ran(fn, device) -> bool:
-    """Whether fn() (a forward + backward) ran an NF4 grad-input (NN) product.
+def _nf4_kernel_count(fn) -> int:
+    """How many NF4 CUDA kernels (names with "nf4_": mma, gemv, simt) fn() launched, seen by the profiler."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and "nf4_" in e.name)
+
+
+def _nn_product_ran(fwd, fwd_bwd, device) -> bool:
+    """Whether the backward of fwd_bwd() (a forward + backward; fwd() is the forward alone) ran an NF4
+    grad-input (NN) product.
     CPU: the autograd engine runs CPU backward on the calling thread, so a fresh thread's per-thread kernel record
-    (last_kernel_path("nn"), "" until an NN product runs there) tells. CUDA: the NN kernels the profiler saw
-    (nf4_mma_kernel<T, true> / nf4_simt_kernel<T, true>)."""
+    (last_kernel_path("nn"), "" until an NN product runs there) tells. CUDA: the backward launched NF4 kernels
+    beyond the forward's (the profiler's count; names of the kernels are not relied on)."""
     if device == "cpu":
         seen: list[str] = []
 
         def body():
             assert lowrank_ext.last_kernel_path("nn") == ""
-            fn()
+            fwd_bwd()
             seen.append(lowrank_ext.last_kernel_path("nn"))
 
         import threading
@@ -333,11 +345,7 @@ def _nn_product_ran(fn, device) -> bool:
         t.join()
         assert len(seen) == 1, "the forward + backward raised in the thread"
         return seen[0] != ""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return any(("nf4_mma_kernel" in n or "nf4_simt_kernel" in n) and "true>" in n for n in names)
+    return _nf4_kernel_count(fwd_bwd) > _nf4_kernel_count(fwd)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
@@ -364,12 +372,15 @@ def test_backward_skips_grad_input_when_x_needs_no_grad(device, dropout, dtype):
     def run(x_grad: bool):
         xs, a_, b_, bias_ = x.clone().requires_grad_(x_grad), leaf(a), leaf(b), leaf(bias)
 
-        def fwd_bwd():
-            torch.manual_seed(11)  # the same dropout mask in both runs
-            with Spy():
-                nf4_lora_linear(xs, w, a_, b_, 1.5, bias_, dropout).backward(gy)
+        def fwd():
+            torch.manual_seed(11)  # the same dropout mask in every run
+            return nf4_lora_linear(xs, w, a_, b_, 1.5, bias_, dropout)
 
-        ran = _nn_product_ran(fwd_bwd, device)
+        def fwd_bwd():
+            with Spy():
+                fwd().backward(gy)
+
+        ran = _nn_product_ran(fwd, fwd_bwd, device)
         return ran, xs.grad, a_.grad, b_.grad, bias_.grad
 
     ran_full, gx_full, *grads_full = run(True)
@@ -383,7 +394,7 @@ def test_backward_skips_grad_input_when_x_needs_no_grad(device, dropout, dtype):
 
     # plain nf4_linear: only the bias gets a gradient, and no NN product runs
     bias_ = leaf(bias)
-    assert not _nn_product_ran(lambda: nf4_linear(x, w, bias_).backward(gy), device)
+    assert not _nn_product_ran(lambda: nf4_linear(x, w, bias_), lambda: nf4_linear(x, w, bias_).backward(gy), device)
     torch.testing.assert_close(bias_.grad, gy.sum(0))
 
 
