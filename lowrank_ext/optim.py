@@ -79,6 +79,10 @@ def _shard_rows(p: torch.Tensor) -> tuple[int, int]:
     return n, torch.Size(size).numel()
 
 
+# One update of a step: (local param, local grad, state, hyper-parameters, step, the moment tensors it reads).
+_Update = tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, float], int, tuple[torch.Tensor, ...]]
+
+
 def _device_index(t: torch.Tensor) -> int:
     return t.device.index if t.device.index is not None else torch.cuda.current_device()
 
@@ -239,7 +243,7 @@ class _FusedAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        work: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, float], int, tuple[torch.Tensor, ...]]] = []
+        work: list[_Update] = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = {
@@ -273,9 +277,10 @@ class _FusedAdamW(torch.optim.Optimizer):
         for start, end in _plan_prefetch([self._prefetch_key(pl, moments) for pl, _, _, _, _, moments in work],
                                          self._prefetch_budget):
             chunk = work[start:end]
-            paged = [t for pl, _, _, _, _, moments in chunk if self._pages(pl) for t in moments]
-            if paged:
-                ops.paged_prefetch_batch(paged, _device_index(chunk[0][0]))
+            paged_params = [pl for pl, _, _, _, _, _ in chunk if self._pages(pl)]  # all on one GPU (the plan)
+            if paged_params:
+                paged = [t for pl, _, _, _, _, moments in chunk if self._pages(pl) for t in moments]
+                ops.paged_prefetch_batch(paged, _device_index(paged_params[0]))
             for pl, gl, state, hyper, step, moments in chunk:
                 self._update(pl, gl, state, hyper, step, moments)
         return loss

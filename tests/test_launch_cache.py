@@ -165,7 +165,8 @@ class _Recorder:
         monkeypatch.setattr(lrx_optim._FusedAdamW, "_pages",
                             lambda self, p: self._paged and p.numel() >= self.min_8bit_size)
         monkeypatch.setattr(lrx_optim._FusedAdamW, "_prefetch_budget", lambda self, device: budget)
-        monkeypatch.setattr(lrx_optim, "_device_index", lambda t: 0)
+        # the "device" a prefetch names: here the numel of the param it was taken from (checks which one)
+        monkeypatch.setattr(lrx_optim, "_device_index", lambda t: t.numel())
 
 
 @pytest.mark.parametrize("opt_cls,keys", [(PagedAdamW, ("exp_avg", "exp_avg_sq")),
@@ -174,7 +175,7 @@ def test_paged_step_prefetches_once_per_step(monkeypatch, opt_cls, keys):
     rec = _Recorder(monkeypatch, budget=1 << 40)
     big = [torch.nn.Parameter(torch.randn(64, 80)) for _ in range(4)]  # 5120 >= 4096 elements: paged
     small = torch.nn.Parameter(torch.randn(10))                        # below min_8bit_size: not paged
-    params = [big[0], small, *big[1:]]
+    params = [small, *big]  # the first update pages nothing: the call must name a paged param's device
     opt = opt_cls([{"params": params[:3]}, {"params": params[3:], "lr": 1e-4}])  # two groups, one call
     for _ in range(3):
         rec.events.clear()
@@ -182,7 +183,7 @@ def test_paged_step_prefetches_once_per_step(monkeypatch, opt_cls, keys):
             p.grad = torch.randn_like(p)
         opt.step()
         want = tuple(opt.state[p][k].data_ptr() for p in big for k in keys)
-        assert rec.events[0] == ("prefetch", want, 0), rec.events[0]  # every paged tensor, in param order
+        assert rec.events[0] == ("prefetch", want, 64 * 80), rec.events[0]  # every paged tensor, in param order
         assert rec.events[1:] == [("update",)] * len(params)  # then the updates, no other prefetch
     assert all(int(opt.state[p]["step"]) == 3 for p in params)
 
