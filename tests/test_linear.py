@@ -398,6 +398,24 @@ def test_backward_skips_grad_input_when_x_needs_no_grad(device, dropout, dtype):
     torch.testing.assert_close(bias_.grad, gy.sum(0))
 
 
+def test_compile_with_frozen_x(device):
+    """torch.compile(fullgraph) traces the backward with x needing no gradient (compute_grad_input=False): the
+    gradients of A, B and bias equal eager's, and x gets none."""
+    torch._dynamo.reset()
+    w, x, a, b, bias = _op_args(device, torch.float32, m=10)
+    mod = _TinyQLoRA(w, a, b, bias)
+    x3 = x.view(2, 5, -1)  # requires no grad
+    compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
+    # the compiled backward skips the NN product too (CPU: the per-thread record; CUDA: the profiler)
+    assert not _nn_product_ran(lambda: compiled(x3), lambda: compiled(x3).sum().backward(), device)
+    g_c = [t.grad.clone() for t in (mod.a, mod.b, mod.bias)]
+    mod.zero_grad()
+    mod(x3).sum().backward()
+    for gc, ge in zip(g_c, (mod.a.grad, mod.b.grad, mod.bias.grad)):
+        torch.testing.assert_close(gc, ge)
+    assert x3.grad is None
+
+
 def test_backward_op_compute_grad_input_false():
     """The raw op: compute_grad_input=False returns empty grad_x / grad_x_lora and the same grad_A, grad_B
     (the default True keeps old callers' results)."""
