@@ -398,6 +398,25 @@ def test_backward_skips_grad_input_when_x_needs_no_grad(device, dropout, dtype):
     torch.testing.assert_close(bias_.grad, gy.sum(0))
 
 
+@pytest.mark.parametrize("variant,dropout", [("lora", 0.0), ("lora", 0.1), ("dora", 0.0), ("dora", 0.1),
+                                             ("vera", 0.0)])
+def test_layers_skip_grad_input_for_a_frozen_input(variant, dropout):
+    """The QLoRA layers (LoRA, DoRA with its dropout term x_d · deq(W)ᵀ, VeRA) reach the NF4 ops through the same
+    autograd: with an input that needs no gradient (the first layer) no NN product runs; with one that does, it
+    runs (the control)."""
+    from lowrank_ext.nn import QLoRALinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48)
+    kw = {"vera_shared": (torch.randn(8, 96), torch.randn(48, 8))} if variant == "vera" else {}
+    layer = QLoRALinear.from_linear(lin, r=8, alpha=16, dropout=dropout, variant=variant, **kw)
+    for x_grad in (True, False):
+        x = torch.randn(12, 96, requires_grad=x_grad)
+        ran = _nn_product_ran(lambda x=x: layer(x), lambda x=x: layer(x).sum().backward(), "cpu")
+        assert ran == x_grad, f"{variant}, dropout {dropout}, x.requires_grad={x_grad}: NN product ran = {ran}"
+    assert all(p.grad is not None for n, p in layer.named_parameters() if p.requires_grad), "adapter grads"
+
+
 def test_compile_with_frozen_x(device):
     """torch.compile(fullgraph) traces the backward with x needing no gradient (compute_grad_input=False): the
     gradients of A, B and bias equal eager's, and x gets none."""
