@@ -96,12 +96,14 @@ def _plan_prefetch(keys: list[tuple[torch.device | None, int]],
     the budget, which is a chunk of its own. With everything on one GPU under the budget: one chunk, one call.
     """
     chunks: list[tuple[int, int]] = []
-    start, device, used = 0, None, 0
+    start, device, used, limit = 0, None, 0, 0
     for i, (dev, nbytes) in enumerate(keys):
         if dev is not None:
-            if device is not None and (dev != device or (used > 0 and used + nbytes > budget(device))):
+            if device is not None and (dev != device or (used > 0 and used + nbytes > limit)):
                 chunks.append((start, i))
                 start, used = i, 0
+            if dev != device:
+                limit = budget(dev)  # once per device run, not per update
             device = dev
             used += nbytes
     if keys:
