@@ -41,7 +41,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _is_dtensor(t: object) -> bool:
-    if not isinstance(t, torch.Tensor) or not torch.distributed.is_available():
+    # Plain tensors and parameters first, with no import: step() asks about ~6 tensors per parameter.
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not isinstance(t, torch.Tensor):
+        return False
+    if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
 
@@ -276,15 +279,18 @@ class _FusedAdamW(torch.optim.Optimizer):
                         state[key] = state[key].contiguous()
                 keys = ("state1", "state2") if "state1" in state else ("exp_avg", "exp_avg_sq")
                 work.append((pl, gl, state, hyper, step, tuple(_local(state[k]) for k in keys)))
-        for start, end in _plan_prefetch([self._prefetch_key(pl, moments) for pl, _, _, _, _, moments in work],
-                                         self._prefetch_budget):
-            chunk = work[start:end]
-            paged_params = [pl for pl, _, _, _, _, _ in chunk if self._pages(pl)]  # all on one GPU (the plan)
-            if paged_params:
-                paged = [t for pl, _, _, _, _, moments in chunk if self._pages(pl) for t in moments]
-                ops.paged_prefetch_batch(paged, _device_index(paged_params[0]))
-            for pl, gl, state, hyper, step, moments in chunk:
-                self._update(pl, gl, state, hyper, step, moments)
+        if not self._paged:  # nothing to prefetch
+            for item in work:
+                self._update(*item)
+            return loss
+        keys = [self._prefetch_key(item[0], item[5]) for item in work]
+        for start, end in _plan_prefetch(keys, self._prefetch_budget):
+            paged_items = [i for i in range(start, end) if keys[i][0] is not None]  # all on one GPU (the plan)
+            if paged_items:
+                paged = [t for i in paged_items for t in work[i][5]]
+                ops.paged_prefetch_batch(paged, _device_index(work[paged_items[0]][0]))
+            for item in work[start:end]:
+                self._update(*item)
         return loss
 
     def _prefetch_key(self, pl: torch.Tensor, moments: tuple[torch.Tensor, ...]) -> tuple[torch.device | None, int]:
