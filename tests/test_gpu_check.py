@@ -190,7 +190,7 @@ def test_time_budget_skips_what_does_not_fit(tmp_path):
     assert "-m pip" not in (tmp_path / "calls.txt").read_text()
 
 
-def test_cuda_mismatch_fails_the_machine_phase(tmp_path):
+def test_nvcc_torch_version_mismatch_fails_the_machine_phase(tmp_path):
     repo, env = _fake_env(tmp_path, nvcc_release="12.8")
     run = subprocess.run(["bash", str(repo / "bench/gpu_check.sh")], env=env, capture_output=True, text=True, check=False,
                          timeout=120)
