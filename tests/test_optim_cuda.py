@@ -112,11 +112,12 @@ def test_fused_kernels_match_cpu_exactly(dtype):
 @pytest.mark.parametrize("side_stream", [False, True])
 def test_prefetch_batch_moves_every_managed_tensor(side_stream):
     """paged_prefetch_batch: one call moves every managed tensor of the list (to the host, then back), skips
-    ordinary CUDA tensors, and keeps the values. On a side stream CUDA 13 takes cudaMemPrefetchBatchAsync;
-    on torch's default (legacy) stream, which that API refuses, one cudaMemPrefetchAsync per tensor."""
+    ordinary CUDA tensors, and keeps the values. CUDA 13 takes cudaMemPrefetchBatchAsync: on a side stream
+    directly; on torch's default (legacy) stream, which that API refuses, on a pool stream fenced by events
+    (from 8 tensors on; fewer take one cudaMemPrefetchAsync each): 9 tensors here, so both run the batch API."""
     dev = torch.cuda.current_device()
-    like = torch.empty(3000, device="cuda")
-    paged = [ops.paged_zeros_like(like[: 1000 * (i + 1)], torch.float32) for i in range(3)]
+    like = torch.empty(3 << 18, device="cuda")  # 1-3 MiB each: no two tensors share a page
+    paged = [ops.paged_zeros_like(like[: (1 << 18) * (i % 3 + 1)], torch.float32) for i in range(9)]
     plain = torch.zeros(1000, device="cuda")
     stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -126,11 +127,15 @@ def test_prefetch_batch_moves_every_managed_tensor(side_stream):
         ops.paged_prefetch_batch([*paged, plain], HOST)
         stream.synchronize()
         want = HOST if _can_prefetch() else NEVER
-        assert [ops.paged_last_prefetch_location(t) for t in paged] == [want] * 3
+        assert [ops.paged_last_prefetch_location(t) for t in paged] == [want] * 9
         assert ops.paged_last_prefetch_location(plain) == NEVER
         ops.paged_prefetch_batch(paged, dev)
         stream.synchronize()
-        assert [ops.paged_last_prefetch_location(t) for t in paged] == [dev if _can_prefetch() else NEVER] * 3
+        assert [ops.paged_last_prefetch_location(t) for t in paged] == [dev if _can_prefetch() else NEVER] * 9
+        ops.paged_prefetch_batch(paged[:2], HOST)  # below 8 on the default stream: the per-tensor loop
+        stream.synchronize()
+        moved_back = dev if _can_prefetch() else NEVER
+        assert [ops.paged_last_prefetch_location(t) for t in paged[:3]] == [want, want, moved_back]
     for i, t in enumerate(paged):
         assert torch.all(t == float(i + 1)).item()
     ops.paged_prefetch_batch([], dev)  # nothing to do

@@ -9,8 +9,9 @@
 //   paged_prefetch_batch(ts, device): the same for a list of tensors on one GPU in one op call — what the paged
 //       optimizer issues once per step (lowrank_ext/optim.py). One capture check and one support check per
 //       call; managed-ness from the registry of paged_zeros_like's allocations (no cudaPointerGetAttributes for
-//       them); then one cudaMemPrefetchBatchAsync (CUDA 13+) or, where that is unavailable (older runtimes, the
-//       legacy default stream, which the batch API refuses), one cudaMemPrefetchAsync per tensor.
+//       them); then one cudaMemPrefetchBatchAsync (CUDA 13+; on torch's default stream, the legacy one that the
+//       batch API refuses, it runs on a pool stream fenced by two events) or, on older runtimes and for fewer
+//       than 8 tensors on the default stream, one cudaMemPrefetchAsync per tensor.
 //   paged_is_managed(t), paged_last_prefetch_location(t): pointer / range attributes (for tests, tooling).
 // CUDA 13 takes a cudaMemLocation in cudaMemPrefetchAsync (12.2+: cudaMemPrefetchAsync_v2); older
 // runtimes take a device ordinal (cudaCpuDeviceId for the host).
@@ -27,6 +28,7 @@
 // A failed cudaFree's error is cleared (cudaGetLastError) so that it is not reported by the next op.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAException.h>
@@ -241,16 +243,32 @@ void paged_prefetch_batch_cuda(at::TensorList tensors, int64_t device) {
     sizes.push_back(bytes);
   }
   if (ptrs.empty()) return;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const at::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current.stream();
 #if CUDART_VERSION >= 13000
-  // The batch API refuses the legacy default stream (torch's default stream is that one).
-  if (stream != nullptr && stream != cudaStreamLegacy && batch_api_usable()) {
+  // The batch API refuses the legacy default stream, which is torch's default stream. There the batch runs on a
+  // pool stream ordered between the current stream's earlier and later work by two events: 4 more calls
+  // (2 event records, 2 waits; events created and destroyed once each), worth it from kSideStreamMin tensors on.
+  constexpr size_t kSideStreamMin = 8;
+  const bool legacy = stream == nullptr || stream == cudaStreamLegacy;
+  if (batch_api_usable() && (!legacy || ptrs.size() >= kSideStreamMin)) {
     cudaMemLocation loc{};
     loc.type = device >= 0 ? cudaMemLocationTypeDevice : cudaMemLocationTypeHost;
     loc.id = device >= 0 ? static_cast<int>(device) : 0;
     size_t first = 0;  // one location for the whole batch, applying from operation 0
-    const cudaError_t err =
-        cudaMemPrefetchBatchAsync(ptrs.data(), sizes.data(), ptrs.size(), &loc, &first, 1, 0, stream);
+    at::cuda::CUDAStream batch_stream = current;
+    at::cuda::CUDAEvent before, after;
+    if (legacy) {
+      batch_stream = at::cuda::getStreamFromPool(/*isHighPriority=*/false, where.index());
+      before.record(current);
+      before.block(batch_stream);  // the batch starts after everything already queued on `current`
+    }
+    const cudaError_t err = cudaMemPrefetchBatchAsync(ptrs.data(), sizes.data(), ptrs.size(), &loc, &first, 1, 0,
+                                                      batch_stream.stream());
+    if (legacy) {
+      after.record(batch_stream);
+      after.block(current);  // work queued on `current` later starts after the batch
+    }
     if (err == cudaSuccess) return;
     (void)cudaGetLastError();
     if (err != cudaErrorNotSupported && err != cudaErrorCallRequiresNewerDriver) C10_CUDA_CHECK(err);
