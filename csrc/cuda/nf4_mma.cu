@@ -6,6 +6,8 @@
 // All operands (a, lowrank, lowrank_w, bias, out) have params.dtype (fp16 or bf16); accumulation is fp32.
 // Unsupported problems return false and launch nothing (the dispatcher then runs the SIMT kernel);
 // CUDA errors of a launch that was attempted raise (C10_CUDA_CHECK). No cuBLAS, no dense W anywhere.
+// Launch overhead: the device facts supported() needs are queried once per GPU (per_device.h); a launch makes
+// no cudaDeviceGetAttribute / cudaFuncSetAttribute call after the first on its device.
 #include "nf4_mma.h"
 
 #include <c10/cuda/CUDAException.h>
