@@ -196,7 +196,7 @@ void paged_prefetch_cuda(const at::Tensor& t, int64_t device) {
   free_deferred();
   const void* ptr = t.storage().data();
   const size_t bytes = t.storage().nbytes();
-  if (bytes == 0 || !is_managed_ptr(ptr)) return;
+  if (bytes == 0 || !is_managed_fast(ptr)) return;
   // Without concurrent managed access the runtime refuses prefetches: run without (on-demand migration).
   if (!paged_prefetch_supported(device >= 0 ? device : t.device().index())) return;
   prefetch_one(ptr, bytes, device, at::cuda::getCurrentCUDAStream());
