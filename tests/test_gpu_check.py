@@ -24,7 +24,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {"gpu_results.md", "tests.log", "tests.xml", "doctor.json", "bench.md", "build_tail.log", "rest.tar.gz"}
 
-FAKE_PYTHON = r'''#!{real}
+FAKE_PYTHON = r'''
 """A fake interpreter for bench/gpu_check.sh: every call is logged; each phase's program is imitated."""
 import json, os, sys, time
 
@@ -98,8 +98,9 @@ def _fake_env(tmp: Path, nvcc_release: str = "13.0") -> tuple[Path, dict[str, st
     (repo / "tests").mkdir()
     fake = tmp / "fakebin"
     (fake / "cuda" / "bin").mkdir(parents=True)
-    scripts = {
-        fake / "python": FAKE_PYTHON.format(real=sys.executable),
+    (fake / "fake_python.py").write_text(FAKE_PYTHON.format(real=sys.executable))
+    scripts = {  # a sh wrapper, not a #! line to the interpreter (those are cut at 127 characters on Linux)
+        fake / "python": f'#!/bin/sh\nexec "{sys.executable}" "{fake / "fake_python.py"}" "$@"\n',
         fake / "nvidia-smi": "#!/bin/sh\necho 'name, driver_version'\necho 'NVIDIA H100 80GB HBM3, 580.159.04'\n",
         fake / "cuda" / "bin" / "nvcc": f"#!/bin/sh\necho 'Cuda compilation tools, release {nvcc_release}, V{nvcc_release}.88'\n",
     }
