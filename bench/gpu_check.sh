@@ -34,7 +34,8 @@
 #     bench         180 s    bench/bench_gpu.py --budget-s (GEMV bandwidth, training layer, bnb + PEFT, AdamW)
 #     sass           60 s    bench/sass_budget.py, when the file exists (optional; CI runs it too)
 # Warnings at the top of the table: the torch here differs from the one the project pins (scripts/setup.sh,
-# 2.14.1: results hold for the torch they ran with), no GPU visible, a phase skipped for lack of time.
+# 2.14.1: results hold for the torch they ran with), a phase skipped for lack of time. Without a GPU visible to
+# torch the script stops after the machine phase (it would only rebuild this checkout's extension).
 #
 # bitsandbytes for the GPU comparison: carry its wheel (.whl/ is git-ignored; name it in `carry`), downloaded on
 # a machine with network with
@@ -181,10 +182,11 @@ cat "$WORK/machine.txt"
 [ -n "$torch_ver" ] && [ "${torch_ver%%+*}" != "$TARGET_TORCH" ] && \
   warn "torch ${torch_ver} here; the project pins torch ${TARGET_TORCH} (scripts/setup.sh). The extension is built \
 here against ${torch_ver}, and these results hold for it, not for ${TARGET_TORCH}."
-[ "$gpu" = "none" ] && warn "torch sees no GPU: the CUDA tests skip and the benchmark cannot run"
 msg=""
 if [ $probe_rc -ne 0 ] || [ -z "$torch_ver" ]; then
   msg="the python probe failed (exit $probe_rc): $(tail -1 "$WORK/machine.txt")"
+elif [ "$gpu" = "none" ]; then  # nothing to check; and the build would replace this checkout's _C*.so
+  msg="torch sees no GPU: nothing to check here (the CPU suite is scripts/test.sh)"
 elif [ -z "$torch_cuda" ]; then
   msg="torch $torch_ver is not a CUDA build (torch.version.cuda is None)"
 elif [ -z "$nvcc_ver" ]; then

@@ -48,7 +48,7 @@ if args and args[0].endswith("gpu_results.py"):  # standard library only: the re
     os.execv("{real}", ["{real}", *args])
 if args and args[0].endswith("probe.py"):
     print("python=3.12.3\nninja=/usr/bin/ninja\ntorch=" + os.environ.get("FAKE_TORCH", "2.11.0+cu130"))
-    print("torch_cuda=13.0\ngpu=NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 79 GiB")
+    print("torch_cuda=13.0\ngpu=" + os.environ.get("FAKE_GPU", "NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 79 GiB"))
     sys.exit(0)
 if args[:1] == ["-c"]:  # import bitsandbytes: not installed
     sys.exit(1)
@@ -198,6 +198,19 @@ def test_nvcc_torch_version_mismatch_fails_the_machine_phase(tmp_path):
     assert run.returncode == 1
     table = _check_out(tmp_path / "out")
     assert "| machine | FAIL |" in table and "torch.version.cuda is 13.0 but nvcc" in table, table
+
+
+def test_no_gpu_stops_before_the_build(tmp_path):
+    """torch sees no GPU (a developer machine): the machine phase fails and nothing is built (the build would
+    replace the checkout's own extension)."""
+    repo, env = _fake_env(tmp_path)
+    env["FAKE_GPU"] = "none"
+    run = subprocess.run(["bash", str(repo / "bench/gpu_check.sh")], env=env, capture_output=True, text=True,
+                         check=False, timeout=120)
+    assert run.returncode == 1
+    table = _check_out(tmp_path / "out")
+    assert "| machine | FAIL |" in table and "torch sees no GPU" in table, table
+    assert "-m pip" not in (tmp_path / "calls.txt").read_text()
 
 
 def test_every_probe_has_a_timeout():
