@@ -13,11 +13,11 @@ Two tables, every ratio measured side by side in this one run:
 3. QLoRA layer with autograd at M = 512..2048 vs real bitsandbytes Linear4bit + PEFT LoRA when bitsandbytes
    runs here (gpu_check.sh installs the carried wheel), else vs the stand-in dequantize_nf4 + cuBLAS, labelled
    "STAND-IN" in every row. Goal: >= 1.2x faster.
-4. One optimizer step with the state resident: PagedAdamW / PagedAdamW8bit vs torch.optim.AdamW(fused=True).
-   Goal: PagedAdamW within 1.2x.
+4. One optimizer step with the state resident: PagedAdamW / PagedAdamW8bit vs torch.optim.AdamW(fused=True), on
+   one large tensor and on 448 LoRA-sized tensors (per-tensor overhead). Goal: PagedAdamW within 1.2x.
 The kernel columns name the CUDA kernels that ran (from the profiler), so a silent fallback is visible.
---budget-s stops starting rows after that many seconds (the rows left out say so); --out is rewritten
-after every table.
+--budget-s stops starting rows after that many seconds: every table loop checks the deadline before each row
+(the rows left out say so); --out is rewritten after every table.
 
 usage: python bench/bench_gpu.py [--out results.md] [--quick] [--budget-s S]
 """
@@ -127,10 +127,13 @@ def gemv_row(N: int, K: int, M: int, weights: list[tuple], dense: list[torch.Ten
     return [f"{N}x{K}", M, kernel, t * 1e6, moved / t / 1e9, 100 * moved / t / bw, td * 1e6, td / t]
 
 
-def gemv_table(shapes, ms, bw: float) -> tuple[list[str], list[list]]:
+def gemv_table(shapes, ms, bw: float, deadline: float = float("inf")) -> tuple[list[str], list[list]]:
     header = ["N x K", "M", "kernel", "us/call", "GB/s", "% copy BW", "dense bf16 us", "dense/ours"]
     rows = []
     for N, K in shapes:
+        if time.time() > deadline:
+            rows += [[f"{N}x{K}", M, "skipped: time budget", *[float("nan")] * 5] for M in ms]
+            continue
         w = lowrank_ext.quantize_nf4(
             torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K**0.5, 64, True
         )
@@ -141,6 +144,9 @@ def gemv_table(shapes, ms, bw: float) -> tuple[list[str], list[list]]:
         dcopies = max(2, -(-ROTATE_BYTES // dense0.nbytes))
         dense = [dense0] + [dense0.clone() for _ in range(dcopies - 1)]
         for M in ms:
+            if time.time() > deadline:
+                rows.append([f"{N}x{K}", M, "skipped: time budget", *[float("nan")] * 5])
+                continue
             rows.append(gemv_row(N, K, M, weights, dense, bw))
         del weights, dense, dense0, w
         torch.cuda.empty_cache()
@@ -162,6 +168,10 @@ def train_row(
     def ours_fb():
         _, u = ours_fwd()
         return ops.nf4_lora_linear_backward(gy, x, u, *wb, K, A, B, s, True)
+
+    def ours_fb_frozen_x():  # the first layer / frozen inputs: no grad-input NF4 GEMM (compute_grad_input=False)
+        _, u = ours_fwd()
+        return ops.nf4_lora_linear_backward(gy, x, u, *wb, K, A, B, s, True, False)
 
     def dense_fwd(W=Wd):
         u = x @ A.t()
@@ -190,6 +200,7 @@ def train_row(
     assert err < 1e-2, f"{N}x{K} M={M}: grad_x relative error {err}"
     t_of, t_df = event_time(ours_fwd, 10), event_time(dense_fwd, 10)
     t_ob, t_db, t_qb = event_time(ours_fb, 10), event_time(dense_fb, 10), event_time(deq_fb, 10)
+    t_oz = event_time(ours_fb_frozen_x, 10)
     fwd_k = kernel_names(lambda: ops.nf4_linear(x, *wb, N, None))
     bwd_k = kernel_names(lambda: ops.nf4_linear_grad_input(gy, *wb, K))
     return [
@@ -205,6 +216,7 @@ def train_row(
         t_qb * 1e3,
         t_ob / t_db,
         t_qb / t_ob,
+        t_oz * 1e3,
     ]
 
 
@@ -222,6 +234,7 @@ def training_table(shapes, ms, r: int = 16, deadline: float = float("inf")) -> t
         "deq+cuBLAS f+b ms",
         "f+b ours/dense",
         "f+b deq/ours",
+        "ours f+b, x frozen ms",
     ]
     rows = []
     dt = torch.bfloat16
@@ -232,7 +245,7 @@ def training_table(shapes, ms, r: int = 16, deadline: float = float("inf")) -> t
         B = torch.randn(N, r, device="cuda", dtype=dt) / r**0.5
         for M in ms:
             if time.time() > deadline:
-                rows.append([f"{N}x{K}", M, "skipped: time budget", "", *[float("nan")] * 8])
+                rows.append([f"{N}x{K}", M, "skipped: time budget", "", *[float("nan")] * 9])
                 continue
             rows.append(train_row(N, K, M, w, A, B, s))
         del w
@@ -336,6 +349,29 @@ def optimizer_table(n_params: int, deadline: float = float("inf")) -> tuple[list
             continue
         t = step_time(cls)
         rows.append([f"{n_params / 1e6:.0f}M", cls.__name__, t * 1e3, t_ref * 1e3, t / t_ref])
+
+    # Many small tensors: the LoRA A [16, 4096] and B [4096, 16] of 224 projections (448 tensors, 29M params):
+    # per-tensor overhead (op calls, launches, the prefetch: one paged_prefetch_batch per step) dominates here.
+    def many_time(opt_cls, **kw):
+        ps = [torch.nn.Parameter(torch.randn(*(16, 4096) if i % 2 == 0 else (4096, 16), device="cuda") * 0.02)
+              for i in range(448)]
+        for p in ps:
+            p.grad = torch.randn_like(p) * 1e-3
+        opt = opt_cls(ps, **hyper, **kw)
+        opt.step()
+        t = event_time(opt.step, 10)
+        del opt, ps
+        torch.cuda.empty_cache()
+        return t
+
+    if time.time() < deadline:
+        t_ref_many = many_time(torch.optim.AdamW, fused=True)
+        for cls in (PagedAdamW, PagedAdamW8bit):
+            if time.time() > deadline:
+                rows.append(["448 x 64K", cls.__name__, "skipped: time budget", t_ref_many * 1e3, float("nan")])
+                continue
+            t = many_time(cls)
+            rows.append(["448 x 64K", cls.__name__, t * 1e3, t_ref_many * 1e3, t / t_ref_many])
     return header, rows
 
 
@@ -388,7 +424,7 @@ def main() -> int:
         with open(args.out, "w") as f:
             f.write(head + "\n\n".join(sections) + "\n")
 
-    gh, gr = gemv_table(gemv_shapes, ms, bw)
+    gh, gr = gemv_table(gemv_shapes, ms, bw, deadline=deadline)
     print_table("small-M NF4 GEMV (bf16, blocksize 64, double quant; CUDA-graph replays over > 240 MB)", gh, gr)
     sections.append("### Small-M GEMV (nf4_linear, bf16, blocksize 64 + double quant)\n\n"
                     "Goal (DESIGN.md section 4): >= 75% of copy bandwidth at M = 1..16, weights rotated beyond L2 "

@@ -1,8 +1,8 @@
-"""Assemble $OUT/gpu_results.md from what bench/gpu_check.sh left in $OUT (called after every phase, so a
-run killed at any point still has a dated results file). Standard library only: it must work when the
-build or torch failed.
+"""Assemble gpu_results.md from what bench/gpu_check.sh left in its scratch folder (called after every phase and
+from the script's EXIT trap, so a run killed at any point still has a dated results file; gpu_check.sh copies it
+to $OUT). Standard library only: it must work when the build or torch failed.
 
-usage: python bench/gpu_results.py OUT_DIR
+usage: python bench/gpu_results.py WORK_DIR      (writes WORK_DIR/gpu_results.md)
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ def _phases(out: Path) -> list[str]:
 def _doctor(out: Path) -> list[str]:
     try:
         rep = json.loads(_read(out / "doctor.json"))
-    except ValueError:
+        rep["checks"], rep["failures"]  # a report without them is no report (KeyError)
+    except (ValueError, KeyError, TypeError):
         err = _read(out / "doctor.err").strip().splitlines()[-5:]
         return ["(no doctor report)" + ("\n\n```\n" + "\n".join(err) + "\n```" if err else "")]
     devs = "; ".join(f"{d['device']}: {d['name']}" for d in rep.get("devices", []))
@@ -70,7 +71,7 @@ def _tests(out: Path) -> list[str]:
         lines.append("(no junit file)")
     current = _read(out / "tests_current.txt").strip()
     if current.startswith("(interrupted)"):
-        lines.append(f"- interrupted (timeout) while running: `{current.split(' ', 1)[1]}`")
+        lines.append(f"- interrupted (timeout or signal) while running: `{current.split(' ', 1)[1]}`")
     elif current and not current.startswith("(finished"):
         lines.append(f"- killed while running: `{current}`")
     log = _read(out / "tests.log")
@@ -83,13 +84,29 @@ def _tests(out: Path) -> list[str]:
     return lines
 
 
+def _warnings(out: Path) -> list[str]:
+    lines = [ln.strip() for ln in _read(out / "warnings.txt").splitlines() if ln.strip()]
+    return [*(f"- **{ln}**" if ln.startswith("WARNING") else f"- {ln}" for ln in lines), ""] if lines else []
+
+
+def _sass(out: Path) -> list[str]:
+    text = _read(out / "sass_budget.txt").strip()
+    if not text:
+        return []
+    tail = "\n".join(text.splitlines()[-40:])
+    return ["## SASS budget (`bench/sass_budget.py`, optional)", "", "```", tail, "```", ""]
+
+
 def main(out_dir: str) -> int:
     out = Path(out_dir)
     date = _read(out / "date.txt").strip() or "(date unknown)"
     parts = [
         f"# lowrank_ext GPU check — {date}",
         "",
-        "`bash bench/gpu_check.sh` (one device call). Machine:",
+        *_warnings(out),
+        "`bash bench/gpu_check.sh` (one device call). Files beside this one: tests.log, tests.xml (junit),",
+        "doctor.json, bench.md, build_tail.log, rest.tar.gz (full build log, nvidia-smi, probe, phases, bench log).",
+        "Machine:",
         "",
         "```",
         (_read(out / "nvidia-smi.txt") + _read(out / "machine.txt")).strip(),
@@ -111,6 +128,7 @@ def main(out_dir: str) -> int:
         "",
         _read(out / "bench.md").strip() or "(not run)",
         "",
+        *_sass(out),
     ]
     (out / "gpu_results.md").write_text("\n".join(parts))
     return 0

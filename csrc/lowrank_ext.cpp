@@ -120,10 +120,12 @@ TORCH_LIBRARY(lowrank_ext, m) {
   //   gB = s · gyᵀ · u    [N, r]        gu = s · gy · B   [M, r]        gA = guᵀ · x_lora   [r, K]
   //   grad_x = gy · deq(W) (+ gu · A when lora_grad_into_x, i.e. x_lora is x: one fused NN GEMM)
   //   grad_x_lora = gu · A when not lora_grad_into_x (the caller applies the dropout mask), else empty [0]
+  //   compute_grad_input=False (x needs no gradient: the first layer, frozen inputs): grad_x and grad_x_lora are
+  //   empty [0] and neither the NF4 product gy · deq(W) nor gu · A runs; grad_A, grad_B are unchanged.
   m.def(
       "nf4_lora_linear_backward(Tensor grad_y, Tensor x_lora, Tensor u, Tensor packed, Tensor absmax, "
       "Tensor? nested_absmax, Tensor? nested_map, Tensor? offset, int blocksize, int in_features, "
-      "Tensor lora_A, Tensor lora_B, float scaling, bool lora_grad_into_x) "
+      "Tensor lora_A, Tensor lora_B, float scaling, bool lora_grad_into_x, bool compute_grad_input=True) "
       "-> (Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_x_lora)");
   //   sq[n] = ||deq(W)[n, :]||²  (fp32 [N]; DoRA's weight norm without a dense W)
   m.def(
@@ -155,6 +157,11 @@ TORCH_LIBRARY(lowrank_ext, m) {
   // Prefetch a managed tensor's pages on the current stream: device >= 0 -> that GPU, -1 -> host.
   // Values do not change; `t` is marked mutated so compilers keep the call in program order.
   m.def("paged_prefetch(Tensor(a!) t, int device) -> ()");
+  // The same for a list of tensors on one GPU, in one call (the paged optimizer's prefetch of a step):
+  // cudaMemPrefetchBatchAsync where the runtime (CUDA 13+) and the stream allow, else one
+  // cudaMemPrefetchAsync per managed tensor; tensors paged_zeros_like did not allocate are checked with one
+  // pointer query each, the others need none. An empty list is a no-op (the Python wrapper skips the call).
+  m.def("paged_prefetch_batch(Tensor(a!)[] tensors, int device) -> ()");
   // Whether t's memory is CUDA managed memory (cudaPointerGetAttributes type == cudaMemoryTypeManaged).
   m.def("paged_is_managed(Tensor t) -> bool");
   // Where the pages were last prefetched: device ordinal, -1 host, -2 never prefetched / unknown.

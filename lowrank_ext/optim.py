@@ -41,7 +41,10 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _is_dtensor(t: object) -> bool:
-    if not isinstance(t, torch.Tensor) or not torch.distributed.is_available():
+    # Plain tensors and parameters first, with no import: step() asks about ~6 tensors per parameter.
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not isinstance(t, torch.Tensor):
+        return False
+    if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
 
@@ -77,6 +80,38 @@ def _shard_rows(p: torch.Tensor) -> tuple[int, int]:
         n = p.device_mesh.size(i)
         size[d] = -(-size[d] // n)
     return n, torch.Size(size).numel()
+
+
+# One update of a step: (local param, local grad, state, hyper-parameters, step, the moment tensors it reads).
+_Update = tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, float], int, tuple[torch.Tensor, ...]]
+
+
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def _plan_prefetch(keys: list[tuple[torch.device | None, int]],
+                   budget: Callable[[torch.device], int]) -> list[tuple[int, int]]:
+    """Split a step's updates, in order, into chunks [start, end) that each get one prefetch call.
+
+    keys[i] = (device, bytes of paged state) of update i, or (None, 0) when it pages nothing (it joins any
+    chunk). A chunk holds one device and at most budget(device) bytes, except a single update larger than
+    the budget, which is a chunk of its own. With everything on one GPU under the budget: one chunk, one call.
+    """
+    chunks: list[tuple[int, int]] = []
+    start, device, used, limit = 0, None, 0, 0
+    for i, (dev, nbytes) in enumerate(keys):
+        if dev is not None:
+            if device is not None and (dev != device or (used > 0 and used + nbytes > limit)):
+                chunks.append((start, i))
+                start, used = i, 0
+            if dev != device:
+                limit = budget(dev)  # once per device run, not per update
+            device = dev
+            used += nbytes
+    if keys:
+        chunks.append((start, len(keys)))
+    return chunks
 
 
 class _FusedAdamW(torch.optim.Optimizer):
@@ -187,24 +222,33 @@ class _FusedAdamW(torch.optim.Optimizer):
     def _paged_tensors(self) -> Iterable[torch.Tensor]:
         for state in self.state.values():
             for v in state.values():
-                if isinstance(v, torch.Tensor) and v.is_cuda and ops.paged_is_managed(v):
-                    yield v
+                if isinstance(v, torch.Tensor) and _local(v).is_cuda:
+                    yield _local(v)
 
     def page_out(self) -> None:
         """Send every paged state tensor to host memory (asynchronous, on the current stream); the next
-        step() prefetches them back. No-op on CPU."""
+        step() prefetches them back. One paged_prefetch_batch call per GPU (tensors that are not managed
+        are skipped there). No-op on CPU."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
         for t in self._paged_tensors():
-            ops.paged_prefetch(t, -1)
+            by_device.setdefault(t.device, []).append(t)
+        for tensors in by_device.values():
+            ops.paged_prefetch_batch(tensors, -1)
 
     # ---- step ------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One AdamW update of every parameter with a gradient; returns closure() when given."""
+        """One AdamW update of every parameter with a gradient; returns closure() when given.
+
+        Paged state is prefetched to the GPU in as few calls as possible: the updates are collected first,
+        then each chunk of them (one device, at most `_prefetch_budget` bytes of paged state: normally the
+        whole step) gets ONE paged_prefetch_batch call, followed by its updates in parameter order."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work: list[_Update] = []
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             hyper = {
@@ -230,37 +274,53 @@ class _FusedAdamW(torch.optim.Optimizer):
                 pl, gl = _local(p), _local(g)
                 if pl.numel() == 0:  # a rank whose shard is empty (fewer rows than ranks)
                     continue
-                # The kernels read and write flat contiguous buffers. A strided param (a transposed or
-                # sliced view, as torch.optim.AdamW accepts) is stepped as a contiguous copy and written
-                # back; the state is kept contiguous in the param's logical (row-major) element order.
-                pc = pl if pl.is_contiguous() else pl.contiguous()
-                gc = gl.contiguous()
                 for key in ("exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2"):
                     if key in state and not _is_dtensor(state[key]) and not state[key].is_contiguous():
                         state[key] = state[key].contiguous()
-                if "state1" in state:
-                    tensors = (_local(state["state1"]), _local(state["state2"]))
-                    self._prefetch(pl, tensors)
-                    q1, q2 = self._maps(pl.device)
-                    nb = -(-pl.numel() // ops.OPTIM_BLOCKSIZE)  # this shard's blocks (its absmax row, unpadded)
-                    a1, a2 = (_local(state[k]).view(-1)[:nb] for k in ("absmax1", "absmax2"))
-                    ops.adamw8bit_step(pc, gc, *tensors, a1, a2, q1, q2, step=step, **hyper)
-                else:
-                    tensors = (_local(state["exp_avg"]), _local(state["exp_avg_sq"]))
-                    self._prefetch(pl, tensors)
-                    ops.adamw_step(pc, gc, *tensors, step=step, **hyper)
-                if pc is not pl:
-                    pl.copy_(pc)
+                keys = ("state1", "state2") if "state1" in state else ("exp_avg", "exp_avg_sq")
+                work.append((pl, gl, state, hyper, step, tuple(_local(state[k]) for k in keys)))
+        if not self._paged:  # nothing to prefetch
+            for item in work:
+                self._update(*item)
+            return loss
+        keys = [self._prefetch_key(item[0], item[5]) for item in work]
+        for start, end in _plan_prefetch(keys, self._prefetch_budget):
+            paged_items = [i for i in range(start, end) if keys[i][0] is not None]  # all on one GPU (the plan)
+            if paged_items:
+                paged = [t for i in paged_items for t in work[i][5]]
+                ops.paged_prefetch_batch(paged, _device_index(work[paged_items[0]][0]))
+            for item in work[start:end]:
+                self._update(*item)
         return loss
 
-    def _prefetch(self, p: torch.Tensor, tensors: tuple[torch.Tensor, ...]) -> None:
-        if not (self._paged and p.is_cuda):
-            return
-        for t in tensors:
-            if ops.paged_is_managed(t):
-                ops.paged_prefetch(
-                    t, p.device.index if p.device.index is not None else torch.cuda.current_device()
-                )
+    def _prefetch_key(self, pl: torch.Tensor, moments: tuple[torch.Tensor, ...]) -> tuple[torch.device | None, int]:
+        """(device, bytes of paged state) of one update for _plan_prefetch; (None, 0) when nothing is paged."""
+        if not self._pages(pl):
+            return None, 0
+        return pl.device, sum(t.numel() * t.element_size() for t in moments)
+
+    def _prefetch_budget(self, device: torch.device) -> int:
+        """Bytes of paged state prefetched by one call: an eighth of the GPU's memory, so under oversubscription
+        a chunk's own prefetch does not evict the pages its updates are about to read (torch caches the
+        device properties)."""
+        return max(1, torch.cuda.get_device_properties(device).total_memory // 8)
+
+    def _update(self, pl: torch.Tensor, gl: torch.Tensor, state: dict[str, Any], hyper: dict[str, float],
+                step: int, moments: tuple[torch.Tensor, ...]) -> None:
+        """The fused update of one (local) parameter. The kernels read and write flat contiguous buffers: a
+        strided param (a transposed or sliced view, as torch.optim.AdamW accepts) is stepped as a contiguous
+        copy and written back; the state is kept contiguous in the param's logical (row-major) element order."""
+        pc = pl if pl.is_contiguous() else pl.contiguous()
+        gc = gl.contiguous()
+        if "state1" in state:
+            q1, q2 = self._maps(pl.device)
+            nb = -(-pl.numel() // ops.OPTIM_BLOCKSIZE)  # this shard's blocks (its absmax row, unpadded)
+            a1, a2 = (_local(state[k]).view(-1)[:nb] for k in ("absmax1", "absmax2"))
+            ops.adamw8bit_step(pc, gc, *moments, a1, a2, q1, q2, step=step, **hyper)
+        else:
+            ops.adamw_step(pc, gc, *moments, step=step, **hyper)
+        if pc is not pl:
+            pl.copy_(pc)
 
     # ---- checkpoints -----------------------------------------------------------------------------
 

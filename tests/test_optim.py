@@ -529,6 +529,8 @@ def test_opcheck(device, dtype):
     )
     torch.library.opcheck(torch.ops.lowrank_ext.paged_zeros_like, (p, torch.float32))
     torch.library.opcheck(torch.ops.lowrank_ext.paged_prefetch, (p.float(), -1))
+    paged = ops.paged_zeros_like(p, torch.float32)  # managed memory on CUDA: the batch really prefetches
+    torch.library.opcheck(torch.ops.lowrank_ext.paged_prefetch_batch, ([paged, g.float()], -1))
 
 
 def test_torch_compile_fullgraph():

@@ -90,7 +90,9 @@ def test_fused_kernels_match_cpu_exactly(dtype):
     gpu = [t.cuda() for t in (p, m, v)]
     for t, g in enumerate(grads, start=1):
         ops.adamw_step(cpu[0], g, cpu[1], cpu[2], step=t, **OP_HYPER)
+        assert lowrank_ext.last_kernel_path("adamw") in ("avx2", "scalar")
         ops.adamw_step(gpu[0], g.cuda(), gpu[1], gpu[2], step=t, **OP_HYPER)
+        assert lowrank_ext.last_kernel_path("adamw") == "adamw32"  # the CUDA kernel ran, not a CPU fallback
         _assert_same_bits(gpu, cpu, f"adamw_step, step {t}")
     q1, q2 = optim_maps()
     s1 = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
@@ -101,9 +103,65 @@ def test_fused_kernels_match_cpu_exactly(dtype):
     gpu = [t.cuda() for t in (p, s1, s2, a1, a2)]
     for t, g in enumerate(grads, start=1):
         ops.adamw8bit_step(cpu[0], g, *cpu[1:], q1, q2, step=t, **OP_HYPER)
+        assert lowrank_ext.last_kernel_path("adamw") in ("avx2", "scalar")  # the CPU kernel, not a reference
         ops.adamw8bit_step(gpu[0], g.cuda(), *gpu[1:], q1.cuda(), q2.cuda(), step=t, **OP_HYPER)
+        assert lowrank_ext.last_kernel_path("adamw") == "adamw8bit"
         _assert_same_bits(gpu, cpu, f"adamw8bit_step, step {t}")
-    assert lowrank_ext.last_kernel_path("adamw") in ("avx2", "scalar")
+
+
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_prefetch_batch_moves_every_managed_tensor(side_stream):
+    """paged_prefetch_batch: one call moves every managed tensor of the list (to the host, then back), skips
+    ordinary CUDA tensors, and keeps the values. CUDA 13 takes cudaMemPrefetchBatchAsync: on a side stream
+    directly; on torch's default (legacy) stream, which that API refuses, on a pool stream fenced by events
+    (from 8 tensors on; fewer take one cudaMemPrefetchAsync each): 9 tensors here, so both run the batch API."""
+    dev = torch.cuda.current_device()
+    like = torch.empty(3 << 18, device="cuda")  # 1-3 MiB each: no two tensors share a page
+    paged = [ops.paged_zeros_like(like[: (1 << 18) * (i % 3 + 1)], torch.float32) for i in range(9)]
+    plain = torch.zeros(1000, device="cuda")
+    stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i, t in enumerate(paged):
+            t.fill_(float(i + 1))
+        ops.paged_prefetch_batch([*paged, plain], HOST)
+        stream.synchronize()
+        want = HOST if _can_prefetch() else NEVER
+        assert [ops.paged_last_prefetch_location(t) for t in paged] == [want] * 9
+        assert ops.paged_last_prefetch_location(plain) == NEVER
+        ops.paged_prefetch_batch(paged, dev)
+        stream.synchronize()
+        assert [ops.paged_last_prefetch_location(t) for t in paged] == [dev if _can_prefetch() else NEVER] * 9
+        ops.paged_prefetch_batch(paged[:2], HOST)  # below 8 on the default stream: the per-tensor loop
+        stream.synchronize()
+        moved_back = dev if _can_prefetch() else NEVER
+        assert [ops.paged_last_prefetch_location(t) for t in paged[:3]] == [want, want, moved_back]
+    for i, t in enumerate(paged):
+        assert torch.all(t == float(i + 1)).item()
+    ops.paged_prefetch_batch([], dev)  # nothing to do
+    with pytest.raises(ValueError, match=r"lowrank_ext::paged_prefetch_batch: tensors\[1\] must be on cuda:\d+ "
+                                         r"like tensors\[0\], got cpu"):
+        ops.paged_prefetch_batch([paged[0], torch.zeros(4)], dev)
+
+
+def test_paged_optimizer_prefetches_once_per_step(monkeypatch):
+    """Every paged state tensor of a step goes to the GPU in ONE paged_prefetch_batch call, before the updates."""
+    calls: list[int] = []
+    real = ops.paged_prefetch_batch
+
+    def counting(tensors, device):
+        calls.append(len(tensors))
+        real(tensors, device)
+
+    monkeypatch.setattr(ops, "paged_prefetch_batch", counting)
+    params = [torch.nn.Parameter(torch.randn(64, 128, device="cuda")) for _ in range(5)]
+    opt = PagedAdamW(params, **HYPER)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    assert calls == [10, 10]  # 5 params x (exp_avg, exp_avg_sq), one call per step
+    assert all(ops.paged_is_managed(opt.state[p]["exp_avg"]) for p in params)
 
 
 def test_prefetch_support_is_reported():

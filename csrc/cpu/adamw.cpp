@@ -257,6 +257,10 @@ void paged_prefetch_cpu(const at::Tensor&, int64_t device) {
   check_paged_prefetch_args(device);
 }
 
+void paged_prefetch_batch_cpu(at::TensorList, int64_t device) {
+  check_paged_prefetch_args(device, "paged_prefetch_batch");
+}
+
 bool paged_is_managed_cpu(const at::Tensor&) { return false; }
 
 int64_t paged_last_prefetch_location_cpu(const at::Tensor&) { return -2; }
@@ -268,6 +272,7 @@ TORCH_LIBRARY_IMPL(lowrank_ext, CPU, m) {
   m.impl("adamw8bit_step", &adamw8bit_step_cpu);
   m.impl("paged_zeros_like", &paged_zeros_like_cpu);
   m.impl("paged_prefetch", &paged_prefetch_cpu);
+  m.impl("paged_prefetch_batch", &paged_prefetch_batch_cpu);
   m.impl("paged_is_managed", &paged_is_managed_cpu);
   m.impl("paged_last_prefetch_location", &paged_last_prefetch_location_cpu);
 }

@@ -4,6 +4,7 @@
 //   nf4_linear_grad_input:    gx = gy · deq(W)                                         [M, K]
 //   nf4_lora_linear:          u  = x_lora · Aᵀ ;  y = x · deq(W)ᵀ + s · u · Bᵀ + bias   -> (y, u)
 //   nf4_lora_linear_backward: gB = s · gyᵀ·u ; gu = s · gy·B ; gA = guᵀ·x_lora ; gx = gy·deq(W) (+ gu·A)
+//                             (gx and gu·A skipped, returned as empty [0], when compute_grad_input is false)
 //   nf4_row_sqnorm:           sq[n] = ||deq(W)[n, :]||²
 // Layouts: x [M, K], W NF4 [N, K] (flat row-major), lora_A [r, K], lora_B [N, r], bias [N].
 // Argument checks: lowrank_ext/nf4_linear_args.h, shared with the CUDA implementation.
@@ -197,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backw
     const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
     const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset, int64_t blocksize,
     int64_t in_features, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling,
-    bool lora_grad_into_x) {
+    bool lora_grad_into_x, bool compute_grad_input) {
   const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
   const NF4LinearArgs a =
       check_nf4_lora_linear_backward_args(grad_y, x_lora, u, packed, absmax, nested_absmax, nested_map, offset,
@@ -211,6 +212,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backw
   const at::Tensor gB = at::mm(g.t(), to_compute(u, ct)).mul_(scaling);  // gB = s · gyᵀ · u      [N, r]
   const at::Tensor gu = at::mm(g, to_compute(lora_B, ct)).mul_(scaling);  // gu = s · gy · B       [M, r]
   const at::Tensor gA = at::mm(gu.t(), to_compute(x_lora, ct));           // gA = guᵀ · x_lora     [r, K]
+  if (!compute_grad_input) {  // x (and x_lora) need no gradient: no NF4 product, no gu · A
+    return {at::empty({0}, grad_y.options()), gA.to(dt), gB.to(dt), at::empty({0}, grad_y.options())};
+  }
   at::Tensor gx = matmul_nn(g, w);                                     // gx = gy · deq(W)      [M, K]
   at::Tensor gxl;
   if (lora_grad_into_x) {

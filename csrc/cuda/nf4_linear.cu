@@ -4,6 +4,7 @@
 //   nf4_linear_grad_input    gx = gy · deq(W)                                  gy [M, N] -> gx [M, K]
 //   nf4_lora_linear          u = x_lora · Aᵀ;  y = x · deq(W)ᵀ + s · u · Bᵀ + bias     -> (y, u)
 //   nf4_lora_linear_backward gu = s·gy·B; gB = s·gyᵀ·u; gA = guᵀ·x_lora; gx = gy·deq(W) (+ gu·A)
+//                            (gx, gu·A: empty [0] and not computed when compute_grad_input is false)
 //   nf4_row_sqnorm           sq[n] = ||deq(W)[n, :]||²
 // W never exists densely: the NF4 kernels dequantize tile by tile. The small low-rank GEMMs (u, gu, gA, gB)
 // go to cuBLAS through at::mm. Activations are 2-D (any strides: copied when not row-major); the argument
@@ -229,7 +230,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backw
     const at::Tensor& grad_y, const at::Tensor& x_lora, const at::Tensor& u, const at::Tensor& packed,
     const at::Tensor& absmax, const c10::optional<at::Tensor>& nested_absmax,
     const c10::optional<at::Tensor>& nested_map, const c10::optional<at::Tensor>& offset, int64_t blocksize,
-    int64_t in_features, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, bool lora_grad_into_x) {
+    int64_t in_features, const at::Tensor& lora_A, const at::Tensor& lora_B, double scaling, bool lora_grad_into_x,
+    bool compute_grad_input) {
   const NF4LinearArgs a =
       check_nf4_lora_linear_backward_args(grad_y, x_lora, u, packed, absmax, nested_absmax, nested_map, offset,
                                           blocksize, in_features, lora_A, lora_B, scaling, kAllowDouble);
@@ -239,6 +241,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_lora_linear_backw
   const at::Tensor gu = at::mm(gy, lora_B).mul_(scaling);     // [M, r]  gu = s · gy · B
   at::Tensor grad_B = at::mm(gy.t(), u).mul_(scaling);        // [N, r]  gB = s · gyᵀ · u
   at::Tensor grad_A = at::mm(gu.t(), x_lora);                 // [r, K]  gA = guᵀ · x_lora
+  if (!compute_grad_input)  // x (and x_lora) need no gradient: no NF4 NN launch, no gu · A
+    return {at::empty({0}, grad_y.options()), grad_A, grad_B, at::empty({0}, grad_y.options())};
   at::Tensor gx = at::empty({a.M, a.K}, grad_y.options());
   NF4MatmulParams p = make_params(weight_view(packed, a, blocksize), gy, gx);
   at::Tensor grad_x_lora;

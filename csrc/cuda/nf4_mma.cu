@@ -6,6 +6,8 @@
 // All operands (a, lowrank, lowrank_w, bias, out) have params.dtype (fp16 or bf16); accumulation is fp32.
 // Unsupported problems return false and launch nothing (the dispatcher then runs the SIMT kernel);
 // CUDA errors of a launch that was attempted raise (C10_CUDA_CHECK). No cuBLAS, no dense W anywhere.
+// Launch overhead: the device facts supported() needs are queried once per GPU (per_device.h); a launch makes
+// no cudaDeviceGetAttribute / cudaFuncSetAttribute call after the first on its device.
 #include "nf4_mma.h"
 
 #include <c10/cuda/CUDAException.h>
@@ -13,6 +15,7 @@
 #include <cstdint>
 
 #include "nf4_mma_kernel.cuh"  // tile constants only; the kernels are instantiated in nf4_mma_{bf16,fp16}.cu
+#include "per_device.h"
 
 namespace lowrank_ext {
 namespace mma {
@@ -24,6 +27,19 @@ cudaError_t run_fp16(const NF4MatmulParams& p, bool nn, cudaStream_t stream);
 namespace {
 
 bool aligned(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
+
+// Whether GPU `dev` runs the kernel: sm80+ (mma.m16n8k16 bf16, cp.async, ldmatrix) and kSmemBytes of opt-in
+// dynamic shared memory per CTA. Two driver queries, made once per device (per_device.h), not per launch;
+// a failed query throws and is retried by the next call.
+bool device_runs_mma(int dev) {
+  static PerDevice<bool> cache;
+  return cache.get(dev, [](int d) {
+    int major = 0, smem_optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, d));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, d));
+    return major >= 8 && smem_optin >= kSmemBytes;
+  });
+}
 
 // The shapes, dtypes, alignments and devices the kernel handles (see nf4_mma_kernel.cuh).
 bool supported(const NF4MatmulParams& p, bool nn) {
@@ -47,11 +63,9 @@ bool supported(const NF4MatmulParams& p, bool nn) {
     if (p.ld_lowrank_w < (nn ? w.K : int64_t(p.r))) return false;
   }
   if (nn && p.bias != nullptr) return false;  // the NN form has no bias
-  int dev = 0, major = 0, smem_optin = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  return major >= 8 && smem_optin >= kSmemBytes;  // mma.m16n8k16 bf16, cp.async, ldmatrix: sm80+
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));  // the runtime's per-thread current device: no driver round trip
+  return device_runs_mma(dev);
 }
 
 }  // namespace

@@ -6,6 +6,12 @@
 //       RAM under memory pressure, so the state can exceed free GPU memory.
 //   paged_prefetch(t, device): cudaMemPrefetchAsync of t's storage to GPU `device` (>= 0) or the host (-1),
 //       on the current stream. No-op for memory that is not managed.
+//   paged_prefetch_batch(ts, device): the same for a list of tensors on one GPU in one op call — what the paged
+//       optimizer issues once per step (lowrank_ext/optim.py). One capture check and one support check per
+//       call; managed-ness from the registry of paged_zeros_like's allocations (no cudaPointerGetAttributes for
+//       them); then one cudaMemPrefetchBatchAsync (CUDA 13+; on torch's default stream, the legacy one that the
+//       batch API refuses, it runs on a pool stream fenced by two events) or, on older runtimes and for fewer
+//       than 8 tensors on the default stream, one cudaMemPrefetchAsync per tensor.
 //   paged_is_managed(t), paged_last_prefetch_location(t): pointer / range attributes (for tests, tooling).
 // CUDA 13 takes a cudaMemLocation in cudaMemPrefetchAsync (12.2+: cudaMemPrefetchAsync_v2); older
 // runtimes take a device ordinal (cudaCpuDeviceId for the host).
@@ -22,6 +28,7 @@
 // A failed cudaFree's error is cleared (cudaGetLastError) so that it is not reported by the next op.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAException.h>
@@ -30,8 +37,10 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <mutex>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "lowrank_ext/adamw_args.h"
@@ -50,8 +59,23 @@ bool capturing() {
   return status != cudaStreamCaptureStatusNone;
 }
 
+// The allocations paged_zeros_like made and has not freed: membership answers "is this managed?" without a
+// driver query (paged_prefetch_batch). Leaked like deferred(): usable from deleters at interpreter exit.
+std::mutex& registry_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+std::unordered_set<const void*>& registry() {
+  static auto* s = new std::unordered_set<const void*>();
+  return *s;
+}
+
 // cudaFree that never leaves a sticky "last error" behind for the next op to report.
 void free_managed(void* p) {
+  {
+    const std::lock_guard<std::mutex> lock(registry_mutex());
+    registry().erase(p);  // before cudaFree: the address may be handed out again right after
+  }
   if (cudaFree(p) != cudaSuccess) (void)cudaGetLastError();
 }
 
@@ -102,6 +126,10 @@ at::Tensor paged_zeros_like_cuda(const at::Tensor& like, at::ScalarType dtype) {
     free_managed(ptr);
     C10_CUDA_CHECK(err);
   }
+  {
+    const std::lock_guard<std::mutex> lock(registry_mutex());
+    registry().insert(ptr);
+  }
   return at::from_blob(ptr, like.sizes(), &delete_managed, options);
 }
 
@@ -136,17 +164,17 @@ bool is_managed_ptr(const void* ptr) {
 
 bool paged_is_managed_cuda(const at::Tensor& t) { return is_managed_ptr(t.storage().data()); }
 
-void paged_prefetch_cuda(const at::Tensor& t, int64_t device) {
-  check_paged_prefetch_args(device);
-  const c10::cuda::CUDAGuard guard(t.device());
-  if (capturing()) return;  // a hint only: not issued into a graph
-  free_deferred();
-  const void* ptr = t.storage().data();
-  const size_t bytes = t.storage().nbytes();
-  if (bytes == 0 || !is_managed_ptr(ptr)) return;
-  // Without concurrent managed access the runtime refuses prefetches: run without (on-demand migration).
-  if (!paged_prefetch_supported(device >= 0 ? device : t.device().index())) return;
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+// Managed memory: an allocation of paged_zeros_like (registry, no driver call), else a pointer query.
+bool is_managed_fast(const void* ptr) {
+  {
+    const std::lock_guard<std::mutex> lock(registry_mutex());
+    if (registry().count(ptr) != 0) return true;
+  }
+  return is_managed_ptr(ptr);
+}
+
+// One cudaMemPrefetchAsync of [ptr, ptr + bytes) to GPU `device` (>= 0) or the host (-1).
+void prefetch_one(const void* ptr, size_t bytes, int64_t device, cudaStream_t stream) {
 #if CUDART_VERSION >= 12020
   cudaMemLocation loc{};
   loc.type = device >= 0 ? cudaMemLocationTypeDevice : cudaMemLocationTypeHost;
@@ -159,6 +187,95 @@ void paged_prefetch_cuda(const at::Tensor& t, int64_t device) {
 #else
   C10_CUDA_CHECK(cudaMemPrefetchAsync(ptr, bytes, device >= 0 ? static_cast<int>(device) : cudaCpuDeviceId, stream));
 #endif
+}
+
+void paged_prefetch_cuda(const at::Tensor& t, int64_t device) {
+  check_paged_prefetch_args(device);
+  const c10::cuda::CUDAGuard guard(t.device());
+  if (capturing()) return;  // a hint only: not issued into a graph
+  free_deferred();
+  const void* ptr = t.storage().data();
+  const size_t bytes = t.storage().nbytes();
+  if (bytes == 0 || !is_managed_fast(ptr)) return;
+  // Without concurrent managed access the runtime refuses prefetches: run without (on-demand migration).
+  if (!paged_prefetch_supported(device >= 0 ? device : t.device().index())) return;
+  prefetch_one(ptr, bytes, device, at::cuda::getCurrentCUDAStream());
+}
+
+#if CUDART_VERSION >= 13000
+// Whether cudaMemPrefetchBatchAsync may be tried: it needs concurrent managed access on EVERY GPU of the system
+// (its documented precondition). Checked once; cleared for good when the runtime refuses the call (an older
+// driver under a CUDA 13 runtime), after which the per-tensor loop is used.
+std::atomic<int> g_batch_api{-1};  // -1 unknown, 0 no, 1 yes
+
+bool batch_api_usable() {
+  int v = g_batch_api.load(std::memory_order_acquire);
+  if (v < 0) {
+    v = 1;
+    for (int64_t d = 0; d < static_cast<int64_t>(c10::cuda::device_count()); ++d) v &= paged_prefetch_supported(d);
+    g_batch_api.store(v, std::memory_order_release);
+  }
+  return v == 1;
+}
+#endif
+
+void paged_prefetch_batch_cuda(at::TensorList tensors, int64_t device) {
+  check_paged_prefetch_args(device, "paged_prefetch_batch");
+  if (tensors.empty()) return;
+  const c10::Device where = tensors[0].device();
+  for (size_t i = 0; i < tensors.size(); ++i)
+    LRX_CHECK(tensors[i].device() == where, "paged_prefetch_batch", "tensors[" + std::to_string(i) + "]",
+              "be on " + where.str() + " like tensors[0]", tensors[i].device().str());
+  LRX_CHECK(where.is_cuda(), "paged_prefetch_batch", "tensors", "be CUDA tensors", where.str());
+  const c10::cuda::CUDAGuard guard(where);
+  if (capturing()) return;  // a hint only: not issued into a graph
+  free_deferred();
+  if (!paged_prefetch_supported(device >= 0 ? device : where.index())) return;
+  std::vector<void*> ptrs;
+  std::vector<size_t> sizes;
+  ptrs.reserve(tensors.size());
+  sizes.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    void* ptr = const_cast<void*>(t.storage().data());
+    const size_t bytes = t.storage().nbytes();
+    if (bytes == 0 || !is_managed_fast(ptr)) continue;
+    ptrs.push_back(ptr);
+    sizes.push_back(bytes);
+  }
+  if (ptrs.empty()) return;
+  const at::cuda::CUDAStream current = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current.stream();
+#if CUDART_VERSION >= 13000
+  // The batch API refuses the legacy default stream, which is torch's default stream. There the batch runs on a
+  // pool stream ordered between the current stream's earlier and later work by two events: 4 more calls
+  // (2 event records, 2 waits; events created and destroyed once each), worth it from kSideStreamMin tensors on.
+  constexpr size_t kSideStreamMin = 8;
+  const bool legacy = stream == nullptr || stream == cudaStreamLegacy;
+  if (batch_api_usable() && (!legacy || ptrs.size() >= kSideStreamMin)) {
+    cudaMemLocation loc{};
+    loc.type = device >= 0 ? cudaMemLocationTypeDevice : cudaMemLocationTypeHost;
+    loc.id = device >= 0 ? static_cast<int>(device) : 0;
+    size_t first = 0;  // one location for the whole batch, applying from operation 0
+    at::cuda::CUDAStream batch_stream = current;
+    at::cuda::CUDAEvent before, after;
+    if (legacy) {
+      batch_stream = at::cuda::getStreamFromPool(/*isHighPriority=*/false, where.index());
+      before.record(current);
+      before.block(batch_stream);  // the batch starts after everything already queued on `current`
+    }
+    const cudaError_t err = cudaMemPrefetchBatchAsync(ptrs.data(), sizes.data(), ptrs.size(), &loc, &first, 1, 0,
+                                                      batch_stream.stream());
+    if (legacy) {
+      after.record(batch_stream);
+      after.block(current);  // work queued on `current` later starts after the batch
+    }
+    if (err == cudaSuccess) return;
+    (void)cudaGetLastError();
+    if (err != cudaErrorNotSupported && err != cudaErrorCallRequiresNewerDriver) C10_CUDA_CHECK(err);
+    g_batch_api.store(0, std::memory_order_release);  // this driver lacks the batch API: loop from now on
+  }
+#endif
+  for (size_t i = 0; i < ptrs.size(); ++i) prefetch_one(ptrs[i], sizes[i], device, stream);
 }
 
 int64_t paged_last_prefetch_location_cuda(const at::Tensor& t) {
@@ -175,6 +292,7 @@ int64_t paged_last_prefetch_location_cuda(const at::Tensor& t) {
 TORCH_LIBRARY_IMPL(lowrank_ext, CUDA, m) {
   m.impl("paged_zeros_like", &paged_zeros_like_cuda);
   m.impl("paged_prefetch", &paged_prefetch_cuda);
+  m.impl("paged_prefetch_batch", &paged_prefetch_batch_cuda);
   m.impl("paged_is_managed", &paged_is_managed_cuda);
   m.impl("paged_last_prefetch_location", &paged_last_prefetch_location_cuda);
 }

@@ -6,6 +6,7 @@ Math (docs/kernels.md, "The math"), x [M, K], W NF4 [N, K], A [r, K], B [N, r], 
     nf4_lora_linear:  x_d = dropout(x);  u = x_d · Aᵀ;  y = x · deq(W)ᵀ + s · u · Bᵀ + bias
     backward:         gB = s · gyᵀ · u;  gu = s · gy · B;  gA = guᵀ · x_d
                       gx = gy · deq(W) + dropout_backward(gu · A);  gbias = Σ_rows gy
+                      (gx skipped, with its NF4 GEMM, when x needs no gradient: the first layer, frozen inputs)
 
 W is frozen (no gradient) and never materialized: the kernels dequantize tile by tile, and autograd
 saves only x_d, u, the LoRA matrices and the NF4 tensors. Dropout stays out of the custom op: it is
@@ -145,12 +146,13 @@ def _nf4_lora_linear_fake(x, x_lora, packed, absmax, nested_absmax, nested_map, 
 
 @torch.library.register_fake("lowrank_ext::nf4_lora_linear_backward")
 def _nf4_lora_linear_backward_fake(grad_y, x_lora, u, packed, absmax, nested_absmax, nested_map, offset,
-                                   blocksize, in_features, lora_A, lora_B, scaling, lora_grad_into_x):
+                                   blocksize, in_features, lora_A, lora_B, scaling, lora_grad_into_x,
+                                   compute_grad_input=True):
     _fake_2d("nf4_lora_linear_backward", grad_y=grad_y, lora_A=lora_A)
     m, r = grad_y.shape[0], lora_A.shape[0]
-    grad_x_lora = grad_y.new_empty((0,)) if lora_grad_into_x else grad_y.new_empty((m, in_features))
-    return (grad_y.new_empty((m, in_features)), grad_y.new_empty((r, in_features)),
-            grad_y.new_empty((grad_y.shape[1], r)), grad_x_lora)
+    grad_x = grad_y.new_empty((m, in_features) if compute_grad_input else (0,))
+    grad_x_lora = grad_y.new_empty((m, in_features) if compute_grad_input and not lora_grad_into_x else (0,))
+    return grad_x, grad_y.new_empty((r, in_features)), grad_y.new_empty((grad_y.shape[1], r)), grad_x_lora
 
 
 @torch.library.register_fake("lowrank_ext::nf4_row_sqnorm")
@@ -187,11 +189,16 @@ def _nf4_lora_setup(ctx, inputs, output) -> None:
 
 def _nf4_lora_backward(ctx, grad_y, _grad_u):
     x_lora, u, lora_A, lora_B, *nf4 = ctx.saved_tensors
+    # x needs no gradient (the first layer, frozen inputs: then neither does x_lora = dropout(x)): the op
+    # skips the grad-input NF4 GEMM gy · deq(W) and gu · A, the largest part of the backward.
+    need_x, need_x_lora = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    compute_grad_input = need_x or need_x_lora
     grad_x, grad_A, grad_B, grad_x_lora = _lib.nf4_lora_linear_backward(
-        grad_y, x_lora, u, *nf4, ctx.blocksize, ctx.in_features, lora_A, lora_B, ctx.scaling, ctx.into_x)
+        grad_y, x_lora, u, *nf4, ctx.blocksize, ctx.in_features, lora_A, lora_B, ctx.scaling, ctx.into_x,
+        compute_grad_input)
     grad_bias = grad_y.sum(0) if ctx.has_bias and ctx.needs_input_grad[12] else None
-    return (grad_x, None if ctx.into_x else grad_x_lora, None, None, None, None, None, None, None,
-            grad_A, grad_B, None, grad_bias)
+    return (grad_x if need_x else None, grad_x_lora if need_x_lora and not ctx.into_x else None,
+            None, None, None, None, None, None, None, grad_A, grad_B, None, grad_bias)
 
 
 torch.library.register_autograd("lowrank_ext::nf4_linear", _nf4_linear_backward, setup_context=_nf4_linear_setup)

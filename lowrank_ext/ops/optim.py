@@ -24,6 +24,7 @@ __all__ = [
     "paged_is_managed",
     "paged_last_prefetch_location",
     "paged_prefetch",
+    "paged_prefetch_batch",
     "paged_prefetch_supported",
     "paged_zeros_like",
 ]
@@ -114,6 +115,15 @@ def paged_prefetch(t: torch.Tensor, device: int) -> None:
     _lib.paged_prefetch(t, device)
 
 
+def paged_prefetch_batch(tensors: list[torch.Tensor], device: int) -> None:
+    """paged_prefetch for a list of tensors on one device, in one op call: one cudaMemPrefetchBatchAsync (CUDA 13+,
+    a non-default stream) or one cudaMemPrefetchAsync per managed tensor, with one capture / support check and
+    no pointer query for paged_zeros_like's own tensors. Tensors that are not managed are skipped; an empty
+    list does nothing."""
+    if tensors:
+        _lib.paged_prefetch_batch(list(tensors), device)
+
+
 def paged_prefetch_supported(device: int) -> bool:
     """Whether GPU `device` can prefetch managed memory (cudaDevAttrConcurrentManagedAccess). False under
     Windows WDDM, on some vGPU / container setups, and in a build without CUDA kernels."""
@@ -149,4 +159,9 @@ def _paged_zeros_like_fake(like: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 @torch.library.register_fake("lowrank_ext::paged_prefetch")
 def _paged_prefetch_fake(t: torch.Tensor, device: int) -> None:
+    return None
+
+
+@torch.library.register_fake("lowrank_ext::paged_prefetch_batch")
+def _paged_prefetch_batch_fake(tensors: list[torch.Tensor], device: int) -> None:
     return None

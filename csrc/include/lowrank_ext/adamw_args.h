@@ -71,9 +71,9 @@ inline void check_adamw8bit_args(const at::Tensor& param, const at::Tensor& grad
   check_hyper(op, lr, beta1, beta2, eps, wd, step);
 }
 
-// paged_prefetch: a GPU ordinal or -1 (the host).
-inline void check_paged_prefetch_args(int64_t device) {
-  LRX_CHECK(device >= -1, "paged_prefetch", "device", "be a device ordinal >= 0 or -1 (host)", device);
+// paged_prefetch / paged_prefetch_batch (`op`): a GPU ordinal or -1 (the host).
+inline void check_paged_prefetch_args(int64_t device, const char* op = "paged_prefetch") {
+  LRX_CHECK(device >= -1, op, "device", "be a device ordinal >= 0 or -1 (host)", device);
 }
 
 }  // namespace lowrank_ext
