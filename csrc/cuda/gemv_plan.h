@@ -41,38 +41,43 @@ inline int gemv_ctas_per_sm(size_t smem_per_sm, size_t reserved_per_cta) {
 // flight (one 2 KB chunk of W ahead), so by Little's law the bandwidth it draws grows with the number of
 // resident CTAs until all C = ctas_per_sm x sm_count slots are busy:
 //     time(S)  ~  bytes(S) / min(1, R x S / C)                R = ceil(N / 128) row groups, S splits
-//     bytes(S) =  N K / 2                          the NF4 weight (every byte read once; scales ignored)
+//     bytes(S) =  N K / 2                          the NF4 weight W (every byte read once; scales ignored)
 //              +  [S > 1] x 2 x S x M x N x 4      fp32 partials, written once and read once by the last CTA
-// While the fill is below 1 the time of S >= 2 splits is (C / R)(W / S + 8 M N): it falls with S, so the
-// partials never outweigh a better fill below S_fill = ceil(C / R), the first S that fills every slot; past
-// S_fill the fill stays 1 and only the partials grow. So the best S is one of 1 (no partials at all),
-// S_fill - 1 and S_fill, compared with the model. When the row groups alone fill the GPU (R >= C), S_fill = 1:
-// no split.
+// While the fill is below 1 the time of S >= 2 splits is (C / R)(W / S + 8 M N): it falls with S, the better
+// fill always outweighing the partials; once the fill is 1 only the partials grow. So the best S is one of:
+// 1 (no partials at all), the largest S that leaves slots idle, and the smallest S that fills them all,
+// where S ranges over the split counts a slice length (a multiple of 128, at least kGemvMinKSlice) can give.
+// When the row groups alone fill the GPU (R >= C) that is S = 1: no split.
 // (The tail wave of a grid larger than C is not modelled: a memory-bound CTA runs faster on an emptier GPU.)
 // Examples on 132 SMs (C = 528), M = 16: a 128256 x 8192 LM head R = 1002 -> 1 split; 28672 x 8192 R = 224
-// -> S_fill = 3, time(2) = 1.06 W / 0.85, time(3) = 1.09 W / 1 -> 3; 4096 x 4096 R = 32 -> 16 (kslice 256).
-// A split is at least kGemvMinKSlice long (the per-CTA setup must stay small against its loop).
+// -> time(2) = 1.06 W / 0.85, time(3) = 1.09 W / 1 -> 3; 4096 x 4096 R = 32 -> 16 (kslice 256).
+// tests/test_gemv_plan.py checks the choice against every slice length.
 inline GemvPlan plan_gemv(int64_t N, int64_t K, int sm_count, int64_t M = kGemvMaxRows,
                           int ctas_per_sm = kGemvCtasPerSm) {
   auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
   const int64_t row_groups = ceil_div(N, kGemvRowsPerCta);
   const int64_t slots = std::max<int64_t>(1, static_cast<int64_t>(ctas_per_sm) * sm_count);
-  const int64_t s_fill = ceil_div(slots, row_groups);
-  const int64_t s_max = std::max<int64_t>(1, std::min(s_fill, K / kGemvMinKSlice));
   const double weight_bytes = 0.5 * static_cast<double>(N) * static_cast<double>(K);
-  auto kslice_for = [&](int64_t s) { return ceil_div(ceil_div(K, s), kGemvKChunk) * kGemvKChunk; };
-  auto time_for = [&](int64_t s) {  // the model above, for the split count s that kslice_for(s) gives
-    s = ceil_div(K, kslice_for(s));
+  const int64_t whole = ceil_div(K, kGemvKChunk) * kGemvKChunk;                   // kslice of 1 split
+  const int64_t shortest = std::min<int64_t>(whole, kGemvMinKSlice);               // the most splits
+  auto time_for = [&](int64_t kslice) {  // the model above
+    const int64_t s = ceil_div(K, kslice);
     const double partial_bytes = s > 1 ? 2.0 * s * M * N * 4.0 : 0.0;
     const double fill = std::min(1.0, static_cast<double>(row_groups * s) / static_cast<double>(slots));
     return (weight_bytes + partial_bytes) / fill;
   };
-  int64_t best_s = 1;
-  for (const int64_t s : {s_max - 1, s_max}) {
-    if (s > 1 && time_for(s) < time_for(best_s)) best_s = s;
+  int64_t best = whole;
+  const int64_t s_fill = ceil_div(slots, row_groups);  // the fewest splits that fill every slot
+  if (s_fill >= 2) {
+    // the largest split count below s_fill: the shortest slice with ceil(K / kslice) <= s_fill - 1
+    const int64_t under = std::max(shortest, ceil_div(ceil_div(K, s_fill - 1), kGemvKChunk) * kGemvKChunk);
+    // the smallest split count >= s_fill: the longest slice with ceil(K / kslice) >= s_fill
+    const int64_t over = std::max(shortest, (ceil_div(K, s_fill - 1) - 1) / kGemvKChunk * kGemvKChunk);
+    for (const int64_t kslice : {under, over}) {
+      if (time_for(kslice) < time_for(best)) best = kslice;
+    }
   }
-  const int64_t kslice = kslice_for(best_s);
-  return GemvPlan{row_groups, static_cast<int>(kslice), static_cast<int>(ceil_div(K, kslice))};
+  return GemvPlan{row_groups, static_cast<int>(best), static_cast<int>(ceil_div(K, best))};
 }
 
 }  // namespace cuda
