@@ -120,6 +120,7 @@ def test_plan_is_well_formed(plan_driver):
             assert kslice % CHUNK == 0 and kslice > 0
             assert splits == math.ceil(K / kslice)  # covers K ...
             assert (splits - 1) * kslice < K  # ... with no empty split
+            assert kslice == CHUNK * math.ceil(math.ceil(K / splits) / CHUNK)  # slices as even as they can be
             assert splits == 1 or kslice >= MIN_SLICE  # a split is long enough to amortize the CTA's setup
             if rows >= ctas * sms:
                 assert splits == 1, (N, K, M, sms)  # the row groups alone fill the GPU: no partials

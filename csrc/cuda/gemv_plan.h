@@ -77,7 +77,10 @@ inline GemvPlan plan_gemv(int64_t N, int64_t K, int sm_count, int64_t M = kGemvM
       if (time_for(kslice) < time_for(best)) best = kslice;
     }
   }
-  return GemvPlan{row_groups, static_cast<int>(best), static_cast<int>(ceil_div(K, best))};
+  // The same split count with the slices as even as 128-granularity allows (the model assumes equal CTAs).
+  const int64_t splits = ceil_div(K, best);
+  const int64_t kslice = ceil_div(ceil_div(K, splits), kGemvKChunk) * kGemvKChunk;
+  return GemvPlan{row_groups, static_cast<int>(kslice), static_cast<int>(splits)};
 }
 
 }  // namespace cuda
