@@ -154,8 +154,8 @@ __device__ __forceinline__ void gemv_cta(const GemvArgs& args, GemvLevelPair* s_
 
   // ---- per-lane rows n_warp + 8t + g (n >= N reads row N - 1: finite, never stored) ----
   // 32-bit offsets (the launcher checks N K < 2^32): the lane's codes at slice offset kk (a multiple of 32)
-  // of row t are flat elements f = 2 wofs[t] + kk .. +31: bytes f / 2, block f >> shift.
-  const int bs_shift = __ffs(p.w.blocksize) - 1;  // blocksize is a power of two
+  // of row t are flat elements f = 2 wofs[t] + kk .. +31: bytes f / 2, block f / blocksize.
+  const int byte_shift = __ffs(p.w.blocksize) - 2;  // block = byte / (blocksize / 2): blocksize is a power of two
   uint32_t wofs[4];
 #pragma unroll
   for (int t = 0; t < 4; ++t) {
@@ -168,7 +168,7 @@ __device__ __forceinline__ void gemv_cta(const GemvArgs& args, GemvLevelPair* s_
     const uint32_t half_k = static_cast<uint32_t>(kk < klen ? kk : klen - 32) >> 1;
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
-      const uint32_t byte = wofs[t] + half_k, block = (2 * byte) >> bs_shift;
+      const uint32_t byte = wofs[t] + half_k, block = byte >> byte_shift;
       r.w[t] = __ldcs(reinterpret_cast<const uint4*>(p.w.packed + byte));
       if constexpr (kDq) {
         r.c[t] = __ldg(scales.qabsmax + block);
@@ -187,7 +187,7 @@ __device__ __forceinline__ void gemv_cta(const GemvArgs& args, GemvLevelPair* s_
 
   // ---- x pieces: rows 0 .. kStagedRows-1 of x[:, ks + 256 pc ...], zeros past the slice and past M ----
   // Thread (warp, lane) copies the 8 elements at k = 8 lane of rows warp + 4j with one 16-byte cp.async
-  // each (zero-filled when invalid: nothing is read then; the source then points at a valid row). Row
+  // each (zero-filled when invalid: nothing is read then; the source is still the start of a valid row). Row
   // warp + 4j has the parity of warp, so its destination is gemv_x_offset(warp, 8 lane) + 4j x 256.
   // x rows are 16-byte aligned (the launcher copies a misaligned x first).
   const T* x = static_cast<const T*>(p.a);
@@ -208,7 +208,8 @@ __device__ __forceinline__ void gemv_cta(const GemvArgs& args, GemvLevelPair* s_
     const bool k_ok = k0 + 8 * lane < klen;
 #pragma unroll
     for (int j = 0; j < kPasses; ++j) {
-      dev::cp_async16(dst + j * kRowsPerPass * kGemvXPiece, x_src[j] + (k_ok ? k0 : 0), k_ok && ((x_row_ok >> j) & 1));
+      dev::cp_async16(dst + j * kRowsPerPass * kGemvXPiece, x_src[j] + (k_ok ? k0 : -8 * lane),
+                      k_ok && ((x_row_ok >> j) & 1));
     }
     dev::cp_async_commit();
   };
