@@ -52,10 +52,10 @@ namespace lowrank_ext {
 namespace cuda {
 
 constexpr int kGemvThreads = 128;     // 4 warps
-constexpr int kGemvWarpRows = 32;     // output features per warp (4 mma n-tiles of 8)
+constexpr int kGemvWarpRows = 32;     // output features per warp (2 mma A tiles of 16 rows)
 constexpr int kGemvRows = 128;        // output features per CTA
 constexpr int kGemvChunk = 128;       // k per warp step: 4 lanes x 32 codes
-constexpr int kGemvMaxM = 16;         // the mma's 16 rows
+constexpr int kGemvMaxM = 16;         // rows of x: at most 2 mma B tiles of 8
 constexpr int kGemvLutCopies = 16;    // level-table copies: one per lane of a half warp
 static_assert(kGemvRows == kGemvRowsPerCta && kGemvChunk == kGemvKChunk && kGemvMaxM == kGemvMaxRows,
               "gemv_plan.h and the kernel disagree");
@@ -136,7 +136,7 @@ struct GemvChunk {
   uint32_t c[4];  // qabsmax code (double quant)
 };
 
-// The CTA's work for one variant: kDq = double-quantized scales, kRows16 = M > 8 (the mma's rows 8..15 live).
+// The CTA's work for one variant: kDq = double-quantized scales, kRows16 = M > 8 (a second B tile: x rows 8..15).
 template <typename T, bool kDq, bool kRows16>
 __device__ __forceinline__ void gemv_cta(const GemvArgs& args, GemvLevelPair* s_lut, T* s_x) {
   constexpr int kMTiles = kRows16 ? 2 : 1;      // mma B tiles of 8 rows of x
@@ -282,9 +282,11 @@ __device__ __forceinline__ void gemv_cta(const GemvArgs& args, GemvLevelPair* s_
     if (pc + 1 < npieces) stage(pc + 1);
     const T* xs = s_x + (pc & 1) * (kGemvMaxM * kGemvXPiece);
     const int kk = pc * kGemvXPiece + 32 * q;  // the lane's k of chunk 2pc
+    // (a fetch past the slice end re-reads its last codes, just loaded: cache hits, and no branch here
+    //  keeps the register buffers' live ranges simple — a conditional fetch costs ptxas spills)
     fetch(kk + kGemvChunk, buf_b);
     compute(buf_a, xs, 0);
-    if (pc * kGemvXPiece + kGemvChunk < klen) {  // the slice's last piece may hold one chunk
+    if (pc * kGemvXPiece + kGemvChunk < klen) {  // the slice's last piece may hold one chunk (uniform)
       fetch(kk + 2 * kGemvChunk, buf_a);
       compute(buf_b, xs, 1);
     }
