@@ -22,9 +22,10 @@
 // (fp32 multiply) is rounded once to bf16/fp16 (one packed convert per byte): exactly the dequantized W. All 32
 // codes of a lane share one block (K % 32 == 0, blocksize >= 32), so one scale per lane, row and chunk.
 // The table is replicated 16 times, interleaved: entry (byte, copy) at byte offset 128 byte + 8 copy, and lane
-// l reads copy l % 16. An LDS.64 serves a warp in two 16-lane halves, and a half's 16 lanes then always hit 16
-// different bank pairs (bank pair = copy = lane % 16) — conflict-free for any bytes. One unreplicated 2 KB
-// table would put random bytes on 16 bank pairs: ~3 ways deep on average, 3x the shared-memory time.
+// l reads copy l % 16. The bank pair of an entry is its copy, so each bank pair is read by exactly two lanes
+// (l and l + 16, different half warps): an LDS.64 takes the minimum two wavefronts (256 B) for any bytes.
+// One unreplicated 2 KB table would put 16 random bytes per half warp on 16 bank pairs: ~3 deep on average,
+// 3x the shared-memory time.
 // Per 2 KB of weights (one warp chunk: 32 rows x 128 codes) a lane does 64 x {shift, and-or, LDS.64, 2 FMUL,
 // 1 F2FP} and 16 HMMA (32 when M > 8); the x fragments (4 or 8 LDS.128), the next chunk's W and scale loads
 // and the piece bookkeeping come on top (bench/sass_budget.py counts the loop).
