@@ -216,13 +216,16 @@ __device__ __forceinline__ void gemv_cta(const GemvArgs& args, GemvLevelPair* s_
   };
   stage(0);
 
-  // ---- the level table: thread tid writes entries tid + 128 j (j = 0..31), i.e. byte = 8j + tid / 16,
-  //      copy tid % 16: high nibble j / 2 (uniform), low nibble tid / 16 + 8 (j % 2) (two per thread) ----
+  // ---- the level table: thread tid writes entries 2e, 2e+1 (e = tid + 128 j, j = 0..15) with one 16-byte
+  //      store: copies 2 (tid % 8), +1 of byte 16 j + tid / 8, i.e. high nibble j (uniform), low nibble tid / 8 ----
   {
-    const float lo0 = kNF4CodebookDev[tid >> 4], lo1 = kNF4CodebookDev[(tid >> 4) + 8];
+    struct alignas(16) TwoCopies { GemvLevelPair a, b; };
+    const float lo = kNF4CodebookDev[tid >> 3];
+    TwoCopies* dst = reinterpret_cast<TwoCopies*>(s_lut) + tid;
 #pragma unroll
-    for (int j = 0; j < 256 * kGemvLutCopies / kGemvThreads; ++j) {
-      s_lut[tid + j * kGemvThreads] = GemvLevelPair{kNF4CodebookDev[j >> 1], (j & 1) ? lo1 : lo0};
+    for (int j = 0; j < 256 * kGemvLutCopies / (2 * kGemvThreads); ++j) {
+      const GemvLevelPair v{kNF4CodebookDev[j], lo};
+      dst[j * kGemvThreads] = TwoCopies{v, v};
     }
   }
 

@@ -135,7 +135,7 @@ void run_nt(const NF4MatmulParams& p, const at::Tensor& like) {
   if (path == Path::kGemv || (path == Path::kAuto && gemv_supported(p))) {
     LRX_CHECK(gemv_supported(p), "nf4_linear", "LOWRANK_EXT_FORCE_KERNEL=gemv",
               "be used with fp16/bf16, M <= 16, K % 32 == 0, an aligned weight, N * K < 2^32 and sm80+", "M = ", p.M,
-              ", K = ", p.w.K);
+              ", N = ", p.w.N, ", K = ", p.w.K);
     launch_gemv(p, like, stream);
     record_kernel_path(KernelProduct::kNT, "gemv");
     return;
