@@ -11,7 +11,7 @@
 // checks are lowrank_ext/nf4_linear_args.h, shared with the CPU implementation (no float64 here).
 //
 // Dispatcher (NT = forward, NN = grad input), by dtype and M = rows of x:
-//   NT, fp16/bf16, M <= 16, K % 32 == 0, sm80+  -> nf4_gemv_kernel (tensor-core GEMV, split-K)
+//   NT, fp16/bf16, M <= 16, K % 32 == 0, N K < 2^32, sm80+ -> nf4_gemv_kernel (tensor-core GEMV, split-K)
 //   fp16/bf16 otherwise                          -> launch_nf4_mma_nt / _nn (tensor cores; false = unsupported)
 //   anything left (fp32, or what mma refuses)    -> nf4_simt_kernel (fp32 FMA)
 // LOWRANK_EXT_FORCE_KERNEL=gemv|mma|simt forces one path (tests, benchmarks); an unsupported forced path is
@@ -81,12 +81,24 @@ void dispatch_float(ActDType dt, F&& f) {
 bool gemv_supported(const NF4MatmulParams& p) {
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   return p.dtype != ActDType::kFloat32 && p.M >= 1 && p.M <= cuda::kGemvMaxM && p.w.K % 32 == 0 &&
-         reinterpret_cast<uintptr_t>(p.w.packed) % 16 == 0 && prop->major >= 8;
+         reinterpret_cast<uintptr_t>(p.w.packed) % 16 == 0 && prop->major >= 8 &&
+         p.w.N * p.w.K < (int64_t{1} << 32);  // the kernel's 32-bit weight offsets
 }
 
-void launch_gemv(const NF4MatmulParams& p, const at::Tensor& like, cudaStream_t stream) {
-  const cuda::GemvPlan plan =
-      cuda::plan_gemv(p.w.N, p.w.K, at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+void launch_gemv(NF4MatmulParams p, const at::Tensor& like, cudaStream_t stream) {
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();  // cached by torch: no driver call
+  at::Tensor x_aligned;  // the kernel stages x with 16-byte copies: a misaligned x (rare: a view) is copied
+  if (reinterpret_cast<uintptr_t>(p.a) % 16 != 0 || p.lda % 8 != 0) {
+    x_aligned = at::empty({p.M, p.w.K}, like.options());
+    const size_t elem = 2;  // fp16 / bf16
+    C10_CUDA_CHECK(cudaMemcpy2DAsync(x_aligned.data_ptr(), p.w.K * elem, p.a, p.lda * elem, p.w.K * elem, p.M,
+                                     cudaMemcpyDeviceToDevice, stream));
+    p.a = x_aligned.const_data_ptr();
+    p.lda = p.w.K;
+  }
+  const cuda::GemvPlan plan = cuda::plan_gemv(
+      p.w.N, p.w.K, prop->multiProcessorCount, p.M,
+      cuda::gemv_ctas_per_sm(prop->sharedMemPerMultiprocessor, prop->reservedSharedMemPerBlock));
   cuda::GemvArgs args{p, plan.kslice, plan.splits, nullptr, nullptr};
   const dim3 grid(static_cast<unsigned>(plan.row_groups), static_cast<unsigned>(plan.splits));
   auto launch = [&] {
@@ -123,8 +135,8 @@ void run_nt(const NF4MatmulParams& p, const at::Tensor& like) {
   const bool half = p.dtype != ActDType::kFloat32;
   if (path == Path::kGemv || (path == Path::kAuto && gemv_supported(p))) {
     LRX_CHECK(gemv_supported(p), "nf4_linear", "LOWRANK_EXT_FORCE_KERNEL=gemv",
-              "be used with fp16/bf16, M <= 16, K % 32 == 0, an aligned weight and sm80+", "M = ", p.M,
-              ", K = ", p.w.K);
+              "be used with fp16/bf16, M <= 16, K % 32 == 0, an aligned weight, N * K < 2^32 and sm80+", "M = ", p.M,
+              ", N = ", p.w.N, ", K = ", p.w.K);
     launch_gemv(p, like, stream);
     record_kernel_path(KernelProduct::kNT, "gemv");
     return;
