@@ -52,7 +52,7 @@ constexpr int kWordsPerThread = kWords / kThreads;          // 4
 constexpr int kChunksPerThread = kTileElems / 8 / kThreads;  // 4 sixteen-byte A chunks per thread per tile
 constexpr int kSmemBytes = kStages * (kTileBytes + kWordsBytes)  // A ring + packed-W ring
                            + kTileBytes                          // decoded W tile Bd
-                           + 16 * 4 + 256 * 4;                   // NF4 levels + nested (double-quant) map
+                           + 256 * 8 + 256 * 4;                  // byte -> level pair table + nested map
 // Two CTAs per SM (<= 128 registers per thread) where the shared memory holds two (sm80: 164 KB, sm90:
 // 228 KB per SM); sm86/sm89 have 100 KB, one CTA fits anyway, so let ptxas use more registers there.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
@@ -96,150 +96,245 @@ using dev::ldmatrix_x4;
 // Shared tiles are rows of 16-byte chunks (8 elements); chunk c of row `row` is stored at chunk
 // c ^ (row % 8) of that row (XOR swizzle): the 8 rows an ldmatrix phase reads, and the chunks a warp
 // stores, fall in 8 different bank groups. Returns the element offset of the chunk.
-__device__ __forceinline__ int swz(int row, int chunk, int chunks_per_row) {
+__host__ __device__ __forceinline__ int swz(int row, int chunk, int chunks_per_row) {
   return row * chunks_per_row * 8 + ((chunk ^ (row & 7)) << 3);
+}
+
+// ---- fragment addresses ---------------------------------------------------------------------------------
+// Lane addresses (element offsets in the tiles) of the ldmatrix.x4 loads of k-step ks (16 deep).
+//   A [128 rows][64 red]: matrices (rows 0-7, k 0-7) (rows 8-15, k 0-7) (rows 0-7, k 8-15) (rows 8-15, k 8-15)
+//   = a0..a3 of mma tile mi (rows wm*64 + mi*16 ..): lane l gives row l % 16, chunk 2ks + l / 16.
+__host__ __device__ __forceinline__ int a_frag_offset(int wm, int lane, int ks) {
+  return swz(wm * kWarpM + (lane & 15), ks * 2 + (lane >> 4), kBK / 8);
+}
+//   NT Bd [128 cols][64 red]: matrices (cols 2np, red 0-7) (cols 2np, red 8-15) (cols 2np+1, ..0-7) (.., 8-15)
+//   NN Bd [64 red][128 cols] (.trans): matrices (red 0-7, cols 2np) (red 8-15, 2np) (red 0-7, 2np+1) (.., 8-15)
+//   = b0, b1 of the mma tiles ni = 2np and 2np + 1 (8 columns each, warp cols wn*32 ..).
+template <bool kNN>
+__host__ __device__ __forceinline__ int b_frag_offset(int wn, int lane, int ks, int np) {
+  const int mat = lane >> 3;
+  if constexpr (kNN) return swz(ks * 16 + (mat & 1) * 8 + (lane & 7), wn * (kWarpN / 8) + np * 2 + (mat >> 1), kBN / 8);
+  return swz(wn * kWarpN + np * 16 + (mat >> 1) * 8 + (lane & 7), ks * 2 + (mat & 1), kBK / 8);
+}
+// The main loop derives every fragment address from the ks = 0 (np = 0) one, without recomputing swz:
+//  * 16 rows down keeps row % 8, so it adds 16 rows: the other mi of A (+kAStepMI), the other np of NT Bd
+//    (+kBStepNP), the other ks of NN Bd (+kBStepKS) — constants, folded into the instructions' immediates;
+//  * the other ks of A and NT Bd, and the other np of NN Bd, change the chunk: 2ks + h (or 4wn + 2np + h) has
+//    disjoint bit fields, so (2ks + h) ^ r == (h ^ r) ^ 2ks, and as the chunk sits in bits 3..6 of the element
+//    offset above a row part in bits >= 6 (A, NT: 8 chunks) or >= 7 (NN: 16 chunks) that the XOR leaves alone:
+//    offset(ks) == offset(0) ^ 16ks, offset(np) == offset(0) ^ 16np. Adding a stage base (a multiple of the
+//    16 KB tile) commutes with that XOR.
+constexpr int kAStepMI = 16 * kBK;
+constexpr int kBStepNP = 16 * kBK;
+constexpr int kBStepKS = 16 * kBN;
+__host__ __device__ __forceinline__ int xor_chunk2(int offset0, int step) { return offset0 ^ (16 * step); }
+
+// Per-thread offsets that are computed once from threadIdx and the parameters and must stay in registers
+// for the whole reduction. Left alone, the compiler recomputes such values (cheap integer math from
+// registers it keeps anyway) at each use inside the main loop to shorten their live ranges: ~100 more
+// instructions per tile. A value that went through a warp shuffle cannot be recomputed (the shuffle is a
+// convergent warp collective), so this identity shuffle, run once per CTA, pins it.
+template <typename V>
+__device__ __forceinline__ V keep_in_register(V v, int lane) {
+  return __shfl_sync(0xffffffffu, v, lane);
+}
+
+// ---- decode -------------------------------------------------------------------------------------------
+// A byte of packed W holds two codes: element 2i in the high nibble, 2i+1 in the low one. The decode table
+// maps the byte to both NF4 levels at once (one 8-byte shared load per byte instead of two nibble
+// extractions and two loads); the value is still level * absmax_hat in fp32, rounded once.
+struct __align__(8) LevelPair {
+  float hi;  // NF4[byte >> 4]: the element at the lower address
+  float lo;  // NF4[byte & 15]
+};
+
+// Byte i of a word (0 = least significant), zero-extended: one PRMT on the device.
+__device__ __forceinline__ uint32_t byte_of(uint32_t word, int i) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(word, 0u, 0x4440u + i);
+#else
+  return (word >> (8 * i)) & 0xFFu;
+#endif
 }
 
 // Raw (not yet finalized) block scales of this thread's 4 words of one W tile, loaded one tile ahead.
 struct ScaleRaw {
-  float a[kWordsPerThread];  // absmax_f32[b], or absmax2[b / 256] when double-quantized
-  int q[kWordsPerThread];    // qabsmax[b] (double quant), or -1 for a word outside W (scale 0)
+  float a[kWordsPerThread];     // absmax_f32[b], or absmax2[b / 256] when double-quantized
+  uint32_t q[kWordsPerThread];  // qabsmax[b] (double quant)
 };
 
+// The per-CTA GEMM state and steps.
+//
+// Reduction tiles are aligned to the reduction's END: tile t (0 .. ktiles-1) covers [t*64 - skew, +64) with
+// skew = ktiles*64 - red (0 <= skew < 64, a multiple of 8). Only tile 0 can reach outside (indices < 0: zero-
+// filled copies, so A = 0 there) and it is loaded in the prologue: the main loop's copies and scale loads carry
+// no bounds. The output-side bounds (rows >= M, cols >= N or K) are resolved once per thread by redirecting: a
+// chunk / word outside the operand copies the one at the same reduction index in the CTA's first row (A) /
+// first output column (W) instead, always in range. Output row m depends only on A row m and output column n
+// only on Bd column n, so such rows and columns hold finite garbage that the epilogue never stores.
+// Addresses: a tile's origins (A[m0][red0(t)], packed byte of flat index flat0(t)) are uniform pointers bumped
+// per tile; a thread adds its fixed 32-bit offsets (a_off, w_off: the launcher keeps row * lda and 128 * K
+// below 2^31).
 template <typename T, bool kNN>
 struct Nf4Mma {
-  // Packed-W tile geometry: NT tile = W[n0 .. n0+128, k .. k+64]  -> 128 rows x 8 words
-  //                         NN tile = W[n .. n+64, k0 .. k0+128]  ->  64 rows x 16 words
+  // Packed-W tile geometry: NT tile = W[c0 .. c0+128, r .. r+64]  -> 128 rows x 8 words
+  //                         NN tile = W[r .. r+64, c0 .. c0+128]  ->  64 rows x 16 words
   // (rows of W in both; the decoded tile Bd has the same rows, one 16-byte chunk per word).
   static constexpr int kWordsPerRow = kNN ? kBN / 8 : kBK / 8;
+  static constexpr int kWordRowStep = kThreads / kWordsPerRow;  // W rows between a thread's words j, j+1
+  static constexpr int kARowStep = kThreads / (kBK / 8);        // A rows between a thread's chunks j, j+1
+  static_assert(kWordRowStep % 8 == 0 && kARowStep % 8 == 0, "a thread's rows share row % 8 (the swizzle)");
 
   const NF4MatmulParams& p;
   int64_t m0, c0;  // first activation row / output column of this CTA
   int log2_bs;
   int tid;
+  int ktiles, skew;
+  // Fixed per thread for the whole reduction (pinned in registers):
+  uint32_t a_off[kChunksPerThread];  // A chunk j (row tid/8 + 32j, chunk tid%8): row * lda + 8c elements
+  uint32_t w_off[kWordsPerThread];   // W word j (word id tid + 256j): (row * K + 8 wc) / 2 bytes
+  int a_dst;                         // A chunk 0 in a stage: swz(tid / 8, tid % 8); chunk j is 32j rows down
+  int w_idx;                         // W word 0 in a stage (= tid); word j is 256j words further
+  int b_dst;                         // Bd chunk of decoded word 0; word j is j * kWordRowStep rows down
 
-  // W coordinates of word j (0..3) of this thread in reduction tile kt.
-  __device__ __forceinline__ void word_coord(int kt, int j, int64_t& n, int64_t& k) const {
-    const int w = tid + j * kThreads;
-    const int row = w / kWordsPerRow, wc = w % kWordsPerRow;
-    if constexpr (kNN) {
-      n = int64_t(kt) * kBK + row;  // reduction index
-      k = c0 + wc * 8;              // output column
-    } else {
-      n = c0 + row;                 // output column
-      k = int64_t(kt) * kBK + wc * 8;
-    }
-  }
-
-  // Issue the async copies of reduction tile kt into ring stage `st`.
-  __device__ __forceinline__ void load_tile(T* sA, uint32_t* sW, int st, int kt) const {
+  __device__ __forceinline__ Nf4Mma(const NF4MatmulParams& p_, int64_t m0_, int64_t c0_, int log2_bs_, int tid_)
+      : p(p_), m0(m0_), c0(c0_), log2_bs(log2_bs_), tid(tid_) {
     const int64_t red = kNN ? p.w.N : p.w.K;
-    const T* a = static_cast<const T*>(p.a);
-    T* dstA = sA + st * kTileElems;
+    ktiles = static_cast<int>((red + kBK - 1) / kBK);
+    skew = static_cast<int>(int64_t(ktiles) * kBK - red);
+    const int lane = tid & 31;
 #pragma unroll
-    for (int j = 0; j < kChunksPerThread; ++j) {  // A[m0 + row][kt*64 + 8c .. +8]: 8 chunks per row
-      const int id = tid + j * kThreads, row = id >> 3, c = id & 7;
-      const int64_t m = m0 + row, kk = int64_t(kt) * kBK + c * 8;
-      const bool ok = m < p.M && kk < red;  // red % 8 == 0: a chunk is all in or all out
-      cp_async16(dstA + swz(row, c, kBK / 8), ok ? a + m * p.lda + kk : a, ok);
+    for (int j = 0; j < kChunksPerThread; ++j) {
+      const int row = (tid >> 3) + j * kARowStep;
+      const int64_t row_in = m0 + row < p.M ? row : 0;  // redirect rows >= M to the CTA's first row
+      a_off[j] = keep_in_register(static_cast<uint32_t>(row_in * p.lda + (tid & 7) * 8), lane);
     }
-    uint32_t* dstW = sW + st * kWords;
-#pragma unroll
-    for (int j = 0; j < kWordsPerThread; ++j) {  // packed byte of flat index f is f / 2
-      int64_t n, k;
-      word_coord(kt, j, n, k);
-      const bool ok = n < p.w.N && k < p.w.K;
-      cp_async4(dstW + tid + j * kThreads, ok ? p.w.packed + (n * p.w.K + k) / 2 : p.w.packed, ok);
-    }
-  }
-
-  // Issue the global loads of the 4 block scales of this thread's words in tile kt (not consumed yet).
-  __device__ __forceinline__ void load_scales(ScaleRaw& s, int kt) const {
-    const NF4Scales& sc = p.w.scales;
 #pragma unroll
     for (int j = 0; j < kWordsPerThread; ++j) {
-      int64_t n, k;
-      word_coord(kt, j, n, k);
-      s.a[j] = 0.f;
-      s.q[j] = -1;
-      if (n < p.w.N && k < p.w.K) {
-        const int64_t b = (n * p.w.K + k) >> log2_bs;  // block of the word's first (= every) code
-        if (sc.qabsmax != nullptr) {
-          s.q[j] = __ldg(sc.qabsmax + b);
-          s.a[j] = __ldg(sc.absmax2 + (b >> 8));  // nested blocks of kNestedBlocksize = 256
-        } else {
-          s.a[j] = __ldg(sc.absmax_f32 + b);
-          s.q[j] = 0;
-        }
+      // NT: row = output column n - c0, wc = reduction / 8;  NN: row = reduction, wc = output column (k - c0) / 8
+      const int row = tid / kWordsPerRow + j * kWordRowStep, wc = tid % kWordsPerRow;
+      const int64_t n = kNN ? row : (c0 + row < p.w.N ? row : 0);
+      const int64_t k = kNN ? (c0 + wc * 8 < p.w.K ? wc * 8 : 0) : wc * 8;
+      w_off[j] = keep_in_register(static_cast<uint32_t>((n * p.w.K + k) / 2), lane);
+    }
+    a_dst = keep_in_register(swz(tid >> 3, tid & 7, kBK / 8), lane);
+    w_idx = keep_in_register(tid, lane);
+    b_dst = keep_in_register(swz(tid / kWordsPerRow, tid % kWordsPerRow, kWordsPerRow), lane);
+  }
+
+  // First reduction index of tile t, and the flat W index of its packed tile's origin (row 0, word 0):
+  // word j of the thread has flat index flat0(t) + 2 * w_off[j].
+  __device__ __forceinline__ int64_t red0(int t) const { return int64_t(t) * kBK - skew; }
+  __device__ __forceinline__ int64_t flat0(int t) const { return kNN ? red0(t) * p.w.K + c0 : c0 * p.w.K + red0(t); }
+  __device__ __forceinline__ int64_t flat_step() const { return kNN ? int64_t(kBK) * p.w.K : kBK; }  // per tile
+  __device__ __forceinline__ const T* a_origin(int t) const { return static_cast<const T*>(p.a) + m0 * p.lda + red0(t); }
+  __device__ __forceinline__ const uint8_t* w_origin(int t) const { return p.w.packed + flat0(t) / 2; }
+  // Reduction-side validity in tile 0, the only tile that can start before index 0.
+  __device__ __forceinline__ bool a_red_ok0() const { return (tid & 7) * 8 >= skew; }
+  __device__ __forceinline__ bool w_red_ok0(int j) const {
+    return kNN ? tid / kWordsPerRow + j * kWordRowStep >= skew : (tid % kWordsPerRow) * 8 >= skew;
+  }
+
+  // Issue the async copies of the tile with origins a_t / w_t into ring stage `st` (kFirst: tile 0, with its
+  // reduction bounds; every other tile is whole).
+  template <bool kFirst>
+  __device__ __forceinline__ void load_tile(T* sA, uint32_t* sW, int st, const T* a_t, const uint8_t* w_t) const {
+    T* dstA = sA + st * kTileElems + a_dst;
+#pragma unroll
+    for (int j = 0; j < kChunksPerThread; ++j) {
+      const bool ok = !kFirst || a_red_ok0();
+      cp_async16(dstA + j * kARowStep * kBK, ok ? a_t + a_off[j] : static_cast<const T*>(p.a), ok);
+    }
+    uint32_t* dstW = sW + st * kWords + w_idx;
+#pragma unroll
+    for (int j = 0; j < kWordsPerThread; ++j) {
+      const bool ok = !kFirst || w_red_ok0(j);
+      cp_async4(dstW + j * kThreads, ok ? w_t + w_off[j] : p.w.packed, ok);
+    }
+  }
+
+  // Issue the global loads of the block scales of this thread's words in the tile of flat origin F (consumed
+  // one tile later). Block of word j: b = (F + 2 w_off[j]) >> log2_bs = B + ((e + 2 w_off[j]) >> log2_bs) with
+  // B = F >> log2_bs and e = F mod blocksize uniform, so the per-word math is 32-bit.
+  template <bool kFirst, bool kDq>
+  __device__ __forceinline__ void load_scales(ScaleRaw& s, int64_t F) const {
+    const NF4Scales& sc = p.w.scales;
+    const int64_t B = F >> log2_bs;  // floor, also for tile 0's negative origin
+    const uint32_t e = static_cast<uint32_t>(F - (B << log2_bs));
+#pragma unroll
+    for (int j = 0; j < kWordsPerThread; ++j) {
+      const uint32_t x = (e + 2 * w_off[j]) >> log2_bs;  // block of word j, relative to B
+      if (kFirst && !w_red_ok0(j)) {  // before the reduction's start: any finite scale (A is zero there)
+        s.a[j] = 0.f;
+        s.q[j] = 0;
+      } else if constexpr (kDq) {
+        s.q[j] = __ldg(sc.qabsmax + B + x);
+        s.a[j] = __ldg(sc.absmax2 + ((static_cast<uint32_t>(B) + x) >> 8));  // nested blocks of 256
+      } else {
+        s.a[j] = __ldg(sc.absmax_f32 + B + x);
       }
     }
   }
 
-  // absmax_hat = map[q] * absmax2 + offset (two roundings, as NF4Scales::block_scale), or absmax; 0 outside W.
+  // absmax_hat = map[q] * absmax2 + offset (two roundings, as NF4Scales::block_scale), or absmax.
+  template <bool kDq>
   __device__ __forceinline__ void finalize_scales(float (&out)[kWordsPerThread], const ScaleRaw& s,
-                                                  const float* sMap, float offset, bool dq) const {
+                                                  const float* sMap, float offset) const {
 #pragma unroll
-    for (int j = 0; j < kWordsPerThread; ++j) {
-      out[j] = s.q[j] < 0 ? 0.f : (dq ? add_rn(mul_rn(sMap[s.q[j]], s.a[j]), offset) : s.a[j]);
-    }
+    for (int j = 0; j < kWordsPerThread; ++j) out[j] = kDq ? add_rn(mul_rn(sMap[s.q[j]], s.a[j]), offset) : s.a[j];
   }
 
-  // Decode this thread's 4 packed words of stage `st` into Bd: value = NF4[code] * scale, rounded once.
-  // Byte i of a word holds codes 2i (high nibble) and 2i+1 (low nibble) of its 8 consecutive elements.
-  __device__ __forceinline__ void decode(T* sB, const uint32_t* sW, int st, const float (&scale)[kWordsPerThread],
-                                         const float* sLut) const {
+  // Decode this thread's 4 packed words of one stage into Bd: value = NF4[code] * scale, rounded once.
+  // Byte i of a word holds elements 2i (high nibble) and 2i+1 (low nibble) of its 8 consecutive elements.
+  __device__ __forceinline__ void decode(T* sB, const uint32_t* sW_stage, const float (&scale)[kWordsPerThread],
+                                         const LevelPair* sPairs) const {
 #pragma unroll
     for (int j = 0; j < kWordsPerThread; ++j) {
-      const int w = tid + j * kThreads;
-      const uint32_t word = sW[st * kWords + w];
+      const uint32_t word = sW_stage[w_idx + j * kThreads];
       uint32_t v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const float e0 = sLut[(word >> (8 * i + 4)) & 15u] * scale[j];  // element 2i: high nibble
-        const float e1 = sLut[(word >> (8 * i)) & 15u] * scale[j];      // element 2i + 1: low nibble
-        v[i] = Op<T>::pack(e0, e1);                                     // e0 at the lower address
+        const LevelPair lv = sPairs[byte_of(word, i)];
+        const float e0 = lv.hi * scale[j], e1 = lv.lo * scale[j];  // elements 2i, 2i + 1
+        v[i] = Op<T>::pack(e0, e1);                                // e0 at the lower address
       }
-      const int row = w / kWordsPerRow, wc = w % kWordsPerRow;
-      *reinterpret_cast<uint4*>(sB + swz(row, wc, kWordsPerRow)) = make_uint4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<uint4*>(sB + b_dst + j * kWordRowStep * kWordsPerRow * 8) = make_uint4(v[0], v[1], v[2], v[3]);
     }
   }
 
-  // acc += A_tile[warp rows, 16*ksteps] · Bop_tile[16*ksteps, warp cols] from shared memory.
-  //   A tile [128][64] row-major;  Bd: NT [128 cols][64 red] (ldmatrix), NN [64 red][128 cols] (.trans).
+  // acc += one 16-deep k-step: the warp's A rows (lane address sA_lane) times its Bd columns (lane addresses
+  // sB_lane[np] of the ldmatrix.x4 for mma tiles 2np, 2np + 1).
+  __device__ __forceinline__ void mma_kstep(float (&acc)[kMI][kNI][4], const T* sA_lane, const T* const (&sB_lane)[2]) const {
+    uint32_t a[kMI][4], b[kNI][2];
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi) ldmatrix_x4<false>(a[mi], sA_lane + mi * kAStepMI);
+#pragma unroll
+    for (int np = 0; np < kNI / 2; ++np) {
+      uint32_t r[4];
+      if constexpr (kNN) {
+        ldmatrix_x4<true>(r, sB_lane[np]);
+      } else {
+        ldmatrix_x4<false>(r, sB_lane[np]);
+      }
+      b[2 * np][0] = r[0];
+      b[2 * np][1] = r[1];
+      b[2 * np + 1][0] = r[2];
+      b[2 * np + 1][1] = r[3];
+    }
+#pragma unroll
+    for (int mi = 0; mi < kMI; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < kNI; ++ni) dev::mma_m16n8k16<T>(acc[mi][ni], a[mi], b[ni]);
+  }
+
+  // acc += A_tile[warp rows, 16*ksteps] · Bop_tile[16*ksteps, warp cols] (the low-rank steps: a loop of
+  // k-steps, not unrolled; the NF4 main loop unrolls its four k-steps in nf4_mma_reduce instead).
   __device__ __forceinline__ void mma_steps(float (&acc)[kMI][kNI][4], const T* sA, const T* sB, int ksteps,
                                             int wm, int wn, int lane) const {
-#pragma unroll
-    for (int ks = 0; ks < kBK / 16; ++ks) {
-      if (ks >= ksteps) break;
-      uint32_t a[kMI][4], b[kNI][2];
-#pragma unroll
-      for (int mi = 0; mi < kMI; ++mi) {
-        // matrices: (rows 0-7, k 0-7) (rows 8-15, k 0-7) (rows 0-7, k 8-15) (rows 8-15, k 8-15) = a0..a3
-        const int row = wm * kWarpM + mi * 16 + (lane & 15);
-        ldmatrix_x4<false>(a[mi], sA + swz(row, ks * 2 + (lane >> 4), kBK / 8));
-      }
-#pragma unroll
-      for (int np = 0; np < kNI / 2; ++np) {  // two 8-column mma tiles per ldmatrix.x4
-        uint32_t r[4];
-        const int mat = lane >> 3;
-        if constexpr (kNN) {
-          // Bd[red][col]: matrices (red 0-7, cols 2np) (red 8-15, cols 2np) (red 0-7, 2np+1) (red 8-15, 2np+1)
-          const int row = ks * 16 + (mat & 1) * 8 + (lane & 7);
-          ldmatrix_x4<true>(r, sB + swz(row, wn * (kWarpN / 8) + np * 2 + (mat >> 1), kBN / 8));
-        } else {
-          // Bd[col][red]: matrices (cols 2np, red 0-7) (cols 2np, red 8-15) (cols 2np+1, red 0-7) (.., 8-15)
-          const int row = wn * kWarpN + np * 16 + (mat >> 1) * 8 + (lane & 7);
-          ldmatrix_x4<false>(r, sB + swz(row, ks * 2 + (mat & 1), kBK / 8));
-        }
-        b[2 * np][0] = r[0];
-        b[2 * np][1] = r[1];
-        b[2 * np + 1][0] = r[2];
-        b[2 * np + 1][1] = r[3];
-      }
-#pragma unroll
-      for (int mi = 0; mi < kMI; ++mi)
-#pragma unroll
-        for (int ni = 0; ni < kNI; ++ni) dev::mma_m16n8k16<T>(acc[mi][ni], a[mi], b[ni]);
+#pragma unroll 1
+    for (int ks = 0; ks < ksteps; ++ks) {
+      const T* const b_lane[2] = {sB + b_frag_offset<kNN>(wn, lane, ks, 0), sB + b_frag_offset<kNN>(wn, lane, ks, 1)};
+      mma_kstep(acc, sA + a_frag_offset(wm, lane, ks), b_lane);
     }
   }
 
@@ -275,6 +370,65 @@ struct Nf4Mma {
   }
 };
 
+// The NF4 reduction of one CTA: prologue (tile 0 with its bounds, tile 1), then the steady-state loop, whose
+// body holds no bounds and no 64-bit index math: per tile, uniform origins bumped by a constant plus the
+// pinned per-thread 32-bit offsets. kDq: the block scales are double-quantized (code + nested absmax + map).
+template <bool kDq, typename T, bool kNN>
+__device__ __forceinline__ void nf4_mma_reduce(const Nf4Mma<T, kNN>& g, float (&acc)[kMI][kNI][4], T* sA,
+                                               uint32_t* sW, T* sB, const LevelPair* sPairs, const float* sMap,
+                                               float offset, int wm, int wn, int lane) {
+  const int ktiles = g.ktiles;
+  ScaleRaw raw;
+  g.template load_scales<true, kDq>(raw, g.flat0(0));
+  g.template load_tile<true>(sA, sW, 0, g.a_origin(0), g.w_origin(0));
+  cp_async_commit();
+  if (ktiles > 1) g.template load_tile<false>(sA, sW, 1, g.a_origin(1), g.w_origin(1));
+  cp_async_commit();  // always commit (maybe empty): group index == tile index
+  __syncthreads();    // sPairs, sMap written
+  float scale[kWordsPerThread];
+  g.template finalize_scales<kDq>(scale, raw, sMap, offset);
+
+  // Lane addresses of k-step 0, fixed for the whole loop (the A stage adds st * kTileElems); see xor_chunk2.
+  const int a_lane0 = keep_in_register(a_frag_offset(wm, lane, 0), lane);
+  const int b_lane0 = keep_in_register(b_frag_offset<kNN>(wn, lane, 0, 0), lane);
+  // Loop-carried origins: of tile kt+2 (copies) and of tile kt+1 (scales).
+  const T* a_next = g.a_origin(kStages - 1);
+  const uint8_t* w_next = g.w_origin(kStages - 1);
+  int64_t f_next = g.flat0(1);
+  int st = 0;  // ring stage of tile kt
+  for (int kt = 0; kt < ktiles; ++kt) {
+    // Committed groups: kStages-1 + kt; allowing kStages-2 pending leaves groups kt+1 .. kt+kStages-2
+    // in flight, so this thread's copies of tile kt (group kt) have landed.
+    cp_async_wait<kStages - 2>();
+    // (1) publishes every thread's copies of tile kt; (2) every warp has finished iteration kt-1: its
+    // mma reads of Bd and of ring stage (kt-1) % kStages and its decode of that stage's words.
+    __syncthreads();
+    // Refill the stage freed by tile kt-1 ((kt + kStages - 1) % kStages == (kt - 1) % kStages).
+    const int st_free = st == 0 ? kStages - 1 : st - 1;
+    if (kt + kStages - 1 < ktiles) g.template load_tile<false>(sA, sW, st_free, a_next, w_next);
+    cp_async_commit();
+    a_next += kBK;
+    w_next += g.flat_step() / 2;
+    // Scales of tile kt+1, in flight during this tile's decode + mma.
+    if (kt + 1 < ktiles) g.template load_scales<false, kDq>(raw, f_next);
+    f_next += g.flat_step();
+    g.decode(sB, sW + st * kWords, scale, sPairs);  // Bd is free: barrier above
+    __syncthreads();                                // Bd complete before any warp reads it
+    const int a_st = st * kTileElems + a_lane0;
+#pragma unroll
+    for (int ks = 0; ks < kBK / 16; ++ks) {
+      const T* const b_lane[2] = {
+          kNN ? sB + b_lane0 + ks * kBStepKS : sB + xor_chunk2(b_lane0, ks),
+          kNN ? sB + xor_chunk2(b_lane0, 1) + ks * kBStepKS : sB + xor_chunk2(b_lane0, ks) + kBStepNP};
+      g.mma_kstep(acc, sA + xor_chunk2(a_st, ks), b_lane);
+    }
+    g.template finalize_scales<kDq>(scale, raw, sMap, offset);  // stale but finite after the last tile
+    st = st == kStages - 1 ? 0 : st + 1;
+  }
+  cp_async_wait<0>();  // only empty groups can remain; drain them before reusing shared memory
+  __syncthreads();     // every warp is done with the last tile's A stage and Bd
+}
+
 template <typename T, bool kNN>
 __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) nf4_mma_kernel(const __grid_constant__ NF4MatmulParams p,
                                                                 int log2_blocksize) {
@@ -282,18 +436,17 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) nf4_mma_kernel(cons
   T* sA = reinterpret_cast<T*>(smem);                                                   // [kStages][128*64]
   uint32_t* sW = reinterpret_cast<uint32_t*>(smem + kStages * kTileBytes);              // [kStages][1024]
   T* sB = reinterpret_cast<T*>(smem + kStages * (kTileBytes + kWordsBytes));            // [128*64]
-  float* sLut = reinterpret_cast<float*>(smem + kStages * (kTileBytes + kWordsBytes) + kTileBytes);  // [16]
-  float* sMap = sLut + 16;                                                              // [256]
+  LevelPair* sPairs = reinterpret_cast<LevelPair*>(smem + kStages * (kTileBytes + kWordsBytes) + kTileBytes);
+  float* sMap = reinterpret_cast<float*>(sPairs + 256);                                 // [256]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp >> 2, wn = warp & 3;  // warp tile: rows wm*64 .. +64, cols wn*32 .. +32
-  Nf4Mma<T, kNN> g{p, int64_t(blockIdx.y) * kBM, int64_t(blockIdx.x) * kBN, log2_blocksize, tid};
-  const int64_t red = kNN ? p.w.N : p.w.K, cols = kNN ? p.w.K : p.w.N;
-  const int ktiles = static_cast<int>((red + kBK - 1) / kBK);
+  const Nf4Mma<T, kNN> g(p, int64_t(blockIdx.y) * kBM, int64_t(blockIdx.x) * kBN, log2_blocksize, tid);
+  const int64_t cols = kNN ? p.w.K : p.w.N;
 
   const bool dq = p.w.scales.qabsmax != nullptr;
-  if (tid < 16) sLut[tid] = kLevels[tid];
-  if (dq) sMap[tid] = __ldg(p.w.scales.nested_map + tid);  // kThreads == 256 map entries
+  sPairs[tid] = LevelPair{kLevels[tid >> 4], kLevels[tid & 15]};  // kThreads == 256 byte values
+  if (dq) sMap[tid] = __ldg(p.w.scales.nested_map + tid);          // kThreads == 256 map entries
   const float offset = dq ? __ldg(p.w.scales.offset) : 0.f;
 
   float acc[kMI][kNI][4];
@@ -304,37 +457,12 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSM) nf4_mma_kernel(cons
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[mi][ni][e] = 0.f;
 
-  // Prologue: scales of tile 0 (finalized after the barrier that publishes sMap), tiles 0 .. kStages-2.
-  ScaleRaw raw;
-  g.load_scales(raw, 0);
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
-    if (st < ktiles) g.load_tile(sA, sW, st, st);
-    cp_async_commit();  // always commit (maybe empty): group index == tile index
+  // Two copies of the pipeline: the scale math differs (one fp32 load, or code + nested absmax + map).
+  if (dq) {
+    nf4_mma_reduce<true>(g, acc, sA, sW, sB, sPairs, sMap, offset, wm, wn, lane);
+  } else {
+    nf4_mma_reduce<false>(g, acc, sA, sW, sB, sPairs, sMap, offset, wm, wn, lane);
   }
-  __syncthreads();  // sLut, sMap written
-  float scale[kWordsPerThread];
-  g.finalize_scales(scale, raw, sMap, offset, dq);
-
-  for (int kt = 0; kt < ktiles; ++kt) {
-    const int st = kt % kStages;
-    // Committed groups: kStages-1 + kt; allowing kStages-2 pending leaves groups kt+1 .. kt+kStages-2
-    // in flight, so this thread's copies of tile kt (group kt) have landed.
-    cp_async_wait<kStages - 2>();
-    // (1) publishes every thread's copies of tile kt; (2) every warp has finished iteration kt-1: its
-    // mma reads of Bd and of ring stage (kt-1) % kStages and its decode of that stage's words.
-    __syncthreads();
-    // Refill the stage freed by tile kt-1 ((kt + kStages - 1) % kStages == (kt - 1) % kStages).
-    if (kt + kStages - 1 < ktiles) g.load_tile(sA, sW, (kt + kStages - 1) % kStages, kt + kStages - 1);
-    cp_async_commit();
-    if (kt + 1 < ktiles) g.load_scales(raw, kt + 1);  // in flight during this tile's decode + mma
-    g.decode(sB, sW, st, scale, sLut);                 // Bd is free: barrier above
-    __syncthreads();                                   // Bd complete before any warp reads it
-    g.mma_steps(acc, sA + st * kTileElems, sB, kBK / 16, wm, wn, lane);
-    if (kt + 1 < ktiles) g.finalize_scales(scale, raw, sMap, offset, dq);
-  }
-  cp_async_wait<0>();  // only empty groups can remain; drain them before reusing shared memory
-  __syncthreads();     // every warp is done with the last tile's A stage and Bd
 
   // Low-rank steps appended to the reduction: r padded to 16 by zeros, 64 ranks per chunk.
   if (p.lowrank != nullptr) {
