@@ -7,24 +7,31 @@
 //   NT: red = K, cols = N, Bop[k][n] = deq(W)[n][k]     NN: red = N, cols = K, Bop[n][k] = deq(W)[n][k]
 //
 // One CTA computes a 128 x 128 tile of C with 8 warps (2 along M x 4 along cols, 64 x 32 per warp =
-// 4 x 4 mma tiles of 16 x 8). The reduction runs in tiles of 64:
-//   1. cp.async (3-stage ring) brings the activation tile A[128 x 64] (16-byte chunks, zero-filled past
-//      M / red) and the packed NF4 bytes of the W tile (4-byte words = 8 codes, zero-filled past N / K).
-//   2. Every thread decodes 4 words in registers: level = NF4[code] (fp32), value = level * absmax_hat[b]
-//      (one fp32 multiply), ONE rounding to bf16/fp16 — exactly dequantize_nf4's value — and stores the
-//      8 values as one 16-byte chunk of the decoded tile Bd in shared memory (never in global memory).
+// 4 x 4 mma tiles of 16 x 8). The reduction runs in tiles of 64, aligned to its end (tile 0 is the ragged one):
+//   1. cp.async (3-stage ring) brings the activation tile A[128 x 64] (16-byte chunks) and the packed NF4
+//      bytes of the W tile (4-byte words = 8 codes); only tile 0 has reduction bounds (zero-filled before the
+//      start), rows / columns past M / N / K are redirected to in-range ones whose results nobody stores.
+//   2. Every thread decodes 4 consecutive words of one W row in registers: level = NF4[code] (fp32, by a warp
+//      shuffle), value = level * absmax_hat[b] (one fp32 multiply), ONE rounding to bf16/fp16 — exactly
+//      dequantize_nf4's value — and stores each word's 8 values as a 16-byte chunk of the decoded tile Bd in
+//      shared memory (never in global memory).
 //   3. ldmatrix (A: plain; Bd: plain for NT, .trans for NN) feeds mma.sync.m16n8k16 into fp32 registers.
 // The block scale is per 8-code word: a word starts at a flat index n*K + k with K % 8 == 0 and k % 8 == 0,
 // and block boundaries are multiples of blocksize >= 32, so a word never straddles two blocks — this is
 // what makes a scale change inside a 64-wide tile (blocksize 32, or K not a multiple of blocksize) exact.
-// The scales' global loads for tile t+1 are issued while tile t is decoded and multiplied (registers).
+// A thread's 4 words (32 codes) span at most two blocks; their scales for tile t+1 are loaded during tile t.
 // After the NF4 tiles, the low-rank product runs as extra reduction steps over r (padded to 16 by zeros):
 //   C += [s·u] · [lora_B]ᵀ (NT)   or   C += [gu] · [lora_A] (NN), s·u rounded once to the operand dtype.
 // The epilogue adds bias in fp32 and rounds once to the output dtype.
 //
+// The steady-state loop (all but the last two tiles) is built to issue few instructions per mma — 4.7-4.9
+// SASS instructions per HMMA on sm80 / sm90 (bench/sass_budget.py; 11.3-11.7 before): no bounds, no 64-bit
+// index math (uniform tile origins bumped per tile + per-thread 32-bit offsets computed once), fragment
+// addresses derived by XOR from one register, one shuffle per code. See nf4_mma_reduce.
+//
 // Requirements (checked by the launcher, which returns false otherwise): K % 8 == 0 (and N % 8 == 0 for
 // NN), blocksize a power of two in [32, 4096], A 16-byte aligned with lda % 8 == 0, packed 4-byte aligned,
-// sm80 or newer.
+// lda and K below 2^24 (32-bit per-thread offsets), sm80 or newer.
 #pragma once
 
 #include <cstdint>
@@ -52,7 +59,7 @@ constexpr int kWordsPerThread = kWords / kThreads;          // 4
 constexpr int kChunksPerThread = kTileElems / 8 / kThreads;  // 4 sixteen-byte A chunks per thread per tile
 constexpr int kSmemBytes = kStages * (kTileBytes + kWordsBytes)  // A ring + packed-W ring
                            + kTileBytes                          // decoded W tile Bd
-                           + 256 * 4;                            // nested (double-quant) map
+                           + 256 * 4;                            // nested (double-quant) map: 78,848 B
 // Two CTAs per SM (<= 128 registers per thread) where the shared memory holds two (sm80: 164 KB, sm90:
 // 228 KB per SM); sm86/sm89 have 100 KB, one CTA fits anyway, so let ptxas use more registers there.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 860 || __CUDA_ARCH__ == 870 || __CUDA_ARCH__ == 890)
@@ -127,7 +134,8 @@ __host__ __device__ __forceinline__ int b_frag_offset(int wn, int lane, int ks, 
 //  * 16 rows down keeps row % 8, so it adds 16 rows: the other mi of A (+kAStepMI), the other np of NT Bd
 //    (+kBStepNP), the other ks of NN Bd (+kBStepKS) — constants, folded into the instructions' immediates;
 //  * the other ks of A and NT Bd, and the other np of NN Bd, change the chunk: 2ks + h (or 4wn + 2np + h) has
-//    disjoint bit fields, so (2ks + h) ^ r == (h ^ r) ^ 2ks, and as the chunk sits in bits 3..6 of the element
+//    disjoint bit fields, so (2ks + h) ^ r == (h ^ r) ^ 2ks for the row's swizzle value r (row % 8, or
+//    a_perm(row) for A), and as the chunk sits in bits 3..6 of the element
 //    offset above a row part in bits >= 6 (A, NT: 8 chunks) or >= 7 (NN: 16 chunks) that the XOR leaves alone:
 //    offset(ks) == offset(0) ^ 16ks, offset(np) == offset(0) ^ 16np. Adding a stage base (a multiple of the
 //    16 KB tile) commutes with that XOR.
@@ -153,9 +161,9 @@ __device__ __forceinline__ V keep_in_register(V v, int lane) {
 
 // The block scales of a thread's 4 words in one W tile. The words are consecutive in one row of W (32 codes,
 // see Nf4Mma), and a block holds >= 32 codes, so they span at most two blocks: the block of word 0 ("lo")
-// and the block of word 3 ("hi"). Word j lies in the hi block iff rem + 8j >= blocksize, rem = the flat
-// index of word 0 mod blocksize.
-struct ScaleRaw {  // loaded one tile ahead, finalized after that tile's loads had the decode to land
+// and the block of word 3 ("hi"; NN: of the group's last word inside W). Word j lies in the hi block iff
+// rem + 8j >= blocksize, rem = the flat index of word 0 mod blocksize.
+struct ScaleRaw {  // loaded during the mma of the tile before, finalized after it
   float a[2];      // absmax_f32[b], or absmax2[b / 256] when double-quantized (lo, hi)
   uint8_t q[2];    // qabsmax[b] (double quant)
   uint32_t rem;
