@@ -16,7 +16,9 @@ is the innermost loop that contains HMMA instructions — a loop with HMMA none 
 (another loop strictly inside its range) has any — and among several such loops the one(s) with the most
 HMMA: the k-tile loop issues a whole tile's mma.sync's, while side loops (the GEMM's low-rank steps) issue
 fewer. When several loops tie (a runtime variant compiled as a second copy of the loop) each is reported
-and the worst one is checked. Instructions counted: every SASS instruction in the body (NOPs included).
+and the worst one is checked. Instructions counted: every SASS instruction in the body (NOPs included). The
+static count is the count per iteration only if the body has no loop of its own: a steady-state loop that
+contains another loop fails the check.
 
 Metrics and targets (exit status 1 when one is missed):
   GEMM (nf4_mma_kernel*):  loop instructions / HMMA in the loop               <= 5
@@ -218,6 +220,7 @@ class Loop:
     instructions: int
     hmma: int
     has_inner_hmma_loop: bool = False
+    inner_loops: int = 0  # loops strictly inside this one (their bodies run more often than once per iteration)
 
 
 def find_loops(instrs: list[Instr]) -> list[Loop]:
@@ -239,11 +242,10 @@ def find_loops(instrs: list[Instr]) -> list[Loop]:
         body = instrs[s : i + 1]
         loops.append(Loop(s, i, t, ins.addr, len(body), sum(b.base == "HMMA" for b in body)))
     for outer in loops:
-        outer.has_inner_hmma_loop = any(
-            inner.hmma > 0 and outer.start <= inner.start and inner.end <= outer.end
-            and (inner.start, inner.end) != (outer.start, outer.end)
-            for inner in loops
-        )
+        inside = [inner for inner in loops if outer.start <= inner.start and inner.end <= outer.end
+                  and (inner.start, inner.end) != (outer.start, outer.end)]
+        outer.has_inner_hmma_loop = any(inner.hmma > 0 for inner in inside)
+        outer.inner_loops = len({(inner.start, inner.end) for inner in inside})
     return loops
 
 
@@ -268,6 +270,7 @@ class KernelReport:
     loop_instructions: int | None
     loop_hmma: int | None
     loop_addr: str | None
+    loop_inner_loops: int | None  # > 0 fails: the static count would not be the count per iteration
     metric: float | None  # instructions per HMMA (gemm) or per 2 KB of NF4 weights (gemv)
     target: float | None
     registers: int
@@ -318,11 +321,14 @@ def analyze(sass: str, ptxas: str, arch: str, source: str) -> list[KernelReport]
             arch=arch, source=source, kernel=names[mangled], mangled=mangled, kind=kind,
             loop_instructions=worst.instructions if worst else None, loop_hmma=worst.hmma if worst else None,
             loop_addr=(", ".join(f"{lp.start_addr:#x}-{lp.end_addr:#x}" for lp in loops) or None),
+            loop_inner_loops=max((lp.inner_loops for lp in loops), default=None),
             metric=metric, target=target, registers=info.registers, spill_stores=info.spill_stores,
             spill_loads=info.spill_loads, stack=info.stack,
         )
         if kind in ("gemm", "gemv") and worst is None:
             rep.failures.append("no HMMA loop found")
+        if loops and max(lp.inner_loops for lp in loops) > 0:
+            rep.failures.append("the steady-state loop has inner loops (its static count is not per iteration)")
         if metric is not None and metric > target:
             rep.failures.append(f"{metric:.2f} > {target:g} {'per HMMA' if kind == 'gemm' else 'per 2 KB'}")
         if info.registers < 0:

@@ -178,3 +178,23 @@ def test_a_loop_around_an_hmma_loop_is_not_the_steady_state():
             "EXIT"]
     instrs = sb.parse_sass(_synthetic(body))["_Z3fooPf"]
     assert [(lp.start_addr, lp.end_addr, lp.hmma) for lp in sb.steady_state_loops(instrs)] == [(0x20, 0x40, 1)]
+
+
+def test_a_steady_state_loop_with_an_inner_loop_fails():
+    # the HMMA loop 0x10..0x70 holds a loop 0x30..0x40 without HMMA: its static count is not per iteration
+    body = ["MOV R0, RZ",
+            "HMMA.16816.F32.BF16 R4, R8, R12, R4",  # 0x10
+            "IADD3 R1, R1, 0x1, RZ",                # 0x20
+            "ISETP.GE.AND P1, PT, R1, 0x8, PT",     # 0x30 inner head
+            "@!P1 BRA 0x30",                        # 0x40
+            "NOP",
+            "ISETP.GE.AND P0, PT, R0, 0x8, PT",
+            "@!P0 BRA 0x10",                        # 0x70
+            "EXIT"]
+    name = "_ZN11lowrank_ext3mma14nf4_mma_kernelIfLb0EEEvv"
+    ptxas = (f"ptxas info    : Compiling entry function '{name}' for 'sm_80'\n"
+             "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+             "ptxas info    : Used 32 registers\n")
+    (rep,) = sb.analyze(_synthetic(body, name), ptxas, "80", "x.cu")
+    assert rep.loop_hmma == 1 and rep.loop_inner_loops == 1
+    assert rep.metric == 7.0 and any("inner loops" in f for f in rep.failures)
