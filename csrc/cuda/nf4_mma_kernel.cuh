@@ -24,7 +24,7 @@
 //   C += [s·u] · [lora_B]ᵀ (NT)   or   C += [gu] · [lora_A] (NN), s·u rounded once to the operand dtype.
 // The epilogue adds bias in fp32 and rounds once to the output dtype.
 //
-// The steady-state loop (all but the last two tiles) is built to issue few instructions per mma — 4.7-4.9
+// The steady-state loop (all but the last two tiles) is built to issue few instructions per mma — 4.6-4.7
 // SASS instructions per HMMA on sm80 / sm90 (bench/sass_budget.py; 11.3-11.7 before): no bounds, no 64-bit
 // index math (uniform tile origins bumped per tile + per-thread 32-bit offsets computed once), fragment
 // addresses derived by XOR from one register, one shuffle per code. See nf4_mma_reduce.
@@ -263,11 +263,11 @@ struct Nf4Mma {
       cp_async16(dstA + (a_dst ^ (32 * j)), a_t + a_off + 16 * j, !kFirst || a_red_ok0(j));  // !ok: zero-filled
     }
     uint32_t* dstW = sW + st * kWords + w_idx;
+    const uint8_t* src = w_t + w_off0;  // word j at src + 4j: an immediate offset
 #pragma unroll
     for (int j = 0; j < kWordsPerThread; ++j) {
-      const uint32_t off = w_off0 + 4 * j;
-      const bool ok = (!kNN || j == 0 || off <= w_last) && (!kFirst || w_red_ok0(j));
-      cp_async4(dstW + j, w_t + off, ok);  // !ok: zero-filled, the source (maybe outside W) is not read
+      const bool ok = (!kNN || j == 0 || w_off0 + 4 * j <= w_last) && (!kFirst || w_red_ok0(j));
+      cp_async4(dstW + j, src + 4 * j, ok);  // !ok: zero-filled, the source (maybe outside W) is not read
     }
   }
 
@@ -346,7 +346,7 @@ struct Nf4Mma {
     const uint32_t bs = 1u << log2_bs;
 #pragma unroll
     for (int j = 0; j < kWordsPerThread; ++j) {
-      const float scale = sc.rem + 8 * j >= bs ? sc.hi : sc.lo;  // word j's block (see ScaleRaw)
+      const float scale = sc.rem >= bs - 8 * j ? sc.hi : sc.lo;  // word j's block (see ScaleRaw); j = 0: lo
       uint32_t v[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
