@@ -198,3 +198,18 @@ def test_a_steady_state_loop_with_an_inner_loop_fails():
     (rep,) = sb.analyze(_synthetic(body, name), ptxas, "80", "x.cu")
     assert rep.loop_hmma == 1 and rep.loop_inner_loops == 1
     assert rep.metric == 7.0 and any("inner loops" in f for f in rep.failures)
+
+
+def test_cuobjdump_is_found_in_the_pypi_wheel_layout(tmp_path, monkeypatch):
+    """`pip install nvidia-cuda-cuobjdump` puts it in site-packages/nvidia/cu13/bin, not on PATH."""
+    site = tmp_path / "site-packages"
+    exe = site / "nvidia" / "cu13" / "bin" / "cuobjdump"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no cuobjdump (and no nvcc beside one) on PATH
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(sb, "find_nvcc", lambda: None)
+    monkeypatch.setattr(sys, "path", [str(site), *sys.path])
+    assert sb.find_cuobjdump() == str(exe)
