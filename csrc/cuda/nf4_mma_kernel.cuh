@@ -271,11 +271,11 @@ struct Nf4Mma {
     }
   }
 
-  // The scale blocks of a tile with flat origin F: word j is in block b = (F + 2 w_off[j]) >> log2_bs
-  // = B + ((e + 2 w_off[j]) >> log2_bs) with B = F >> log2_bs and e = F mod blocksize, so the per-word math
-  // is 32-bit: x_j = (e + 2 w_off[j]) >> log2_bs, then absmax[B + x_j] (or qabsmax[B + x_j] and
-  // absmax2[(B + x_j) / 256]). B is kept as pointers (absmax + B, qabsmax + B) and its low 32 bits (the
-  // nested index wraps back into range: B + x_j >= 0 for every word inside W, also for tile 0's origin < 0).
+  // The scale blocks of a tile with flat origin F: a word at byte offset w (w_off0 for "lo", w_last for
+  // "hi") is in block b = (F + 2w) >> log2_bs = B + ((e + 2w) >> log2_bs) with B = F >> log2_bs and
+  // e = F mod blocksize, so the per-thread math is 32-bit: x = (e + 2w) >> log2_bs, then absmax[B + x] (or
+  // qabsmax[B + x] and absmax2[(B + x) / 256]). B is kept as pointers (absmax + B, qabsmax + B) and its low
+  // 32 bits (the nested index wraps back into range: B + x >= 0 for every word inside W).
   struct ScaleOrigin {
     const float* absmax;  // absmax_f32 + B (plain scales)
     const uint8_t* q;     // qabsmax + B (double quant)
