@@ -56,6 +56,8 @@ bool supported(const NF4MatmulParams& p, bool nn) {
                                      w.scales.offset == nullptr))
     return false;
   if (p.a == nullptr || !aligned(p.a, 16) || p.lda % 8 != 0 || p.lda < red) return false;
+  // The kernel's per-thread offsets are 32-bit: 128 rows of A (row * lda) or of W (row * K) stay below 2^31.
+  if (p.lda >= (int64_t(1) << 24) || w.K >= (int64_t(1) << 24)) return false;
   if (p.out == nullptr || !aligned(p.out, 2) || p.ld_out < cols) return false;
   if (p.r < 0) return false;
   if (p.lowrank != nullptr && p.r > 0) {  // r == 0: no rank steps (the kernel's rank loop runs 0 times)
