@@ -23,10 +23,12 @@ contains another loop fails the check.
 Metrics and targets (exit status 1 when one is missed):
   GEMM (nf4_mma_kernel*):  loop instructions / HMMA in the loop               <= 5
   GEMV (nf4_gemv_kernel*): loop instructions per 2 KB of NF4 weights           <= 600
-      one HMMA m16n8k16 consumes a 16 x 8 B-operand = 128 weights = 64 bytes of NF4 codes (each weight
-      of the GEMV's tile feeds exactly one mma: M <= 16 is a single m-tile), so bytes per iteration =
-      64 x HMMA in the loop (today: 8 steps x 4 n-tiles = 32 HMMA = 32 rows x 128 codes = 2 KB, one
-      warp iteration) and instructions per 2 KB = loop instructions x 2048 / (64 x HMMA).
+      the GEMV reads every weight byte exactly once, with 128-bit loads (LDG.E...128: 32 lanes x 16 B =
+      512 B per warp instruction), and nothing else in its loop is a 128-bit global load (x arrives by
+      cp.async = LDGSTS, scales by 8/32-bit loads), so bytes per iteration = 512 x those loads and
+      instructions per 2 KB = loop instructions x 2048 / (512 x loads). Counting loads, not HMMA, keeps the
+      metric right for every variant (at M <= 8 one HMMA covers 128 B of weights, above it 64 B); for the
+      GEMV every innermost HMMA loop (one per runtime variant) is checked, not only those with the most HMMA.
   every kernel: 0 bytes spill stores, 0 bytes spill loads, 0 bytes stack frame.
 
 Usage: python bench/sass_budget.py [--csrc DIR] [--arch 80 90] [--json FILE]
@@ -53,7 +55,7 @@ SOURCES = ("cuda/nf4_mma_bf16.cu", "cuda/nf4_mma_fp16.cu", "cuda/nf4_gemv.cu")  
 NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas", "-v"]  # setup.py's + -v
 GEMM_MAX_PER_HMMA = 5.0
 GEMV_MAX_PER_2KB = 600.0
-BYTES_PER_HMMA = 64  # m16n8k16 B operand: 16 x 8 NF4 codes of 4 bits
+WEIGHT_BYTES_PER_WIDE_LOAD = 512  # one LDG.E.128 per warp: 32 lanes x 16 bytes of packed NF4 codes
 INSTALL_HINT = (
     "cuobjdump not found: put the CUDA toolkit's bin on PATH, or\n"
     "  pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm\n"
@@ -219,6 +221,7 @@ class Loop:
     end_addr: int
     instructions: int
     hmma: int
+    wide_loads: int = 0  # 128-bit global loads (LDG ... .128): the GEMV's weight reads
     has_inner_hmma_loop: bool = False
     inner_loops: int = 0  # loops strictly inside this one (their bodies run more often than once per iteration)
 
@@ -240,7 +243,8 @@ def find_loops(instrs: list[Instr]) -> list[Loop]:
             continue
         s = index_of[t]
         body = instrs[s : i + 1]
-        loops.append(Loop(s, i, t, ins.addr, len(body), sum(b.base == "HMMA" for b in body)))
+        loops.append(Loop(s, i, t, ins.addr, len(body), sum(b.base == "HMMA" for b in body),
+                          sum(b.base == "LDG" and ".128" in b.opcode for b in body)))
     for outer in loops:
         inside = [inner for inner in loops if outer.start <= inner.start and inner.end <= outer.end
                   and (inner.start, inner.end) != (outer.start, outer.end)]
@@ -249,13 +253,14 @@ def find_loops(instrs: list[Instr]) -> list[Loop]:
     return loops
 
 
-def steady_state_loops(instrs: list[Instr]) -> list[Loop]:
-    """The innermost HMMA loops with the most HMMA (see the module docstring); [] when none."""
+def steady_state_loops(instrs: list[Instr], every_variant: bool = False) -> list[Loop]:
+    """The innermost HMMA loops with the most HMMA — or all of them with `every_variant` (the GEMV's runtime
+    variants: see the module docstring); [] when none."""
     innermost = [lp for lp in find_loops(instrs) if lp.hmma > 0 and not lp.has_inner_hmma_loop]
     if not innermost:
         return []
-    most = max(lp.hmma for lp in innermost)
-    unique = {(lp.start, lp.end): lp for lp in innermost if lp.hmma == most}  # a loop with 2 back-branches once
+    most = 1 if every_variant else max(lp.hmma for lp in innermost)
+    unique = {(lp.start, lp.end): lp for lp in innermost if lp.hmma >= most}  # a loop with 2 back-branches once
     return [unique[k] for k in sorted(unique)]
 
 
@@ -301,7 +306,9 @@ def loop_metric(kind: str, loop: Loop) -> tuple[float | None, float | None]:
     if kind == "gemm":
         return loop.instructions / loop.hmma, GEMM_MAX_PER_HMMA
     if kind == "gemv":
-        return loop.instructions * 2048 / (BYTES_PER_HMMA * loop.hmma), GEMV_MAX_PER_2KB
+        if loop.wide_loads == 0:  # no weight read in the loop: not a steady state this metric can describe
+            return float("inf"), GEMV_MAX_PER_2KB
+        return loop.instructions * 2048 / (WEIGHT_BYTES_PER_WIDE_LOAD * loop.wide_loads), GEMV_MAX_PER_2KB
     return None, None
 
 
@@ -314,8 +321,8 @@ def analyze(sass: str, ptxas: str, arch: str, source: str) -> list[KernelReport]
     for mangled in sorted(funcs):
         kind = kind_of(mangled)
         info = infos.get(mangled, PtxasInfo())
-        loops = steady_state_loops(funcs[mangled])
-        worst = max(loops, key=lambda lp: lp.instructions / lp.hmma) if loops else None
+        loops = steady_state_loops(funcs[mangled], every_variant=kind == "gemv")
+        worst = max(loops, key=lambda lp: loop_metric(kind, lp)[0] or lp.instructions / lp.hmma) if loops else None
         metric, target = loop_metric(kind, worst) if worst else (None, None)
         rep = KernelReport(
             arch=arch, source=source, kernel=names[mangled], mangled=mangled, kind=kind,

@@ -112,7 +112,9 @@ def test_budgets_and_ptxas_failures():
     # loop 0x10..0x70: 7 instructions, 1 HMMA
     body = ["MOV R0, RZ", "HMMA.16816.F32.F16 R4, R8, R12, R4", "NOP", "NOP", "NOP", "NOP",
             "ISETP.GE.AND P0, PT, R0, 0x8, PT", "@!P0 BRA 0x10", "EXIT"]
-    sass = _synthetic(body, gemm) + "\n" + _synthetic(body, gemv)
+    # the GEMV's loop: 7 instructions, one 128-bit weight load per warp (512 B of codes)
+    gemv_body = [*body[:2], "LDG.E.EF.128 R16, desc[UR4][R2.64]", *body[3:]]
+    sass = _synthetic(body, gemm) + "\n" + _synthetic(gemv_body, gemv)
     ptxas = (f"ptxas info    : Compiling entry function '{gemm}' for 'sm_90'\n"
              f"ptxas info    : Function properties for {gemm}\n"
              "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
@@ -128,8 +130,11 @@ def test_budgets_and_ptxas_failures():
     assert reps["gemm"].metric == 7.0  # 7 instructions / 1 HMMA > 5
     assert any("per HMMA" in f for f in reps["gemm"].failures)
     assert {f.split()[0] for f in reps["gemm"].failures} >= {"7.00", "spill", "stack"}
-    assert reps["gemv"].metric == 7 * 2048 / 64  # 1 HMMA = 64 bytes of codes: 7 instr per 64 B = 224 per 2 KB
+    assert reps["gemv"].metric == 7 * 2048 / 512  # 1 LDG.128 per warp = 512 B of codes: 7 instr per 512 B
     assert reps["gemv"].failures == []
+    # a GEMV loop without a weight load cannot be measured per byte: it fails instead of passing as "0 per 2 KB"
+    (no_load,) = sb.analyze(_synthetic(body, gemv), ptxas, "90", "x.cu")
+    assert no_load.metric == float("inf") and any("per 2 KB" in f for f in no_load.failures)
 
 
 def _tools_or_skip():

@@ -516,8 +516,8 @@ MUTATIONS = [
      r"ldmatrix_x4<true>\(r, sB", "ldmatrix_x4<false>(r, sB", 1, "mma",
      lambda s: check_gemm_nn(s, torch.bfloat16, 33, 136, 72, 64, True, 0)),
     ("gemm: swizzle XOR removed on the A-operand ldmatrix read only (stores stay swizzled)",
-     "cuda/nf4_mma_kernel.cuh", r"ldmatrix_x4<false>\(a\[mi\], sA \+ swz\(row, ks \* 2 \+ \(lane >> 4\), kBK / 8\)\)",
-     "ldmatrix_x4<false>(a[mi], sA + row * kBK + (ks * 2 + (lane >> 4)) * 8)", 1, "mma",
+     "cuda/nf4_mma_kernel.cuh", r"return swz_a\(wm \* kWarpM \+ \(lane & 15\), ks \* 2 \+ \(lane >> 4\)\);",
+     "return (wm * kWarpM + (lane & 15)) * kBK + (ks * 2 + (lane >> 4)) * 8;", 1, "mma",
      lambda s: check_gemm_nt(s, torch.bfloat16, 33, 136, 72, 64, True, 0, False)),
     # pipeline and synchronization: what only an execution with real barriers and async copies can show
     ("gemm: cp.async.wait_group leaves the current tile's group in flight", "cuda/nf4_mma_kernel.cuh",

@@ -73,7 +73,7 @@ def matches_spec(spec: TargetSpec, name: str) -> bool:
 
 
 def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
-    """The value of the first key of `patterns` (rank_pattern / alpha_pattern) that matches module `name` by PEFT's
+    r"""The value of the first key of `patterns` (rank_pattern / alpha_pattern) that matches module `name` by PEFT's
     rule (utils/other.py `get_pattern_key`): the key is a regex that must match a whole dotted suffix of the name,
     `(.*\.)?(key)$` — so "v_proj", "q_proj|v_proj" and r".*\.1\.mlp\.down_proj" all work; `default` if none does."""
     for key, value in patterns.items():
