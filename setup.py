@@ -1,9 +1,12 @@
 """Build script for lowrank_ext.
 
 Knobs (environment variables):
-  LOWRANK_EXT_CUDA      auto (default) | 0 | 1. auto builds the CUDA kernels when torch is a CUDA
-                        build and a CUDA toolkit is found (CUDA_HOME / nvcc); no GPU is needed.
-  TORCH_CUDA_ARCH_LIST  CUDA archs; default "8.0;8.6;8.9;9.0+PTX" when unset.
+  LOWRANK_EXT_CUDA      auto (default) | 0 | 1 (build_helpers.cuda_decision). auto builds the CUDA kernels
+                        when a CUDA GPU is visible (for its arch) or TORCH_CUDA_ARCH_LIST is set, else the CPU
+                        kernels only; 1 builds them for every default arch (no GPU needed; CI, wheel builders).
+  TORCH_CUDA_ARCH_LIST  CUDA archs; with LOWRANK_EXT_CUDA=1 and unset: "8.0;8.6;8.9;9.0+PTX".
+  LOWRANK_EXT_PTXAS_VERBOSE  1: nvcc -Xptxas -v (registers, stack frame and spills of every kernel; CI reads them).
+  LOWRANK_EXT_BUILD_DIR the persistent build directory ninja reuses (default build/temp-<platform>-<python>).
   LOWRANK_EXT_CPU_ARCH  avx2 (default: -mavx2 -mfma -mf16c) | native (-march=native) | generic.
   MAX_JOBS, NVCC_THREADS  parallelism of the ninja build (torch.utils.cpp_extension reads them).
 Build after torch is installed:  pip install --no-build-isolation .
@@ -17,6 +20,9 @@ import sys
 
 import setuptools
 from setuptools import find_packages, setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_helpers import cuda_decision, is_build_command, persistent_build_ext  # noqa: E402
 
 
 def _default_cuda_home() -> None:
@@ -42,20 +48,23 @@ except ImportError:  # pragma: no cover - build-time message
     )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
-def cuda_wanted() -> bool:
-    mode = os.environ.get("LOWRANK_EXT_CUDA", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        sys.exit(f"lowrank_ext: LOWRANK_EXT_CUDA must be auto, 0 or 1, got {mode!r}")
-    available = torch.version.cuda is not None and CUDA_HOME is not None
-    if mode == "1" and not available:
-        sys.exit(
-            "lowrank_ext: LOWRANK_EXT_CUDA=1 but "
-            + ("torch is a CPU build" if torch.version.cuda is None else "no CUDA toolkit (CUDA_HOME) was found")
-        )
-    return available if mode == "auto" else mode == "1"
+def visible_gpu_capabilities() -> list[tuple[int, int]]:
+    """(major, minor) of every CUDA GPU this process sees (none on a CPU-only torch or a machine without one)."""
+    if torch.version.cuda is None or not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())]
+
+
+def decide_cuda():
+    """LOWRANK_EXT_CUDA=auto|0|1 -> build_helpers.CudaDecision (the GPU is probed only for auto)."""
+    mode = os.environ.get("LOWRANK_EXT_CUDA", "auto")
+    gpus = visible_gpu_capabilities() if mode.strip().lower() == "auto" and CUDA_HOME is not None else []
+    try:
+        return cuda_decision(mode, torch.version.cuda, CUDA_HOME, gpus, os.environ.get("TORCH_CUDA_ARCH_LIST"))
+    except ValueError as e:
+        sys.exit(str(e))
 
 
 def nvidia_wheel_includes() -> list[str]:
@@ -93,20 +102,37 @@ def write_build_config(with_cuda: bool, archs: str, cpu_flags: list[str]) -> Non
         f.write(f"CPU_FLAGS = {' '.join(cpu_flags)!r}\n")
 
 
+def torch_system_includes() -> list[str]:
+    """torch's headers as -isystem: gcc then reports no warning from inside them (ATen's vec headers carry
+    `#pragma unroll`, which gcc ignores with -Wunknown-pragmas: 26 warnings per build in adamw.cpp). gcc drops
+    the -I copy of a directory also given with -isystem, so the search order is otherwise unchanged."""
+    from torch.utils.cpp_extension import include_paths
+
+    flags = []
+    for inc in include_paths():
+        flags += ["-isystem", inc]
+    return flags
+
+
 def make_extension():
-    with_cuda = cuda_wanted()
+    """The extension to build. Outside a build (sdist, egg_info, dist_info: metadata only) the CPU sources and
+    no decision: nothing is probed, printed or written (the sdist ships csrc/ whole through MANIFEST.in)."""
+    building = is_build_command()
+    decision = decide_cuda() if building else None
+    with_cuda = decision is not None and decision.with_cuda
+    if decision is not None:
+        print(decision.message, flush=True)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cpu_flags = cpu_arch_flags()
     # -ffp-contract=off: g++ would fuse a*b+c into one FMA (one rounding) where the NF4 format needs two.
-    cxx = ["-O3", "-std=c++20", "-fno-fast-math", "-ffp-contract=off", "-fopenmp", *cpu_flags]
+    cxx = ["-O3", "-std=c++20", "-fno-fast-math", "-ffp-contract=off", "-fopenmp", *cpu_flags,
+           *torch_system_includes()]
     include_dirs = [os.path.join(HERE, "csrc", "include")]
     archs = ""
     nvcc_system_includes: list[str] = []
     if with_cuda:
-        if not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
-            print(f"lowrank_ext: TORCH_CUDA_ARCH_LIST unset, building for {DEFAULT_ARCHS}")
-        archs = os.environ["TORCH_CUDA_ARCH_LIST"]
+        archs = decision.archs
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # what torch.utils.cpp_extension compiles for
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
         include_dirs.append(os.path.join(CUDA_HOME, "include"))  # .cpp files include cuda_runtime_api.h too
         # -isystem (searched after the toolkit's -I) so the wheels only fill what the toolkit lacks
@@ -122,6 +148,8 @@ def make_extension():
             "--expt-relaxed-constexpr",
             # No --use_fast_math: quantization must be bit-exact with bitsandbytes.
         ]
+        if os.environ.get("LOWRANK_EXT_PTXAS_VERBOSE", "0") == "1":
+            nvcc.append("-Xptxas=-v")  # "Used N registers, M bytes stack frame, S bytes spill stores" per kernel
         for inc in nvcc_system_includes:
             nvcc += ["-isystem", inc]
         threads = os.environ.get("NVCC_THREADS")
@@ -144,8 +172,28 @@ def make_extension():
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],
         )
-    write_build_config(with_cuda, archs, cpu_flags)
+    ext.lowrank_ext_config = (with_cuda, archs, cpu_flags)  # written by write_config_when_building, only when building
     return ext
+
+
+def write_config_when_building(command) -> None:
+    """Before build_ext compiles: lowrank_ext/_build_config.py for what is being built. A wheel's build_py
+    copied lowrank_ext/ already, so the file goes into the wheel's build directory too."""
+    import shutil
+
+    for ext in command.extensions:
+        config = getattr(ext, "lowrank_ext_config", None)
+        if config is None:
+            continue
+        write_build_config(*config)
+        dest = os.path.join(command.build_lib, "lowrank_ext")
+        if not (command.inplace or getattr(command, "editable_mode", False)) and os.path.isdir(dest):
+            shutil.copy2(os.path.join(HERE, "lowrank_ext", "_build_config.py"), dest)
+
+
+# torch's BuildExtension (ninja) in a persistent build directory: a second build with nothing changed compiles
+# nothing (build_helpers.persistent_build_temp).
+BuildExt = persistent_build_ext(BuildExtension, HERE, before_build=write_config_when_building)
 
 
 def license_metadata() -> dict[str, str]:
@@ -158,5 +206,5 @@ setup(
     **license_metadata(),
     packages=find_packages(include=["lowrank_ext", "lowrank_ext.*"]),
     ext_modules=[make_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )
