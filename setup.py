@@ -22,7 +22,7 @@ import setuptools
 from setuptools import find_packages, setup
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from build_helpers import cuda_decision, is_build_command, persistent_build_ext  # noqa: E402
+from build_helpers import cuda_decision, is_build_command, persistent_build_ext
 
 
 def _default_cuda_home() -> None:

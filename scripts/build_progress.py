@@ -36,7 +36,7 @@ def progress_line(line: str) -> str | None:
         what = short_name(target.group(1)) if target else command[:60]
         return f"[{done}/{total}{' ' + secs + 's' if secs else ''}] {what}"
     text = line.strip()
-    if text.startswith("lowrank_ext") or text.startswith("ninja: no work to do") or re.search(r"\berror\b[:\s]", text):
+    if text.startswith(("lowrank_ext", "ninja: no work to do")) or re.search(r"\berror\b[:\s]", text):
         return text
     return None
 

@@ -38,7 +38,7 @@ say "building a CPU-only wheel from the sdist (LOWRANK_EXT_CUDA=0, MAX_JOBS=${MA
 LOWRANK_EXT_CUDA=0 MAX_JOBS=${MAX_JOBS:-2} python -m pip wheel -v --no-build-isolation --no-deps -w "$WORK/wheel" \
   "$SDIST" > "$WORK/wheel.log" 2>&1 || { tail -n 60 "$WORK/wheel.log"; exit 1; }
 WHEEL=$(ls "$WORK"/wheel/lowrank_ext-*.whl)
-grep -E "^\[[0-9]+/[0-9]+\]" "$WORK/wheel.log" | wc -l | xargs echo "  objects compiled:"
+echo "  objects compiled: $(grep -cE '^\s*\[[0-9]+/[0-9]+\] (c\+\+|.*nvcc)' "$WORK/wheel.log" || true)"
 
 say "a fresh venv with torch==$TORCH_VERSION, numpy, pytest and the wheel $(basename "$WHEEL")"
 if [ ! -x "$WORK/venv/bin/python" ] || ! "$WORK/venv/bin/python" -c "import torch" 2>/dev/null; then
