@@ -16,10 +16,12 @@ matplotlib or safetensors (they are imported where they are used).
 
 import sys as _sys
 
+from lowrank_ext.finetune.cli_args import wants_help as _wants_help  # torch-free
+
 # `python -m lowrank_ext [...] --help`: Python imports this package before running __main__.py, with sys.argv[0]
 # still "-m" (the documented value while -m locates its module). Then nothing below is imported — torch least of
 # all — and __main__.py prints the help from the torch-free parser (finetune/cli_args.py) in a fraction of a second.
-_HELP_ONLY = _sys.argv[:1] == ["-m"] and any(arg in ("-h", "--help") for arg in _sys.argv[1:])
+_HELP_ONLY = _sys.argv[:1] == ["-m"] and _wants_help(_sys.argv[1:])
 
 if not _HELP_ONLY:
     from lowrank_ext import distributed, nn, ops, optim  # distributed: torch.distributed is imported lazily

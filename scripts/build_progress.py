@@ -34,7 +34,7 @@ def progress_line(line: str) -> str | None:
         done, total, secs, command = m.groups()
         target = _SOURCE.search(command) or _OUTPUT.search(command)
         what = short_name(target.group(1)) if target else command[:60]
-        return f"[{done}/{total}{' ' + secs + 's' if secs else ''}] {what}"
+        return f"[{done}/{total}{f' {float(secs):.0f}s' if secs else ''}] {what}"
     text = line.strip()
     if text.startswith(("lowrank_ext", "ninja: no work to do")) or re.search(r"\berror\b[:\s]", text):
         return text

