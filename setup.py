@@ -152,6 +152,7 @@ def make_extension():
             nvcc.append("-Xptxas=-v")  # "Used N registers, M bytes stack frame, S bytes spill stores" per kernel
         for inc in nvcc_system_includes:
             nvcc += ["-isystem", inc]
+        nvcc += torch_system_includes()  # (no warnings from inside torch's headers in the .cu files either)
         threads = os.environ.get("NVCC_THREADS")
         if threads:
             nvcc.append(f"--threads={threads}")

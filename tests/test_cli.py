@@ -681,7 +681,7 @@ def test_model_cache_is_keyed_by_the_gguf_bytes(tmp_path, monkeypatch):
     os.utime(copy, ns=(1, 1))
     assert models._stamp_of(copy) == models._stamp_of(gguf)
     models._cached_smollm2()
-    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: copy)
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda command="finetune": copy)
     assert models._cached_smollm2() == (models.cache_root() / models._CACHE_NAME, True)
 
 

@@ -171,6 +171,12 @@ def _default_output(a: argparse.Namespace, dctx=None) -> None:
     a.output, a.output_is_new_run = chosen, not a.resume
 
 
+def _say_run_dir(out: Path | str) -> None:
+    """The summary's last line when the run chose its own directory (no --output)."""
+    print(f"this run: {out} (a new directory each run without --output; earlier runs stay in "
+          f"{DEFAULT_OUTPUT_ROOT}, --resume continues the latest)", flush=True)
+
+
 def _nothing_saved_yet(out: Path) -> bool:
     """True when `out` holds nothing but what a run killed before its first checkpoint leaves: nothing,
     an empty checkpoint directory, or one with only interrupted temporary files (lowrank_ext/_atomic.py)."""
@@ -662,8 +668,7 @@ def _summary(a: argparse.Namespace, plan: _Plan, data: _Data, job: _Job, result,
     ]
     print("summary\n" + _table(rows), flush=True)
     if getattr(a, "output_is_new_run", False):
-        print(f"this run: {plan.out} (a new directory each run without --output; earlier runs stay in "
-              f"{DEFAULT_OUTPUT_ROOT}, --resume continues the latest)", flush=True)
+        _say_run_dir(plan.out)
     if not reload_ok:
         raise CLIError(f"lowrank_ext finetune: the reloaded adapter must reproduce the held-out loss "
                        f"{result.eval_after:.6f}, got {saved.reload_loss:.6f}")
@@ -687,7 +692,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.output is None:  # the processes share the run directory chosen here
                     _default_output(args)
                     argv += ["--output", args.output]
-                return parallel.launch(argv, args.nproc)
+                rc = parallel.launch(argv, args.nproc)
+                if rc == 0 and args.output_is_new_run:  # (the processes were given it as --output)
+                    _say_run_dir(args.output)
+                return rc
         if args.command == "finetune":
             finetune(args)
         elif args.command == "doctor":
