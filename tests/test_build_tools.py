@@ -72,18 +72,46 @@ def test_only_build_commands_decide_and_write_the_config():
         assert not build_helpers.is_build_command(metadata_only)
 
 
-def test_setup_py_prints_the_decision_and_passes_ptxas_v_on_request():
-    """setup.py's auto on this process (no GPU here unless torch sees one), through a dry make_extension."""
-    code = ("import sys, runpy; sys.argv = ['setup.py', 'build_ext']\n"
-            "import setuptools; setuptools.setup = lambda **kw: print('EXT', kw['ext_modules'][0].sources)\n"
+def _dry_setup(**env_vars: str) -> subprocess.CompletedProcess:
+    """setup.py as `setup.py build_ext` runs it, up to the setup() call, which prints the extension instead:
+    EXT <sources> / NVCC <nvcc flags> / ARCHS <TORCH_CUDA_ARCH_LIST>. Nothing is compiled."""
+    code = ("import os, sys, runpy; sys.argv = ['setup.py', 'build_ext']\n"
+            "import setuptools\n"
+            "def show(**kw):\n"
+            "    ext = kw['ext_modules'][0]\n"
+            "    print('EXT', ext.sources)\n"
+            "    print('NVCC', ext.extra_compile_args.get('nvcc') if isinstance(ext.extra_compile_args, dict) else None)\n"
+            "    print('ARCHS', os.environ.get('TORCH_CUDA_ARCH_LIST'))\n"
+            "setuptools.setup = show\n"
             "runpy.run_path('setup.py', run_name='__main__')\n")
-    env = {**os.environ, "LOWRANK_EXT_CUDA": "auto", "PYTHONDONTWRITEBYTECODE": "1"}
-    env.pop("TORCH_CUDA_ARCH_LIST", None)
-    config = ROOT / "lowrank_ext" / "_build_config.py"
-    before = config.read_bytes() if config.exists() else None
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", **env_vars}
+    for name in ("TORCH_CUDA_ARCH_LIST", "LOWRANK_EXT_PTXAS_VERBOSE"):
+        if name not in env_vars:
+            env.pop(name, None)
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                        check=False)
     assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_setup_py_with_cuda_1_builds_every_default_arch_and_ptxas_v_on_request():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None or CUDA_HOME is None:
+        pytest.skip("needs a CUDA build of torch and a CUDA toolkit (nvcc) to configure a CUDA build")
+    r = _dry_setup(LOWRANK_EXT_CUDA="1", LOWRANK_EXT_PTXAS_VERBOSE="1")
+    assert f"ARCHS {DEFAULT_ARCHS}" in r.stdout and "csrc/cuda/nf4.cu" in r.stdout
+    assert "'-Xptxas=-v'" in r.stdout.split("NVCC", 1)[1].splitlines()[0]  # CI's spill report reads its numbers
+    quiet = _dry_setup(LOWRANK_EXT_CUDA="1")
+    assert "-Xptxas=-v'" not in quiet.stdout and "'-Xptxas=-warn-spills'" in quiet.stdout
+
+
+def test_setup_py_prints_the_decision_and_writes_nothing():
+    """setup.py's auto on this process (no GPU here unless torch sees one), through a dry make_extension."""
+    config = ROOT / "lowrank_ext" / "_build_config.py"
+    before = config.read_bytes() if config.exists() else None
+    r = _dry_setup(LOWRANK_EXT_CUDA="auto")
     import torch
 
     if torch.cuda.is_available():
