@@ -23,6 +23,7 @@ from lowrank_ext.finetune.cli_args import wants_help as _wants_help  # torch-fre
 # all — and __main__.py prints the help from the torch-free parser (finetune/cli_args.py) in a fraction of a second.
 _HELP_ONLY = _sys.argv[:1] == ["-m"] and _wants_help(_sys.argv[1:])
 
+_adapters_all: list[str] = []  # (filled below; stays empty for a --help)
 if not _HELP_ONLY:
     from lowrank_ext import distributed, nn, ops, optim  # distributed: torch.distributed is imported lazily
     from lowrank_ext._extension import (  # first: loads _C or fails loudly
@@ -73,5 +74,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["NF4Weight", "allocate_ranks", "build_info", "cpu_isa", "distributed", "has_cuda_kernels",
-           "last_kernel_path", "native_bf16_matmul", "nn", "ops", "optim", "quantize_nf4",
-           *(() if _HELP_ONLY else _adapters_all)]
+           "last_kernel_path", "native_bf16_matmul", "nn", "ops", "optim", "quantize_nf4"]
+__all__.extend(_adapters_all)
