@@ -46,7 +46,7 @@ if [ ! -x "$WORK/venv/bin/python" ] || ! "$WORK/venv/bin/python" -c "import torc
   "$WORK/venv/bin/python" -m pip install -q "torch==$TORCH_VERSION" numpy pytest
 fi
 "$WORK/venv/bin/python" -m pip install -q --force-reinstall --no-deps "$WHEEL"
-"$WORK/venv/bin/python" -m pip check | grep -v "^No broken" || true
+"$WORK/venv/bin/python" -m pip check  # the wheel's requirements are met by torch + numpy alone
 
 say "doctor, from outside the checkout"
 tar xzf "$SDIST" -C "$WORK/run"
