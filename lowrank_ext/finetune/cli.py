@@ -149,26 +149,28 @@ def _check_args(a: argparse.Namespace) -> None:
 
 
 def _default_output(a: argparse.Namespace, dctx=None) -> None:
-    """--output unset: a new run directory under ./lowrank-out (finetune/run_dirs.py), or with --resume the latest
-    one there. Sets a.output (and a.output_is_new_run). Several processes: rank 0 chooses, every rank uses it."""
+    """--output unset: a new run directory under ./lowrank-out (finetune/run_dirs.py), or with a bare --resume the
+    latest one there. Sets a.output (and a.output_is_new_run). Several processes: rank 0 chooses, every rank uses it."""
     a.output_is_new_run = False
     if a.output is not None:
         return
-    chosen = None
+    chosen, is_new, error = None, False, None
     if dctx is None or dctx.rank == 0:
-        if a.resume:
-            latest = latest_run(DEFAULT_OUTPUT_ROOT)
-            if latest is None and a.resume is True:
-                raise CLIError(f"lowrank_ext finetune: --resume without --output must find an earlier run in "
-                               f"{DEFAULT_OUTPUT_ROOT}, got none (pass --output DIR)")
-            chosen = str(latest) if latest is not None else str(new_run_dir(DEFAULT_OUTPUT_ROOT))
+        latest = latest_run(DEFAULT_OUTPUT_ROOT) if a.resume is True else None  # (--resume DIR: a new run)
+        if a.resume is True and latest is None:
+            error = (f"lowrank_ext finetune: --resume without --output must find an earlier run in "
+                     f"{DEFAULT_OUTPUT_ROOT}, got none (pass --output DIR)")
+        elif latest is not None:
+            chosen = str(latest)
         else:
-            chosen = str(new_run_dir(DEFAULT_OUTPUT_ROOT))
-    if dctx is not None:
-        box = [chosen]
+            chosen, is_new = str(new_run_dir(DEFAULT_OUTPUT_ROOT)), True
+    if dctx is not None:  # every rank learns rank 0's choice (or its error: no rank is left waiting)
+        box = [chosen, is_new, error]
         torch.distributed.broadcast_object_list(box, src=0, device=dctx.device if dctx.device.type == "cuda" else None)
-        chosen = box[0]
-    a.output, a.output_is_new_run = chosen, not a.resume
+        chosen, is_new, error = box
+    if error:
+        raise CLIError(error)
+    a.output, a.output_is_new_run = chosen, is_new
 
 
 def _say_run_dir(out: Path | str) -> None:
