@@ -120,8 +120,8 @@ def test_first_run_says_it_converts_the_model(capsys, tmp_path, monkeypatch):
     dest, fresh = models._cached_smollm2()
     out = capsys.readouterr().out
     assert not fresh and converted == [gguf]
-    assert re.search(r"^converting the packaged SmolLM2-135M-Instruct .* \(the first run only; 20-100 s\)$", out, re.M)
-    assert re.search(r"^converted in \d+ s; later runs load ", out, re.M)
+    assert re.search(r"^converting the packaged SmolLM2-135M-Instruct .* \(the first run only; 20-100 s\)$", out, re.MULTILINE)
+    assert re.search(r"^converted in \d+ s; later runs load ", out, re.MULTILINE)
     assert models._cached_smollm2() == (dest, True) and capsys.readouterr().out == ""  # cached: silent
 
 
