@@ -14,18 +14,29 @@ This module only re-exports; `import lowrank_ext` loads none of transformers, pe
 matplotlib or safetensors (they are imported where they are used).
 """
 
-from lowrank_ext import distributed, nn, ops, optim  # distributed: torch.distributed is imported lazily
-from lowrank_ext._extension import (  # first: loads _C or fails loudly
-    build_info,
-    cpu_isa,
-    has_cuda_kernels,
-    last_kernel_path,
-    native_bf16_matmul,
-)
-from lowrank_ext.adapters import *
-from lowrank_ext.adapters import __all__ as _adapters_all
-from lowrank_ext.finetune.rank_allocation import allocate_ranks
-from lowrank_ext.nf4 import NF4Weight, quantize_nf4
+import sys as _sys
+
+from lowrank_ext.finetune.cli_args import wants_help as _wants_help  # torch-free
+
+# `python -m lowrank_ext [...] --help`: Python imports this package before running __main__.py, with sys.argv[0]
+# still "-m" (the documented value while -m locates its module). Then nothing below is imported — torch least of
+# all — and __main__.py prints the help from the torch-free parser (finetune/cli_args.py) in a fraction of a second.
+_HELP_ONLY = _sys.argv[:1] == ["-m"] and _wants_help(_sys.argv[1:])
+
+_adapters_all: list[str] = []  # (filled below; stays empty for a --help)
+if not _HELP_ONLY:
+    from lowrank_ext import distributed, nn, ops, optim  # distributed: torch.distributed is imported lazily
+    from lowrank_ext._extension import (  # first: loads _C or fails loudly
+        build_info,
+        cpu_isa,
+        has_cuda_kernels,
+        last_kernel_path,
+        native_bf16_matmul,
+    )
+    from lowrank_ext.adapters import *
+    from lowrank_ext.adapters import __all__ as _adapters_all
+    from lowrank_ext.finetune.rank_allocation import allocate_ranks
+    from lowrank_ext.nf4 import NF4Weight, quantize_nf4
 
 __version__ = "0.1.0"
 
@@ -63,4 +74,5 @@ def __getattr__(name: str):
 
 
 __all__ = ["NF4Weight", "allocate_ranks", "build_info", "cpu_isa", "distributed", "has_cuda_kernels",
-           "last_kernel_path", "native_bf16_matmul", "nn", "ops", "optim", "quantize_nf4", *_adapters_all]
+           "last_kernel_path", "native_bf16_matmul", "nn", "ops", "optim", "quantize_nf4"]
+__all__.extend(_adapters_all)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up a virtual environment in .venv with torch 2.14.1, the test/demo extras, and builds
-# lowrank_ext into it (CUDA kernels too when a CUDA toolkit is present: LOWRANK_EXT_CUDA=auto|0|1).
-# Safe to run again: it reuses .venv and rebuilds the extension.
+# lowrank_ext into it. LOWRANK_EXT_CUDA=auto (default) builds the CUDA kernels only when a CUDA GPU is visible
+# or TORCH_CUDA_ARCH_LIST is set; 1 builds them for every default arch (CI), 0 never (setup.py says which).
+# Safe to run again: it reuses .venv, and the build reuses its objects (build/temp-*: ninja recompiles only
+# what changed — nothing, the second time). The terminal shows one line per compiled object; build.log has it all.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
@@ -26,10 +28,12 @@ say "building lowrank_ext (LOWRANK_EXT_CUDA=${LOWRANK_EXT_CUDA:-auto}, MAX_JOBS=
 export MAX_JOBS=${MAX_JOBS:-2}
 # Editable install: the compiled _C lands in the source tree, so `python -m lowrank_ext` and pytest run
 # from this folder import the same package (a plain `pip install .` works too, for users).
-python -m pip install -v --no-build-isolation --no-deps -e . > build.log 2>&1 || {
+# NINJA_STATUS: ninja's progress prefix with the seconds since the build started ("[3/9 41s]").
+export NINJA_STATUS="[%f/%t %es] "
+if ! python -m pip install -v --no-build-isolation --no-deps -e . 2>&1 | python scripts/build_progress.py build.log; then
   tail -n 80 build.log
   echo "lowrank_ext: build failed; the full log is in build.log" >&2
   exit 1
-}
+fi
 python -c "import lowrank_ext, json; print(json.dumps(lowrank_ext.build_info()))"
 say "done"

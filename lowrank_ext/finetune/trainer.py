@@ -48,11 +48,12 @@ import torch
 
 from lowrank_ext._atomic import atomic_write
 
+# CHECKPOINT_FILE / CHECKPOINT_SUBDIR are defined with the run directories, torch-free (`--help` names them)
+from lowrank_ext.finetune.run_dirs import CHECKPOINT_FILE, CHECKPOINT_SUBDIR  # noqa: F401 (re-exported)
+
 __all__ = ["TrainConfig", "TrainResult", "Trainer", "evaluate", "lr_factor", "memory_mb", "rng_state",
            "seed_everything", "set_rng_state", "warmup_cosine"]
 
-CHECKPOINT_FILE = "trainer_state.pt"
-CHECKPOINT_SUBDIR = "checkpoint"  # finetune's checkpoints live in OUTPUT/checkpoint (either trainer)
 _FORMAT = "lowrank_ext.train/2"  # /2: "rng" holds every stream and "eval_before" is saved; /1 still loads
 _FORMATS = (_FORMAT, "lowrank_ext.train/1")
 
@@ -402,15 +403,19 @@ class Trainer:
         return rec, step_tokens
 
     def train(self, resume: bool | str | os.PathLike = False,
-              on_step: Callable[[dict], None] | None = None) -> TrainResult:
+              on_step: Callable[[dict], None] | None = None,
+              announce: Callable[[str], None] | None = None) -> TrainResult:
         """Run until `config.steps` optimizer steps are done (continuing from a checkpoint with
-        `resume=True` (checkpoint_dir) or `resume=<directory>`)."""
+        `resume=True` (checkpoint_dir) or `resume=<directory>`). `announce` (e.g. print) gets one line as each
+        evaluation pass over the held-out batches starts (the phases without a progress bar)."""
         cfg = self.config
+        say_phase = announce or (lambda line: None)
         if resume:
             self.load_checkpoint(None if resume is True else resume)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         if self.eval_before is None:  # a resumed run reports the loss before its first step, not the checkpoint's
+            say_phase(f"evaluating the held-out loss before training ({len(self.eval_batches)} batches)")
             self.eval_before = self.evaluate()
         self.model.train()
         bar = None
@@ -457,6 +462,7 @@ class Trainer:
         self.check_finite_state()
         if self.checkpoint_dir is not None and steps_run and saved_at != self.step:
             self.save_checkpoint()
+        say_phase(f"evaluating the held-out loss after training ({len(self.eval_batches)} batches)")
         eval_after = self.evaluate()
         return TrainResult(eval_before=self.eval_before, eval_after=eval_after, steps=self.step, seconds=seconds,
                            seconds_per_step=seconds / max(steps_run, 1), tokens_per_second=tokens / max(seconds, 1e-9),
