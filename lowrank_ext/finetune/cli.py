@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=GRADIENT_CHECKPOINTING,
                    help="recompute each transformer block's forward in backward (torch.utils.checkpoint, "
                         "non-reentrant) instead of keeping its activations")
+    f.add_argument("--fused-model-ops", action=argparse.BooleanOptionalAction, default=True,
+                   help="lowrank_ext backend on a Llama/Qwen2/Mistral/Gemma model: run RMSNorm+residual, rotary "
+                        "embedding and SwiGLU as fused ops (lowrank_ext.patch_model); --no-fused-model-ops to compare")
     _memory_parser(sub)
 
     b = sub.add_parser("bench", help="run the package's benchmarks, print tables and write a chart")
@@ -527,6 +530,11 @@ def _build(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data) -> _Job:
     target_numel = _target_numel(model, a.variant, plan.targets)
     model = (plan.backend.load_pretrained(Path(lm.source), spec, plan.device) if plan.streamed
              else plan.backend.inject(model, spec, tokenizer=lm.tokenizer))
+    if a.fused_model_ops and plan.backend.name == "lowrank_ext":
+        from lowrank_ext.nn.fused_model import fused_ops_supported, patch_model
+
+        if fused_ops_supported(model):
+            patch_model(model)
     if a.gradient_checkpointing:
         from lowrank_ext.finetune.memory import enable_gradient_checkpointing
 
