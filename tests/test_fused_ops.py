@@ -173,11 +173,27 @@ def test_swiglu_gradcheck():
 # ---- the bf16 rounding: one rounding of the fp32 result, to nearest even --------------------------------------
 
 
+def test_bf16_rounding_is_nearest_even_bit_for_bit(isa):
+    # rope with sin = 0 computes q·cos in fp32 exactly (two 8-bit mantissas: a 16-bit product), so every
+    # product of mantissas 1 + i/128 and 1 + s/128 lands on ties (low 16 bits 0x8000, even and odd), just above
+    # and just below them: the kernel's bf16 store must round each exactly as torch's round-to-nearest-even.
+    m = 1 + torch.arange(128, dtype=torch.float32) / 128
+    q = torch.cat((m, -m)).repeat(128, 1)[None, None]  # [1, 1, 128 positions, 256]
+    cos = m[:, None].expand(128, 256)[None].contiguous()  # row s: 1 + s/128
+    q, cos = q.bfloat16(), cos.bfloat16()
+    out, _ = rope(q, q, cos, torch.zeros_like(cos))
+    assert torch.equal(out.view(torch.int16), (q.float() * cos.float()).bfloat16().view(torch.int16))
+
+
 def test_bf16_output_is_the_fp32_result_rounded_once(isa):
     gate, up = _rand(4, 100, seed=1), _rand(4, 100, seed=2)
     gate, up = gate.bfloat16().float(), up.bfloat16().float()  # exactly representable inputs
+    gate[1, 3] = float("nan")  # NaN stays NaN
     fp32 = swiglu(gate, up)
-    assert torch.equal(swiglu(gate.bfloat16(), up.bfloat16()), fp32.bfloat16())  # torch's .bfloat16() rounds RNE
+    got = swiglu(gate.bfloat16(), up.bfloat16())
+    assert torch.equal(got.isnan(), fp32.isnan()) and got[1, 3].isnan()
+    ok = ~fp32.isnan()
+    assert torch.equal(got[ok], fp32.bfloat16()[ok])  # torch's .bfloat16() rounds to nearest even
 
 
 # ---- what backward keeps ---------------------------------------------------------------------------------------
