@@ -153,7 +153,7 @@ def test_refuses_an_unknown_model():
 
 
 # ---- finetune: on by default, --no-fused-model-ops to compare -----------------------------------------------------
-from test_cli import TINY, needs_model, tiny_model_dir  # noqa: E402,F401  (the CLI tests' tiny Llama directory)
+from test_cli import TINY, needs_model, tiny_model_dir  # noqa: F401  (the CLI tests' tiny Llama directory)
 
 
 @needs_model
