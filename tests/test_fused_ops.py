@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICES
+from conftest import CUDA_OK, DEVICES
 
 import lowrank_ext
 from lowrank_ext._reference.fused import add_rms_norm_ref, rms_norm_ref, rope_ref, swiglu_ref
@@ -240,6 +240,37 @@ def test_opcheck(device, dtype):
     torch.library.opcheck(lib.rms_norm_backward, (res, x, x, w, 1e-6, 0.0))
     torch.library.opcheck(lib.rope_backward, (q.detach(), k.detach(), cos, sin))
     torch.library.opcheck(lib.swiglu_backward, (x, res, x))
+
+
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA GPU and CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_forward_backward(dtype):
+    """The CUDA kernels (csrc/cuda/fused_*.cuh) against float64 eager math, with the CPU tests' bounds."""
+    x, res, gy, gh = (_rand(5, 300, dtype=dtype, seed=s).cuda() for s in (1, 2, 3, 4))
+    w = (_rand(300, seed=5, scale=0.3) + 1.0).cuda()
+    got = _grads(lambda a, b, c: add_rms_norm(a, b, c, 1e-6, 1.0), (x, res, w), (gy, gh))
+    want = _grads(lambda a, b, c: add_rms_norm_ref(a, b, c, 1e-6, 1.0), (x.double(), res.double(), w.double()),
+                  (gy.double(), gh.double()))
+    _close(got[0], want[0], dtype)
+    _close(add_rms_norm(x, res, w, 1e-6, 1.0)[0], add_rms_norm_ref(x.double(), res.double(), w.double(), 1e-6, 1.0)[0],
+           dtype)
+    q, k, cos, sin = (t.cuda() for t in _qkcs(2, 9, 3, 7, 64, dtype))
+    qo, ko = rope(q, k, cos, sin)
+    qr, kr = rope_ref(q.double(), k.double(), cos.double(), sin.double())
+    _close(qo, qr, dtype)
+    _close(ko, kr, dtype)
+    gq, gk = _rand(*q.shape, dtype=dtype, seed=7).cuda(), _rand(*k.shape, dtype=dtype, seed=8).cuda()
+    got = _grads(lambda a, b: rope(a, b, cos, sin), (q, k), (gq, gk))
+    want = _grads(lambda a, b: rope_ref(a, b, cos.double(), sin.double()), (q.double(), k.double()),
+                  (gq.double(), gk.double()))
+    _close(got[0], want[0], dtype)
+    _close(got[1], want[1], dtype)
+    gate, up = _rand(4, 1536, dtype=dtype, seed=1, scale=4.0).cuda(), _rand(4, 1536, dtype=dtype, seed=2).cuda()
+    _close(swiglu(gate, up), swiglu_ref(gate.double(), up.double()), dtype)
+    got = _grads(swiglu, (gate, up), (gy[:4, :1].expand(4, 1536).contiguous(),))
+    want = _grads(swiglu_ref, (gate.double(), up.double()), (gy[:4, :1].expand(4, 1536).double(),))
+    _close(got[0], want[0], dtype)
+    _close(got[1], want[1], dtype)
 
 
 def test_compile_fullgraph():

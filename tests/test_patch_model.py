@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from _tiny_models import tiny_causal_lm, tiny_gpt2, tokens
+from _tiny_models import save_tiny_llama_dir, tiny_causal_lm, tiny_gpt2, tokens
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowrank_ext as L
@@ -118,6 +118,26 @@ def test_composes_with_qlora_inject():
     for n, p in ref.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("loader", ["load_pretrained", "NF4Config"])
+def test_composes_with_the_nf4_loaders(tmp_path, loader):
+    import transformers
+
+    save_tiny_llama_dir(tmp_path)
+    if loader == "load_pretrained":  # streamed QLoRA load, then patch
+        torch.manual_seed(0)
+        model = L.load_pretrained(tmp_path, L.LoRAConfig(r=4, alpha=8, target_modules="all-linear", quantize="nf4"))
+    else:  # transformers' from_pretrained with our quantizer: Linear4bit layers
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=L.NF4Config())
+    ref = copy.deepcopy(model)
+    patched = L.patch_model(model)
+    ids = tokens(batch=2, seq=9) % 200
+    with torch.no_grad(), _OpLog() as log:
+        got = patched(input_ids=ids).logits
+    assert {"lowrank_ext::add_rms_norm", "lowrank_ext::rope", "lowrank_ext::swiglu"} <= log.names
+    with torch.no_grad():
+        torch.testing.assert_close(got, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_compile_fullgraph():

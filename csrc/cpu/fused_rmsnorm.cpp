@@ -31,7 +31,10 @@ FusedDtype fused_dtype(const at::Tensor& t) {
 // The lane type of the kernels: fp64 for a float64 input, else fp32 (bf16 math is fp32).
 at::ScalarType math_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, 16384 / dim); }  // ~16k elements per task
+// Rows per task: ~32K elements, torch's own grain (at::internal::GRAIN_SIZE), so a small norm runs on the
+// calling thread instead of paying a parallel region (and, on a loaded machine, a barrier on a descheduled
+// thread).
+int64_t row_grain(int64_t dim) { return std::max<int64_t>(1, 32768 / dim); }
 
 at::Tensor rms_norm_impl(const at::Tensor& x_in, const at::Tensor* residual_in, at::Tensor* h_out,
                          const at::Tensor& weight, double eps, double weight_offset) {
@@ -86,7 +89,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   at::Tensor grad_x = at::empty(hc.sizes(), hc.options());
   const int64_t D = hc.size(-1), rows = hc.numel() / D;
   // One weight-gradient accumulator per task; tasks are contiguous row ranges (deterministic sum order).
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+  const int64_t tasks =
+      std::max<int64_t>(1, std::min<int64_t>(ceil_div(rows, row_grain(D)), at::get_num_threads()));
   at::Tensor acc = at::zeros({tasks, D}, w.options());
   RmsNormRows a{};
   a.dim = D;

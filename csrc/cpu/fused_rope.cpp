@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
 
 #include "fused_kernels.h"
@@ -51,7 +52,8 @@ at::Tensor rotate(const at::Tensor& in_arg, const at::Tensor& cos, const at::Ten
   const int64_t rows = in.size(0) * a.heads * a.seq;
   const FusedDtype dt = fused_dtype(in);
   const auto& k = cpu::fused_kernels_for(dt);
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) { k.rope(dt, a, r0, r1); });
+  const int64_t grain = std::max<int64_t>(1, 32768 / a.dim);  // ~32K elements a task (torch's grain)
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { k.rope(dt, a, r0, r1); });
   return out;
 }
 

@@ -1,7 +1,7 @@
 // cpu/fused_swiglu.cpp — the SwiGLU ops on the CPU: swiglu (silu(gate) · up, the Llama/Qwen2/Mistral MLP's
 // activation) and swiglu_backward (σ recomputed from gate: only gate and up are saved). Math:
 // fused_kernels.h (SwiGluSpan); kernel: fused_swiglu_kernel.h, per ISA. Flat contiguous buffers, split over
-// OpenMP threads in spans of 16k elements.
+// OpenMP threads in spans of 32K elements.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,7 +18,8 @@ namespace {
 using cpu::FusedDtype;
 using cpu::SwiGluSpan;
 
-constexpr int64_t kSpan = 16384;  // elements per parallel task (a multiple of every ISA's lane count)
+// Elements per parallel task: torch's grain (at::internal::GRAIN_SIZE), a multiple of every ISA's lane count.
+constexpr int64_t kSpan = 32768;
 
 FusedDtype fused_dtype(const at::Tensor& t) {
   switch (t.scalar_type()) {
