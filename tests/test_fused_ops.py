@@ -78,6 +78,22 @@ def test_rms_norm_forward_backward(isa, dtype, shape, offset):
     _close(grads[1], want[1], dtype)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rms_norm_weight_gradient_over_several_threads(isa, threads):
+    # 256 x 576: ~147K elements, several 32K-element tasks, each with its own weight-gradient row
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x, gy = _rand(256, 576, seed=1), _rand(256, 576, seed=2)
+        w = _rand(576, seed=3, scale=0.3) + 1.0
+        gx, gw = _grads(lambda a, b: rms_norm(a, b, 1e-6), (x, w), (gy,))
+    finally:
+        torch.set_num_threads(old)
+    gx_ref, gw_ref = _grads(lambda a, b: rms_norm_ref(a, b, 1e-6), (x.double(), w.double()), (gy.double(),))
+    _close(gx, gx_ref, torch.float32)
+    torch.testing.assert_close(gw.double(), gw_ref, rtol=1e-5, atol=1e-4)
+
+
 def test_rms_norm_gradcheck():
     x, res = _rand(3, 7, dtype=torch.float64, seed=1), _rand(3, 7, dtype=torch.float64, seed=2)
     w = _rand(7, dtype=torch.float64, seed=3)
