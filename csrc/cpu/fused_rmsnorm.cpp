@@ -13,6 +13,7 @@
 
 #include "fused_kernels.h"
 #include "lowrank_ext/fused_args.h"
+#include "lowrank_ext/huge_pages.h"
 
 namespace lowrank_ext {
 namespace {
@@ -40,7 +41,7 @@ at::Tensor rms_norm_impl(const at::Tensor& x_in, const at::Tensor* residual_in, 
                          const at::Tensor& weight, double eps, double weight_offset) {
   const at::Tensor x = x_in.contiguous();
   const at::Tensor w = weight.to(math_dtype(x)).contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options());
+  at::Tensor y = advise_large(at::empty(x.sizes(), x.options()));
   RmsNormRows a{};
   a.dim = x.size(-1);
   a.eps = eps;
@@ -51,7 +52,7 @@ at::Tensor rms_norm_impl(const at::Tensor& x_in, const at::Tensor* residual_in, 
   at::Tensor residual;
   if (residual_in != nullptr) {
     residual = residual_in->contiguous();
-    *h_out = at::empty(x.sizes(), x.options());
+    *h_out = advise_large(at::empty(x.sizes(), x.options()));
     a.residual = residual.const_data_ptr();
     a.h = h_out->data_ptr();
   }
@@ -86,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
   const at::Tensor hc = h.contiguous(), gy = grad_y.contiguous();
   const at::Tensor gh = grad_h.has_value() ? grad_h->contiguous() : at::Tensor();
   const at::Tensor w = weight.to(math_dtype(hc)).contiguous();
-  at::Tensor grad_x = at::empty(hc.sizes(), hc.options());
+  at::Tensor grad_x = advise_large(at::empty(hc.sizes(), hc.options()));
   const int64_t D = hc.size(-1), rows = hc.numel() / D;
   // One weight-gradient accumulator per task; tasks are contiguous row ranges (deterministic sum order).
   const int64_t tasks =

@@ -14,6 +14,7 @@
 
 #include "fused_kernels.h"
 #include "lowrank_ext/fused_args.h"
+#include "lowrank_ext/huge_pages.h"
 
 namespace lowrank_ext {
 namespace {
@@ -34,7 +35,7 @@ at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ?
 // Rotates one of q / k (forward, or the transpose for backward) into a new tensor.
 at::Tensor rotate(const at::Tensor& in_arg, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
   const at::Tensor in = last_dim_contiguous(in_arg);
-  at::Tensor out = at::empty_like(in);
+  at::Tensor out = advise_large(at::empty_like(in));
   if (in.numel() == 0) return out;
   RopeRows a{};
   a.heads = in.size(1);

@@ -11,6 +11,7 @@
 
 #include "fused_kernels.h"
 #include "lowrank_ext/fused_args.h"
+#include "lowrank_ext/huge_pages.h"
 
 namespace lowrank_ext {
 namespace {
@@ -32,7 +33,7 @@ FusedDtype fused_dtype(const at::Tensor& t) {
 at::Tensor swiglu_cpu(const at::Tensor& gate_arg, const at::Tensor& up_arg) {
   check_swiglu_args("swiglu", gate_arg, up_arg);
   const at::Tensor gate = gate_arg.contiguous(), up = up_arg.contiguous();
-  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  at::Tensor out = advise_large(at::empty(gate.sizes(), gate.options()));
   SwiGluSpan a{};
   a.gate = gate.const_data_ptr();
   a.up = up.const_data_ptr();
@@ -49,8 +50,8 @@ std::tuple<at::Tensor, at::Tensor> swiglu_backward_cpu(const at::Tensor& grad_ar
   check_swiglu_args(op, gate_arg, up_arg);
   check_like(grad_arg, gate_arg, op, "grad", "gate");
   const at::Tensor gate = gate_arg.contiguous(), up = up_arg.contiguous(), grad = grad_arg.contiguous();
-  at::Tensor grad_gate = at::empty(gate.sizes(), gate.options());
-  at::Tensor grad_up = at::empty(gate.sizes(), gate.options());
+  at::Tensor grad_gate = advise_large(at::empty(gate.sizes(), gate.options()));
+  at::Tensor grad_up = advise_large(at::empty(gate.sizes(), gate.options()));
   SwiGluSpan a{};
   a.gate = gate.const_data_ptr();
   a.up = up.const_data_ptr();
