@@ -36,12 +36,16 @@ struct FusedKernels {
 
 const FusedKernels& fused_kernels_avx2();    // fused_kernels_avx2.cpp (also the fp64 path)
 const FusedKernels& fused_kernels_avx512();  // fused_kernels_avx512.cpp
+const FusedKernels& fused_kernels_avx512bf16();  // fused_kernels_avx512bf16.cpp (bf16 stores by vcvtneps2bf16)
 
-// The table for this dtype on the kernel family cpu_isa() picks (LOWRANK_EXT_CPU_ISA may force avx2);
+// The table for this dtype on the kernel family cpu_isa() picks (LOWRANK_EXT_CPU_ISA may force a lower one;
+// amx CPUs take the avx512bf16 table);
 // fp64 always takes the scalar fp64 lanes of the avx2 table.
 inline const FusedKernels& fused_kernels_for(FusedDtype dtype) {
   if (dtype == FusedDtype::kF64) return fused_kernels_avx2();
-  return cpu_isa() >= CpuIsa::kAvx512 ? fused_kernels_avx512() : fused_kernels_avx2();
+  const CpuIsa isa = cpu_isa();
+  if (isa >= CpuIsa::kAvx512Bf16) return fused_kernels_avx512bf16();
+  return isa >= CpuIsa::kAvx512 ? fused_kernels_avx512() : fused_kernels_avx2();
 }
 
 }  // namespace cpu

@@ -1,9 +1,10 @@
-// cpu/fused_kernels_avx512.cpp — the fused model-op kernels (fused_*_kernel.h) on AVX-512 (F + BW),
-// 16 fp32 lanes. Only this file is compiled for AVX-512 (target pragma; the build's baseline is AVX2), and
-// it runs only where cpu_isa() >= avx512 (csrc/cpu/cpu_isa.h). Its template copies live in the inline
-// namespace isa_avx512 (fused_vec.h), so none of them can stand in for a baseline copy at link time.
+// cpu/fused_kernels_avx512.cpp — the fused model-op kernels (fused_*_kernel.h) on AVX-512 F + BW,
+// 16 fp32 lanes (fused_kernels_avx512_impl.h), bf16 stores rounded with integer ops.
+// Only this file is compiled for its target (pragma; the build's baseline is AVX2), and its table runs
+// only where cpu_isa() allows it (csrc/cpu/cpu_isa.h, fused_kernels_for). Its template copies live in the
+// inline namespace isa_avx512 (fused_vec.h), so none can stand in for another ISA's copy at link time.
 
-// Standard and intrinsic headers first, compiled for the baseline: only our own code gets the AVX-512 target.
+// Standard and intrinsic headers first, compiled for the baseline: only our own code gets the target.
 #include <immintrin.h>
 
 #include <cmath>
@@ -18,74 +19,12 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw")
 #define LRX_FUSED_ISA isa_avx512
-#include "fused_vec.h"
-
-namespace lowrank_ext {
-namespace cpu {
-inline namespace LRX_FUSED_ISA {
-namespace {
-
-struct VecAvx512 {
-  using F = float;
-  static constexpr int N = 16;
-  __m512 v;
-
-  static VecAvx512 load(const float* p) { return {_mm512_loadu_ps(p)}; }
-  // bf16 -> fp32 is exact: the 16 bits become the high half of the fp32
-  static VecAvx512 load(const bf16* p) {
-    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return {_mm512_castsi512_ps(_mm512_slli_epi32(u, 16))};
-  }
-  void store(float* p) const { _mm512_storeu_ps(p, v); }
-  // fp32 -> bf16, round to nearest even (float_to_bf16 in fused_vec.h, 16 lanes at once; NaN -> 0x7FC0)
-  void store(bf16* p) const {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-    // 16 x u32 (each <= 0xFFFF) -> 16 x u16: packus per 128-bit lane, then gather the lanes' low halves.
-    // (Not vpmovdw: its store form is microcoded on Zen 4 and made bf16 slower than fp32.)
-    const __m512i packed = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7),
-                                                    _mm512_packus_epi32(r, r));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
-  }
-  static VecAvx512 set1(float x) { return {_mm512_set1_ps(x)}; }
-  static VecAvx512 fma(VecAvx512 a, VecAvx512 b, VecAvx512 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-  static VecAvx512 min(VecAvx512 a, VecAvx512 b) { return {_mm512_min_ps(a.v, b.v)}; }
-  static VecAvx512 max(VecAvx512 a, VecAvx512 b) { return {_mm512_max_ps(a.v, b.v)}; }
-  VecAvx512 round() const { return {_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
-  // p · 2^n for integral n (vscalefps)
-  static VecAvx512 ldexp(VecAvx512 p, VecAvx512 n) { return {_mm512_scalef_ps(p.v, n.v)}; }
-  VecAvx512 exp() const { return exp_f32(*this); }
-  float sum() const { return _mm512_reduce_add_ps(v); }
-  VecAvx512 operator+(VecAvx512 b) const { return {_mm512_add_ps(v, b.v)}; }
-  VecAvx512 operator-(VecAvx512 b) const { return {_mm512_sub_ps(v, b.v)}; }
-  VecAvx512 operator*(VecAvx512 b) const { return {_mm512_mul_ps(v, b.v)}; }
-  VecAvx512 operator/(VecAvx512 b) const { return {_mm512_div_ps(v, b.v)}; }
-};
-
-}  // namespace
-}  // namespace LRX_FUSED_ISA
-}  // namespace cpu
-}  // namespace lowrank_ext
-
-#include "fused_dispatch.h"
-
-namespace lowrank_ext {
-namespace cpu {
-
-const FusedKernels& fused_kernels_avx512() {
-  static const FusedKernels table = make_fused_kernels<VecAvx512>();
-  return table;
-}
-
-}  // namespace cpu
-}  // namespace lowrank_ext
-
+#define LRX_FUSED_NATIVE_BF16 0
+#define LRX_FUSED_TABLE fused_kernels_avx512
+#include "fused_kernels_avx512_impl.h"
 #pragma GCC pop_options
 
-#else  // not x86 with a GCC-compatible compiler: cpu_isa() never reports avx512 there
+#else  // not x86 with a GCC-compatible compiler: cpu_isa() never reports AVX-512 there
 
 namespace lowrank_ext {
 namespace cpu {
