@@ -38,8 +38,7 @@ struct VecAvx512 {
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
     const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
     r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
-    // 16 x u32 (each <= 0xFFFF) -> 16 x u16: packus per 128-bit lane, then gather the lanes' low halves.
-    // (Not vpmovdw: its store form is microcoded on Zen 4 and made bf16 slower than fp32.)
+    // 16 x u32 (each <= 0xFFFF) -> 16 x u16: packus per 128-bit lane, then gather the lanes' low halves
     const __m512i packed = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7),
                                                     _mm512_packus_epi32(r, r));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
