@@ -190,5 +190,7 @@ def test_finetune_fused_model_ops_default_and_off(capsys, tmp_path, tiny_model_d
         assert ("lowrank_ext::add_rms_norm" in log.names) == (not flag)
         assert ("lowrank_ext::swiglu_backward" in log.names) == (not flag)
     on, off = res[False], res[True]
+    print(f"held-out loss: fused {on['eval_before']:.6f} -> {on['eval_after']:.6f}, "
+          f"--no-fused-model-ops {off['eval_before']:.6f} -> {off['eval_after']:.6f}")
     assert on["eval_before"] == pytest.approx(off["eval_before"], abs=1e-5)
     assert on["eval_after"] == pytest.approx(off["eval_after"], abs=1e-2)  # the bound: 0.01 nats
