@@ -134,6 +134,30 @@ TORCH_LIBRARY(lowrank_ext, m) {
 
 
   // ---------------------------------------------------------------------------------------------
+  // Fused model ops (csrc/cpu/fused_{rmsnorm,rope,swiglu}.cpp, csrc/cuda/fused_ops.cu;
+  // lowrank_ext/ops/fused.py; the math: csrc/cpu/fused_kernels.h). Activations fp32 or bf16 (fp32 math,
+  // one rounding per output; float64 on CPU for gradcheck). Backward ops recompute what is cheap.
+  // ---------------------------------------------------------------------------------------------
+  //   y = x · rstd · (weight_offset + weight),  rstd = 1/sqrt(mean(x², -1) + eps)   x [..., D], weight [D]
+  //   (weight_offset 0: Llama/Qwen2/Mistral; 1: Gemma's (1 + weight))
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, float weight_offset) -> Tensor");
+  //   h = x + residual;  y = rms_norm(h)      (h is the decoder layer's next residual stream)
+  m.def(
+      "add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps, float weight_offset) "
+      "-> (Tensor y, Tensor h)");
+  //   from the saved h (x for rms_norm) alone: grad_x (+ grad_h when given), grad_weight (weight's dtype)
+  m.def(
+      "rms_norm_backward(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor weight, float eps, float weight_offset) "
+      "-> (Tensor grad_x, Tensor grad_weight)");
+  //   q·cos + rotate_half(q)·sin and the same for k;  q [B, Hq, S, D], k [B, Hk, S, D], cos/sin [B or 1, S, D]
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)");
+  //   the transposed rotation of the gradients (cos and sin get none)
+  m.def("rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> (Tensor grad_q_in, Tensor grad_k_in)");
+  //   silu(gate) · up, and its backward (σ(gate) recomputed)
+  m.def("swiglu(Tensor gate, Tensor up) -> Tensor");
+  m.def("swiglu_backward(Tensor grad, Tensor gate, Tensor up) -> (Tensor grad_gate, Tensor grad_up)");
+
+  // ---------------------------------------------------------------------------------------------
   // Optimizers (csrc/cpu/adamw.cpp, csrc/cuda/adamw.cu, csrc/cuda/paged.cu; lowrank_ext/ops/optim.py)
   // ---------------------------------------------------------------------------------------------
   // One fused AdamW step per parameter tensor (torch.optim.AdamW's math, decoupled weight decay):

@@ -37,6 +37,7 @@ if not _HELP_ONLY:
     from lowrank_ext.adapters import __all__ as _adapters_all
     from lowrank_ext.finetune.rank_allocation import allocate_ranks
     from lowrank_ext.nf4 import NF4Weight, quantize_nf4
+    from lowrank_ext.nn.fused_model import patch_model, unpatch_model
 
 __version__ = "0.1.0"
 
@@ -74,5 +75,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["NF4Weight", "allocate_ranks", "build_info", "cpu_isa", "distributed", "has_cuda_kernels",
-           "last_kernel_path", "native_bf16_matmul", "nn", "ops", "optim", "quantize_nf4"]
+           "last_kernel_path", "native_bf16_matmul", "nn", "ops", "optim", "patch_model", "quantize_nf4",
+           "unpatch_model"]
 __all__.extend(_adapters_all)

@@ -58,6 +58,10 @@ class Sim:
             "lrx_sim_row_sqnorm": [I64, I64, I32, P, P, P, P, P, P, P, U64],
             "lrx_sim_adamw32": [I32, P, P, P, P, I64, F64, F64, F64, F64, F64, I64, I32, U64],
             "lrx_sim_adamw8bit": [I32, P, P, P, P, P, P, P, P, I64, F64, F64, F64, F64, F64, I64, U64],
+            "lrx_sim_rms_norm": [I32, I32, I64, I64, F64, F64, P, P, P, P, P, P, P, P, P, I32, U64],
+            "lrx_sim_rope": [I32, I32, I64, I64, I64, I64, P, I64, I64, I64, P, I64, I64, I64, P, P, I64, I64, I64,
+                             I64, I64, I32, U64],
+            "lrx_sim_swiglu": [I32, I32, I64, P, P, P, P, P, P, I32, U64],
             "lrx_sim_probe_mma": [I32, P, P, P, P],
             "lrx_sim_probe_ldmatrix": [I32, P, I32, P, P],
             "lrx_sim_probe_defect": [I32, P],
@@ -172,6 +176,42 @@ class Sim:
                                           weight_decay, step, seed), "adamw8bit")
 
     # ---- the simulator's own instructions ------------------------------------------------------------
+    # fused model ops (csrc/cuda/fused_*.cuh): contiguous activations, fp32 norm weight
+    def rms_norm(self, x, weight, eps, offset, residual=None, *, grid=1, seed=0):
+        y, h = torch.empty_like(x), (torch.empty_like(x) if residual is not None else None)
+        _check(self.lib.lrx_sim_rms_norm(DTYPE_CODE[x.dtype], 0, x.numel() // x.shape[-1], x.shape[-1], eps, offset,
+                                         _ptr(weight), _ptr(x), _ptr(residual), _ptr(h), _ptr(y), None, None, None,
+                                         None, grid, seed), "rms_norm")
+        return y, h
+
+    def rms_norm_backward(self, grad_y, grad_h, h, weight, eps, offset, *, grid=1, seed=0):
+        gx, acc = torch.empty_like(h), torch.zeros(grid, h.shape[-1])
+        _check(self.lib.lrx_sim_rms_norm(DTYPE_CODE[h.dtype], 1, h.numel() // h.shape[-1], h.shape[-1], eps, offset,
+                                         _ptr(weight), None, None, _ptr(h), None, _ptr(grad_y), _ptr(grad_h), _ptr(gx),
+                                         _ptr(acc), grid, seed), "rms_norm_backward")
+        return gx, acc.sum(0)
+
+    def rope(self, t, cos, sin, *, backward=False, grid=1, seed=0):
+        out = torch.empty_like(t)
+        span = lambda u: (sum((n - 1) * s for n, s in zip(u.shape, u.stride())) + 1) * u.element_size()  # from data_ptr
+        cs_sb = 0 if cos.shape[0] == 1 else cos.stride(0)
+        _check(self.lib.lrx_sim_rope(DTYPE_CODE[t.dtype], int(backward), *t.shape, _ptr(t), *t.stride()[:3], _ptr(out),
+                                     *out.stride()[:3], _ptr(cos), _ptr(sin), cs_sb, cos.stride(1), span(t), span(out),
+                                     span(cos), grid, seed), "rope")
+        return out
+
+    def swiglu(self, gate, up, *, grid=1, seed=0):
+        out = torch.empty_like(gate)
+        _check(self.lib.lrx_sim_swiglu(DTYPE_CODE[gate.dtype], 0, gate.numel(), _ptr(gate), _ptr(up), _ptr(out), None,
+                                       None, None, grid, seed), "swiglu")
+        return out
+
+    def swiglu_backward(self, grad, gate, up, *, grid=1, seed=0):
+        gg, gu = torch.empty_like(gate), torch.empty_like(gate)
+        _check(self.lib.lrx_sim_swiglu(DTYPE_CODE[gate.dtype], 1, gate.numel(), _ptr(gate), _ptr(up), None, _ptr(grad),
+                                       _ptr(gg), _ptr(gu), grid, seed), "swiglu_backward")
+        return gg, gu
+
     def probe_mma(self, a_regs, b_regs, c, bf16: bool):
         """a_regs int64 [32, 4], b_regs [32, 2] (32-bit register values), c fp32 [32, 4] -> d fp32 [32, 4]."""
         a = a_regs.to(torch.int64).to(torch.int32) if a_regs.dtype != torch.int32 else a_regs

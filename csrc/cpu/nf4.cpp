@@ -24,6 +24,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "lowrank_ext/huge_pages.h"
 #include "lowrank_ext/kernel_path.h"
 #include "lowrank_ext/nf4_args.h"
 #include "nf4_avx2.h"
@@ -259,21 +260,7 @@ void dequantize_into(const NF4Scales& scales, const at::Tensor& packed, int64_t 
   });
 }
 
-// A fresh multi-MB result costs more in first-touch page faults (one trap + a kernel page clear per
-// 4 KiB) than the dequantization itself. Asking for transparent huge pages on its 2 MiB-aligned
-// interior, before the first write, cuts the faults 512x (measured: 4096x4096 fp32 empty+fill 70 ->
-// 33 ms here). Best effort: what torch's THP_MEM_ALLOC_ENABLE does for every large allocation.
-void advise_huge_pages(const at::Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t start = (p + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (p + t.nbytes()) & ~(kHuge - 1);
-  if (end > start) (void)madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
+// advise_huge_pages: lowrank_ext/huge_pages.h (shared with the fused model ops).
 
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax,
                               const c10::optional<at::Tensor>& nested_absmax,

@@ -481,6 +481,11 @@ def _build(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data) -> _Job:
     target_numel = _target_numel(model, a.variant, plan.targets)
     model = (plan.backend.load_pretrained(Path(lm.source), spec, plan.device) if plan.streamed
              else plan.backend.inject(model, spec, tokenizer=lm.tokenizer))
+    if a.fused_model_ops and plan.backend.name == "lowrank_ext":
+        from lowrank_ext.nn.fused_model import fused_ops_supported, patch_model
+
+        if fused_ops_supported(model):
+            patch_model(model)
     if a.gradient_checkpointing:
         from lowrank_ext.finetune.memory import enable_gradient_checkpointing
 

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=GRADIENT_CHECKPOINTING,
                    help="recompute each transformer block's forward in backward (torch.utils.checkpoint, "
                         "non-reentrant) instead of keeping its activations")
+    f.add_argument("--fused-model-ops", action=argparse.BooleanOptionalAction, default=True,
+                   help="lowrank_ext backend on a Llama/Qwen2/Mistral/Gemma model: run RMSNorm+residual, rotary "
+                        "embedding and SwiGLU as fused ops (lowrank_ext.patch_model); --no-fused-model-ops to compare")
     _memory_parser(sub)
 
     b = sub.add_parser("bench", help="run the package's benchmarks, print tables and write a chart")

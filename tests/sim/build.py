@@ -27,6 +27,7 @@ UNITS = {
     "gemv": "sim_gemv.cpp",
     "nf4": "sim_nf4.cpp",
     "adamw": "sim_adamw.cpp",
+    "fused": "sim_fused.cpp",
 }
 RUNTIME = "sim_runtime.cpp"
 LINKER_SCRIPT = "lrx_shared.ld"  # gathers the static __shared__ variables into one poisonable section
