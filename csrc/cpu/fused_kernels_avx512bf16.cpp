@@ -5,7 +5,7 @@
 // inline namespace isa_avx512bf16 (fused_vec.h), so none can stand in for another ISA's copy at link time.
 
 // Standard and intrinsic headers first, compiled for the baseline: only our own code gets the target.
-#include <immintrin.h>
+#include "avx512_intrinsics.h"  // <immintrin.h>, and GCC 12's false warning in it silenced
 
 #include <cmath>
 #include <cstdint>

@@ -12,18 +12,10 @@
 
 #include <algorithm>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-#include <immintrin.h>
-#define LRX_HAVE_AVX512_TARGET 1
-#endif
+#include "avx512_intrinsics.h"  // <immintrin.h>, and GCC 12's false warning in it silenced
 
-// GCC 12 warns "'__Y' may be used uninitialized" inside its own avx512fintrin.h for every
-// _mm512_permutexvar_ps / _mm512_cvtepu8_epi32 / _mm512_srli_epi32 / _mm512_reduce_add_ps inlined into a
-// function compiled with a target("avx512f") attribute: the intrinsics pass _mm512_undefined_*() as the
-// unused merge operand of an unmasked builtin (GCC bug 105593, fixed in GCC 13). Nothing of ours is
-// uninitialized; silence exactly this warning for this file only, on the compilers that have the bug.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ < 13
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define LRX_HAVE_AVX512_TARGET 1
 #endif
 
 namespace lowrank_ext {
