@@ -151,6 +151,33 @@ def test_rope_broadcast_batch_and_unsqueeze_dim_2():
     _close(ko2, kr.transpose(1, 2), torch.float32)
 
 
+def test_mixed_dtypes_follow_eager_type_promotion():
+    """What bf16 autocast hands the wrappers (a bf16 projection output next to the fp32 residual stream, fp32
+    cos/sin, an fp32 norm weight): the result dtypes are eager PyTorch's (x + residual, q·cos, weight·n̂ are
+    fp32), the values those of the fp32 math on the bf16 inputs widened exactly."""
+    torch.manual_seed(0)
+    xb = torch.randn(3, 33).bfloat16()
+    res, w = torch.randn(3, 33), torch.rand(33) + 0.5
+    y = rms_norm(xb, w, 1e-6)
+    assert y.dtype == torch.float32  # transformers: weight(fp32) * normed.to(bf16) -> fp32
+    _close(y, rms_norm_ref(xb.double(), w.double(), 1e-6), torch.bfloat16)
+    y, h = add_rms_norm(xb, res, w, 1e-6)
+    assert h.dtype == y.dtype == torch.float32
+    yr, hr = add_rms_norm_ref(xb.double(), res.double(), w.double(), 1e-6)
+    _close(h, hr, torch.float32)
+    _close(y, yr, torch.float32)
+    q, k, cos, sin = _qkcs(2, 3, 2, 5, 16, torch.float32)
+    qo, ko = rope(q.bfloat16(), k.bfloat16(), cos, sin)
+    assert qo.dtype == ko.dtype == torch.float32
+    qr, kr = rope_ref(q.bfloat16().double(), k.bfloat16().double(), cos.double(), sin.double())
+    _close(qo, qr, torch.float32)
+    _close(ko, kr, torch.float32)
+    gate, up = torch.randn(4, 9).bfloat16(), torch.randn(4, 9)
+    out = swiglu(gate, up)
+    assert out.dtype == torch.float32
+    _close(out, swiglu_ref(gate.double(), up.double()), torch.float32)
+
+
 def test_rope_gradcheck():
     q, k, cos, sin = _qkcs(2, 2, 1, 3, 6, torch.float64)
     args = [q.clone().requires_grad_(True), k.clone().requires_grad_(True)]
@@ -328,7 +355,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"lowrank_ext::rms_norm: weight must have shape \[8\], got \[7\]"):
         rms_norm(x, torch.ones(7), 1e-6)
     with pytest.raises(TypeError, match=r"lowrank_ext::rms_norm: weight must have the dtype of x \(Float\) or float32, got Double"):
-        rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-6)
+        torch.ops.lowrank_ext.rms_norm(x, torch.ones(8, dtype=torch.float64), 1e-6, 0.0)  # the op: one dtype
     with pytest.raises(TypeError, match="lowrank_ext::rms_norm: x must be float32, bfloat16 or float64, got Half"):
         rms_norm(x.half(), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="lowrank_ext::rms_norm: eps must be >= 0, got -1"):
@@ -338,7 +365,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"lowrank_ext::add_rms_norm: residual must have the shape of x \[2, 8\], got \[2, 7\]"):
         add_rms_norm(x, torch.randn(2, 7), torch.ones(8), 1e-6)
     with pytest.raises(TypeError, match=r"lowrank_ext::add_rms_norm: residual must have the dtype of x \(Float\), got BFloat16"):
-        add_rms_norm(x, x.bfloat16(), torch.ones(8), 1e-6)
+        torch.ops.lowrank_ext.add_rms_norm(x, x.bfloat16(), torch.ones(8), 1e-6, 0.0)  # (wrappers promote)
     with pytest.raises(ValueError, match=r"lowrank_ext::rms_norm_backward: grad_y must have the shape of h \[2, 8\], got \[8\]"):
         torch.ops.lowrank_ext.rms_norm_backward(torch.randn(8), None, x, torch.ones(8), 1e-6, 0.0)
     q, k, cos, sin = _qkcs(2, 3, 1, 4, 16, torch.float32)
@@ -351,7 +378,7 @@ def test_errors():
     with pytest.raises(ValueError, match=r"lowrank_ext::rope: cos must have shape \[2 or 1, 4, 16\], got \[2, 3, 16\]"):
         rope(q, k, cos[:, :3], sin)
     with pytest.raises(TypeError, match=r"lowrank_ext::rope: cos must have the dtype of q \(Float\), got Double"):
-        rope(q, k, cos.double(), sin)
+        torch.ops.lowrank_ext.rope(q, k, cos.double(), sin)
     with pytest.raises(ValueError, match=r"lowrank_ext::rope: sin must have the shape of cos \[2, 4, 16\], got \[1, 4, 16\]"):
         rope(q, k, cos, sin[:1])
     with pytest.raises(ValueError, match=r"lowrank_ext::rope: cos and sin must not require grad \(the op treats them as constants\), got requires_grad=True \(cos\), False \(sin\)"):

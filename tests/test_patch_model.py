@@ -62,6 +62,29 @@ def test_logits_match_the_model_fp32(kind):
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
+def test_bf16_autocast_matches_the_model(kind):
+    """finetune's bf16 mode: an fp32 model under CPU autocast, where the bf16 projections meet the fp32 residual
+    stream, fp32 cos/sin and fp32 norm weights. The patched model must take the mixed dtypes as the eager code
+    does (same result dtypes, logits and gradients within bf16 tolerance)."""
+    ref, patched = _pair(kind)
+    ids = tokens(batch=2, seq=9)
+    outs = {}
+    for name, model in (("ref", ref), ("patched", patched)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs[name] = (out.logits, out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (lr, sr, gr), (lp, sp, gp) = outs["ref"], outs["patched"]
+    assert lp.dtype == lr.dtype
+    torch.testing.assert_close(lp.float(), lr.float(), rtol=0.05, atol=0.05)
+    torch.testing.assert_close(sp, sr, rtol=0.02, atol=0.02)
+    assert gp.keys() == gr.keys()
+    for n in gr:
+        scale = gr[n].abs().max().clamp_min(1e-6)
+        assert (gp[n] - gr[n]).abs().max() / scale < 0.1, n
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
 def test_logits_and_gradients_match_in_float64(kind):
     ref, patched = _pair(kind, torch.float64)
     ref.train(), patched.train()  # dropout is 0 in these configs; train() as finetuning runs it
@@ -177,13 +200,14 @@ from test_cli import TINY, needs_model, tiny_model_dir  # noqa: F401  (the CLI t
 
 
 @needs_model
-def test_finetune_fused_model_ops_default_and_off(capsys, tmp_path, tiny_model_dir):  # noqa: F811
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_finetune_fused_model_ops_default_and_off(capsys, tmp_path, tiny_model_dir, dtype):  # noqa: F811
     from lowrank_ext.finetune import cli
 
     res = {}
     for flag in ([], ["--no-fused-model-ops"]):
         a = cli.build_parser().parse_args(["finetune", "--model", str(tiny_model_dir), "--output",
-                                           str(tmp_path / f"run{len(flag)}"), *TINY, "--dtype", "fp32", *flag])
+                                           str(tmp_path / f"run{len(flag)}"), *TINY, "--dtype", dtype, *flag])
         with _OpLog() as log:
             res[bool(flag)] = cli.finetune(a)
         capsys.readouterr()
@@ -192,5 +216,7 @@ def test_finetune_fused_model_ops_default_and_off(capsys, tmp_path, tiny_model_d
     on, off = res[False], res[True]
     print(f"held-out loss: fused {on['eval_before']:.6f} -> {on['eval_after']:.6f}, "
           f"--no-fused-model-ops {off['eval_before']:.6f} -> {off['eval_after']:.6f}")
-    assert on["eval_before"] == pytest.approx(off["eval_before"], abs=1e-5)
-    assert on["eval_after"] == pytest.approx(off["eval_after"], abs=1e-2)  # the issue's bound: 0.01 nats
+    assert on["eval_before"] == pytest.approx(off["eval_before"], abs=1e-5 if dtype == "fp32" else 1e-2)
+    # the issue's bound is 0.01 nats on the default job (README "Fused model ops"); on this tiny random model at a
+    # high learning rate bf16 rounding differences grow through training, so bf16 gets a looser bound here
+    assert on["eval_after"] == pytest.approx(off["eval_after"], abs=1e-2 if dtype == "fp32" else 5e-2)

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "device_ops.cuh"  // CUDA types and intrinsics (or the host simulator's)
+#include "dtype_convert.cuh"
 #include "lowrank_ext/adamw_scalars.h"
 
 namespace lowrank_ext {
@@ -29,17 +30,6 @@ inline AdamWKernelScalars kernel_scalars(double lr, double beta1, double beta2, 
   return {s.beta2, s.one_minus_beta1, s.one_minus_beta2, s.eps, s.decay, -s.step_size, 1.0f / s.inv_bc2_sqrt};
 }
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // One element: updates p (fp32 copy), m, v in place. Bit-exact with csrc/cpu/adamw.cpp: the same
 // operations in the same order, each rounded on its own. nvcc contracts a*b+c into an FMA (one rounding)
@@ -63,9 +53,9 @@ template <typename T>
 __global__ void adamw32_kernel(T* __restrict__ p, const T* __restrict__ g, float* __restrict__ m,
                                float* __restrict__ v, int64_t n, AdamWKernelScalars s) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    float pf = to_f32(p[i]), mf = m[i], vf = v[i];
-    adamw_update(pf, to_f32(g[i]), mf, vf, s);
-    p[i] = from_f32<T>(pf);
+    float pf = to_float(p[i]), mf = m[i], vf = v[i];
+    adamw_update(pf, to_float(g[i]), mf, vf, s);
+    p[i] = from_float<T>(pf);
     m[i] = mf;
     v[i] = vf;
   }
@@ -110,9 +100,9 @@ __global__ void __launch_bounds__(kStateBlock)
   if (valid) {
     m = __fmul_rn(map1[c1[i]], absmax1[b]);  // decode, as the CPU: qmap[code] · absmax
     v = __fmul_rn(map2[c2[i]], absmax2[b]);
-    float pf = to_f32(p[i]);
-    adamw_update(pf, to_f32(g[i]), m, v, s);
-    p[i] = from_f32<T>(pf);
+    float pf = to_float(p[i]);
+    adamw_update(pf, to_float(g[i]), m, v, s);
+    p[i] = from_float<T>(pf);
   }
   // __syncthreads_or also orders every read of absmax1/2[b] (above) before thread 0's write (below).
   const bool nan1 = __syncthreads_or(valid && isnan(m)), nan2 = __syncthreads_or(valid && isnan(v));

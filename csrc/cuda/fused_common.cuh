@@ -1,24 +1,16 @@
 // fused_common.cuh — what the fused model-op CUDA kernels (fused_rmsnorm.cuh, fused_rope.cuh,
-// fused_swiglu.cuh) share: fp32 <-> storage conversions (bf16 rounds to nearest even) and a block sum.
+// fused_swiglu.cuh) share: the fp32 <-> storage conversions (dtype_convert.cuh) and a block sum.
 // No torch headers; builds with nvcc and in the host simulator (device_ops.cuh).
 #pragma once
 
 #include <cstdint>
 
 #include "device_ops.cuh"  // CUDA types and intrinsics (or the host simulator's)
+#include "dtype_convert.cuh"
 #include "lowrank_ext/fused_params.h"
 
 namespace lowrank_ext {
 namespace fused_cuda {
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // Σ v over the CTA (kThreads, a multiple of 32), returned to every thread. `scratch`: kThreads/32 floats of
 // shared memory; the trailing barrier lets the caller reuse it at once.

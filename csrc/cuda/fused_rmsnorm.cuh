@@ -25,11 +25,11 @@ __global__ void __launch_bounds__(kNormThreads) rmsnorm_forward_kernel(RmsNormRo
     T* y = static_cast<T*>(a.y) + r * D;
     float ss = 0.0f;
     for (int64_t j = threadIdx.x; j < D; j += kNormThreads) {
-      float v = to_f32(x[j]);
+      float v = to_float(x[j]);
       if (res != nullptr) {
-        const T hv = from_f32<T>(v + to_f32(res[j]));  // h rounded as stored: the norm sees what is saved
+        const T hv = from_float<T>(v + to_float(res[j]));  // h rounded as stored: the norm sees what is saved
         h[j] = hv;
-        v = to_f32(hv);
+        v = to_float(hv);
       }
       ss += v * v;
     }
@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kNormThreads) rmsnorm_forward_kernel(RmsNormRo
                                     static_cast<float>(a.eps));
     const T* src = res != nullptr ? h : x;  // each thread re-reads only the columns it wrote
     for (int64_t j = threadIdx.x; j < D; j += kNormThreads)
-      y[j] = from_f32<T>(to_f32(src[j]) * rstd * (offset + w[j]));
+      y[j] = from_float<T>(to_float(src[j]) * rstd * (offset + w[j]));
   }
 }
 
@@ -55,19 +55,19 @@ __global__ void __launch_bounds__(kNormThreads) rmsnorm_backward_kernel(RmsNormR
     T* gx = static_cast<T*>(a.grad_x) + r * D;
     float ss = 0.0f, gdot = 0.0f;
     for (int64_t j = threadIdx.x; j < D; j += kNormThreads) {
-      const float hv = to_f32(h[j]);
+      const float hv = to_float(h[j]);
       ss += hv * hv;
-      gdot += to_f32(gy[j]) * (offset + w[j]) * hv;
+      gdot += to_float(gy[j]) * (offset + w[j]) * hv;
     }
     ss = block_sum<kNormThreads>(ss, scratch);
     gdot = block_sum<kNormThreads>(gdot, scratch);
     const float rstd = 1.0f / sqrtf(ss / static_cast<float>(D) + static_cast<float>(a.eps));
     const float c = rstd * rstd * rstd * gdot / static_cast<float>(D);
     for (int64_t j = threadIdx.x; j < D; j += kNormThreads) {
-      const float hv = to_f32(h[j]), gyv = to_f32(gy[j]);
+      const float hv = to_float(h[j]), gyv = to_float(gy[j]);
       float g = rstd * gyv * (offset + w[j]) - c * hv;  // rstd·g − h·rstd³·Σ(g·h)/D
-      if (gh != nullptr) g += to_f32(gh[j]);
-      gx[j] = from_f32<T>(g);
+      if (gh != nullptr) g += to_float(gh[j]);
+      gx[j] = from_float<T>(g);
       gw[j] += gyv * hv * rstd;  // only this thread touches column j of this CTA's row
     }
   }

@@ -22,15 +22,15 @@ __global__ void __launch_bounds__(kRopeThreads) rope_kernel(RopeRows a, int64_t 
     const int64_t cs = b * a.cs_sb + s * a.cs_ss;
     const T* cos = static_cast<const T*>(a.cos) + cs;
     const T* sin = static_cast<const T*>(a.sin) + cs;
-    const float lo = to_f32(in[i]), hi = to_f32(in[i + half]);
-    float s_lo = to_f32(sin[i]), s_hi = to_f32(sin[i + half]);
+    const float lo = to_float(in[i]), hi = to_float(in[i + half]);
+    float s_lo = to_float(sin[i]), s_hi = to_float(sin[i + half]);
     if (a.backward) {  // the transpose: (s[:half], s[half:]) -> (−s[half:], −s[:half])
       const float t = s_lo;
       s_lo = -s_hi;
       s_hi = -t;
     }
-    out[i] = from_f32<T>(lo * to_f32(cos[i]) - hi * s_lo);
-    out[i + half] = from_f32<T>(hi * to_f32(cos[i + half]) + lo * s_hi);
+    out[i] = from_float<T>(lo * to_float(cos[i]) - hi * s_lo);
+    out[i + half] = from_float<T>(hi * to_float(cos[i + half]) + lo * s_hi);
   }
 }
 

@@ -19,8 +19,8 @@ __global__ void __launch_bounds__(kSwiGluThreads) swiglu_forward_kernel(SwiGluSp
   T* out = static_cast<T*>(a.out);
   for (int64_t i = blockIdx.x * int64_t{kSwiGluThreads} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * kSwiGluThreads) {
-    const float g = to_f32(gate[i]);
-    out[i] = from_f32<T>(g * sigmoid(g) * to_f32(up[i]));
+    const float g = to_float(gate[i]);
+    out[i] = from_float<T>(g * sigmoid(g) * to_float(up[i]));
   }
 }
 
@@ -33,9 +33,9 @@ __global__ void __launch_bounds__(kSwiGluThreads) swiglu_backward_kernel(SwiGluS
   T* grad_up = static_cast<T*>(a.grad_up);
   for (int64_t i = blockIdx.x * int64_t{kSwiGluThreads} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * kSwiGluThreads) {
-    const float g = to_f32(gate[i]), gy = to_f32(grad[i]), sg = sigmoid(g);
-    grad_gate[i] = from_f32<T>(gy * to_f32(up[i]) * sg * (1.0f + g * (1.0f - sg)));  // d silu/dg = σ(1 + g(1−σ))
-    grad_up[i] = from_f32<T>(gy * g * sg);
+    const float g = to_float(gate[i]), gy = to_float(grad[i]), sg = sigmoid(g);
+    grad_gate[i] = from_float<T>(gy * to_float(up[i]) * sg * (1.0f + g * (1.0f - sg)));  // d silu/dg = σ(1 + g(1−σ))
+    grad_up[i] = from_float<T>(gy * g * sg);
   }
 }
 

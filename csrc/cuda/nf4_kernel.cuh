@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "device_ops.cuh"  // CUDA types and intrinsics (or the host simulator's)
+#include "dtype_convert.cuh"
 
 #include "lowrank_ext/nf4.h"
 
@@ -23,31 +24,6 @@ constexpr float kMinAbsmax = 1e-38f;
 
 // The NF4 levels in constant memory (read once per thread into shared memory or a register).
 static __constant__ float kNF4CodebookDev[16] = LRX_NF4_CODEBOOK;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// fp32 -> T with round-to-nearest-even (what c10::Half / c10::BFloat16 do on the CPU).
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// v rounded once to T and widened back (identity for fp32): the operand value a tensor-core path sees.
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return to_float<T>(from_float<T>(v));
-}
 
 // ------------------------------------------------------------------------------------------------
 // quantize: one warp per NF4 block. Lane l reads elements i0 + l, i0 + l + 32, ... for the absmax,

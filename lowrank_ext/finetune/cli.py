@@ -481,11 +481,7 @@ def _build(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data) -> _Job:
     target_numel = _target_numel(model, a.variant, plan.targets)
     model = (plan.backend.load_pretrained(Path(lm.source), spec, plan.device) if plan.streamed
              else plan.backend.inject(model, spec, tokenizer=lm.tokenizer))
-    if a.fused_model_ops and plan.backend.name == "lowrank_ext":
-        from lowrank_ext.nn.fused_model import fused_ops_supported, patch_model
-
-        if fused_ops_supported(model):
-            patch_model(model)
+    _apply_fused_model_ops(a, plan, model)
     if a.gradient_checkpointing:
         from lowrank_ext.finetune.memory import enable_gradient_checkpointing
 
@@ -591,6 +587,16 @@ class _Saved:
     memory_rows: list[tuple[str, str]]
 
 
+def _apply_fused_model_ops(a: argparse.Namespace, plan: _Plan, model) -> None:
+    """--fused-model-ops: the model's norms, rotary embedding and SwiGLU run as lowrank_ext's fused ops. Applied to
+    the trained model and to the reloaded one alike, so the reload check compares the same arithmetic."""
+    if a.fused_model_ops and plan.backend.name == "lowrank_ext":
+        from lowrank_ext.nn.fused_model import fused_ops_supported, patch_model
+
+        if fused_ops_supported(model):
+            patch_model(model)
+
+
 def _save_and_reload(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, job: _Job, result,
                      runtime: float) -> _Saved | None:
     """Save in PEFT's format, then load the file into a fresh model and evaluate it the same way; None on a
@@ -609,9 +615,12 @@ def _save_and_reload(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, 
         dctx.barrier()
         if plan.sharded_load:  # every rank: a fresh sharded model filled from the base weights and the adapter file
             print(f"checking the saved adapter: loading {out} into a fresh sharded model", flush=True)
-            reload_loss = parallel.reload_sharded(
-                a, lambda: backend.inject(load_causal_lm(a.model, meta=True).model, spec, tokenizer=lm.tokenizer),
-                out, data.eval_batches, dctx, job.trainer.loss_fn)
+            def fresh_model():
+                model = backend.inject(load_causal_lm(a.model, meta=True).model, spec, tokenizer=lm.tokenizer)
+                _apply_fused_model_ops(a, plan, model)
+                return model
+
+            reload_loss = parallel.reload_sharded(a, fresh_model, out, data.eval_batches, dctx, job.trainer.loss_fn)
         if not dctx.is_main:
             return None
     adapter_bytes = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
@@ -623,9 +632,11 @@ def _save_and_reload(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, 
         job.trainer.optimizer.state.clear()
         job.trainer = job.model = None
         reloaded = backend.load_streamed(Path(lm.source), out, spec, device)
+        _apply_fused_model_ops(a, plan, reloaded)
         reload_loss = evaluate(reloaded, data.eval_batches, device, loss_fn)
     elif not plan.sharded_load:
         reloaded = backend.load(load_causal_lm(a.model).model.to(device), out, spec)
+        _apply_fused_model_ops(a, plan, reloaded)
         reload_loss = evaluate(reloaded, data.eval_batches, device, loss_fn)
     return _Saved(reload_loss=reload_loss, adapter_bytes=adapter_bytes, memory_rows=memory_rows)
 

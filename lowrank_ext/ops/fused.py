@@ -9,6 +9,11 @@ The math (csrc/cpu/fused_kernels.h has it next to the kernels):
 Each backward saves the least it can: the norm keeps h (x) and recomputes rstd; rope keeps only cos and
 sin; swiglu keeps gate and up and recomputes σ(gate). bf16 inputs are computed in fp32 and each output is
 rounded once (eager PyTorch rounds after every op). cos and sin are constants: they get no gradient.
+
+The ops take one activation dtype; these wrappers accept what the eager code they replace accepts and give its
+result dtypes, by PyTorch's type promotion: under bf16 autocast a projection's bf16 output meets the fp32
+residual stream (x + residual is fp32), fp32 cos/sin (q·cos is fp32) and an fp32 norm weight (weight · n̂ is
+fp32), so mixed inputs are cast up to the promoted dtype first (the cast is exact) and the results carry it.
 """
 
 from __future__ import annotations
@@ -20,16 +25,32 @@ __all__ = ["add_rms_norm", "apply_rotary_pos_emb", "rms_norm", "rope", "swiglu"]
 _lib = torch.ops.lowrank_ext
 
 
+def _promoted(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype eager PyTorch computes a * b (+ c ...) of these tensors in (type promotion)."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm over the last dim. weight_offset=1.0 is Gemma's (1 + weight)."""
-    return _lib.rms_norm(x, weight, eps, weight_offset)
+    """RMSNorm over the last dim. weight_offset=1.0 is Gemma's (1 + weight). The result has the dtype of
+    weight · x (transformers' `weight * normed.to(input_dtype)`: fp32 for an fp32 weight on bf16 x)."""
+    return _as(_lib.rms_norm(x, weight, eps, weight_offset), _promoted(x, weight))
 
 
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual), x + residual) in one pass: a decoder layer's residual add and its next norm."""
-    return _lib.add_rms_norm(x, residual, weight, eps, weight_offset)
+    """(rms_norm(x + residual), x + residual) in one pass: a decoder layer's residual add and its next norm.
+    h has the dtype of x + residual, y that of weight · h (see rms_norm)."""
+    act = _promoted(x, residual)
+    y, h = _lib.add_rms_norm(_as(x, act), _as(residual, act), weight, eps, weight_offset)
+    return _as(y, _promoted(h, weight)), h
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,7 +60,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
             "lowrank_ext::rope: cos and sin must not require grad (the op treats them as constants), got "
             f"requires_grad={cos.requires_grad} (cos), {sin.requires_grad} (sin)"
         )
-    return _lib.rope(q, k, cos, sin)
+    dtype = _promoted(q, k, cos, sin)  # eager q·cos + rotate_half(q)·sin computes in this dtype
+    return _lib.rope(_as(q, dtype), _as(k, dtype), _as(cos, dtype), _as(sin, dtype))
 
 
 def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
@@ -54,8 +76,9 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) · up."""
-    return _lib.swiglu(gate, up)
+    """silu(gate) · up (in the promoted dtype of gate and up, as eager's act(gate) * up)."""
+    dtype = _promoted(gate, up)
+    return _lib.swiglu(_as(gate, dtype), _as(up, dtype))
 
 
 # ---- fake kernels: the CPU/CUDA kernels' output shapes and strides ------------------------------------------
