@@ -5,57 +5,26 @@
 // Layout: q, k [B, H, S, D] with any strides but a contiguous last dim (q_proj(x).view(...).transpose(1, 2)
 // is taken as it is, no copy); outputs are empty_like(input), i.e. the same strides; cos/sin [B or 1, S, D].
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <tuple>
 
-#include "fused_kernels.h"
-#include "lowrank_ext/fused_args.h"
-#include "lowrank_ext/huge_pages.h"
+#include "fused_launch.h"
 
 namespace lowrank_ext {
 namespace {
 
+using cpu::fused_dtype;
 using cpu::FusedDtype;
-using cpu::RopeRows;
-
-FusedDtype fused_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kBFloat16: return FusedDtype::kBF16;
-    case at::kDouble: return FusedDtype::kF64;
-    default: return FusedDtype::kF32;  // the checks admitted only these three
-  }
-}
-
-at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // Rotates one of q / k (forward, or the transpose for backward) into a new tensor.
-at::Tensor rotate(const at::Tensor& in_arg, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
-  const at::Tensor in = last_dim_contiguous(in_arg);
-  at::Tensor out = advise_large(at::empty_like(in));
-  if (in.numel() == 0) return out;
-  RopeRows a{};
-  a.heads = in.size(1);
-  a.seq = in.size(2);
-  a.dim = in.size(3);
-  a.in = in.const_data_ptr();
-  a.in_sb = in.stride(0), a.in_sh = in.stride(1), a.in_ss = in.stride(2);
-  a.out = out.data_ptr();
-  a.out_sb = out.stride(0), a.out_sh = out.stride(1), a.out_ss = out.stride(2);
-  a.cos = cos.const_data_ptr();
-  a.sin = sin.const_data_ptr();
-  a.cs_sb = cos.size(0) == 1 ? 0 : cos.stride(0);  // [1, S, D]: one table for the whole batch
-  a.cs_ss = cos.stride(1);
-  a.backward = backward;
-  const int64_t rows = in.size(0) * a.heads * a.seq;
-  const FusedDtype dt = fused_dtype(in);
+at::Tensor rotate(const at::Tensor& in, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+  const RopeSetup s = setup_rope(in, cos, sin, backward, advise_large);
+  if (s.nrows == 0) return s.out;
+  const FusedDtype dt = fused_dtype(s.in);
   const auto& k = cpu::fused_kernels_for(dt);
-  const int64_t grain = std::max<int64_t>(1, 32768 / a.dim);  // ~32K elements a task (torch's grain)
-  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) { k.rope(dt, a, r0, r1); });
-  return out;
+  at::parallel_for(0, s.nrows, cpu::row_grain(s.rows.dim), [&](int64_t r0, int64_t r1) { k.rope(dt, s.rows, r0, r1); });
+  return s.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> rope_impl(const char* op, const at::Tensor& q, const char* q_arg,
