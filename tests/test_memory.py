@@ -269,3 +269,33 @@ def test_memory_command_prints_na_for_a_block_it_does_not_model(capsys, tmp_path
     assert rc == 0
     assert "n/a: lowrank_ext memory: the model's blocks must be Llama blocks" in out and "'gpt2' model" in out
     assert "MiB" not in out and "total" not in out
+
+
+def test_frozen_head_is_cast_once_per_call_under_autocast(monkeypatch):
+    """Under bf16 autocast the frozen fp32 head is cast to bf16 once per loss call, not once per matmul (two per
+    chunk); the loss and gradients are those of the model's own loss under the same autocast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model = _qlora(_llama())
+    monkeypatch.setattr(M, "_LOSS_CHUNK", 96 * 7)  # 8 chunks of 7 rows
+    ids = torch.randint(0, 96, (3, 17), generator=torch.Generator().manual_seed(2))
+    head_shape = tuple(model.lm_head.weight.shape)
+
+    class HeadCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and tuple(args[0].shape) == head_shape:
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with HeadCasts() as casts:
+            l1, g1 = _step(model, ids, M.chunked_lm_loss)
+        l0, g0 = _step(copy.deepcopy(model), ids, _lm_loss)
+    assert casts.count == 1, casts.count
+    torch.testing.assert_close(l1, l0, rtol=2e-3, atol=2e-3)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=2e-2, atol=2e-3)

@@ -148,6 +148,15 @@ def supports_chunked_loss(model: nn.Module) -> bool:
     return chunked_loss_blocker(model) is None
 
 
+def _autocast_once(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in the dtype autocast would cast it to for a matmul (itself outside autocast or when it is
+    not a float32 tensor): one cast for many matmuls with it."""
+    device = weight.device.type
+    if weight.dtype != torch.float32 or not torch.is_autocast_enabled(device):
+        return weight
+    return weight.to(torch.get_autocast_dtype(device))
+
+
 class _FrozenHeadCE(torch.autograd.Function):
     """Σ_t CE(h_t · Wᵀ, y_t) / n over chunks of rows, for a frozen head W [V, H]; the gradient with respect to h is
     computed in forward, chunk by chunk, and is all that is kept (the [rows, V] logits never outlive their chunk):
@@ -160,6 +169,9 @@ class _FrozenHeadCE(torch.autograd.Function):
         need = h.requires_grad and torch.is_grad_enabled() or ctx.needs_input_grad[0]
         grad = torch.empty_like(h) if need else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        # Under autocast each `@` would cast the frozen fp32 head (vocab x hidden: 28M elements in SmolLM2) to
+        # bf16 again: twice per chunk. Cast it once per call instead, with the same rounding (what autocast does).
+        weight = _autocast_once(weight)
         for i in range(0, h.shape[0], rows):
             logits = (h[i:i + rows] @ weight.t()).float()
             yc = y[i:i + rows]
