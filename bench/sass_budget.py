@@ -88,9 +88,10 @@ def find_cuobjdump() -> str | None:
         beside = os.path.join(os.path.dirname(os.path.realpath(nvcc)), "cuobjdump")
         if os.path.isfile(beside):
             return beside
-    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    roots.update(p for p in sys.path if p.endswith("site-packages"))
-    for root in sorted(roots):
+    # sys.path's order first (the interpreter's own precedence), then this environment's install paths
+    roots = [p for p in sys.path if p.endswith("site-packages")]
+    roots += [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    for root in dict.fromkeys(roots):
         for cand in sorted(glob.glob(os.path.join(root, "nvidia", "*", "bin", "cuobjdump"))):
             if os.access(cand, os.X_OK):
                 return cand

@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
                     _default_output(args)
                     argv += ["--output", args.output]
                 rc = parallel.launch(argv, args.nproc)
-                if rc == 0 and args.output_is_new_run:  # (the processes were given it as --output)
+                if rc == 0 and getattr(args, "output_is_new_run", False):  # (the processes were given it as --output)
                     _say_run_dir(args.output)
                 return rc
         if args.command == "finetune":
