@@ -1,6 +1,6 @@
 """One optimizer step of `python -m lowrank_ext finetune`, ours against PEFT on the dense model, and where its time goes.
 
-    python bench/bench_step.py [--dtype fp32|bf16|both] [--steps 7] [--warmup 2] [--threads 2]
+    python bench/bench_step.py [--dtype fp32|bf16|both] [--steps 5] [--warmup 1] [--threads 2]
                                [--seq-len 128] [--batch-size 4] [--quick]
 
 Three configurations of the default job (SmolLM2-135M-Instruct, LoRA r=16 on the seven projections, dropout 0.05,
@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, DtypeResult]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both",
                     help="both: fp32, and bf16 where the CPU multiplies bf16 natively")
-    ap.add_argument("--steps", type=int, default=7, help="timed steps per configuration (median)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (median)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration first (optimizer state, oneDNN primitives)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=4)
