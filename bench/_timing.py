@@ -6,12 +6,13 @@ Ratios measured side by side in one run are what we compare (these machines are 
 from __future__ import annotations
 
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["Timer", "bench", "print_table"]
+__all__ = ["Timer", "bench", "cpu_name", "print_table"]
 
 
 def _sync(device: torch.device | str | None) -> None:
@@ -65,6 +66,18 @@ def print_table(title: str, header: list[str], rows: list[list[object]]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def cpu_name() -> str:
+    """The CPU's model name as lscpu reports it (benches name the machine their numbers come from)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def _fmt(v: object) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(1, os.path.dirname(_HERE))  # the repo root, for an in-place build
-from _timing import bench, print_table
+from _timing import bench, cpu_name, print_table
 
 import lowrank_ext
 from lowrank_ext.ops import add_rms_norm, rope, swiglu
@@ -104,17 +103,6 @@ def check_once(eager, fused, inputs, dtype):
     for a, b in zip(got, want):
         err = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
         assert err < tol, f"fused op disagrees with float64 eager: max relative error {err:.2e}"
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def main() -> None:

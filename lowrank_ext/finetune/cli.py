@@ -534,14 +534,30 @@ def _target_numel(model: torch.nn.Module, variant: str, targets: str | list[str]
 # ---- phase 5: train
 def _train(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, job: _Job):
     """Sample, train (checkpointing into --output), sample again; the trainer is kept on `job`."""
-    from lowrank_ext.finetune import parallel
     from lowrank_ext.finetune.memory import trim_freed_memory
-    from lowrank_ext.finetune.trainer import TrainConfig, Trainer, lm_loss_in
 
     unwrapped = job.model if dctx is None else dctx.unwrap(job.model)
     job.sample_before = _generate(unwrapped, lm.tokenizer, data.prompt, a.gen_tokens, plan.device, plan.dtype)
     if plan.rank:
         torch.manual_seed(a.seed + plan.rank)  # the same weights everywhere, each rank its own dropout masks
+    job.trainer = _make_trainer(a, plan, dctx, data, job)
+    try:
+        trim_freed_memory()  # what loading freed goes back to the OS before the first step; then after each step
+        result = job.trainer.train(resume=bool(a.resume) and plan.have_checkpoint,
+                                   on_step=lambda rec: trim_freed_memory(),
+                                   announce=(lambda line: print(line, flush=True)) if plan.rank == 0 else None)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    job.sample_after = _generate(unwrapped, lm.tokenizer, data.prompt, a.gen_tokens, plan.device, plan.dtype)
+    return result
+
+
+def _make_trainer(a: argparse.Namespace, plan: _Plan, dctx, data: _Data, job: _Job):
+    """The trainer of this job: its schedule, optimizer, loss function (chunked head + loss where it applies) and
+    data stream. _train runs it; bench/bench_step.py times its steps (so the bench measures what finetune trains)."""
+    from lowrank_ext.finetune import parallel
+    from lowrank_ext.finetune.trainer import TrainConfig, Trainer, lm_loss_in
+
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=a.lr,
                       warmup_steps=a.warmup, max_grad_norm=a.max_grad_norm or None,
                       checkpoint_every=a.checkpoint_every, progress=not a.no_progress and plan.rank == 0,
@@ -564,19 +580,10 @@ def _train(a: argparse.Namespace, plan: _Plan, dctx, lm, data: _Data, job: _Job)
     trainer_cls, kw = (Trainer, {}) if dctx is None else (parallel.DistTrainer, {"dist": dctx})
     rank, world, micro, blocks = plan.rank, plan.world, a.batch_size, data.train_blocks
     # rank r reads micro-batches r, r + world, ...: distinct data per rank, the same stream for any resume
-    job.trainer = trainer_cls(job.model, lambda i: blocks.batch(i * world + rank, micro), data.eval_batches, cfg,
-                              optimizer=plan.backend.optimizer,
-                              checkpoint_dir=plan.ckpt_dir if a.resume else plan.out / CHECKPOINT_SUBDIR,
-                              device=plan.device, fingerprint=fingerprint, loss_fn=loss_fn, **kw)
-    try:
-        trim_freed_memory()  # what loading freed goes back to the OS before the first step; then after each step
-        result = job.trainer.train(resume=bool(a.resume) and plan.have_checkpoint,
-                                   on_step=lambda rec: trim_freed_memory(),
-                                   announce=(lambda line: print(line, flush=True)) if plan.rank == 0 else None)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from e
-    job.sample_after = _generate(unwrapped, lm.tokenizer, data.prompt, a.gen_tokens, plan.device, plan.dtype)
-    return result
+    return trainer_cls(job.model, lambda i: blocks.batch(i * world + rank, micro), data.eval_batches, cfg,
+                       optimizer=plan.backend.optimizer,
+                       checkpoint_dir=plan.ckpt_dir if a.resume else plan.out / CHECKPOINT_SUBDIR,
+                       device=plan.device, fingerprint=fingerprint, loss_fn=loss_fn, **kw)
 
 
 # ---- phase 6: save the adapter, reload it into a fresh model and score it
