@@ -17,6 +17,7 @@ LoRA input and the backward adds gu · A into gx inside one op.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 from lowrank_ext.nf4 import NF4Weight
@@ -33,8 +34,9 @@ _BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
 def _call(op, *args):
     """op(*args). With gradients off (generate runs under torch.no_grad) the call goes below the Autograd key:
     there the op's autograd kernel (register_autograd, Python) would only redispatch, for ~6 µs a call at M = 1.
-    Autocast still applies (its keys sit above Autograd). Not while torch.compile traces: it sees the plain call."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    Autocast still applies (its keys sit above Autograd). Not while torch.compile traces (it sees the plain
+    call), nor inside a forward-AD dual level (which grad mode does not switch off: the Autograd key must see it)."""
+    if torch.is_grad_enabled() or _forward_ad._current_level >= 0 or torch.compiler.is_compiling():
         return op(*args)
     with _BELOW_AUTOGRAD():
         return op(*args)
