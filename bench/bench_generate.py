@@ -19,6 +19,9 @@ rope, swiglu), the output head (lm_head, a record_function around it), the other
 inclusive), and Python + dispatch (the rest of the wall time). The profiler inflates the per-op costs a little;
 the split is for seeing where the time goes, the tokens/s above are measured without it.
 
+First, the per-call cost of one QLoRALinear at M = 1 against the raw op (1 and 2 threads, inference_mode and
+no_grad): the Python path above the op (target <= 20 µs).
+
 Targets (issue 22): nf4 decode tokens/s >= 1.5x dense, and >= 0.5x llama.cpp.
 
 Run: python bench/bench_generate.py [--tokens 48] [--reps 5] [--threads 2] [--quick]
@@ -175,6 +178,47 @@ def step_split(model, tok, n_new: int) -> dict[str, float]:
     return split
 
 
+# ---- per-call overhead of a layer at M = 1 -------------------------------------------------------
+def _median_us(fn, calls: int = 3000) -> float:
+    for _ in range(300):
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter_ns()
+        fn()
+        times.append(time.perf_counter_ns() - t0)
+    return statistics.median(times) / 1e3
+
+
+def per_call_overhead(threads_list=(1, 2), shapes=((576, 576), (1536, 576))) -> list[list[object]]:
+    """Median µs of one call at M = 1 (x [1, 1, K]): the raw op (`torch.ops.lowrank_ext.nf4_lora_linear`, the
+    packet, as a user would call it), the ops wrapper, and the QLoRALinear layer (r = 16), under inference_mode
+    and no_grad; 'layer - raw' is the Python path above the op (the target: <= 20 µs)."""
+    from lowrank_ext.nn import QLoRALinear
+    from lowrank_ext.ops import nf4_lora_linear
+
+    rows = []
+    before = torch.get_num_threads()
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        for n, k in shapes:
+            torch.manual_seed(0)
+            layer = QLoRALinear.from_linear(torch.nn.Linear(k, n, bias=False), r=16, alpha=32).eval()
+            w, a, b = layer.weight, layer.lora_A["default"], layer.lora_B["default"]
+            x = torch.randn(1, 1, k)
+            x2, t = x.view(1, k), w.tensors()
+            raw = torch.ops.lowrank_ext.nf4_lora_linear
+            for mode_name, mode in (("inference_mode", torch.inference_mode), ("no_grad", torch.no_grad)):
+                with mode():
+                    r_us = _median_us(lambda: raw(x2, x2, *t, w.blocksize, n, a, b, 2.0, None))
+                    o_us = _median_us(lambda: nf4_lora_linear(x, w, a, b, 2.0))
+                    l_us = _median_us(lambda: layer(x))
+                rows.append([threads, f"{n}x{k}", mode_name, f"{r_us:.1f}", f"{o_us:.1f}", f"{l_us:.1f}",
+                             f"{l_us - r_us:.1f}"])
+    torch.set_num_threads(before)
+    return rows
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -187,6 +231,9 @@ def cpu_name() -> str:
 
 
 def run(tokens: int = 48, reps: int = 5, threads: int = 2, quick: bool = False) -> dict[str, float]:
+    print_table(f"per call at M = 1, µs (median of 3000; load average {os.getloadavg()[0]:.2f})",
+                ["threads", "N x K", "mode", "raw op", "ops wrapper", "QLoRALinear", "layer - raw"],
+                per_call_overhead())
     torch.set_num_threads(threads)
     tok, models = load_models(quick)
     runners = {name: torch_runner(m, tok, tokens) for name, m in models.items()}
