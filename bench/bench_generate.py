@@ -25,12 +25,14 @@ no_grad): the Python path above the op (target <= 20 µs).
 Targets (issue 22): nf4 decode tokens/s >= 1.5x dense, and >= 0.5x llama.cpp.
 
 Run: python bench/bench_generate.py [--tokens 48] [--reps 5] [--threads 2] [--quick]
+     (or python -m lowrank_ext bench --only generate [--quick])
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import platform
 import statistics
@@ -208,11 +210,11 @@ def per_call_overhead(threads_list=(1, 2), shapes=((576, 576), (1536, 576))) -> 
             x = torch.randn(1, 1, k)
             x2, t = x.view(1, k), w.tensors()
             raw = torch.ops.lowrank_ext.nf4_lora_linear
+            calls = (functools.partial(raw, x2, x2, *t, w.blocksize, n, a, b, 2.0, None),
+                     functools.partial(nf4_lora_linear, x, w, a, b, 2.0), functools.partial(layer, x))
             for mode_name, mode in (("inference_mode", torch.inference_mode), ("no_grad", torch.no_grad)):
                 with mode():
-                    r_us = _median_us(lambda: raw(x2, x2, *t, w.blocksize, n, a, b, 2.0, None))
-                    o_us = _median_us(lambda: nf4_lora_linear(x, w, a, b, 2.0))
-                    l_us = _median_us(lambda: layer(x))
+                    r_us, o_us, l_us = (_median_us(c) for c in calls)
                 rows.append([threads, f"{n}x{k}", mode_name, f"{r_us:.1f}", f"{o_us:.1f}", f"{l_us:.1f}",
                              f"{l_us - r_us:.1f}"])
     torch.set_num_threads(before)
@@ -230,7 +232,11 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run(tokens: int = 48, reps: int = 5, threads: int = 2, quick: bool = False) -> dict[str, float]:
+def run(quick: bool = False, tokens: int | None = None, reps: int | None = None, threads: int = 2) -> dict[str, float]:
+    """The tables above; returns the median tokens/s per variant. quick (what `python -m lowrank_ext bench --quick`
+    passes): 6 decoder layers, 16 tokens, 3 runs."""
+    tokens = tokens or (16 if quick else 48)
+    reps = reps or (3 if quick else 5)
     print_table(f"per call at M = 1, µs (median of 3000; load average {os.getloadavg()[0]:.2f})",
                 ["threads", "N x K", "mode", "raw op", "ops wrapper", "QLoRALinear", "layer - raw"],
                 per_call_overhead())
@@ -284,16 +290,20 @@ def run(tokens: int = 48, reps: int = 5, threads: int = 2, quick: bool = False) 
     return med
 
 
+def chart_rows(med: dict[str, float]) -> list[dict]:
+    """For `python -m lowrank_ext bench`'s chart: seconds per decoded token, ours (nf4+patch) vs the baselines."""
+    base = {name: 1.0 / med[name] for name in ("dense", "llama.cpp") if name in med}
+    return [{"shape": "SmolLM2 decode", "ours": 1.0 / med["nf4+patch"], "baselines": base}]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=48, help="new tokens per run")
-    ap.add_argument("--reps", type=int, default=5, help="timed runs per variant (median reported)")
+    ap.add_argument("--tokens", type=int, default=None, help="new tokens per run (48; --quick: 16)")
+    ap.add_argument("--reps", type=int, default=None, help="timed runs per variant, median reported (5; --quick: 3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="6 decoder layers, 16 tokens, 3 runs (a smoke test)")
     a = ap.parse_args()
-    if a.quick:
-        a.tokens, a.reps = min(a.tokens, 16), min(a.reps, 3)
-    run(a.tokens, a.reps, a.threads, a.quick)
+    run(a.quick, a.tokens, a.reps, a.threads)
 
 
 if __name__ == "__main__":

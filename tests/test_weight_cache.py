@@ -128,7 +128,7 @@ def test_fsdp2_unshard_reshard(kind):
     layer, _ = pair(kind)
     with torch.no_grad():
         expected = layer(X)
-    layer.weight  # cached before sharding: must not survive it
+    _ = layer.weight  # cached before sharding: must not survive it
     root = nn.Sequential(layer)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -137,7 +137,7 @@ def test_fsdp2_unshard_reshard(kind):
         assert layer.nf4_sharded
         with pytest.raises(ValueError, match=r"weight_packed must be the whole \(unsharded\) NF4 weight to compute "
                                              r"with it, got a DTensor shard"):
-            layer.weight
+            _ = layer.weight
         for _ in range(2):  # the hooks gather the bytes for each forward and reshard after it
             with torch.no_grad():
                 assert torch.equal(root(X), expected)
@@ -146,6 +146,6 @@ def test_fsdp2_unshard_reshard(kind):
         assert layer.weight.packed.data_ptr() == layer.weight_packed.data_ptr()
         layer.reshard()
         with pytest.raises(ValueError, match="got a DTensor shard"):
-            layer.weight
+            _ = layer.weight
     finally:
         dist.destroy_process_group()
