@@ -8,7 +8,8 @@ Variants, all greedy, same fixed prompt, the same number of new tokens:
     nf4+patch      the same, plus lowrank_ext.patch_model (fused RMSNorm / rotary / SwiGLU ops)
     nf4+patch+head the same with the output head quantized too (Linear4bit; llama.cpp's GGUF quantizes it as well):
                    the dense fp32 head is the largest single read of a decode step (49152 x 576 fp32, 113 MB)
-    llama.cpp      llama-cpp-python on SmolLM2-135M-Instruct.Q4_1.gguf (skipped, with the reason, when missing)
+    llama.cpp      llama-cpp-python on SmolLM2-135M-Instruct.Q4_1.gguf, EOS banned like min_new_tokens (skipped,
+                   with the reason, when missing; --llama-cpp-python names a side venv's interpreter)
 Timing is decode only: a streamer stamps each new token; tokens/s = (n - 1) / (t_last - t_first), so the prefill
 and the time to the first token are excluded. The variants run alternated (dense, nf4, nf4+patch, llama.cpp,
 dense, ...) so load drifts hit all of them; the median of --reps runs is reported. Threads: --threads (2).
@@ -108,24 +109,48 @@ def torch_runner(model, tok, n_new: int):
     return run
 
 
-def llama_cpp_runner(n_new: int, threads: int):
-    """A runner for llama-cpp-python on the packaged GGUF, or (None, why not)."""
-    try:
-        import llama_cpp
-    except ImportError as e:
-        return None, (f"llama_cpp is not importable ({e}); build it in a side venv: pip install llama-cpp-python "
-                      "(compiles llama.cpp from the sdist with cmake, > 10 min on 2 cores)")
+_LLAMA_WORKER = r"""
+import sys, time, llama_cpp
+path, threads, prompt = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False, seed=0)
+print(llama_cpp.__version__, flush=True)
+for line in sys.stdin:
+    stamps = []
+    # EOS banned, as min_new_tokens does for the torch models: the Q4_1 model's first greedy token is EOS
+    for _ in llm.create_completion(prompt, max_tokens=int(line), temperature=0.0, top_k=1, stream=True,
+                                   logit_bias={llm.token_eos(): -1e9}):
+        stamps.append(time.perf_counter())
+    print(" ".join(repr(t) for t in stamps), flush=True)
+"""
+
+
+def llama_cpp_runner(n_new: int, threads: int, python: str | None):
+    """(runner, description) for llama-cpp-python on the packaged GGUF, or (None, why not). It runs in a worker
+    process of `python` (a side venv's interpreter where llama-cpp-python was built; default: this one), which
+    loads the model once and generates on request; the stamps come back over a pipe."""
+    import subprocess
+
     from lowrank_ext.finetune.models import smollm2_gguf_path
 
-    llm = llama_cpp.Llama(model_path=str(smollm2_gguf_path("bench")), n_threads=threads, n_threads_batch=threads,
-                          n_ctx=512, verbose=False, seed=0)
+    python = python or sys.executable
+    probe = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True, text=True, check=False)
+    if probe.returncode != 0:
+        why = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else f"exit {probe.returncode}"
+        return None, (f"llama_cpp is not importable by {python} ({why}); build it in a side venv (pip install "
+                      "llama-cpp-python: llama.cpp from the sdist, ~10 min on 2 cores) and pass --llama-cpp-python "
+                      "VENV/bin/python")
+    worker = subprocess.Popen([python, "-c", _LLAMA_WORKER, str(smollm2_gguf_path("bench")), str(threads), PROMPT],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    version = worker.stdout.readline().strip()
 
     def run(streamer) -> None:
-        streamer.put(None)  # the prompt
-        for _ in llm.create_completion(PROMPT, max_tokens=n_new, temperature=0.0, top_k=1, stream=True):
-            streamer.put(None)
+        worker.stdin.write(f"{n_new}\n")
+        worker.stdin.flush()
+        stamps = [float(t) for t in worker.stdout.readline().split()]
+        if streamer is not None:
+            streamer.stamps = stamps
 
-    return run, f"llama-cpp-python {llama_cpp.__version__}, SmolLM2-135M-Instruct.Q4_1.gguf"
+    return run, f"llama-cpp-python {version}, SmolLM2-135M-Instruct.Q4_1.gguf (its own timings, in a worker process)"
 
 
 # ---- per-step split ------------------------------------------------------------------------------
@@ -232,7 +257,8 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def run(quick: bool = False, tokens: int | None = None, reps: int | None = None, threads: int = 2) -> dict[str, float]:
+def run(quick: bool = False, tokens: int | None = None, reps: int | None = None, threads: int = 2,
+        llama_cpp_python: str | None = None) -> dict[str, float]:
     """The tables above; returns the median tokens/s per variant. quick (what `python -m lowrank_ext bench --quick`
     passes): 6 decoder layers, 16 tokens, 3 runs."""
     tokens = tokens or (16 if quick else 48)
@@ -243,7 +269,7 @@ def run(quick: bool = False, tokens: int | None = None, reps: int | None = None,
     torch.set_num_threads(threads)
     tok, models = load_models(quick)
     runners = {name: torch_runner(m, tok, tokens) for name, m in models.items()}
-    llama, llama_note = llama_cpp_runner(tokens, threads)
+    llama, llama_note = llama_cpp_runner(tokens, threads, llama_cpp_python)
     if llama is not None:
         runners["llama.cpp"] = llama
     # correctness once before timing: the NF4 models agree with each other (patch_model changes no token)
@@ -302,8 +328,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="timed runs per variant, median reported (5; --quick: 3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="6 decoder layers, 16 tokens, 3 runs (a smoke test)")
+    ap.add_argument("--llama-cpp-python", default=None, metavar="PYTHON",
+                    help="the interpreter of a venv with llama-cpp-python (default: this one)")
     a = ap.parse_args()
-    run(a.quick, a.tokens, a.reps, a.threads)
+    run(a.quick, a.tokens, a.reps, a.threads, a.llama_cpp_python)
 
 
 if __name__ == "__main__":
