@@ -6,7 +6,7 @@ Variants, all greedy, same fixed prompt, the same number of new tokens:
     nf4            lowrank_ext.inject(LoRAConfig(quantize="nf4", the finetune's default targets and rank)): every
                    decoder projection a QLoRALinear (one fused NF4 + LoRA op a call); the tied head stays fp32
     nf4+patch      the same, plus lowrank_ext.patch_model (fused RMSNorm / rotary / SwiGLU ops)
-    nf4+patch+head the same with the output head quantized too (Linear4bit; llama.cpp's GGUF quantizes it as well):
+    nf4+patch+head the same with the output head quantized too (Linear4bit; the GGUF stores its tied head as Q8_0):
                    the dense fp32 head is the largest single read of a decode step (49152 x 576 fp32, 113 MB)
     llama.cpp      llama-cpp-python on SmolLM2-135M-Instruct.Q4_1.gguf, EOS banned like min_new_tokens (skipped,
                    with the reason, when missing; --llama-cpp-python names a side venv's interpreter)
@@ -92,8 +92,8 @@ def load_models(quick: bool):
     nf4 = L.inject(copy.deepcopy(dense), config).eval()
     nf4_patched = L.patch_model(L.inject(copy.deepcopy(dense), config).eval())
     nf4_head = L.patch_model(L.inject(copy.deepcopy(dense), config).eval())
-    # the output head (tied to the embeddings, 49152 x 576: 113 MB of fp32 read per token) as NF4 too, as
-    # llama.cpp's GGUF stores it; the embedding lookup keeps the dense table
+    # the output head (tied to the embeddings, 49152 x 576: 113 MB of fp32 read per token) as NF4 too (the GGUF
+    # holds it as Q8_0); the embedding lookup keeps the dense table
     nf4_head.lm_head = Linear4bit.from_linear(nf4_head.lm_head)
     return tok, {"dense": dense, "nf4": nf4, "nf4+patch": nf4_patched, "nf4+patch+head": nf4_head}
 
