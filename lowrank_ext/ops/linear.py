@@ -36,7 +36,8 @@ def _call(op, *args):
     there the op's autograd kernel (register_autograd, Python) would only redispatch, for ~6 µs a call at M = 1.
     Autocast still applies (its keys sit above Autograd). Not while torch.compile traces (it sees the plain
     call), nor inside a forward-AD dual level (which grad mode does not switch off: the Autograd key must see it)."""
-    if torch.is_grad_enabled() or _forward_ad._current_level >= 0 or torch.compiler.is_compiling():
+    if (torch.is_grad_enabled() or torch.is_inference_mode_enabled()  # inference mode: already below Autograd
+            or _forward_ad._current_level >= 0 or torch.compiler.is_compiling()):
         return op(*args)
     with _BELOW_AUTOGRAD():
         return op(*args)
@@ -57,7 +58,7 @@ def _flatten_x(op: str, x: torch.Tensor, in_features: int) -> torch.Tensor:
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"lowrank_ext::{op}: x must have in_features = {in_features} elements in its last "
                          f"dimension, got shape {tuple(x.shape)}")
-    return x.reshape(-1, in_features)  # leading dims flattened (a view when the strides allow)
+    return x if x.dim() == 2 else x.reshape(-1, in_features)  # leading dims flattened (a view when the strides allow)
 
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
