@@ -148,7 +148,7 @@ def test_qlora_only_lora_trainable_and_weight_is_nf4():
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_nf4_storage_is_frozen_uint8_parameters(double_quant):
     """The packed codes and absmax bytes are frozen uint8 Parameters (what FSDP2 shards), the fp32 constants
-    buffers; no cast reaches them, `weight` is rebuilt from the live tensors, counts and optimizers skip them."""
+    buffers; no cast reaches them, `weight` views the live tensors, counts and optimizers skip them."""
     torch.manual_seed(0)
     layer = QLoRALinear.from_linear(torch.nn.Linear(64, 48), r=4, double_quant=double_quant)
     ref = layer.weight
@@ -160,7 +160,7 @@ def test_nf4_storage_is_frozen_uint8_parameters(double_quant):
     assert {n for n, b in layer.named_buffers() if n.startswith("weight_")} == (
         {"weight_nested_absmax", "weight_nested_map", "weight_offset"} if double_quant else set())
     assert not any(k.startswith("weight_") for k in layer.state_dict())  # bitsandbytes' keys only
-    assert layer.weight is not layer.weight  # rebuilt at each access, nothing cached
+    assert layer.weight is layer.weight  # cached; rebuilt when the tensors change (tests/test_weight_cache.py)
     for cast in (lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.type(torch.float16),
                  lambda m: m.double()):
         moved = cast(copy.deepcopy(layer))

@@ -785,6 +785,36 @@ def test_autocast_keeps_the_fused_lora_backward():
     assert calls == [True]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ops_under_inference_mode_with_worker_threads(dtype):
+    """Under torch.inference_mode() the outputs are inference tensors; the panel path's at::parallel_for
+    workers write strips of them with at::mm_out. Workers start outside inference mode, so they once raised
+    "Inplace update to inference tensor outside InferenceMode" (2+ threads, a GEMM big enough to split).
+    Each op in inference mode must give what it gives under no_grad."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = make_weight(512, 256)
+        a, b = make_lora(512, 256, 8, dtype, "cpu")
+        x = torch.randn(64, 256, generator=torch.Generator().manual_seed(2)).to(dtype)  # 64·512·256 MACs: split
+        gy = torch.randn(64, 512, generator=torch.Generator().manual_seed(3)).to(dtype)
+        runs = {
+            "nf4_linear": lambda: nf4_linear(x, w),
+            "nf4_lora_linear": lambda: nf4_lora_linear(x, w, a, b, 0.5),
+            "nf4_linear_grad_input": lambda: ops.nf4_linear_grad_input(gy, *w.tensors(), w.blocksize, 256),
+            "nf4_lora_linear_backward": lambda: ops.nf4_lora_linear_backward(
+                gy, x, torch.ones(64, 8, dtype=dtype), *w.tensors(), w.blocksize, 256, a, b, 0.5, True)[0],
+        }
+        for name, run in runs.items():
+            with torch.no_grad():
+                expected = run()
+            with torch.inference_mode():
+                got = run()
+            assert got.is_inference() and torch.equal(got, expected), name
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a device mix needs a second device (CUDA)")
 def test_errors_device_mix():
     n, k = 48, 64

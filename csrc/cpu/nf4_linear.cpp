@@ -23,6 +23,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -86,6 +87,19 @@ int64_t panel_len(int64_t dim_len, int64_t other, int64_t elem_size) {
   return std::min(len, dim_len);
 }
 
+// The ATen calls that at::parallel_for workers make (mm_out into a strip of the output) must run in the
+// caller's mode: worker threads do not inherit its thread-local state, so they start outside inference mode
+// and with autograd on. An output allocated under torch.inference_mode() is an inference tensor, and an
+// in-place write to it outside inference mode raises ("Inplace update to inference tensor outside
+// InferenceMode") — on the workers only, so only with 2+ threads and a GEMM big enough to split. Only the
+// one flag is copied (never the whole at::ThreadLocalState: it holds Python objects that a worker without
+// the GIL must not reference-count).
+struct WorkerModeGuard {
+  explicit WorkerModeGuard(bool inference) : inference_mode(inference) {}
+  const c10::InferenceMode inference_mode;    // enabled=false: ordinary mode, as a fresh worker already has
+  const at::AutoDispatchBelowAutograd no_autograd;  // inner ATen calls: plain kernels, no graph
+};
+
 // y[M, N] = xa[M, K] · deq(W)ᵀ, xa in the compute type, contiguous.
 // Below this many multiply-adds a GEMM runs on one thread (an OpenMP region costs more than it saves,
 // and far more when the cores are shared).
@@ -107,11 +121,12 @@ at::Tensor matmul_nt(const at::Tensor& xa, const NF4Matrix& w) {
     return y;
   }
   record_kernel_path(KernelProduct::kNT, panel_path(xa.scalar_type()));
+  const bool inference = c10::InferenceMode::is_enabled();  // y is an inference tensor when this is true
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, xa.scalar_type(), "nf4_matmul_nt_cpu", [&] {
     const int64_t nb = panel_len(N, K, sizeof(scalar_t));
     const int64_t panels = ceil_div(N, nb);
     at::parallel_for(0, panels, panel_grain(panels, M * N * K), [&](int64_t p0, int64_t p1) {
-      const at::AutoDispatchBelowAutograd no_autograd;  // worker threads do not inherit the caller's TLS
+      const WorkerModeGuard caller_mode(inference);  // the caller's inference mode, autograd off
       at::Tensor panel = at::empty({nb, K}, xa.options());  // rows n0..n0+len of deq(W)
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t n0 = p * nb, len = std::min(nb, N - n0);
@@ -131,11 +146,12 @@ at::Tensor matmul_nn(const at::Tensor& g, const NF4Matrix& w) {
   at::Tensor gx = at::empty({M, K}, g.options());
   if (M == 0) return gx;
   record_kernel_path(KernelProduct::kNN, panel_path(g.scalar_type()));
+  const bool inference = c10::InferenceMode::is_enabled();  // gx is an inference tensor when this is true
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, g.scalar_type(), "nf4_matmul_nn_cpu", [&] {
     const int64_t kb = panel_len(K, N, sizeof(scalar_t));
     const int64_t panels = ceil_div(K, kb);
     at::parallel_for(0, panels, panel_grain(panels, M * N * K), [&](int64_t p0, int64_t p1) {
-      const at::AutoDispatchBelowAutograd no_autograd;  // worker threads do not inherit the caller's TLS
+      const WorkerModeGuard caller_mode(inference);  // the caller's inference mode, autograd off
       at::Tensor panel = at::empty({N, kb}, g.options());  // columns k0..k0+len of deq(W)
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t k0 = p * kb, len = std::min(kb, K - k0);

@@ -48,6 +48,11 @@ def merge_warning(op: str, merged: list[str], todo: list[str]) -> str:
     return f"lowrank_ext::{op}: all adapters are already merged ({list(merged)}), nothing to do"
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; t itself when it already is (skips `.to`'s ~1 µs of dispatch per call on the forward path)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _err(cls: str, arg: str, expected: str, got) -> ValueError:
     return ValueError(f"lowrank_ext::{cls}: {arg} must {expected}, got {got}")
 
@@ -151,9 +156,9 @@ class _AdapterLayer(nn.Module):
         if self.specs[name].variant == "vera":
             a, b = LF.vera_factors(self.vera_lambda_d[name], self.vera_lambda_b[name],
                                    getattr(self, f"vera_A_{name}"), getattr(self, f"vera_B_{name}"))
-        else:
-            a, b = self.lora_A[name], self.lora_B[name]
-        return (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
+        else:  # the ParameterDicts' own storage: d[name] costs ~1.5 µs a lookup, on every forward
+            a, b = self.lora_A._parameters[name], self.lora_B._parameters[name]
+        return (a, b) if dtype is None else (_cast(a, dtype), _cast(b, dtype))
 
     @torch.no_grad()
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -173,7 +178,9 @@ class _AdapterLayer(nn.Module):
         if self.disabled and self.merged_adapters:
             self.unmerge()
         live = self._live()
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+        bias = self.bias
+        if bias is not None:
+            bias = _cast(bias, x.dtype)
         if self._mixed is not None and not self.disabled:
             return self._forward_mixed(x, bias)
         if not live:

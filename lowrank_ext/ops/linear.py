@@ -17,6 +17,7 @@ LoRA input and the backward adds gu · A into gx inside one op.
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.nn.functional as F
 
 from lowrank_ext.nf4 import NF4Weight
@@ -24,6 +25,22 @@ from lowrank_ext.nf4 import NF4Weight
 __all__ = ["nf4_linear", "nf4_lora_linear", "nf4_row_sqnorm"]
 
 _lib = torch.ops.lowrank_ext
+# The overloads themselves: calling the packet (`_lib.nf4_linear`) resolves the overload on every call (~2 µs).
+_NF4_LINEAR = _lib.nf4_linear.default
+_NF4_LORA_LINEAR = _lib.nf4_lora_linear.default
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+
+
+def _call(op, *args):
+    """op(*args). With gradients off (generate runs under torch.no_grad) the call goes below the Autograd key:
+    there the op's autograd kernel (register_autograd, Python) would only redispatch, for ~6 µs a call at M = 1.
+    Autocast still applies (its keys sit above Autograd). Not while torch.compile traces (it sees the plain
+    call), nor inside a forward-AD dual level (which grad mode does not switch off: the Autograd key must see it)."""
+    if (torch.is_grad_enabled() or torch.is_inference_mode_enabled()  # inference mode: already below Autograd
+            or _forward_ad._current_level >= 0 or torch.compiler.is_compiling()):
+        return op(*args)
+    with _BELOW_AUTOGRAD():
+        return op(*args)
 
 
 def _check_weight(op: str, weight: object) -> tuple[int, int]:
@@ -41,7 +58,7 @@ def _flatten_x(op: str, x: torch.Tensor, in_features: int) -> torch.Tensor:
     if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"lowrank_ext::{op}: x must have in_features = {in_features} elements in its last "
                          f"dimension, got shape {tuple(x.shape)}")
-    return x.reshape(-1, in_features)  # leading dims flattened (a view when the strides allow)
+    return x if x.dim() == 2 else x.reshape(-1, in_features)  # leading dims flattened (a view when the strides allow)
 
 
 _COMPUTE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,10 +85,10 @@ def nf4_linear(x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None = N
     x2 = _flatten_x("nf4_linear", x, k)
     if compute_dtype is not None and compute_dtype != x.dtype:
         cast_bias = None if bias is None else bias.to(compute_dtype)
-        y = _lib.nf4_linear(x2.to(compute_dtype), *weight.tensors(), weight.blocksize, n, cast_bias).to(x.dtype)
+        y = _call(_NF4_LINEAR, x2.to(compute_dtype), *weight.tensors(), weight.blocksize, n, cast_bias).to(x.dtype)
     else:
-        y = _lib.nf4_linear(x2, *weight.tensors(), weight.blocksize, n, bias)
-    return y.reshape(*x.shape[:-1], n)
+        y = _call(_NF4_LINEAR, x2, *weight.tensors(), weight.blocksize, n, bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def nf4_lora_linear(
@@ -95,16 +112,17 @@ def nf4_lora_linear(
     """
     n, k = _check_weight("nf4_lora_linear", weight)
     _check_compute_dtype("nf4_lora_linear", compute_dtype)
-    if not 0.0 <= float(dropout) < 1.0:
+    p = float(dropout)
+    if not 0.0 <= p < 1.0:
         raise ValueError(f"lowrank_ext::nf4_lora_linear: dropout must be in [0, 1), got {dropout}")
     x2 = _flatten_x("nf4_lora_linear", x, k)
-    x_lora = F.dropout(x2, p=float(dropout), training=True) if dropout > 0 else x2
+    x_lora = F.dropout(x2, p=p, training=True) if p > 0 else x2
     if compute_dtype is not None and compute_dtype != x.dtype:
         y = nf4_linear(x2, weight, bias, compute_dtype) + float(scaling) * F.linear(F.linear(x_lora, lora_A), lora_B)
-        return y.reshape(*x.shape[:-1], n)
-    y, _ = _lib.nf4_lora_linear(x2, x_lora, *weight.tensors(), weight.blocksize, n, lora_A, lora_B,
-                                float(scaling), bias)
-    return y.reshape(*x.shape[:-1], n)
+    else:
+        y, _ = _call(_NF4_LORA_LINEAR, x2, x_lora, *weight.tensors(), weight.blocksize, n, lora_A, lora_B,
+                     float(scaling), bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 def nf4_row_sqnorm(weight: NF4Weight) -> torch.Tensor:
