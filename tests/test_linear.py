@@ -205,6 +205,52 @@ def test_weight_values_bit_exact_with_bitsandbytes(blocksize, double_quant):
         assert torch.equal(nf4_linear(e, w)[0].double(), want[:, col])
 
 
+# bitsandbytes' own fp32 GEMV bound (tests/test_functional.py::TestQuantize4BitFunctional::test_gemv_4bit, main
+# branch, 2026): over 10 draws, with C1 = F.linear(A, dequantize_4bit(W)) (torch's fp32 GEMV on the same values)
+# and C2 = the 4-bit GEMV, mean|C1 - C2| / sqrt(dim), mean(|C1 - C2| / (|C1| + 1e-5)) / sqrt(dim) and
+# max|C1 - C2| / sqrt(dim), averaged over the draws, must stay below mean + 7 std of what they measured:
+BNB_GEMV_FP32_BOUND = {  # dim <= 512 / dim > 512: (err1, relerr1, maxerr1)
+    "le512": (2e-8 + 7 * 2e-9, 8e-7 + 7 * 1.2e-6, 6e-8 + 7 * 2e-8),
+    "gt512": (1e-8 + 7 * 2e-9, 5e-7 + 7 * 1.6e-7, 5e-8 + 7 * 1e-8),
+}
+BNB_GEMV_SHAPES = {  # kind: (A columns, B rows) as multiples of dim, as in their test
+    "fc1": (1, 4), "fc2": (4, 1), "attn": (1, 1), "attn_packed": (1, 3),
+}
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+@pytest.mark.parametrize("kind", list(BNB_GEMV_SHAPES))
+@pytest.mark.parametrize("double_quant", [True, False], ids=["DQ", "noDQ"])
+@pytest.mark.parametrize("dim", [256, 1024])
+def test_gemv_within_bitsandbytes_fp32_bound(monkeypatch, isa, kind, double_quant, dim):
+    """Our fp32 M = 1 GEMV on each CPU ISA path, held to the bound bitsandbytes' test_gemv_4bit puts on its own
+    fp32 4-bit GEMV: weights quantized by bitsandbytes (nf4, blocksize 64), its bytes run through our op."""
+    bnb = require("bitsandbytes", "0.50.2")
+    if isa == "avx512" and not _cpu_has_avx512f():
+        pytest.skip("no AVX-512 on this CPU")
+    monkeypatch.setenv("LOWRANK_EXT_CPU_ISA", isa)
+    cols, rows = BNB_GEMV_SHAPES[kind]
+    g = torch.Generator().manual_seed(dim + 7 * len(kind) + double_quant)
+    err, rel, mx = [], [], []
+    for _ in range(10):
+        a = torch.randn(1, cols * dim, generator=g)
+        b = torch.randn(rows * dim, cols * dim, generator=g) / dim**0.5
+        packed, qs = bnb.functional.quantize_4bit(b, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+        nested = (qs.state2.absmax, qs.state2.code, qs.offset.view(1)) if double_quant else ()
+        w = lowrank_ext.NF4Weight(packed, qs.absmax, tuple(b.shape), torch.float32, 64, *nested)
+        c1 = F.linear(a, bnb.functional.dequantize_4bit(packed, qs))
+        c2 = nf4_linear(a, w)
+        assert lowrank_ext.last_kernel_path("nt").startswith("gemv-" + isa), lowrank_ext.last_kernel_path("nt")
+        d = (c1 - c2).abs()
+        err.append(d.mean().item())
+        rel.append((d / (c1.abs() + 1e-5)).mean().item())
+        mx.append(d.max().item())
+    got = [sum(v) / len(v) / dim**0.5 for v in (err, rel, mx)]
+    bound = BNB_GEMV_FP32_BOUND["le512" if dim <= 512 else "gt512"]
+    for name, v, lim in zip(("err1", "relerr1", "maxerr1"), got, bound):
+        assert v < lim, f"{isa} {kind} dim={dim} DQ={double_quant}: {name} = {v:.3g} >= bitsandbytes' bound {lim:.3g}"
+
+
 # ---- gradcheck / opcheck / compile ---------------------------------------------------------------
 @pytest.mark.parametrize("m,n,k,fast", [(3, 40, 64, True), (11, 24, 97, True), (1, 16, 130, True),
                                         (2, 8, 33, False)])
