@@ -301,6 +301,9 @@ void reorder_x_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, float* xp
 // body reads is owned by the job (a shared_ptr the helpers hold): the body's captures are values, x's copy is in
 // the body, and `owner` keeps W's tensors alive (nf4_gemv_nt's caller passes them).
 constexpr int64_t kGemvChunkCodes = 32768;  // 16 KB of NF4 per unit
+// Below this many multiply-adds the caller works alone: waking a pool thread takes ~30-90 µs (measured here,
+// longer under load), about the time of this much work on one core, so a helper would rarely get a unit.
+constexpr int64_t kGemvThreadedMacs = int64_t{1} << 20;
 
 // body(n0, n1, out, ld): outputs of rows [n0, n1) to out[m * ld + (n - n0)].
 using RowsBody = std::function<void(int64_t, int64_t, float*, int64_t)>;
@@ -346,11 +349,12 @@ struct RowJob {
 
 // body over rows [0, rows) into y[m * ldy + n] (m < M), on up to at::get_num_threads() threads.
 // body must capture by value only (helpers may run it after the call returned; see above).
-void split_rows(int64_t rows, int64_t unit_rows, int64_t M, float* y, int64_t ldy, RowsBody body,
+void split_rows(int64_t rows, int64_t unit_rows, int64_t M, int64_t macs, float* y, int64_t ldy, RowsBody body,
                 std::shared_ptr<const void> owner) {
   const int64_t units = (rows + unit_rows - 1) / unit_rows;
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), units);
-  if (threads <= 1 || at::in_parallel_region()) {  // one unit, one thread, or already inside a parallel region
+  // small, one unit, one thread, or already inside a parallel region: the caller alone
+  if (macs < kGemvThreadedMacs || threads <= 1 || at::in_parallel_region()) {
     if (rows > 0) body(0, rows, y, ldy);
     return;
   }
@@ -408,7 +412,7 @@ const char* nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t l
     } else {
       reorder_x_avx2(x, M, ldx, w.K, xp->data());
     }
-    split_rows(w.N, unit_rows, M, y, ldy, [wv, xp, M, avx512](int64_t n0, int64_t n1, float* out, int64_t ld) {
+    split_rows(w.N, unit_rows, M, M * w.N * w.K, y, ldy, [wv, xp, M, avx512](int64_t n0, int64_t n1, float* out, int64_t ld) {
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
         if (avx512) {
@@ -423,7 +427,7 @@ const char* nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t l
 #endif
   auto xc = std::make_shared<std::vector<float>>(static_cast<size_t>(M * w.K));  // x, rows packed (ld K)
   for (int64_t m = 0; m < M; ++m) std::memcpy(xc->data() + m * w.K, x + m * ldx, w.K * sizeof(float));
-  split_rows(w.N, unit_rows, M, y, ldy, [wv, xc, M, avx512](int64_t n0, int64_t n1, float* out, int64_t ld) {
+  split_rows(w.N, unit_rows, M, M * w.N * w.K, y, ldy, [wv, xc, M, avx512](int64_t n0, int64_t n1, float* out, int64_t ld) {
     const int64_t K = wv.K;
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const float* xm = xc->data() + m0 * K;
