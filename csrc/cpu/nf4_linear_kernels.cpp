@@ -22,6 +22,10 @@
 #include <memory>
 #include <vector>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define LRX_CPU_AVX2 1
@@ -347,6 +351,32 @@ struct RowJob {
   }
 };
 
+// A woken thread is often queued on its waker's CPU (Linux's wake-affine placement), most of all when the other
+// cores are busy — even with a nice-19 compile: then the helper only time-shares the caller's core and never helps.
+// A helper that finds itself on the caller's CPU moves off it: a mask without that CPU migrates it at once, and
+// putting the old mask back right away leaves it where it landed (no lasting pinning of the pool's threads; its
+// next wake-up prefers that CPU). Linux only; elsewhere a no-op.
+void move_off_cpu(int cpu) {
+#if defined(__linux__)
+  if (cpu < 0 || sched_getcpu() != cpu) return;
+  cpu_set_t mask;
+  if (sched_getaffinity(0, sizeof(mask), &mask) != 0 || CPU_COUNT(&mask) < 2 || !CPU_ISSET(cpu, &mask)) return;
+  cpu_set_t others = mask;
+  CPU_CLR(cpu, &others);
+  if (sched_setaffinity(0, sizeof(others), &others) == 0) sched_setaffinity(0, sizeof(mask), &mask);
+#else
+  (void)cpu;
+#endif
+}
+
+int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
 // body over rows [0, rows) into y[m * ldy + n] (m < M), on up to at::get_num_threads() threads.
 // body must capture by value only (helpers may run it after the call returned; see above).
 void split_rows(int64_t rows, int64_t unit_rows, int64_t M, int64_t macs, float* y, int64_t ldy, RowsBody body,
@@ -370,8 +400,11 @@ void split_rows(int64_t rows, int64_t unit_rows, int64_t M, int64_t macs, float*
   job->state.reset(new std::atomic<uint8_t>[units]);
   for (int64_t u = 0; u < units; ++u) job->state[u].store(RowJob::kFree, std::memory_order_relaxed);
   const size_t buf_floats = static_cast<size_t>(M * unit_rows);
+  const int caller_cpu = current_cpu();
   for (int64_t t = 1; t < threads; ++t) {
-    at::launch([job, buf_floats] {
+    at::launch([job, buf_floats, caller_cpu] {
+      if (job->next.load(std::memory_order_relaxed) >= job->units) return;  // late: nothing left, stay put
+      move_off_cpu(caller_cpu);
       std::vector<float> buf(buf_floats);
       job->claim_and_run(buf);
     });
