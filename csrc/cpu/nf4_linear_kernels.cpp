@@ -295,13 +295,13 @@ void reorder_x_avx2(const float* x, int64_t M, int64_t ldx, int64_t K, float* xp
 // Instead the rows are cut into units (kGemvChunkCodes codes, a few µs of work) with a state each:
 //   free -> claimed (by a helper) -> committing -> done
 // Helpers (torch's inter-op pool, at::launch: persistent threads woken per call, no OpenMP barrier) claim free
-// units in order, compute each into a private buffer, and commit it to y only if the unit is still theirs.
+// units (each its own region first: claim_and_run), compute each into a private buffer, and commit it to y only if the unit is still theirs.
 // The caller claims units the same way; when none is free, it computes every unit not yet done itself — also one
 // a helper holds (a helper descheduled mid-unit is simply overtaken) — and commits it the same way. Whoever
 // commits first writes y; the loser drops its copy (both computed the same values). So the caller never waits
 // for a thread that is not running, except for one inside its commit (a copy of a few floats); at worst it does
-// all the rows alone. A helper that starts after the call returned finds no free unit and leaves without touching
-// the call's data. A helper overtaken mid-unit goes on reading its inputs after the call returned, so everything
+// all the rows alone. A helper that starts after the call returned finds no free unit (it reads only the states)
+// and leaves without touching the call's data. A helper overtaken mid-unit goes on reading its inputs after the call returned, so everything
 // body reads is owned by the job (a shared_ptr the helpers hold): the body's captures are values, x's copy is in
 // the body, and `owner` keeps W's tensors alive (nf4_gemv_nt's caller passes them).
 constexpr int64_t kGemvChunkCodes = 32768;  // 16 KB of NF4 per unit
@@ -319,7 +319,7 @@ struct RowJob {
   int64_t ldy = 0;
   RowsBody body;                        // self-contained: captures by value
   std::shared_ptr<const void> owner;    // keeps the memory W's pointers point into alive
-  std::atomic<int64_t> next{0};                   // first unit not yet tried (a hint: claims are by state)
+  int64_t threads = 1;
   std::unique_ptr<std::atomic<uint8_t>[]> state;  // per unit
 
   // Compute unit u into buf, then write it to y if `from` (the state this thread saw) still holds.
@@ -332,12 +332,23 @@ struct RowJob {
     return true;
   }
 
-  // Claim free units in order and run them (a helper's whole task; the caller's first phase).
-  void claim_and_run(std::vector<float>& buf) {
-    for (int64_t u; (u = next.fetch_add(1, std::memory_order_relaxed)) < units;) {
-      uint8_t free = kFree;
-      if (state[u].compare_exchange_strong(free, kClaimed, std::memory_order_acq_rel)) run(u, kClaimed, buf);
-    }
+  void try_claim(int64_t u, std::vector<float>& buf) {
+    uint8_t free = kFree;
+    if (state[u].load(std::memory_order_relaxed) == kFree &&
+        state[u].compare_exchange_strong(free, kClaimed, std::memory_order_acq_rel))
+      run(u, kClaimed, buf);
+  }
+
+  int64_t region_start(int64_t t) const { return t * units / threads; }
+
+  // Thread t (0: the caller) claims the free units of its own region [start(t), start(t+1)) front to back, then
+  // the other free units back to front from start(t) - 1 (wrapping): for two threads, each then takes the other's
+  // region from its far end. So the threads meet once instead of alternating units, whose states share cache
+  // lines (one line transfer per claim made the split ~10% slower than OpenMP's halves).
+  void claim_and_run(int64_t t, std::vector<float>& buf) {
+    const int64_t start = region_start(t), own = region_start(t + 1) - start;
+    for (int64_t i = 0; i < own; ++i) try_claim(start + i, buf);
+    for (int64_t i = 1; i <= units - own; ++i) try_claim((start - i + units) % units, buf);
   }
 
   // The caller's second phase: every unit not done is run here (overtaking a helper that holds it).
@@ -393,6 +404,7 @@ void split_rows(int64_t rows, int64_t unit_rows, int64_t M, int64_t macs, float*
   job->unit_rows = unit_rows;
   job->rows = rows;
   job->M = M;
+  job->threads = threads;
   job->y = y;
   job->ldy = ldy;
   job->body = std::move(body);
@@ -402,15 +414,15 @@ void split_rows(int64_t rows, int64_t unit_rows, int64_t M, int64_t macs, float*
   const size_t buf_floats = static_cast<size_t>(M * unit_rows);
   const int caller_cpu = current_cpu();
   for (int64_t t = 1; t < threads; ++t) {
-    at::launch([job, buf_floats, caller_cpu] {
-      if (job->next.load(std::memory_order_relaxed) >= job->units) return;  // late: nothing left, stay put
-      move_off_cpu(caller_cpu);
+    at::launch([job, buf_floats, caller_cpu, t] {
+      // late (the caller already took the first unit of this helper's region): no move, only a scan of states
+      if (job->state[job->region_start(t)].load(std::memory_order_relaxed) == RowJob::kFree) move_off_cpu(caller_cpu);
       std::vector<float> buf(buf_floats);
-      job->claim_and_run(buf);
+      job->claim_and_run(t, buf);
     });
   }
   std::vector<float> buf(buf_floats);
-  job->claim_and_run(buf);
+  job->claim_and_run(0, buf);
   job->finish(buf);
 }
 
