@@ -7,7 +7,12 @@
       Linear4bit (goal: faster); ours bf16 vs the dense fp32 layer (goal within 1.5x)
   (c) the largest single allocation of the (b) step (profiler), against N·K·4 bytes (a dense fp32 W)
 
-Run: python bench/bench_linear.py [--quick] [--threads T]
+  (d) --under-load: M = 1, 4096x4096, our nf4_linear vs dense fp32 F.linear on deq(W), each call timed alone
+      (interleaved), idle and then with two busy-looping processes started by the bench (median, p90):
+      goal: ours slows down by no more than dense does
+  (a') alone: --cold-only (add LOWRANK_EXT_CPU_ISA=avx2 to time the AVX2 kernels on an AVX-512 CPU)
+
+Run: python bench/bench_linear.py [--quick] [--threads T] [--under-load | --cold-only]
      (--quick: fewer repeats, skips 4096x11008 and PEFT; --threads 1: steadier on a busy machine)
 Shapes are (in_features K, out_features N); the weight is W [N, K].
 """
@@ -16,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
+import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import lowrank_ext
 from bench._timing import bench, print_table
-from lowrank_ext.ops import nf4_lora_linear
+from lowrank_ext.ops import nf4_linear, nf4_lora_linear
 
 try:
     import bitsandbytes as bnb
@@ -170,6 +178,55 @@ def decode_cold_table(quick: bool, cache_bytes: int = 512 * 2**20) -> list[list[
     return rows
 
 
+def _per_call_times(fns: dict, calls: int) -> dict[str, list[float]]:
+    """Seconds of each call, the functions alternated call by call so a load change hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(calls):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def under_load_table(quick: bool, busy: int = 2) -> list[list[object]]:
+    """M = 1 at 4096x4096: ours vs dense fp32 F.linear, idle and with `busy` busy-looping processes (as many as
+    this machine has cores here: each of our threads then shares its core). The busy processes are started and
+    killed by this function. Slowdown = loaded median / idle median."""
+    k = n = 4096
+    torch.manual_seed(0)
+    wq = lowrank_ext.quantize_nf4(torch.randn(n, k) * 0.02)
+    w = wq.dequantize()  # the dense baseline multiplies the same values
+    x = torch.randn(1, k)
+    fns = {"ours": lambda: nf4_linear(x, wq), "dense fp32": lambda: F.linear(x, w)}
+    torch.testing.assert_close(fns["ours"](), fns["dense fp32"](), rtol=1e-4, atol=1e-4)
+    calls = 100 if quick else 400
+    _per_call_times(fns, 20)  # warm-up
+    idle = _per_call_times(fns, calls)
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        time.sleep(0.5)  # let the scheduler see them as CPU hogs
+        loaded = _per_call_times(fns, calls)
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+
+    def q(ts: list[float], f: float) -> float:
+        return statistics.quantiles(ts, n=10)[8] if f == 0.9 else statistics.median(ts)
+
+    rows = []
+    for name in fns:
+        rows.append([name, q(idle[name], 0.5) * 1e3, q(idle[name], 0.9) * 1e3, q(loaded[name], 0.5) * 1e3,
+                     q(loaded[name], 0.9) * 1e3, q(loaded[name], 0.5) / q(idle[name], 0.5),
+                     q(loaded[name], 0.9) / q(idle[name], 0.9)])
+    print_table(f"(d) M = 1, {k}x{n}, threads={torch.get_num_threads()}: idle vs {busy} busy processes "
+                f"({calls} calls each; ms)",
+                ["op", "idle med", "idle p90", "load med", "load p90", "slowdown med", "slowdown p90"], rows)
+    return rows
+
+
 def train_table(quick: bool) -> list[list[object]]:
     k = n = 4096
     m = 512
@@ -217,10 +274,21 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller set of baselines")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch.set_num_threads (0: default); 1 gives steadier ratios on a shared machine")
+    parser.add_argument("--under-load", action="store_true",
+                        help="only (d): M = 1 idle vs two busy processes, ours vs dense (median, p90)")
+    parser.add_argument("--cold-only", action="store_true", help="only (a'): M = 1 with weights streamed from memory")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    run(args.quick)
+    if args.under_load or args.cold_only:
+        print(f"threads={torch.get_num_threads()} isa={lowrank_ext.cpu_isa()} load={os.getloadavg()[0]:.2f}",
+              flush=True)
+        if args.under_load:
+            under_load_table(args.quick)
+        if args.cold_only:
+            decode_cold_table(args.quick)
+    else:
+        run(args.quick)
 
 
 def chart_rows(result: dict[str, list[list[object]]]) -> list[dict]:

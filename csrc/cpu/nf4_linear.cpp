@@ -27,7 +27,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_isa.h"
 #include "lowrank_ext/kernel_path.h"
@@ -48,6 +50,18 @@ constexpr bool kAllowDouble = true;
 
 NF4Matrix nf4_matrix(const at::Tensor& packed, const NF4LinearArgs& a, int64_t blocksize) {
   return NF4Matrix{packed.const_data_ptr<uint8_t>(), a.scales, blocksize, a.N, a.K};
+}
+
+// References to the tensors an NF4Matrix points into, for the GEMV's helper threads, which may still read W
+// after the op returned (cpu::nf4_gemv_nt).
+std::shared_ptr<const void> weight_owner(const at::Tensor& packed, const at::Tensor& absmax,
+                                         const c10::optional<at::Tensor>& nested_absmax,
+                                         const c10::optional<at::Tensor>& nested_map,
+                                         const c10::optional<at::Tensor>& offset) {
+  auto held = std::make_shared<std::vector<at::Tensor>>(std::vector<at::Tensor>{packed, absmax});
+  for (const auto* t : {&nested_absmax, &nested_map, &offset})
+    if (t->has_value()) held->push_back(**t);
+  return held;
 }
 
 // The type the products of an op run in, fixed by its activation `act` (x, or grad_y in the backward):
@@ -111,12 +125,13 @@ int64_t panel_grain(int64_t panels, int64_t macs) { return macs < kSerialMacs ? 
 // One parallel region: each task decodes its row panels of W and runs a single-threaded MKL GEMM
 // into the matching columns of y (alternating our parallel regions with MKL's stalls badly when
 // the 2 cores are shared with other processes).
-at::Tensor matmul_nt(const at::Tensor& xa, const NF4Matrix& w) {
+at::Tensor matmul_nt(const at::Tensor& xa, const NF4Matrix& w, std::shared_ptr<const void> w_owner) {
   const int64_t M = xa.size(0), N = w.N, K = w.K;
   at::Tensor y = at::empty({M, N}, xa.options());
   if (M == 0) return y;
   if (xa.scalar_type() == at::kFloat && M <= cpu::kGemvMaxM) {
-    const char* path = cpu::nf4_gemv_nt(w, xa.const_data_ptr<float>(), M, K, y.data_ptr<float>(), N);
+    const char* path = cpu::nf4_gemv_nt(w, xa.const_data_ptr<float>(), M, K, y.data_ptr<float>(), N,
+                                        std::move(w_owner));
     record_kernel_path(KernelProduct::kNT, path);
     return y;
   }
@@ -172,7 +187,8 @@ at::Tensor nf4_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const a
   const NF4LinearArgs a = check_nf4_linear_args(x, packed, absmax, nested_absmax, nested_map, offset, blocksize,
                                                 out_features, bias, kAllowDouble);
   const auto ct = compute_type(x);
-  at::Tensor y = matmul_nt(to_compute(x, ct), nf4_matrix(packed, a, blocksize));
+  at::Tensor y = matmul_nt(to_compute(x, ct), nf4_matrix(packed, a, blocksize),
+                           weight_owner(packed, absmax, nested_absmax, nested_map, offset));
   if (bias.has_value()) y.add_(to_compute(*bias, ct));
   return y.to(x.scalar_type());
 }
@@ -202,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_lora_linear_cpu(
   const auto ct = compute_type(x);
   const at::Tensor xa = to_compute(x, ct);
   const at::Tensor xl = x_lora.is_same(x) ? xa : to_compute(x_lora, ct);
-  at::Tensor y = matmul_nt(xa, w);                                       // x · deq(W)ᵀ
+  at::Tensor y = matmul_nt(xa, w, weight_owner(packed, absmax, nested_absmax, nested_map, offset));  // x · deq(W)ᵀ
   const at::Tensor u = at::mm(xl, to_compute(lora_A, ct).t());            // u = x_lora · Aᵀ   [M, r]
   y.addmm_(u, to_compute(lora_B, ct).t(), /*beta=*/1, /*alpha=*/scaling);  // + s · u · Bᵀ
   if (bias.has_value()) y.add_(to_compute(*bias, ct));

@@ -86,7 +86,7 @@ void rows512(const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_t 
       for (int m = 0; m < MB; ++m) tot_s[m] += sc[m] * s;
       i = end;
     }
-    for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(tot[m]) + tot_s[m];
+    for (int m = 0; m < MB; ++m) y[m * ldy + (n - n0)] = _mm512_reduce_add_ps(tot[m]) + tot_s[m];
   }
 }
 
@@ -144,7 +144,7 @@ void rows512_blocked(const NF4Matrix& w, const float* xp, int64_t K, float* y, i
     }
     if (kb < nblk) block512<MB, G>(p, xb, K, groups, lut, block_scale(w.scales, b), t0);
 #pragma GCC unroll 4
-    for (int m = 0; m < MB; ++m) y[m * ldy + n] = _mm512_reduce_add_ps(_mm512_add_ps(t0[m], t1[m]));
+    for (int m = 0; m < MB; ++m) y[m * ldy + (n - n0)] = _mm512_reduce_add_ps(_mm512_add_ps(t0[m], t1[m]));
   }
 }
 

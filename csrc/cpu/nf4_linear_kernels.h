@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 
 #include "lowrank_ext/nf4.h"
 
@@ -63,10 +64,15 @@ void nf4_decode_tile(const NF4Matrix& w, int64_t n0, int64_t n1, int64_t k0, int
 // y[m * ldy + n] = Σ_k x[m * ldx + k] · deq(W)[n, k]   for m < M (M small), all n. fp32 accumulate.
 // Streams the packed bytes once per 4 rows of x; parallel over rows of W. Returns the rows kernel that ran
 // ("gemv-avx512", "gemv-avx512-blocked", "gemv-avx2" or "gemv-scalar": kernel_path.h).
-const char* nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy);
+// Threads: the calling one and helpers from torch's inter-op pool; the call never waits for a helper that is not
+// running (nf4_linear_kernels.cpp, split_rows), so a helper may still read W after it returned: `owner` must keep
+// the memory W's pointers point into alive (the tensors; nullptr only where W outlives every thread).
+const char* nf4_gemv_nt(const NF4Matrix& w, const float* x, int64_t M, int64_t ldx, float* y, int64_t ldy,
+                        std::shared_ptr<const void> owner);
 
 // The AVX-512 kernels (csrc/cpu/nf4_linear_avx512.cpp; run only where cpu_isa() >= avx512): the GEMV rows
 // kernel (MB = 1..4 rows of x), and the bf16 decode of flat elements [i0, i1) into out[0, i1 - i0).
+// The GEMV rows kernels write rows [n0, n1) of W's outputs from y on: y[m * ldy + (n - n0)].
 void nf4_gemv_rows_avx512(int MB, const NF4Matrix& w, const float* x, int64_t ldx, float* y, int64_t ldy,
                           int64_t n0, int64_t n1);
 void nf4_decode_span_bf16_avx512(const NF4Matrix& w, int64_t i0, int64_t i1, uint16_t* out);
