@@ -36,8 +36,9 @@ def _call(op, *args):
     there the op's autograd kernel (register_autograd, Python) would only redispatch, for ~6 µs a call at M = 1.
     Autocast still applies (its keys sit above Autograd). Not while torch.compile traces (it sees the plain
     call), nor inside a forward-AD dual level (which grad mode does not switch off: the Autograd key must see it)."""
-    if (torch.is_grad_enabled() or torch.is_inference_mode_enabled()  # inference mode: already below Autograd
-            or _forward_ad._current_level >= 0 or torch.compiler.is_compiling()):
+    if (torch.compiler.is_compiling()  # first: dynamo cannot trace is_inference_mode_enabled
+            or torch.is_grad_enabled() or torch.is_inference_mode_enabled()  # inference mode: already below Autograd
+            or _forward_ad._current_level >= 0):
         return op(*args)
     with _BELOW_AUTOGRAD():
         return op(*args)
