@@ -220,3 +220,25 @@ def test_finetune_fused_model_ops_default_and_off(capsys, tmp_path, tiny_model_d
     # the issue's bound is 0.01 nats on the default job (README "Fused model ops"); on this tiny random model at a
     # high learning rate bf16 rounding differences grow through training, so bf16 gets a looser bound here
     assert on["eval_after"] == pytest.approx(off["eval_after"], abs=1e-2 if dtype == "fp32" else 5e-2)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_generate_with_kv_cache_matches_the_model(kind, mode):
+    """Greedy `generate` (KV cache: the patched decoder layers get past_key_values / cache_position from
+    transformers' loop) picks the unpatched model's tokens, step logits within fp32 rounding, per family."""
+    model, patched = _pair(kind)
+    ids = tokens(batch=2, seq=9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding on one row: the mask and position ids matter
+
+    def run(m):
+        with torch.inference_mode() if mode == "inference_mode" else torch.no_grad():
+            return m.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False, output_logits=True, return_dict_in_generate=True,
+                              pad_token_id=0)
+
+    got, want = run(patched), run(model)
+    assert torch.equal(got.sequences, want.sequences)
+    for step, (g, w) in enumerate(zip(got.logits, want.logits)):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4 * w.abs().max().item(), msg=f"step {step}")
